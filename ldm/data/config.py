@@ -1,0 +1,32 @@
+"""The `data` section shared by both training stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ldm.config import check
+
+
+@dataclass
+class DataConfig:
+    # A local folder ("imagefolder" layout, metadata.jsonl optional), a hub dataset id, or "shapes": the synthetic
+    # captioned shapes set, generated into `shapes_dir` on first use.
+    path: str = "shapes"
+    image_column: str = "image"
+    caption_column: str | None = "text"
+    split: str = "train"
+    resolution: int = 32
+    center_crop: bool = True
+    random_flip: bool = False
+    num_val: int = 64  # held-out images for validation, taken from the dataset by a fixed seed
+    num_workers: int = 0
+    max_image_pixels: int = 64_000_000  # larger images are skipped (decompression bombs)
+    shapes_count: int = 2000
+    shapes_dir: str = "data/shapes"
+
+    def validate(self) -> None:
+        check(self.resolution >= 8, "data.resolution", f"must be at least 8, got {self.resolution}")
+        check(self.num_val >= 0, "data.num_val", f"must be >= 0, got {self.num_val}")
+        check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.shapes_count > 0, "data.shapes_count", f"must be > 0, got {self.shapes_count}")
+        check(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")

@@ -1,0 +1,29 @@
+"""User-facing errors: one line naming the problem and the fix, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """Bad input from the user (a config, a path, an argument). The message says what is wrong and how to fix it."""
+
+
+def exit_on_user_error(main: F) -> F:
+    """Wrap a command's entry point so a `UserError` prints `error: <message>` on stderr and exits with code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(USER_ERROR_EXIT_CODE)
+
+    return wrapper  # type: ignore[return-value]
