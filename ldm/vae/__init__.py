@@ -1,0 +1,1 @@
+"""Stage 1: the KL-regularised autoencoder, its PatchGAN discriminator and losses."""
