@@ -103,6 +103,8 @@ class VAEConfig:
     train: VAETrainLoopConfig = field(default_factory=VAETrainLoopConfig)
 
     def validate(self) -> None:
+        check(self.data.num_val >= 1, "data.num_val", "the VAE needs held-out images to validate and measure its "
+              "latent scale: set data.num_val >= 1")
         f = downsampling_factor(self.model.preset)
         check(
             self.data.resolution % f == 0,

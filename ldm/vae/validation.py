@@ -21,13 +21,13 @@ def evaluate_reconstructions(
     perceptual: nn.Module | None,
     batch_size: int = 16,
     grid_images: int = 8,
-) -> tuple[dict[str, float], torch.Tensor | None]:
+) -> tuple[dict[str, float], torch.Tensor | None, list[str]]:
     """Metrics over `dataset` (each process takes every n-th image; the sums are reduced), and an image grid.
 
     Reconstructions decode the posterior mode. The latent std is measured on posterior samples drawn from a private
     generator, so validation never moves the training RNG. `scaling_factor` = 1 / std, as SD's 0.18215 was measured.
-    Returns the metrics (identical on every process) and, on the main process, a grid: originals above
-    reconstructions, in [0, 1].
+    Returns the metrics (identical on every process), on the main process a grid (originals above reconstructions,
+    in [0, 1]), and the names of this process's images that could not be decoded.
     """
     was_training = vae.training
     vae.eval()
@@ -37,8 +37,10 @@ def evaluate_reconstructions(
     # [psnr, ssim, lpips, images, z sum, z squared sum, z elements]
     sums = torch.zeros(7, dtype=torch.float64, device=device)
     grid = None
+    skipped: list[str] = []
     for start in range(0, len(keys), batch_size):
         batch = collate_images([dataset[k] for k in keys[start : start + batch_size]])
+        skipped += batch["skipped"]
         x = batch["pixel_values"].to(device)
         if x.shape[0] == 0:
             continue
@@ -70,4 +72,4 @@ def evaluate_reconstructions(
         "scaling_factor": float(1.0 / z_std),
         "images": int(sums[3]),
     }
-    return metrics, grid
+    return metrics, grid, skipped

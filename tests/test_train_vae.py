@@ -1,0 +1,179 @@
+"""Stage-1 training end to end on the tiny preset: learning, the GAN switch, exact resume, 2 processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldm.data.shapes import write_dataset
+from ldm.vae.presets import build_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+import train_vae  # noqa: E402
+
+FAST = ["loss.perceptual_weight=0", "train.log_every=1", "train.report_to=none"]
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "shapes", num_images=256, seed=1, size=32)
+
+
+def train(out: Path, data: Path, *overrides: str, resume: str | None = None) -> None:
+    argv = ["--config", str(ROOT / "configs/vae/tiny.yaml"), f"train.output_dir={out}", f"data.path={data}"]
+    argv += ["--resume", resume] if resume else []
+    train_vae.main(argv + list(overrides))
+
+
+def checkpoint_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(step_dir.rglob("*.safetensors")):
+        if not f.name.startswith("rng_"):
+            tensors.update({f"{f.relative_to(step_dir)}:{k}": v for k, v in load_file(f).items()})
+    return tensors
+
+
+def images(data: Path, n: int) -> torch.Tensor:
+    files = sorted(data.glob("*.png"))[:n]
+    x = torch.stack([torch.from_numpy(__import__("numpy").array(Image.open(f).convert("RGB"))) for f in files])
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, 32, 32) in [-1, 1]
+
+
+@pytest.mark.slow
+def test_tiny_vae_learns_to_reconstruct(tmp_path, shapes, fresh_accelerate):
+    out = tmp_path / "run"
+    train(out, shapes, "train.max_steps=200", "loss.disc_start=150", "train.val_every=100",
+          "train.checkpoint_every=100", "train.report_to=tensorboard", "train.batch_size=8")
+    x = images(shapes, 32)
+    torch.manual_seed(0)
+    initial = build_vae("tiny", 32)  # the training run's initialisation (same seed)
+    trained = AutoencoderKL.from_pretrained(out / "vae")
+    with torch.no_grad():
+        err0 = (initial(x, sample_posterior=False).sample - x).abs().mean().item()
+        err1 = (trained(x, sample_posterior=False).sample - x).abs().mean().item()
+    assert err1 < 0.3 * err0, (err0, err1)
+    # the latent scale is measured, not SD's 0.18215, and matches the last validation
+    state = json.loads((out / "checkpoints/step-00000200/state.json").read_text())
+    assert trained.config.scaling_factor == pytest.approx(state["scaling_factor"])
+    assert trained.config.scaling_factor != 0.18215
+    assert (out / "config.yaml").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+
+
+@pytest.mark.slow
+def test_discriminator_starts_at_disc_start(tmp_path, shapes, fresh_accelerate):
+    out = tmp_path / "run"
+    train(out, shapes, *FAST, "train.max_steps=4", "loss.disc_start=2", "train.checkpoint_every=1",
+          "train.keep_last=10", "train.val_every=100", "train.batch_size=4")
+    ckpt = {s: checkpoint_tensors(out / f"checkpoints/step-{s:08d}") for s in (1, 2, 3, 4)}
+
+    def disc(step):
+        return {k: v for k, v in ckpt[step].items() if k.startswith("models/discriminator")}
+
+    def vae(step):
+        return {k: v for k, v in ckpt[step].items() if k.startswith("models/vae")}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(disc(1), disc(2))  # steps 1 and 2 (step indices 0, 1 < disc_start) leave it untouched
+    assert not same(disc(2), disc(3))  # the first step with step index 2 >= disc_start trains it
+    assert not same(disc(3), disc(4))
+    assert not same(vae(1), vae(2)) and not same(vae(2), vae(3))
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, shapes, fresh_accelerate):
+    hard = ["loss.perceptual_weight=1", "loss.disc_start=2", "train.ema_decay=0.9", "loss.learn_logvar=true",
+            "train.grad_accum=2", "data.random_flip=true", "train.batch_size=4", "train.checkpoint_every=3",
+            "train.val_every=3", "train.log_every=1", "train.report_to=none", "optim.warmup_steps=2"]
+    train(tmp_path / "a", shapes, *hard, "train.max_steps=6")
+    fresh_accelerate_reset()
+    train(tmp_path / "b", shapes, *hard, "train.max_steps=3")
+    fresh_accelerate_reset()
+    train(tmp_path / "b", shapes, *hard, "train.max_steps=6", resume="latest")
+    a = checkpoint_tensors(tmp_path / "a/checkpoints/step-00000006")
+    b = checkpoint_tensors(tmp_path / "b/checkpoints/step-00000006")
+    assert a.keys() == b.keys() and any(k.startswith("ema/") for k in a) and any(k.startswith("optimizers/") for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    # the learned log-variance really is optimised
+    assert a["models/logvar.safetensors:logvar"].item() != 0.0
+    va = load_file(tmp_path / "a/vae/diffusion_pytorch_model.safetensors")
+    vb = load_file(tmp_path / "b/vae/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+
+
+def fresh_accelerate_reset() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys, fresh_accelerate):
+    data = write_dataset(tmp_path / "data", num_images=24, seed=2, size=32)
+    (data / "zero.png").write_bytes(b"")
+    (data / "text.png").write_text("not an image")
+    good = (data / "00000.png").read_bytes()
+    (data / "cut.png").write_bytes(good[: len(good) // 2])
+    lines = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    lines += [{"file_name": n, "text": "x"} for n in ("zero.png", "text.png", "cut.png")]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    # 27 images, 3 held out: one epoch is 3 batches of 8, so 3 steps see every image
+    train(tmp_path / "run", data, *FAST, "train.max_steps=3", "train.batch_size=8", "data.num_val=3",
+          "train.val_every=100")
+    err = capsys.readouterr().err
+    for name in ("zero.png: empty file", "text.png: not an image", "cut.png: truncated file"):
+        assert f"skipped unreadable image {name}" in err
+    assert "3 unreadable images skipped in total: cut.png" in err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_run_keeps_replicas_identical(tmp_path, shapes):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(ROOT / "train/train_vae.py"),
+           "--config", str(ROOT / "configs/vae/tiny.yaml"), f"train.output_dir={out}", f"data.path={shapes}",
+           "train.cpu=true", "train.max_steps=4", "loss.disc_start=2", "train.batch_size=4", "train.val_every=2",
+           "train.checkpoint_every=2", "loss.learn_logvar=true", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replicas identical across 2 processes" in result.stderr
+    state = json.loads((out / "checkpoints/step-00000004/state.json").read_text())
+    consumed = state["batches_consumed"]
+    assert consumed == [4, 4]  # one batch per step on each process
+    assert AutoencoderKL.from_pretrained(out / "vae") is not None
+
+
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train/train_vae.py"), "--config", str(ROOT / "configs/vae/tiny.yaml"),
+           f"train.output_dir={out}", "train.max_stepz=1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.max_stepz' (did you mean 'train.max_steps'?)"
+    ]
+    assert not out.exists()
