@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,7 +68,13 @@ def build_datasets(
 
 
 def train_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, seed: int, accelerator: Accelerator, start_batch: int
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    accelerator: Accelerator,
+    start_batch: int,
+    collate: Callable[[list], dict] = collate_images,
 ) -> DataLoader:
     """An endless loader of this process's share of the data, starting at its `start_batch`-th batch."""
     sampler = ResumableBatchSampler(
@@ -78,5 +85,5 @@ def train_loader(
     # instead would shift every later random number of a resumed run (its iterator is made after the RNG restore).
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
     return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_images, generator=generator
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate, generator=generator
     )
