@@ -1,0 +1,151 @@
+"""Frozen text encoders: prompts -> per-token hidden states (B, 77, D), the U-Net's cross-attention context.
+
+`FrozenTextEncoder` is the one interface; `CLIPTextEncoder` wraps a transformers `CLIPTextModel` (SD 1.x) and
+`OpenCLIPTextEncoder` (ldm/text/openclip.py) an open_clip model (SD 2.x). The weights never train: they are frozen,
+kept in eval mode, and run under `torch.no_grad`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.text.tokenizer import tokenize_prompts
+
+if TYPE_CHECKING:
+    from ldm.text.openclip import OpenCLIPTextEncoder
+
+Layer = Literal["last", "penultimate"]
+
+
+class FrozenTextEncoder(nn.Module):
+    """Tokenizer + frozen transformer. Subclasses implement `_hidden_states(input_ids)`."""
+
+    context_length: int  # tokens per prompt (77)
+    hidden_size: int  # D, the U-Net's cross_attention_dim
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        layer: Layer,
+        context_length: int,
+        hidden_size: int,
+        clean: Callable[[str], str] | None = None,
+        pad_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        self.tokenizer = tokenizer
+        self.layer: Layer = layer
+        self.context_length = context_length
+        self.hidden_size = hidden_size
+        self._clean = clean  # prompt preprocessing before tokenizing
+        self._pad_id = pad_id  # replaces the tokenizer's padding id
+        # the unconditional embedding per (device, dtype); a plain dict, not a buffer, so it never enters a state_dict
+        self._empty_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _freeze(self) -> None:
+        """Call at the end of a subclass's __init__, once the weights are attached."""
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        # stay in eval mode when a parent module calls .train(): the encoder is never trained, and dropout (if a
+        # config enables it) would make the conditioning noisy
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.LongTensor:
+        """Prompts -> ids (B, 77) on the CPU; warns (`PromptTruncatedWarning`) naming any words that did not fit."""
+        return tokenize_prompts(self.tokenizer, prompts, self.context_length, self._clean, self._pad_id)
+
+    # no_grad, not inference_mode: the U-Net saves this output for its backward pass, which inference tensors forbid
+    @torch.no_grad()
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """ids (B, 77) -> hidden states (B, 77, D) in the module's dtype, on its device."""
+        hidden = self._hidden_states(input_ids.to(self.device))
+        return hidden.to(self.dtype)
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> hidden states (B, 77, D)."""
+        return self(self.tokenize(prompts))
+
+    def empty_embedding(self, batch_size: int = 1) -> torch.Tensor:
+        """`encode([""] * batch_size)`: the unconditional branch for caption dropout and classifier-free guidance.
+
+        Computed once per device and dtype; each call returns a fresh copy (B, 77, D), safe to modify in place.
+        """
+        key = (self.device, self.dtype)
+        if key not in self._empty_cache:
+            self._empty_cache[key] = self.encode([""])  # (1, 77, D)
+        return self._empty_cache[key].repeat(batch_size, 1, 1)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # .to()/.half()/.cuda() may change the weights in place, so cached outputs would be stale
+        self._empty_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _hidden_states(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def from_clip(cls, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last") -> CLIPTextEncoder:
+        return CLIPTextEncoder(tokenizer, model, layer)
+
+    @classmethod
+    def from_open_clip(
+        cls, model: nn.Module, layer: Layer = "last", tokenizer: CLIPTokenizer | None = None
+    ) -> OpenCLIPTextEncoder:
+        """Wrap an open_clip CLIP model (its image tower is not kept)."""
+        from ldm.text.openclip import OpenCLIPTextEncoder  # lazy: importing open_clip takes seconds
+
+        return OpenCLIPTextEncoder(model, layer, tokenizer)
+
+
+class CLIPTextEncoder(FrozenTextEncoder):
+    """A transformers `CLIPTextModel`, called exactly as diffusers' `StableDiffusionPipeline.encode_prompt` calls it."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last") -> None:
+        config = model.config
+        # diffusers pads to tokenizer.model_max_length; a tokenizer saved without its config has a huge one, so cap
+        # it at the number of position embeddings (77 for every CLIP)
+        context_length = min(tokenizer.model_max_length, config.max_position_embeddings)
+        super().__init__(tokenizer, layer, context_length, config.hidden_size)
+        self.model = model
+        self._freeze()
+
+    def _hidden_states(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        # (B, 77) -> (B, 77, D)
+        attention_mask = self._attention_mask(input_ids)
+        if self.layer == "last":
+            return self.model(input_ids, attention_mask=attention_mask)[0]
+        # diffusers' clip_skip=1: hidden_states holds the embeddings and then every layer's output, so [-2] is the
+        # second-to-last layer's output; the final layer norm follows, as it does for the last layer's output
+        out = self.model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return self._final_layer_norm()(out.hidden_states[-2])
+
+    def _final_layer_norm(self) -> nn.Module:
+        # transformers < 5 nests the modules under .text_model; 5.x holds them on the CLIPTextModel itself
+        return getattr(self.model, "text_model", self.model).final_layer_norm
+
+    def _attention_mask(self, input_ids: torch.LongTensor) -> torch.Tensor | None:
+        # diffusers passes the tokenizer's attention mask only when the config asks for one; SD 1.x configs do not
+        # (the causal mask already hides the padding from every real token)
+        if not getattr(self.model.config, "use_attention_mask", False):
+            return None
+        # the tokenizer's mask: 1 up to and including the first end token, 0 on the padding after it
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (77,)
+        first_end = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=1, keepdim=True)  # (B, 1)
+        return (positions[None, :] <= first_end).long()  # (B, 77)
