@@ -1,0 +1,433 @@
+"""Building the latent cache: encode the dataset once with a trained VAE, on every process, resumably.
+
+`ensure_latent_cache` is the one entry point (of `train/cache_latents.py` and of the LDM training script). It is
+collective: call it on every process. The cache directory must be on a filesystem all processes share.
+
+- Encoding uses the centre crop with no random flip; with `data.random_flip=true` the flipped image is encoded too
+  (encoding the flipped pixels, not flipping the latent: the VAE is not flip-equivariant). Random crops are refused:
+  a cache of one crop per image would silently remove that augmentation.
+- Process r of n encodes images r, r+n, r+2n, ... in shards of `cache.shard_size` images; each shard is written to
+  a temporary file and renamed into place, so a shard file is always complete. A rerun after an interruption keeps
+  every shard that verifies (its content hash, its build id, the images it should hold) and encodes only the rest.
+- The main process writes manifest.json last, after all processes finished, atomically; it vouches for every shard
+  by size and sha256. Failures on any process are shared with all, so none is left waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from accelerate.utils import gather_object
+from safetensors.torch import save as save_safetensors
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import _fsync_dir
+from ldm.data.config import DataConfig
+from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dataset, collate_images
+from ldm.data.loading import resolve_source
+from ldm.errors import UserError
+from ldm.latents.cache import (
+    DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, CacheSpec, LatentCache,
+    MissingCacheError, Shard, content_sha256, parse_shard, shard_name, vae_identity,
+)
+from ldm.latents.config import LatentCacheConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_TMP_PREFIX = ".tmp-"
+
+
+def ensure_latent_cache(
+    accelerator: Accelerator, data_cfg: DataConfig, cache_cfg: LatentCacheConfig, default_dir: Path
+) -> LatentCache:
+    """Open the latent cache at `cache.dir` (default `default_dir`), building or finishing it first if needed.
+
+    A complete cache that matches the VAE, dataset and transform is reused as is. A stale or corrupt one is refused
+    with a `UserError`, or, with `cache.rebuild=true`, re-encoded (keeping shards that still verify).
+    """
+    directory = Path(cache_cfg.dir).expanduser() if cache_cfg.dir else Path(default_dir)
+    if not data_cfg.center_crop:
+        raise UserError(
+            "the latent cache stores centre crops only (a cached random crop would be the same crop every epoch): "
+            "set data.center_crop=true"
+        )
+    vae_dir = Path(cache_cfg.vae).expanduser()
+    identity = vae_identity(vae_dir)
+    dataset = _encoding_dataset(data_cfg, accelerator)
+    spec = CacheSpec(
+        vae=identity,
+        data_fingerprint=dataset.fingerprint(),
+        resolution=data_cfg.resolution,
+        center_crop=True,
+        random_flip=data_cfg.random_flip,
+        caption_column=data_cfg.caption_column,
+        dtype=cache_cfg.dtype,
+    )
+
+    # Every process inspects the cache; they agree on a shared filesystem, and the gather makes sure of it.
+    cache, problem = _try_open(directory, spec)
+    problems = _collective(accelerator, directory, lambda: problem)
+    if all(p is None for p in problems):
+        assert cache is not None
+        return cache
+    bad = next((p for p in problems if p is not None and p[0] == "bad"), None)
+    if bad is not None and not cache_cfg.rebuild:
+        raise UserError(bad[1])
+    if bad is not None:
+        log.warning("rebuilding the latent cache (cache.rebuild=true): %s", bad[1])
+
+    # Without a manifest, the cache is "incomplete" and the build below verifies each shard itself: stale shards
+    # (another build id) and corrupt ones (bad content hash) are re-encoded, intact ones kept.
+    def prepare() -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        for entry in directory.iterdir():
+            if entry.name.startswith(_TMP_PREFIX):  # left by an interrupted write
+                entry.unlink(missing_ok=True)
+
+    _collective(accelerator, directory, prepare if accelerator.is_main_process else None)
+    records = _collective(
+        accelerator, directory,
+        lambda: _encode_own_shards(accelerator, dataset, vae_dir, spec, cache_cfg, data_cfg, directory),
+    )
+    _collective(
+        accelerator, directory,
+        (lambda: _publish(directory, spec, dataset, records, cache_cfg, accelerator.num_processes))
+        if accelerator.is_main_process
+        else None,
+    )
+    return LatentCache.open(directory, **_open_kwargs(spec))
+
+
+def _open_kwargs(spec: CacheSpec) -> dict[str, Any]:
+    return dict(
+        vae=spec.vae, data_fingerprint=spec.data_fingerprint, resolution=spec.resolution,
+        center_crop=spec.center_crop, random_flip=spec.random_flip, caption_column=spec.caption_column,
+        dtype=spec.dtype,
+    )
+
+
+def _try_open(directory: Path, spec: CacheSpec) -> tuple[LatentCache | None, tuple[str, str] | None]:
+    """(cache, None) when usable; else (None, ("missing" | "bad", message))."""
+    try:
+        return LatentCache.open(directory, **_open_kwargs(spec)), None
+    except MissingCacheError as error:
+        return None, ("missing", str(error))
+    except UserError as error:  # stale, corrupt, or from a newer format version
+        return None, ("bad", str(error))
+
+
+def _encoding_dataset(data_cfg: DataConfig, accelerator: Accelerator) -> ImageCaptionDataset:
+    """The full dataset (validation images too: training splits by index later) with the deterministic transform."""
+    source = resolve_source(data_cfg, accelerator)
+    with accelerator.main_process_first():  # the main process builds the `datasets` cache, the others reuse it
+        return build_image_dataset(
+            source,
+            transform=ImageTransform(data_cfg.resolution, center_crop=True, random_flip=False),
+            image_column=data_cfg.image_column,
+            caption_column=data_cfg.caption_column,
+            split=data_cfg.split,
+            seed=0,  # only picks one caption of multi-caption records; a fixed value keeps the cache seed-independent
+            max_pixels=data_cfg.max_image_pixels,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding this process's shards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def shard_plan(num_images: int, rank: int, world_size: int, shard_size: int) -> list[list[int]]:
+    """The dataset indices of each of process `rank`'s shards: every `world_size`-th image, in chunks."""
+    own = list(range(rank, num_images, world_size))
+    return [own[i : i + shard_size] for i in range(0, len(own), shard_size)]
+
+
+def _encode_own_shards(
+    accelerator: Accelerator,
+    dataset: ImageCaptionDataset,
+    vae_dir: Path,
+    spec: CacheSpec,
+    cache_cfg: LatentCacheConfig,
+    data_cfg: DataConfig,
+    directory: Path,
+) -> list[dict[str, Any]]:
+    """Write (or keep) this process's shards; return their manifest entries, each with its skipped images."""
+    rank, build = accelerator.process_index, spec.build_id()
+    plan = shard_plan(len(dataset), rank, accelerator.num_processes, cache_cfg.shard_size)
+    vae: AutoencoderKL | None = None  # loaded on first need: a complete-but-unpublished cache needs no VAE
+    entries: list[dict[str, Any]] = []
+    world = accelerator.num_processes
+    desc = "encoding latents" + (f" (process 0 of {world})" if world > 1 else "")
+    with tqdm(total=sum(map(len, plan)), desc=desc, disable=not accelerator.is_main_process) as progress:
+        for k, indices in enumerate(plan):
+            path = directory / shard_name(rank, k)
+            data = _reusable_shard(path, build, indices)
+            if data is None:
+                if vae is None:
+                    vae = _load_vae(vae_dir, accelerator.device)
+                shard = _encode_shard(vae, dataset, indices, spec, cache_cfg, data_cfg, accelerator, progress)
+                data = _serialize_shard(shard)
+                _write_atomically(path, data)
+            else:
+                log.info("keeping %s (already written and intact)", path.name)
+                progress.update(len(indices))
+            entries.append(_manifest_entry(path.name, rank, data))
+    return entries
+
+
+def _reusable_shard(path: Path, build: str, indices: Sequence[int]) -> bytes | None:
+    """The bytes of an existing shard that verifies and holds exactly `indices` of this build, else None."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        shard = parse_shard(data)
+    except (ValueError, KeyError, TypeError) as error:
+        log.warning("re-encoding %s: it %s", path.name, error)
+        return None
+    if shard.build != build or shard.covered_indices() != sorted(indices):
+        log.info("re-encoding %s: it is from another build or process layout", path.name)
+        return None
+    return data
+
+
+def _load_vae(vae_dir: Path, device: torch.device) -> AutoencoderKL:
+    from diffusers import AutoencoderKL  # deferred: importing diffusers takes seconds
+
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_dir)
+    except (OSError, ValueError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"cannot load the VAE from '{vae_dir}' ({first_line}): set cache.vae to a diffusers AutoencoderKL "
+            "directory (stage 1 exports one to <output_dir>/vae)"
+        ) from error
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def _encode_shard(
+    vae: AutoencoderKL,
+    dataset: ImageCaptionDataset,
+    indices: Sequence[int],
+    spec: CacheSpec,
+    cache_cfg: LatentCacheConfig,
+    data_cfg: DataConfig,
+    accelerator: Accelerator,
+    progress: tqdm,
+) -> Shard:
+    # Subset(dataset, indices)[i] is dataset[indices[i]]: key = index, i.e. epoch 0 (only the caption pick of
+    # multi-caption records depends on the key; the transform is deterministic).
+    loader = DataLoader(
+        Subset(dataset, list(indices)), batch_size=cache_cfg.batch_size, num_workers=data_cfg.num_workers,
+        collate_fn=_collate_with_skips,
+    )
+    parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "flip_mean": [], "flip_std": [], "index": []}
+    captions: list[str] = []
+    skipped: list[dict[str, Any]] = []
+    for batch in loader:
+        skipped.extend(batch["skipped_items"])
+        x = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
+        if x.shape[0] > 0:
+            if spec.random_flip:
+                x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): the flipped images ride in the same forward pass
+            mean, std = _encode(vae, x, accelerator, batch["indices"])  # (B or 2B, C, h, w) float32
+            n = len(batch["indices"])
+            parts["mean"].append(mean[:n])
+            parts["std"].append(std[:n])
+            if spec.random_flip:
+                parts["flip_mean"].append(mean[n:])
+                parts["flip_std"].append(std[n:])
+            parts["index"].append(batch["indices"])
+            captions.extend(batch["captions"])
+        progress.update(len(batch["indices"]) + len(batch["skipped_items"]))
+
+    dtype = DTYPES[spec.dtype]
+    names = ["mean", "std"] + (["flip_mean", "flip_std"] if spec.random_flip else [])
+    if not parts["index"]:  # every image of the shard was undecodable: zero-row tensors of the right shape
+        shape = _latent_shape(vae, spec.resolution, accelerator)
+        tensors = {name: torch.zeros((0, *shape), dtype=dtype) for name in names}
+        tensors["index"] = torch.zeros(0, dtype=torch.long)
+    else:
+        tensors = {name: torch.cat(parts[name]).to(dtype) for name in names}
+        tensors["index"] = torch.cat(parts["index"]).to(torch.long)
+    return Shard(tensors, captions, skipped, spec.build_id())
+
+
+def _collate_with_skips(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """`collate_images`, plus the index, name and reason of each undecodable image (for the manifest)."""
+    batch = collate_images(items)
+    batch["skipped_items"] = [
+        {"index": item["index"], "name": item["skipped"], "reason": item["reason"]}
+        for item in items
+        if "skipped" in item
+    ]
+    return batch
+
+
+@torch.no_grad()
+def _encode(
+    vae: AutoencoderKL, x: torch.Tensor, accelerator: Accelerator, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std, (B, C, h, w) float32 on the CPU."""
+    with accelerator.autocast():
+        posterior = vae.encode(x.to(accelerator.device)).latent_dist
+    mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise UserError(
+            f"the VAE produced non-finite latents for a batch with dataset indices {indices.tolist()[:8]}: "
+            "encode with mixed_precision=no (fp16 overflows in some VAEs) or check the VAE"
+        )
+    return mean, std
+
+
+@torch.no_grad()
+def _latent_shape(vae: AutoencoderKL, resolution: int, accelerator: Accelerator) -> tuple[int, int, int]:
+    probe = torch.zeros(1, 3, resolution, resolution, device=accelerator.device)
+    return tuple(vae.encode(probe).latent_dist.mean.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _serialize_shard(shard: Shard) -> bytes:
+    captions_json = json.dumps(shard.captions, ensure_ascii=False)
+    skipped_json = json.dumps(shard.skipped, ensure_ascii=False)
+    metadata = {
+        "format": SHARD_FORMAT_NAME,
+        "version": str(FORMAT_VERSION),
+        "build": shard.build,
+        "captions": captions_json,
+        "skipped": skipped_json,
+        "content_sha256": content_sha256(shard.tensors, captions_json, skipped_json, shard.build),
+    }
+    return save_safetensors({k: v.contiguous() for k, v in shard.tensors.items()}, metadata=metadata)
+
+
+def _manifest_entry(name: str, rank: int, data: bytes) -> dict[str, Any]:
+    shard = parse_shard(data)  # cheap next to encoding; also the last check before the manifest vouches for it
+    return {
+        "file": name,
+        "rank": rank,
+        "rows": shard.rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "skipped": shard.skipped,
+    }
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, rename into place: `path` is either absent, old or complete."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _publish(
+    directory: Path,
+    spec: CacheSpec,
+    dataset: ImageCaptionDataset,
+    per_process: list[list[dict[str, Any]]],
+    cache_cfg: LatentCacheConfig,
+    world_size: int,
+) -> None:
+    """Main process: write the manifest (last, atomically), then remove shard files it does not list."""
+    entries = sorted((e for process in per_process for e in process), key=lambda e: (e["rank"], e["file"]))
+    skipped = sorted((s for e in entries for s in e.pop("skipped")), key=lambda s: s["index"])
+    count = sum(e["rows"] for e in entries)
+    if count == 0:
+        raise UserError(f"none of the {len(dataset)} images of the dataset could be decoded: fix data.path")
+    for item in skipped:
+        log.warning("skipped unreadable image %s: %s", item["name"], item["reason"])
+    first = next(e for e in entries if e["rows"] > 0)
+    latent_shape = list(parse_shard((directory / first["file"]).read_bytes()).tensors["mean"].shape[1:])
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "build": spec.build_id(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "vae": spec.vae.to_json(),
+        "data": {
+            "fingerprint": spec.data_fingerprint,
+            "caption_column": spec.caption_column,
+            "resolution": spec.resolution,
+            "center_crop": spec.center_crop,
+            "random_flip": spec.random_flip,
+            "size": len(dataset),
+        },
+        "dtype": spec.dtype,
+        "latent_shape": latent_shape,
+        "count": count,
+        "shard_size": cache_cfg.shard_size,
+        "world_size": world_size,
+        "shards": entries,
+        "skipped": skipped,
+    }
+    _write_atomically(directory / MANIFEST_NAME, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    listed = {e["file"] for e in entries}
+    for path in directory.iterdir():
+        if SHARD_FILE.match(path.name) and path.name not in listed:  # from an earlier run with more processes
+            path.unlink(missing_ok=True)
+    log.info(
+        "latent cache %s: %d latents of shape %s in %d shards, %d images skipped",
+        directory, count, tuple(latent_shape), len(entries), len(skipped),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collective error handling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _collective(accelerator: Accelerator, directory: Path, work: Callable[[], T] | None) -> list[T]:
+    """Run `work` here (None: nothing to do on this process), then share outcomes with all processes.
+
+    Returns every process's result, by rank. If any process failed, every process raises (its own error if it has
+    one), so no process waits forever for one that died; OS errors become `UserError`s.
+    """
+    result, failure, own_error = None, None, None
+    try:
+        result = work() if work is not None else None
+    except UserError as error:
+        failure, own_error = ("user", str(error)), error
+    except OSError as error:
+        own_error = UserError(
+            f"could not write the latent cache {directory}: {error}: free disk space or fix its permissions"
+        )
+        own_error.__cause__ = error
+        failure = ("user", str(own_error))
+    except Exception as error:  # noqa: BLE001 - reported to the other processes, then re-raised
+        failure, own_error = ("bug", f"{type(error).__name__}: {error}"), error
+    outcomes = [(result, failure)] if accelerator.num_processes == 1 else gather_object([(result, failure)])
+    failures = [(rank, f) for rank, (_, f) in enumerate(outcomes) if f is not None]
+    if own_error is not None:
+        raise own_error
+    if failures:
+        rank, (kind, text) = failures[0]
+        if kind == "user":
+            raise UserError(f"{text} (on process {rank})")
+        raise RuntimeError(f"latent caching failed on process {rank}: {text}")
+    return [r for r, _ in outcomes]
+

@@ -1,0 +1,511 @@
+"""Reading the latent cache: integrity and staleness checks, the in-memory table, a keyed torch `Dataset` view.
+
+On-disk format (a directory; written by `ldm.latents.build`):
+
+    manifest.json                      written last, atomically: its presence means "complete"
+    shard-<rank>-<k>.safetensors       the k-th shard of process `rank`; process r encodes images r, r+n, r+2n, ...
+
+Each shard holds, for its R encoded images (skipped ones have no row):
+
+    mean, std            (R, C, h, w)  posterior mean and std of the centre-cropped, unflipped image (fp32 or fp16)
+    flip_mean, flip_std  (R, C, h, w)  the same for the horizontally flipped image (only when built with flips)
+    index                (R,) int64    the image's index in the full dataset
+
+and, in the safetensors metadata: "format", "version", "build" (hash of everything the latents depend on),
+"captions" (JSON list, one per row), "skipped" (JSON list of {index, name, reason} for undecodable images) and
+"content_sha256" (hash of tensors + captions + skipped), so a shard verifies itself even before a manifest exists.
+
+The manifest records the VAE identity (sha256 of its weights and of its config.json without "_"-keys, the config,
+scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, dataset size), the
+dtype, latent shape, count, every shard's file name, rows, bytes and sha256, and the skipped images.
+
+Latents are stored unscaled: training samples z = (mean + std * eps) [- shift_factor] * scaling_factor afresh each
+time (`sample_latents`), and `vae.decode(mean)` reconstructs the image. The whole cache is loaded into memory by
+`LatentCache.open` (small datasets; random access from any process without file handles), after checking every
+shard's size and sha256 against the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from torch.utils.data import Dataset
+
+from ldm.errors import UserError
+
+FORMAT_NAME = "ldm-latent-cache"
+SHARD_FORMAT_NAME = "ldm-latent-shard"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_FILE = re.compile(r"^shard-(\d+)-(\d+)\.safetensors$")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+REBUILD_HINT = "delete it or run train/cache_latents.py with cache.rebuild=true"
+
+_MANIFEST_KEYS = ("build", "vae", "data", "dtype", "latent_shape", "count", "shards", "skipped")
+# Tensor names in a shard; flips only exist in caches built with data.random_flip=true.
+_LATENT_KEYS = ("mean", "std")
+_FLIP_KEYS = ("flip_mean", "flip_std")
+
+
+class MissingCacheError(UserError):
+    """No complete cache (no manifest) at the directory."""
+
+
+class StaleCacheError(UserError):
+    """A complete cache, built from another VAE, dataset or transform than the run expects."""
+
+
+class CorruptCacheError(UserError):
+    """A manifest or shard that is unreadable, truncated or does not match its recorded hash."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE identity
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VAEIdentity:
+    """What makes latents comparable: the weights and the config (scaling_factor included), not the path."""
+
+    weights_sha256: str
+    config_sha256: str
+    config: dict[str, Any]  # config.json without diffusers' bookkeeping keys ("_class_name", "_diffusers_version")
+    path: str = ""
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.config.get("scaling_factor", 1.0))
+
+    @property
+    def shift_factor(self) -> float | None:
+        value = self.config.get("shift_factor")
+        return None if value is None else float(value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "weights_sha256": self.weights_sha256,
+            "config_sha256": self.config_sha256,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "config": self.config,
+        }
+
+
+def vae_identity(vae_dir: str | Path) -> VAEIdentity:
+    """Hash a diffusers AutoencoderKL directory (reads its weights once; ~1 s per 300 MB)."""
+    directory = Path(vae_dir).expanduser()
+    hint = "set cache.vae to a diffusers AutoencoderKL directory (stage 1 exports one to <output_dir>/vae)"
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        what = "does not exist" if not directory.exists() else "has no config.json"
+        raise UserError(f"VAE directory '{directory}' {what}: {hint}")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"VAE config '{config_file}' is unreadable ({error}): {hint}") from error
+    if not isinstance(raw, dict) or raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        kind = raw.get("_class_name") if isinstance(raw, dict) else type(raw).__name__
+        raise UserError(f"'{directory}' holds a {kind}, not an AutoencoderKL: {hint}")
+    # Bookkeeping keys change with the diffusers version that saved the file, not with the model.
+    config = {k: v for k, v in sorted(raw.items()) if not k.startswith("_")}
+    weights = hashlib.sha256()
+    for file in _weight_files(directory, hint):
+        weights.update(file.name.encode() + b"\n")
+        weights.update(_sha256_file(file).encode() + b"\n")
+    return VAEIdentity(weights.hexdigest(), _sha256_json(config), config, str(directory.resolve()))
+
+
+def _weight_files(directory: Path, hint: str) -> list[Path]:
+    """The files `AutoencoderKL.from_pretrained(directory)` loads (no variants)."""
+    single = directory / "diffusion_pytorch_model.safetensors"
+    if single.is_file():
+        return [single]
+    index = directory / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [index] + [directory / name for name in shards]
+    legacy = directory / "diffusion_pytorch_model.bin"
+    if legacy.is_file():
+        return [legacy]
+    raise UserError(f"VAE directory '{directory}' has no diffusion_pytorch_model weights: {hint}")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a cache is built from
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything the cached latents depend on. Two builds with equal specs produce interchangeable shards."""
+
+    vae: VAEIdentity
+    data_fingerprint: str
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    caption_column: str | None
+    dtype: str  # a key of DTYPES
+
+    def build_id(self) -> str:
+        return _sha256_json(
+            {
+                "version": FORMAT_VERSION,
+                "vae": [self.vae.weights_sha256, self.vae.config_sha256],
+                "data": [self.data_fingerprint, self.caption_column, self.resolution, self.center_crop],
+                "random_flip": self.random_flip,
+                "dtype": self.dtype,
+            }
+        )[:32]
+
+
+_UNCHECKED: Any = object()  # `LatentCache.open` leaves an argument with this default out of the staleness check
+
+
+def _differences(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Human-readable "cache != this run" differences between a manifest and what a run expects."""
+    diffs = []
+    vae: VAEIdentity | None = expected.get("vae")
+    if vae is not None:
+        built = manifest["vae"]
+        old, new = built["weights_sha256"], vae.weights_sha256
+        if old != new:
+            diffs.append(f"a different VAE (weights sha256 {old[:8]}.. != {new[:8]}..)")
+        elif built["config_sha256"] != vae.config_sha256:
+            old_cfg, new_cfg = built["config"], vae.config
+            keys = sorted(k for k in old_cfg.keys() | new_cfg.keys() if old_cfg.get(k) != new_cfg.get(k))
+            changes = ", ".join(f"{k} {old_cfg.get(k)!r} != {new_cfg.get(k)!r}" for k in keys[:3])
+            diffs.append(f"a different VAE config ({changes})")
+    data = manifest["data"]
+    fingerprint = expected.get("data_fingerprint")
+    if fingerprint is not None and data["fingerprint"] != fingerprint:
+        diffs.append(
+            f"a different dataset (fingerprint {data['fingerprint'][:8]}.. != {fingerprint[:8]}..: "
+            "files were added, removed or changed)"
+        )
+    for key in ("resolution", "center_crop", "random_flip", "caption_column"):
+        if key in expected and data[key] != expected[key]:
+            diffs.append(f"{key} {data[key]!r} != {expected[key]!r}")
+    if expected.get("dtype") is not None and manifest["dtype"] != expected["dtype"]:
+        diffs.append(f"dtype {manifest['dtype']} != {expected['dtype']}")
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    """One shard file's contents: tensors with one row per encoded image, captions and skipped images."""
+
+    tensors: dict[str, torch.Tensor]  # mean, std, [flip_mean, flip_std]: (R, C, h, w); index: (R,)
+    captions: list[str]
+    skipped: list[dict[str, Any]]  # {"index", "name", "reason"}
+    build: str
+
+    @property
+    def rows(self) -> int:
+        return int(self.tensors["index"].shape[0])
+
+    def covered_indices(self) -> list[int]:
+        """Dataset indices this shard accounts for: encoded or skipped."""
+        return sorted(self.tensors["index"].tolist() + [s["index"] for s in self.skipped])
+
+
+def shard_name(rank: int, k: int) -> str:
+    return f"shard-{rank}-{k}.safetensors"
+
+
+def content_sha256(tensors: dict[str, torch.Tensor], captions_json: str, skipped_json: str, build: str) -> str:
+    """Hash of a shard's payload; stored in its metadata so the file can be verified without a manifest."""
+    digest = hashlib.sha256()
+    for text in (build, captions_json, skipped_json):
+        digest.update(text.encode("utf-8") + b"\0")
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def parse_shard(data: bytes) -> Shard:
+    """Decode and self-verify a shard file's bytes; raise ValueError saying what is wrong."""
+    try:
+        tensors = load_safetensors(data)
+    except SafetensorError as error:
+        raise ValueError(f"is not a valid safetensors file ({str(error).splitlines()[0]})") from error
+    metadata = _safetensors_metadata(data)
+    if metadata.get("format") != SHARD_FORMAT_NAME:
+        raise ValueError("is not a latent cache shard")
+    if int(metadata.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"has format version {metadata['version']}, newer than this code ({FORMAT_VERSION})")
+    build = metadata.get("build", "")
+    captions_json, skipped_json = metadata.get("captions", "[]"), metadata.get("skipped", "[]")
+    if content_sha256(tensors, captions_json, skipped_json, build) != metadata.get("content_sha256"):
+        raise ValueError("does not match its own content hash (corrupted)")
+    shard = Shard(tensors, json.loads(captions_json), json.loads(skipped_json), build)
+    if any(t.shape[0] != shard.rows for t in tensors.values()) or len(shard.captions) != shard.rows:
+        raise ValueError("has tensors or captions of different lengths")
+    return shard
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    # The header is an 8-byte little-endian length and a JSON object; load_safetensors already validated it.
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LatentCache:
+    """All cached latents in memory, rows sorted by dataset index; build with `LatentCache.open`."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], shards: Sequence[Shard]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        names = list(_LATENT_KEYS) + (list(_FLIP_KEYS) if self.has_flips else [])
+        indices = torch.cat([s.tensors["index"] for s in shards]) if shards else torch.zeros(0, dtype=torch.long)
+        order = torch.argsort(indices)  # rows by dataset index, whichever process encoded them
+        self.indices = indices[order]  # (N,) int64
+        self.tensors = {name: torch.cat([s.tensors[name] for s in shards])[order] for name in names}  # (N, C, h, w)
+        captions = [c for s in shards for c in s.captions]
+        self.captions = [captions[i] for i in order.tolist()]
+        self._position = {index: position for position, index in enumerate(self.indices.tolist())}
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | Path,
+        *,
+        vae: str | Path | VAEIdentity | None,
+        data_fingerprint: str | None,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        caption_column: str | None = _UNCHECKED,
+        dtype: str | None = None,
+    ) -> LatentCache:
+        """Load a cache after checking that it is complete, intact and built from what the caller expects.
+
+        `vae` is the VAE directory or its `vae_identity`; None (like `data_fingerprint=None`, `dtype=None` or an
+        omitted `caption_column`) skips that check. Raises `MissingCacheError`, `StaleCacheError` (naming every
+        difference) or `CorruptCacheError` (naming the file), all `UserError`s.
+        """
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        expected: dict[str, Any] = {
+            "vae": vae if vae is None or isinstance(vae, VAEIdentity) else vae_identity(vae),
+            "data_fingerprint": data_fingerprint,
+            "resolution": resolution,
+            "center_crop": center_crop,
+            "random_flip": random_flip,
+            "dtype": dtype,
+        }
+        if caption_column is not _UNCHECKED:
+            expected["caption_column"] = caption_column
+        diffs = _differences(manifest, expected)
+        if diffs:
+            raise StaleCacheError(
+                f"latent cache {directory} is stale: it was built with {', '.join(diffs)} (cache != this run): "
+                f"{REBUILD_HINT}"
+            )
+        return cls._load(directory, manifest)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> LatentCache:
+        """Load a complete, intact cache without checking what it was built from (for tools and tests)."""
+        directory = Path(directory)
+        return cls._load(directory, read_manifest(directory))
+
+    @classmethod
+    def _load(cls, directory: Path, manifest: dict[str, Any]) -> LatentCache:
+        shards = [load_shard(directory, entry, manifest["build"]) for entry in manifest["shards"]]
+        return cls(directory, manifest, shards)
+
+    # ---- what it holds
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def has_flips(self) -> bool:
+        return bool(self.manifest["data"]["random_flip"])
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.manifest["vae"]["scaling_factor"])
+
+    @property
+    def shift_factor(self) -> float | None:
+        return self.manifest["vae"]["shift_factor"]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["latent_shape"])  # (C, h, w)
+
+    @property
+    def dataset_size(self) -> int:
+        """Images in the dataset, skipped ones included (what `split_train_val` should split)."""
+        return int(self.manifest["data"]["size"])
+
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        return list(self.manifest["skipped"])
+
+    def positions_of(self, indices: Sequence[int]) -> list[int]:
+        """Rows of the given dataset indices; skipped images (no row) are left out."""
+        return [self._position[i] for i in indices if i in self._position]
+
+    def row(self, position: int, flipped: bool = False) -> dict[str, Any]:
+        """{"mean": (C, h, w) float32, "std": (C, h, w) float32, "caption", "index", "flipped"} of one row."""
+        if flipped and not self.has_flips:
+            raise ValueError(f"latent cache {self.directory} was built without flipped latents")
+        mean, std = _FLIP_KEYS if flipped else _LATENT_KEYS
+        return {
+            "mean": self.tensors[mean][position].float(),
+            "std": self.tensors[std][position].float(),
+            "caption": self.captions[position],
+            "index": int(self.indices[position]),
+            "flipped": flipped,
+        }
+
+    def dataset(self, seed: int, indices: Sequence[int] | None = None) -> LatentDataset:
+        """A keyed view over all rows, or over the rows of some dataset `indices` (e.g. a train split)."""
+        positions = list(range(len(self))) if indices is None else self.positions_of(indices)
+        return LatentDataset(self, seed, positions)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        what = "does not exist" if not directory.exists() else f"has no {MANIFEST_NAME} (an interrupted build?)"
+        raise MissingCacheError(f"latent cache {directory} {what}: run train/cache_latents.py to build it")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise ValueError(f"not an {FORMAT_NAME} manifest")
+    except (OSError, ValueError) as error:
+        raise CorruptCacheError(f"latent cache {directory}: {MANIFEST_NAME} is unreadable ({error}): {REBUILD_HINT}")
+    if manifest.get("version", 0) > FORMAT_VERSION:
+        raise UserError(
+            f"latent cache {directory} has format version {manifest['version']}, newer than this code "
+            f"({FORMAT_VERSION}): update ldm or {REBUILD_HINT}"
+        )
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise CorruptCacheError(f"latent cache {directory}: {MANIFEST_NAME} lacks {', '.join(missing)}: {REBUILD_HINT}")
+    return manifest
+
+
+def load_shard(directory: Path, entry: dict[str, Any], build: str) -> Shard:
+    """Read one shard listed in a manifest, refusing it unless size, sha256, content and build all match."""
+    name = entry["file"]
+
+    def corrupt(problem: str) -> CorruptCacheError:
+        return CorruptCacheError(
+            f"latent cache {directory}: shard {name} {problem}: "
+            "run train/cache_latents.py with cache.rebuild=true to re-encode it"
+        )
+
+    path = directory / name
+    if not path.is_file():
+        raise corrupt("is missing")
+    data = path.read_bytes()
+    if len(data) != entry["bytes"]:
+        raise corrupt(f"has {len(data)} bytes instead of {entry['bytes']} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise corrupt("does not match its sha256 in the manifest (corrupted)")
+    try:
+        shard = parse_shard(data)
+    except (ValueError, KeyError, TypeError) as error:
+        raise corrupt(str(error)) from error
+    if shard.build != build or shard.rows != entry["rows"]:
+        raise corrupt("belongs to a different build than the manifest")
+    return shard
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset view, collation, sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LatentDataset(Dataset):
+    """Rows addressed by key = epoch * len(self) + position, like `ImageCaptionDataset`, for a resumable sampler.
+
+    With flips, each key shows the flipped latents with p=0.5, drawn from `random.Random` seeded by (seed, key):
+    the same key always gives the same item, whatever the process, worker count or resume point.
+    """
+
+    def __init__(self, cache: LatentCache, seed: int, positions: Sequence[int]) -> None:
+        self.cache, self.seed, self.positions = cache, seed, list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        if key < 0 or not self.positions:
+            raise IndexError(f"latent dataset keys are non-negative (epoch * len + position), got {key}")
+        position = self.positions[key % len(self.positions)]
+        # The same integer mix as ldm.data.images (ints seed `Random` reproducibly across processes).
+        rng = random.Random(self.seed * 1_000_003 + key)
+        flipped = self.cache.has_flips and rng.random() < 0.5
+        return self.cache.row(position, flipped)
+
+
+def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"mean": (B, C, h, w), "std": (B, C, h, w), "captions": [B], "indices": (B,) int64, "flipped": (B,) bool}."""
+    return {
+        "mean": torch.stack([item["mean"] for item in items]),
+        "std": torch.stack([item["std"] for item in items]),
+        "captions": [item["caption"] for item in items],
+        "indices": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "flipped": torch.tensor([item["flipped"] for item in items], dtype=torch.bool),
+    }
+
+
+def sample_latents(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    scaling_factor: float,
+    shift_factor: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A fresh posterior sample in diffusion space: (mean + std * eps - shift_factor) * scaling_factor, (B, C, h, w).
+
+    The same convention as diffusers pipelines, which decode with `vae.decode(z / scaling_factor + shift_factor)`.
+    """
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    z = mean + std * eps
+    if shift_factor is not None:
+        z = z - shift_factor
+    return z * scaling_factor

@@ -1,0 +1,44 @@
+"""The `cache` config section (shared with the LDM training config) and the config of `train/cache_latents.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ldm.config import check
+from ldm.data.config import DataConfig
+
+
+@dataclass
+class LatentCacheConfig:
+    dir: str = ""  # empty: <output_dir>/latents
+    # A diffusers AutoencoderKL directory; stage 1 (train/train_vae.py) exports one to <its output_dir>/vae.
+    vae: str = "runs/vae/vae"
+    # fp32 stores the posterior exactly; fp16 halves RAM and disk (per image: 2 tensors (mean, std), x2 with flips,
+    # of C*h*w values; e.g. 4x32x32 -> 64 KiB fp32 / 32 KiB fp16 with flips) but rounds the mean to ~3 significant
+    # digits, which can exceed a well-trained VAE's posterior std.
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    batch_size: int = 32  # images per VAE forward pass while encoding (x2 with flips)
+    shard_size: int = 1024  # images per shard file; an interrupted build loses at most one shard per process
+    # Replace a cache that is stale (built from another VAE, dataset or transform) or corrupt instead of refusing it.
+    # A cache that matches is always reused.
+    rebuild: bool = False
+
+    def validate(self) -> None:
+        check(self.vae.strip() != "", "cache.vae", "must name the VAE directory (e.g. runs/vae/vae from stage 1)")
+        check(self.batch_size >= 1, "cache.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.shard_size >= 1, "cache.shard_size", f"must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class CacheLatentsConfig:
+    """`train/cache_latents.py`: the cache-relevant subset of the LDM training config."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
+    output_dir: str = "runs/ldm"  # the cache goes to <output_dir>/latents unless cache.dir is set
+    cpu: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast while encoding; "no" is exact
+
+    def validate(self) -> None:
+        check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only: set it to true")
