@@ -55,7 +55,7 @@ def run_cli(data: Path, vae: Path, cache_dir: Path, *overrides: str) -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     argv = [f"data.path={data}", f"cache.vae={vae}", f"cache.dir={cache_dir}", "cache.shard_size=4",
-            "data.random_flip=true", "cpu=true", *overrides]
+            "data.random_flip=true", "train.cpu=true", *overrides]
     try:
         cache_latents.main(argv)
     finally:
@@ -274,7 +274,7 @@ def test_two_processes_write_their_own_shards(assets, clean, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(ROOT / "train/cache_latents.py"),
            f"data.path={assets.data}", f"cache.vae={assets.vae}", f"cache.dir={cache_dir}", "cache.shard_size=4",
-           "data.random_flip=true", "cpu=true"]
+           "data.random_flip=true", "train.cpu=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,9 +1,9 @@
 """Encode a dataset once with a trained VAE: the latent cache that stage 2 trains the U-Net on.
 
     accelerate launch train/cache_latents.py --config configs/ldm/<preset>.yaml [key=value ...]
-    python train/cache_latents.py data.path=shapes cache.vae=runs/vae/vae cpu=true
 
-Writes `cache.dir` (default `<output_dir>/latents`): shard-<rank>-<k>.safetensors from every process and, last,
+Takes the stage-2 config (its data, cache and train sections) and does what train_ldm.py does first, alone: writes
+`cache.dir` (default `<train.output_dir>/latents`): shard-<rank>-<k>.safetensors from every process and, last,
 manifest.json. Rerunning after an interruption keeps the shards already written; rerunning on a complete cache
 only checks it. A cache built from another VAE, dataset or transform is refused unless cache.rebuild=true.
 """
@@ -17,19 +17,22 @@ from accelerate import Accelerator
 
 from ldm.cli import parse_train_args, setup_logging
 from ldm.errors import UserError, exit_on_user_error
-from ldm.latents import CacheLatentsConfig, ensure_latent_cache
+from ldm.latents import ensure_latent_cache
+from ldm.unet.config import LDMConfig
+from ldm.unet.export import load_vae
 
 log = logging.getLogger("cache_latents")
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    cfg, resume = parse_train_args(CacheLatentsConfig, argv, description=__doc__.splitlines()[0])
+    cfg, resume = parse_train_args(LDMConfig, argv, description=__doc__.splitlines()[0])
     if resume is not None:
         raise UserError("--resume is not used by cache_latents.py: rerun the same command and it resumes by itself")
-    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # a clear error for a missing VAE or a bad resolution
+    accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
     setup_logging(accelerator.is_main_process, accelerator.process_index)
-    cache = ensure_latent_cache(accelerator, cfg.data, cfg.cache, Path(cfg.output_dir) / "latents")
+    cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), Path(cfg.train.output_dir) / "latents")
     log.info(
         "latent cache %s is ready: %d latents of shape %s (scaling_factor %.4g), %d images skipped",
         cache.directory, len(cache), cache.latent_shape, cache.scaling_factor, len(cache.skipped),

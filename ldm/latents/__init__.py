@@ -10,10 +10,10 @@ from ldm.latents.cache import (
     CorruptCacheError, LatentCache, LatentDataset, MissingCacheError, StaleCacheError, VAEIdentity, collate_latents,
     sample_latents, vae_identity,
 )
-from ldm.latents.config import CacheLatentsConfig, LatentCacheConfig
+from ldm.latents.config import LatentCacheConfig
 
 __all__ = [
-    "CacheLatentsConfig", "CorruptCacheError", "LatentCache", "LatentCacheConfig", "LatentDataset", "MissingCacheError",
+    "CorruptCacheError", "LatentCache", "LatentCacheConfig", "LatentDataset", "MissingCacheError",
     "StaleCacheError", "VAEIdentity", "collate_latents", "ensure_latent_cache", "sample_latents", "shard_plan",
     "vae_identity",
 ]

@@ -1,12 +1,11 @@
-"""The `cache` config section (shared with the LDM training config) and the config of `train/cache_latents.py`."""
+"""The `cache` config section of the stage-2 config (read by train_ldm.py and cache_latents.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from ldm.config import check
-from ldm.data.config import DataConfig
 
 
 @dataclass
@@ -28,17 +27,3 @@ class LatentCacheConfig:
         check(self.vae.strip() != "", "cache.vae", "must name the VAE directory (e.g. runs/vae/vae from stage 1)")
         check(self.batch_size >= 1, "cache.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.shard_size >= 1, "cache.shard_size", f"must be >= 1, got {self.shard_size}")
-
-
-@dataclass
-class CacheLatentsConfig:
-    """`train/cache_latents.py`: the cache-relevant subset of the LDM training config."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
-    output_dir: str = "runs/ldm"  # the cache goes to <output_dir>/latents unless cache.dir is set
-    cpu: bool = False
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast while encoding; "no" is exact
-
-    def validate(self) -> None:
-        check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only: set it to true")

@@ -1,0 +1,114 @@
+"""The stage-2 config: `train/train_ldm.py --config configs/ldm/<preset>.yaml [key=value ...]`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ldm.config import check
+from ldm.data.config import DataConfig
+from ldm.latents.config import LatentCacheConfig
+from ldm.text.config import TextEncoderConfig
+from ldm.unet.objective import NoiseConfig
+from ldm.unet.presets import UNET_PRESETS
+
+
+@dataclass
+class UNetModelConfig:
+    preset: str = "tiny"  # a name from ldm.unet.presets.UNET_PRESETS; ignored when `pretrained` is set
+    # fine-tuning: a diffusers-format model directory (its unet/ is loaded; with `pretrained_vae` also its vae/)
+    pretrained: str = ""
+    pretrained_vae: bool = False
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        check(self.preset in UNET_PRESETS, "model.preset", f"'{self.preset}' is not one of {', '.join(UNET_PRESETS)}")
+        check(not self.pretrained_vae or bool(self.pretrained), "model.pretrained_vae", "needs model.pretrained")
+
+
+@dataclass
+class LDMOptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after the warmup
+    warmup_steps: int = 500
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+    def validate(self) -> None:
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be in [0, 1), got {self.betas}")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(self.eps > 0, "optim.eps", "must be > 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class LDMTrainLoopConfig:
+    output_dir: str = "runs/ldm"
+    max_steps: int = 10000  # optimizer steps
+    batch_size: int = 32  # per process
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    ema_decay: float = 0.9999  # 0 disables the EMA (the exported model then holds the raw weights)
+    caption_dropout: float = 0.1  # share of captions replaced by the empty prompt, for classifier-free guidance
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    cpu: bool = False
+    max_nonfinite_steps: int = 10
+
+    def validate(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_last"):
+            check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        check(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        check(0 <= self.caption_dropout <= 1, "train.caption_dropout", f"must be in [0, 1], got {self.caption_dropout}")
+        check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+
+
+@dataclass
+class SampleConfig:
+    """Validation images: fixed prompts and seeds, sampled with guidance every `every` steps."""
+
+    every: int = 1000  # 0 disables
+    prompts: list[str] = field(default_factory=lambda: ["a red circle", "a photo of a cat"])
+    seed: int = 0
+    cfg: float = 7.5
+    steps: int = 25
+    sampler: str = "ddim"
+
+    def validate(self) -> None:
+        check(self.every >= 0, "sample.every", "must be >= 0 (0 disables)")
+        check(self.steps >= 1, "sample.steps", "must be >= 1")
+        check(self.cfg >= 0, "sample.cfg", "must be >= 0")
+
+
+@dataclass
+class LDMConfig:
+    model: UNetModelConfig = field(default_factory=UNetModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    optim: LDMOptimConfig = field(default_factory=LDMOptimConfig)
+    train: LDMTrainLoopConfig = field(default_factory=LDMTrainLoopConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def latent_cache(self) -> LatentCacheConfig:
+        """The cache section, encoding with the fine-tuned model's own VAE when `model.pretrained_vae` is set."""
+        if not self.model.pretrained_vae:
+            return self.cache
+        return dataclasses.replace(self.cache, vae=str(Path(self.model.pretrained) / "vae"))
+
+    def validate(self) -> None:
+        check(self.data.caption_column is not None, "data.caption_column", "stage 2 needs captions: name the column")
+        check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only (a cached random "
+              "crop would be the same crop every epoch): set it to true")
+        check(not self.data.random_flip or "left" not in " ".join(self.sample.prompts), "data.random_flip",
+              "flips contradict 'left'/'right' in captions; set data.random_flip=false")

@@ -1,0 +1,75 @@
+"""Stage 2's inputs and outputs as diffusers model directories: the VAE it reads, the model it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from ldm.atomic import atomic_directory
+from ldm.errors import UserError
+from ldm.text.config import TextEncoderConfig
+from ldm.text.encoder import FrozenTextEncoder
+
+# Written at the top of every exported model: how our pipeline rebuilds what diffusers' layout cannot express
+# (an open_clip text encoder, the penultimate-layer choice).
+LDM_INFO = "ldm_model.json"
+
+
+def vae_factor(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_vae(directory: str | Path, resolution: int) -> AutoencoderKL:
+    """The frozen VAE stage 2 encodes with; `resolution` (data.resolution) must be a multiple of its factor."""
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise UserError(f"VAE directory '{path}' {what}: set cache.vae to a diffusers AutoencoderKL directory "
+                        "(stage 1 exports one to <output_dir>/vae)")
+    try:
+        vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise UserError(f"cannot load the VAE from '{path}': {str(e).splitlines()[0]}") from None
+    f = vae_factor(vae)
+    if resolution % f:
+        raise UserError(f"config key 'data.resolution': {resolution} is not divisible by the VAE's "
+                        f"downsampling factor {f} ({path})")
+    return vae.eval().requires_grad_(False)
+
+
+def export_model(
+    directory: str | Path,
+    *,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: FrozenTextEncoder,
+    noise_scheduler: DDPMScheduler,
+    text_cfg: TextEncoderConfig,
+) -> Path:
+    """Write `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` (safetensors).
+
+    With a transformers CLIP text encoder the directory loads unchanged in `StableDiffusionPipeline.from_pretrained`
+    (which samples with DDIM, built from the training schedule). With open_clip, `text_encoder/` cannot hold a
+    transformers model; `ldm_model.json` records how to rebuild it. Written to a temporary sibling, then renamed.
+    """
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    with atomic_directory(directory) as tmp:
+        _write_model(tmp, unet, vae, text_encoder, scheduler, text_cfg)
+    return Path(directory)
+
+
+def _write_model(tmp: Path, unet, vae, text_encoder: FrozenTextEncoder, scheduler, text_cfg: TextEncoderConfig) -> None:
+    if text_cfg.kind == "clip":
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder.model, tokenizer=text_encoder.tokenizer, unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    else:
+        for name, part in (("unet", unet), ("vae", vae), ("scheduler", scheduler)):
+            part.save_pretrained(tmp / name, **({"safe_serialization": True} if name != "scheduler" else {}))
+    info = {"text_encoder": {"kind": text_cfg.kind, "path": text_cfg.path, "pretrained": text_cfg.pretrained,
+                             "layer": text_cfg.layer}}
+    (tmp / LDM_INFO).write_text(json.dumps(info, indent=1) + "\n")

@@ -1,0 +1,103 @@
+"""The denoising objective: noise a clean latent with a diffusers scheduler, score the U-Net's prediction.
+
+Names follow the papers: x0 (clean latent), eps (noise), alpha_bar (cumulative product of 1 - beta), v (velocity,
+Salimans & Ho 2022: v = sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from ldm.config import check
+
+
+@dataclass
+class NoiseConfig:
+    # SD 1.x's schedule. `clip_sample` stays off: diffusers' DDPMScheduler defaults to clipping predicted x0 to
+    # [-1, 1], which is right for pixels and ruins latents (whose range is several units).
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's value (Hang et al. 2023, https://arxiv.org/abs/2303.09556)
+    offset_noise: float = 0.0  # per-channel constant added to eps (e.g. 0.05-0.1): lets images get very dark/bright
+    input_perturbation: float = 0.0  # noise added to eps for the input only (Ning et al. 2023; e.g. 0.1)
+
+    def validate(self) -> None:
+        check(0 < self.beta_start < self.beta_end < 1, "noise.beta_start", "need 0 < beta_start < beta_end < 1")
+        check(self.num_train_timesteps >= 2, "noise.num_train_timesteps", "must be >= 2")
+        for key in ("min_snr_gamma", "offset_noise", "input_perturbation"):
+            check(getattr(self, key) >= 0, f"noise.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
+def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
+    """The training scheduler, configured as for latent diffusion; its config is what the exported model ships."""
+    scheduler = DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+        thresholding=False,
+    )
+    # not a DDPM option, but recorded in the config for the DDIM sampler built from it (SD ships it as false)
+    scheduler.register_to_config(set_alpha_to_one=False)
+    return scheduler
+
+
+def drop_captions(text: torch.Tensor, empty: torch.Tensor, p: float) -> torch.Tensor:
+    """Replace each row of `text` (B, 77, D) by the empty prompt's embedding `empty` (1, 77, D) with probability p.
+
+    Training on both makes the U-Net a conditional and an unconditional model at once: classifier-free guidance
+    needs the latter. Draws from the global RNG (restored on resume).
+    """
+    drop = torch.rand(text.shape[0]) < p  # (B,)
+    return torch.where(drop.to(text.device)[:, None, None], empty.to(text.dtype), text)
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    text: torch.Tensor,
+    cfg: NoiseConfig,
+) -> torch.Tensor:
+    """Mean (optionally min-SNR-weighted) squared error of the U-Net's eps or v prediction at random timesteps.
+
+    x0: (B, C, h, w) scaled latents; text: (B, 77, D) text embeddings. Random numbers come from the global RNG,
+    which checkpoints save and restore, so a resumed run draws the same noise.
+    """
+    b = x0.shape[0]
+    eps = torch.randn_like(x0)
+    if cfg.offset_noise > 0:
+        eps = eps + cfg.offset_noise * torch.randn(b, x0.shape[1], 1, 1, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
+    eps_in = eps + cfg.input_perturbation * torch.randn_like(eps) if cfg.input_perturbation > 0 else eps
+    x_t = scheduler.add_noise(x0, eps_in, t)  # sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps_in
+    target = eps if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
+    pred = unet(x_t, t, encoder_hidden_states=text).sample  # (B, C, h, w)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if cfg.min_snr_gamma > 0:
+        per_sample = per_sample * min_snr_weights(scheduler, t, cfg.min_snr_gamma, cfg.prediction_type)
+    return per_sample.mean()
+
+
+def min_snr_weights(
+    scheduler: DDPMScheduler, t: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for eps targets, min(SNR, gamma) / (SNR + 1) for v targets.
+
+    Both weight the implied x0 error the same way (Hang et al. 2023).
+    """
+    snr = compute_snr(scheduler, t)  # (B,) alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr

@@ -1,0 +1,47 @@
+"""Named `UNet2DConditionModel` layouts, chosen by name in the config (`model.preset=sd15`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import UNet2DConditionModel
+
+from ldm.errors import UserError
+
+_DOWN = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
+_UP = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
+
+
+def _layout(channels: tuple[int, ...], cross_attention: tuple[bool, ...], **extra: Any) -> dict[str, Any]:
+    return dict(
+        block_out_channels=channels,
+        down_block_types=tuple(_DOWN[a] for a in cross_attention),
+        up_block_types=tuple(_UP[a] for a in reversed(cross_attention)),
+        **extra,
+    )
+
+
+# `cross_attention_dim`, `in_channels`/`out_channels` and `sample_size` are filled in from the text encoder, the VAE
+# and the data; everything else is the preset.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # for tests: ~1M parameters
+    "tiny": _layout((32, 64), (False, True), layers_per_block=1, attention_head_dim=8, norm_num_groups=32),
+    # ~7M parameters (cross_attention_dim 64): small domains such as the 32-px shapes demo, on a CPU
+    "small": _layout((64, 128, 128), (False, True, True), layers_per_block=1, attention_head_dim=8),
+    # ~110M parameters: 64-256 px domains on one GPU
+    "base": _layout((128, 256, 512), (True, True, True), layers_per_block=2, attention_head_dim=8),
+    # Stable Diffusion 1.5's layout (~860M parameters with cross_attention_dim 768)
+    "sd15": _layout((320, 640, 1280, 1280), (True, True, True, False), layers_per_block=2, attention_head_dim=8),
+}
+
+
+def build_unet(name: str, *, sample_size: int, latent_channels: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    if name not in UNET_PRESETS:
+        raise UserError(f"unknown U-Net preset '{name}': choose one of {', '.join(UNET_PRESETS)}")
+    return UNet2DConditionModel(
+        **UNET_PRESETS[name],
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        cross_attention_dim=cross_attention_dim,
+    )

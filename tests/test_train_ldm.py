@@ -1,0 +1,183 @@
+"""Stage-2 training end to end on tiny models: learning, caption dropout, exact resume, 2 processes, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from ldm.data.shapes import write_dataset
+from ldm.latents.cache import LatentCache, sample_latents
+from ldm.text.tiny import tiny_clip_text_encoder
+from ldm.unet.objective import NoiseConfig, build_noise_scheduler, diffusion_loss, drop_captions
+from ldm.unet.presets import build_unet
+from ldm.vae.presets import build_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+import train_ldm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    """A random tiny VAE (with a scaling factor), a tiny CLIP text encoder, and 64 captioned shapes."""
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    vae = build_vae("tiny", 32)
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    text = tiny_clip_text_encoder()
+    text.model.save_pretrained(root / "text", safe_serialization=True)
+    text.tokenizer.save_pretrained(root / "text")
+    data = write_dataset(root / "shapes", num_images=64, seed=0, size=32)
+    return {"vae": root / "vae", "text": root / "text", "data": data}
+
+
+def args(out: Path, parts: dict[str, Path], *overrides: str) -> list[str]:
+    return ["--config", str(ROOT / "configs/ldm/tiny.yaml"), f"train.output_dir={out}", f"data.path={parts['data']}",
+            f"cache.vae={parts['vae']}", f"text_encoder.path={parts['text']}", "train.report_to=none",
+            "train.log_every=1", "sample.every=0", *overrides]
+
+
+def train(out: Path, parts: dict[str, Path], *overrides: str, resume: str | None = None) -> None:
+    train_ldm.main(args(out, parts, *overrides) + (["--resume", resume] if resume else []))
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_caption_dropout_rate():
+    torch.manual_seed(0)
+    text, empty = torch.ones(4000, 77, 8), torch.zeros(1, 77, 8)
+    dropped = (drop_captions(text, empty, 0.1) == 0).all(dim=(1, 2)).float()
+    assert dropped.mean().item() == pytest.approx(0.1, abs=0.015)
+    assert not (drop_captions(text, empty, 0.0) == 0).any()
+    assert (drop_captions(text, empty, 1.0) == 0).all()
+
+
+def test_training_scheduler_never_clips_latents():
+    scheduler = build_noise_scheduler(NoiseConfig())
+    assert scheduler.config.clip_sample is False and scheduler.config.thresholding is False
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.num_train_timesteps == 1000
+    assert scheduler.config.steps_offset == 1 and scheduler.config.set_alpha_to_one is False
+    # a DDPM step from a latent far outside [-1, 1] keeps it there
+    x = torch.full((1, 4, 2, 2), 5.0)
+    scheduler.set_timesteps(10)
+    out = scheduler.step(torch.zeros_like(x), scheduler.timesteps[-1], x).pred_original_sample
+    assert out.max() > 4.9
+
+
+def test_v_prediction_and_min_snr_change_the_loss():
+    torch.manual_seed(0)
+    unet = build_unet("tiny", sample_size=8, latent_channels=4, cross_attention_dim=32)
+    x0, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    losses = {}
+    for name, cfg in {"eps": NoiseConfig(), "v": NoiseConfig(prediction_type="v_prediction"),
+                      "snr": NoiseConfig(min_snr_gamma=5.0)}.items():
+        torch.manual_seed(1)
+        losses[name] = diffusion_loss(unet, build_noise_scheduler(cfg), x0, text, cfg).item()
+    assert len({round(v, 6) for v in losses.values()}) == 3
+
+
+@pytest.mark.slow
+def test_tiny_unet_loss_decreases(tmp_path, parts, fresh_accelerate):
+    out = tmp_path / "run"
+    train(out, parts, "train.max_steps=80", "train.batch_size=16", "train.ema_decay=0", "train.checkpoint_every=80")
+    cache = LatentCache.open(out / "latents", vae=None, data_fingerprint=None, resolution=32, center_crop=True,
+                             random_flip=False)
+    text = tiny_clip_text_encoder()
+    text_states = text.encode(cache.captions[:32])
+    torch.manual_seed(0)
+    initial = build_unet("tiny", sample_size=16, latent_channels=4, cross_attention_dim=32)
+    trained = UNet2DConditionModel.from_pretrained(out / "model/unet")
+    scheduler = build_noise_scheduler(NoiseConfig())
+
+    def loss(unet) -> float:
+        g = torch.Generator().manual_seed(0)
+        x0 = sample_latents(cache.tensors["mean"][:32], cache.tensors["std"][:32], cache.scaling_factor,
+                            generator=g)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return sum(diffusion_loss(unet, scheduler, x0, text_states, NoiseConfig()).item() for _ in range(8))
+
+    before, after = loss(initial), loss(trained)
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate):
+    hard = ["train.grad_accum=2", "train.batch_size=8", "train.checkpoint_every=3", "train.caption_dropout=0.3",
+            "data.random_flip=true", "noise.min_snr_gamma=5", "noise.offset_noise=0.05", "noise.input_perturbation=0.1",
+            "optim.warmup_steps=2", "sample.every=3", "sample.prompts=[a red circle]", "sample.steps=2"]
+    # (the schedule after warmup must not depend on max_steps here: the first run is a shorter run, not a killed one)
+    shared_cache = f"cache.dir={tmp_path / 'latents'}"
+    train(tmp_path / "a", parts, *hard, shared_cache, "train.max_steps=6")
+    reset_accelerate()
+    train(tmp_path / "b", parts, *hard, shared_cache, "train.max_steps=3")
+    reset_accelerate()
+    train(tmp_path / "b", parts, *hard, shared_cache, "train.max_steps=6", resume="latest")
+    a = {k: v for f in sorted((tmp_path / "a/checkpoints/step-00000006").rglob("*.safetensors"))
+         if not f.name.startswith("rng") for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((tmp_path / "b/checkpoints/step-00000006").rglob("*.safetensors"))
+         if not f.name.startswith("rng") for k, v in load_file(f).items()}
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_and_the_export_loads_in_diffusers(tmp_path, parts):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(ROOT / "train/train_ldm.py"),
+           *args(out, parts, "train.cpu=true", "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=2",
+                 "sample.every=2", "sample.steps=2", "sample.prompts=[a,b,c]")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replicas identical across 2 processes" in result.stderr
+    state = json.loads((out / "checkpoints/step-00000004/state.json").read_text())
+    assert state["batches_consumed"] == [4, 4]
+    shards = sorted(p.name for p in (out / "latents").glob("shard-*.safetensors"))
+    assert any(s.startswith("shard-0") for s in shards) and any(s.startswith("shard-1") for s in shards)
+
+    model = out / "model"
+    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (model / part).exists(), part
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    image = pipe("a red circle", num_inference_steps=3, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    assert pipe.scheduler.config.clip_sample is False
+
+
+def test_resolution_not_divisible_by_the_vae_factor_is_refused(tmp_path, parts, fresh_accelerate):
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "run", parts, "data.resolution=33")
+    assert e.value.code == 2
+    assert not (tmp_path / "run" / "latents").exists()
+
+
+def test_missing_vae_is_a_clear_error(tmp_path, parts, fresh_accelerate, capsys):
+    with pytest.raises(SystemExit):
+        train(tmp_path / "run", parts, f"cache.vae={tmp_path / 'nope'}")
+    assert "VAE directory" in capsys.readouterr().err

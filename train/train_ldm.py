@@ -1,0 +1,204 @@
+"""Stage 2: train a text-conditioned cross-attention U-Net on cached VAE latents.
+
+    accelerate launch train/train_ldm.py --config configs/ldm/tiny.yaml [--resume latest] [key=value ...]
+
+First the dataset is encoded once with the stage-1 VAE into a latent cache (reused while it matches the VAE, the
+data and the transforms). Each step then draws a fresh latent from every cached posterior, noises it at a random
+timestep and regresses the U-Net's eps (or v) prediction, conditioned on the frozen text encoder's per-token states;
+`train.caption_dropout` of the captions are replaced by the empty prompt so classifier-free guidance works.
+Outputs in `train.output_dir`: `config.yaml`, `latents/`, `checkpoints/step-*/`, TensorBoard logs in `logs/`, and
+`model/`: a diffusers model directory (EMA weights) that `StableDiffusionPipeline.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ldm.cli import parse_train_args, setup_logging
+from ldm.config import save_config, to_dict
+from ldm.data.loading import train_loader
+from ldm.distributed import replicas_identical
+from ldm.errors import UserError, exit_on_user_error
+from ldm.latents.build import ensure_latent_cache
+from ldm.latents.cache import collate_latents, sample_latents
+from ldm.text.loading import load_text_encoder
+from ldm.tracking import flat_config, log_image
+from ldm.training import all_processes, clip_gradients, ema_weights
+from ldm.unet.config import LDMConfig
+from ldm.unet.export import export_model, load_vae
+from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions
+from ldm.unet.presets import build_unet
+from ldm.unet.samples import sample_grid
+
+log = logging.getLogger("train_ldm")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    cfg, resume = parse_train_args(LDMConfig, argv, description=__doc__.splitlines()[0])
+    out = Path(cfg.train.output_dir)
+    accelerator = Accelerator(
+        cpu=cfg.train.cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+        project_dir=str(out),
+    )
+    setup_logging(accelerator.is_main_process, accelerator.process_index)
+    vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("logs", config=flat_config(to_dict(cfg)))
+
+    # ---- frozen text encoder and the latent cache (encoded once, by all processes, each its share)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    text_encoder = load_text_encoder(cfg.text_encoder, dtype=weight_dtype, device=accelerator.device)
+    cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=out / "latents")
+    log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
+
+    # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
+    set_seed(cfg.train.seed)
+    if cfg.model.pretrained:
+        unet = UNet2DConditionModel.from_pretrained(cfg.model.pretrained, subfolder="unet", use_safetensors=True)
+    else:
+        unet = build_unet(
+            cfg.model.preset, sample_size=cache.latent_shape[-1], latent_channels=cache.latent_shape[0],
+            cross_attention_dim=text_encoder.hidden_size,
+        )
+    if unet.config.cross_attention_dim != text_encoder.hidden_size:
+        raise UserError(f"the U-Net attends to {unet.config.cross_attention_dim}-wide text states but the text "
+                        f"encoder gives {text_encoder.hidden_size}: use a matching text_encoder.path")
+    if cfg.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema = None
+    if cfg.train.ema_decay > 0:
+        ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, model_cls=UNet2DConditionModel,
+                       model_config=unet.config)
+    set_seed(cfg.train.seed + accelerator.process_index)  # per-process noise, timesteps and caption dropout
+    noise_scheduler = build_noise_scheduler(cfg.noise)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    # counts optimizer steps and is stepped by hand (accelerate would step it once per process)
+    lr_schedule = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                num_training_steps=cfg.train.max_steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    # ---- resume
+    ckpt_root = out / "checkpoints"
+    step, batches_done = 0, 0
+    ckpt = dict(models={"unet": unet}, optimizers={"unet": optimizer}, schedulers={"lr": lr_schedule},
+                emas={"unet": ema} if ema is not None else {})
+    resume_path = resolve_resume(resume, ckpt_root)
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path, **ckpt)
+        step, batches_done = state["step"], state["batches_consumed"][accelerator.process_index]
+        log.info("resumed from %s at step %d", resume_path, step)
+
+    loader = train_loader(cache.dataset(seed=cfg.train.seed), cfg.train.batch_size, cfg.data.num_workers,
+                          cfg.train.seed, accelerator, start_batch=batches_done, collate=collate_latents)
+    batches = iter(loader)
+    empty = text_encoder.empty_embedding()  # (1, 77, D): the unconditional branch
+
+    def next_batch() -> tuple[torch.Tensor, list[str]]:
+        nonlocal batches_done
+        batch = next(batches)
+        batches_done += 1
+        # a fresh latent from each cached posterior, every epoch: z = (mean + std * eps) * scaling_factor
+        mean, std = batch["mean"].to(accelerator.device), batch["std"].to(accelerator.device)
+        return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch["captions"]
+
+    def save(step: int) -> None:
+        if not replicas_identical(accelerator, unet):
+            raise RuntimeError(f"the U-Net replicas differ across processes at step {step}")
+        consumed = accelerator.gather(torch.tensor([batches_done], device=accelerator.device)).tolist()
+        save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last,
+                        state={"step": step, "batches_consumed": consumed}, **ckpt)
+
+    def sample(step: int) -> None:
+        raw = accelerator.unwrap_model(unet)
+        with ema_weights(ema, raw.parameters()):
+            grid = sample_grid(accelerator, raw, vae, text_encoder, noise_scheduler, cfg.sample)
+        if grid is not None:
+            log_image(accelerator, "samples", grid, step)
+
+    # ---- the loop: one iteration = one optimizer step over `grad_accum` micro-batches
+    accum = cfg.train.grad_accum
+    nonfinite_in_a_row = nonfinite_total = 0
+    progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="unet")
+    while step < cfg.train.max_steps:
+        finite, losses = True, []
+        for micro in range(accum):
+            x0, captions = next_batch()  # (B, C, h, w) scaled latents
+            with torch.no_grad():
+                text = drop_captions(text_encoder.encode(captions), empty, cfg.train.caption_dropout)  # (B, 77, D)
+            with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet):
+                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)  # autocast by accelerate
+                finite &= bool(torch.isfinite(loss))
+                accelerator.backward(loss / accum)
+            losses.append(loss.detach())
+
+        finite = all_processes(accelerator, finite)
+        if finite:
+            grad_norm = clip_gradients(accelerator, optimizer, list(unet.parameters()), cfg.optim.max_grad_norm)
+            if cfg.train.mixed_precision != "fp16":  # with fp16 the gradient scaler skips overflowing steps itself
+                finite = bool(torch.isfinite(grad_norm))
+        if not finite:
+            nonfinite_in_a_row += 1
+            nonfinite_total += 1
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_a_row)
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                save(step)
+                raise UserError(
+                    f"{nonfinite_in_a_row} non-finite steps in a row at step {step}: training stopped with a "
+                    f"checkpoint in {ckpt_root}; lower optim.lr or use train.mixed_precision=no, then --resume latest"
+                )
+            continue
+        nonfinite_in_a_row = 0
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        step += 1
+        progress.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            loss_value = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
+            accelerator.log({"train/loss": loss_value, "train/grad_norm": float(grad_norm),
+                             "train/lr": lr_schedule.get_last_lr()[0], "train/nonfinite_steps": nonfinite_total},
+                            step=step)
+            progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        if cfg.sample.every and (step % cfg.sample.every == 0 or step == cfg.train.max_steps):
+            sample(step)
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            save(step)
+    progress.close()
+    if accelerator.num_processes > 1:
+        log.info("replicas identical across %d processes (checked at every checkpoint)", accelerator.num_processes)
+
+    # ---- a complete diffusers model directory with the EMA weights
+    if accelerator.is_main_process:
+        raw = accelerator.unwrap_model(unet)
+        with ema_weights(ema, raw.parameters()):
+            export_model(out / "model", unet=raw, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler,
+                         text_cfg=cfg.text_encoder)
+        log.info("saved the model to %s", out / "model")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
