@@ -9,10 +9,21 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from diffusers.training_utils import EMAModel
 
+from ldm.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+def require_replicated_weights(accelerator: Accelerator) -> None:
+    """Stop at once under FSDP/DeepSpeed: EMA, replica checks and checkpoints here assume every process holds whole
+    weights and optimizer state (DDP or one process). Better now than at the first checkpoint, hours in."""
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(f"{kind.value} is not supported by ldm's training scripts yet: launch with plain "
+                        "multi-GPU DDP (configs/accelerate/multi-gpu.yaml); sharded training is planned")
 
 
 def all_processes(accelerator: Accelerator, flag: bool) -> bool:

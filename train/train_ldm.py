@@ -34,7 +34,7 @@ from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import flat_config, log_image
-from ldm.training import all_processes, clip_gradients, ema_weights
+from ldm.training import require_replicated_weights, all_processes, clip_gradients, ema_weights
 from ldm.unet.config import LDMConfig
 from ldm.unet.export import export_model, load_vae
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         project_dir=str(out),
     )
     setup_logging(accelerator.is_main_process, accelerator.process_index)
+    require_replicated_weights(accelerator)
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")

@@ -28,7 +28,7 @@ from ldm.data.loading import build_datasets, train_loader
 from ldm.distributed import replicas_identical
 from ldm.errors import UserError, exit_on_user_error
 from ldm.tracking import flat_config, log_image
-from ldm.training import SkippedImages, all_processes, clip_gradients, ema_weights
+from ldm.training import require_replicated_weights, SkippedImages, all_processes, clip_gradients, ema_weights
 from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         project_dir=str(out),
     )
     setup_logging(accelerator.is_main_process, accelerator.process_index)
+    require_replicated_weights(accelerator)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
         accelerator.init_trackers("logs", config=flat_config(to_dict(cfg)))  # TensorBoard: output_dir/logs
