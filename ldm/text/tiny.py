@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.atomic import atomic_directory
+from ldm.errors import UserError, exit_on_user_error
 from ldm.text.encoder import CLIPTextEncoder, Layer
 from ldm.text.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, offline_clip_tokenizer
 
@@ -71,3 +75,28 @@ def tiny_open_clip_model(seed: int = 0, **cfg: Any) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return CLIP(**tiny_open_clip_model_cfg(**cfg)).eval()
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    """`ldm-tiny-text-encoder OUT_DIR`: save a random small CLIP text encoder + the offline tokenizer (no download).
+
+    For offline experiments and the shapes demo: a frozen random text transformer still gives every prompt a
+    distinct, deterministic embedding the U-Net can learn to read. Use a real CLIP for real data.
+    """
+    parser = argparse.ArgumentParser(prog="ldm-tiny-text-encoder", description=main.__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.hidden_size < 8 or args.hidden_size % args.heads:
+        raise UserError(f"--hidden-size {args.hidden_size} must be >= 8 and divisible by --heads {args.heads}")
+    if args.out_dir.exists() and any(args.out_dir.iterdir()):
+        raise UserError(f"'{args.out_dir}' is not empty: choose a new directory")
+    encoder = tiny_clip_text_encoder(seed=args.seed, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads)
+    with atomic_directory(args.out_dir) as tmp:
+        encoder.model.save_pretrained(tmp, safe_serialization=True)
+        encoder.tokenizer.save_pretrained(tmp)
+    print(args.out_dir)
