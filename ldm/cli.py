@@ -32,3 +32,6 @@ def setup_logging(is_main_process: bool, rank: int) -> None:
     )
     for noisy in ("datasets", "huggingface_hub", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+
+    datasets.disable_progress_bars()  # its "Downloading data" bars for local files only confuse
