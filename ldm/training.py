@@ -6,15 +6,41 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from diffusers.training_utils import EMAModel
 
+from ldm.cli import setup_logging
+from ldm.config import save_config, to_dict
 from ldm.errors import UserError
+from ldm.tracking import flat_config
 
 log = logging.getLogger(__name__)
+
+
+def start_run(config: Any, train: Any) -> Accelerator:
+    """The Accelerator for a training script, logging, and (main process) the resolved config and the trackers.
+
+    `train` is the config's `train` section: output_dir, cpu, mixed_precision, report_to. TensorBoard logs go to
+    `output_dir/logs`, the config to `output_dir/config.yaml`.
+    """
+    out = Path(train.output_dir)
+    accelerator = Accelerator(
+        cpu=train.cpu,
+        mixed_precision=train.mixed_precision,
+        log_with=None if train.report_to == "none" else train.report_to,
+        project_dir=str(out),
+    )
+    setup_logging(accelerator.is_main_process, accelerator.process_index)
+    require_replicated_weights(accelerator)
+    if accelerator.is_main_process:
+        save_config(config, out / "config.yaml")
+        accelerator.init_trackers("logs", config=flat_config(to_dict(config)))
+    return accelerator
 
 
 def require_replicated_weights(accelerator: Accelerator) -> None:
@@ -53,6 +79,31 @@ def ema_weights(ema: EMAModel | None, parameters: Iterable[torch.nn.Parameter]) 
         yield
     finally:
         ema.restore(parameters)
+
+
+class NonFiniteSteps:
+    """Counts optimizer steps skipped for a non-finite loss or gradient; `train.max_nonfinite_steps` in a row stop."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def skip(self, step: int, optimizers: Iterable[torch.optim.Optimizer]) -> bool:
+        """Drop this step's gradients; True when the limit is reached (the caller saves, then raises `error`)."""
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.in_a_row += 1
+        self.total += 1
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, self.in_a_row)
+        return self.in_a_row >= self.limit
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def error(self, step: int, checkpoints: Path) -> UserError:
+        return UserError(
+            f"{self.in_a_row} non-finite steps in a row at step {step}: training stopped with a checkpoint in "
+            f"{checkpoints}; lower optim.lr or use train.mixed_precision=no, then --resume latest"
+        )
 
 
 class SkippedImages:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
+from pathlib import Path
 
 # before any Hugging Face library is imported: they read these once, at import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,3 +28,13 @@ def fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def accelerate_launch(script: Path, *args: str, processes: int = 2) -> list[str]:
+    """The command for a real multi-process CPU run (gloo): the script must be given train.cpu=true."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), str(script), *args]

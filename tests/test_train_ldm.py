@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
+from conftest import accelerate_launch
 from ldm.data.shapes import write_dataset
 from ldm.latents.cache import LatentCache, sample_latents
 from ldm.text.tiny import tiny_clip_text_encoder
@@ -138,21 +138,14 @@ def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_and_the_export_loads_in_diffusers(tmp_path, parts):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(ROOT / "train/train_ldm.py"),
-           *args(out, parts, "train.cpu=true", "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=2",
-                 "sample.every=2", "sample.steps=2", "sample.prompts=[a,b,c]")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = accelerate_launch(ROOT / "train/train_ldm.py", *args(
+        out, parts, "train.cpu=true", "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=2",
+        "sample.every=2", "sample.steps=2", "sample.prompts=[a,b,c]"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas identical across 2 processes" in result.stderr
     state = json.loads((out / "checkpoints/step-00000004/state.json").read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import accelerate_launch
 from ldm.data.shapes import write_dataset
 from ldm.vae.presets import build_vae
 
@@ -142,21 +142,14 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys, fresh
     assert "3 unreadable images skipped in total: cut.png" in err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_run_keeps_replicas_identical(tmp_path, shapes):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(ROOT / "train/train_vae.py"),
-           "--config", str(ROOT / "configs/vae/tiny.yaml"), f"train.output_dir={out}", f"data.path={shapes}",
-           "train.cpu=true", "train.max_steps=4", "loss.disc_start=2", "train.batch_size=4", "train.val_every=2",
-           "train.checkpoint_every=2", "loss.learn_logvar=true", *FAST]
+    cmd = accelerate_launch(
+        ROOT / "train/train_vae.py", "--config", str(ROOT / "configs/vae/tiny.yaml"), f"train.output_dir={out}",
+        f"data.path={shapes}", "train.cpu=true", "train.max_steps=4", "loss.disc_start=2", "train.batch_size=4",
+        "train.val_every=2", "train.checkpoint_every=2", "loss.learn_logvar=true", *FAST,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

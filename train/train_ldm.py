@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -25,16 +24,15 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from ldm.cli import parse_train_args, setup_logging
-from ldm.config import save_config, to_dict
+from ldm.cli import parse_train_args
 from ldm.data.loading import train_loader
 from ldm.distributed import replicas_identical
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.text.loading import load_text_encoder
-from ldm.tracking import flat_config, log_image
-from ldm.training import require_replicated_weights, all_processes, clip_gradients, ema_weights
+from ldm.tracking import log_image
+from ldm.training import NonFiniteSteps, start_run, all_processes, clip_gradients, ema_weights
 from ldm.unet.config import LDMConfig
 from ldm.unet.export import export_model, load_vae
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions
@@ -48,18 +46,8 @@ log = logging.getLogger("train_ldm")
 def main(argv: list[str] | None = None) -> None:
     cfg, resume = parse_train_args(LDMConfig, argv, description=__doc__.splitlines()[0])
     out = Path(cfg.train.output_dir)
-    accelerator = Accelerator(
-        cpu=cfg.train.cpu,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
-        project_dir=str(out),
-    )
-    setup_logging(accelerator.is_main_process, accelerator.process_index)
-    require_replicated_weights(accelerator)
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("logs", config=flat_config(to_dict(cfg)))
+    accelerator = start_run(cfg, cfg.train)
 
     # ---- frozen text encoder and the latent cache (encoded once, by all processes, each its share)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
@@ -136,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the loop: one iteration = one optimizer step over `grad_accum` micro-batches
     accum = cfg.train.grad_accum
-    nonfinite_in_a_row = nonfinite_total = 0
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="unet")
     while step < cfg.train.max_steps:
         finite, losses = True, []
@@ -156,18 +144,11 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.train.mixed_precision != "fp16":  # with fp16 the gradient scaler skips overflowing steps itself
                 finite = bool(torch.isfinite(grad_norm))
         if not finite:
-            nonfinite_in_a_row += 1
-            nonfinite_total += 1
-            optimizer.zero_grad(set_to_none=True)
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_a_row)
-            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            if nonfinite.skip(step, (optimizer,)):
                 save(step)
-                raise UserError(
-                    f"{nonfinite_in_a_row} non-finite steps in a row at step {step}: training stopped with a "
-                    f"checkpoint in {ckpt_root}; lower optim.lr or use train.mixed_precision=no, then --resume latest"
-                )
+                raise nonfinite.error(step, ckpt_root)
             continue
-        nonfinite_in_a_row = 0
+        nonfinite.ok()
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -179,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             loss_value = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
             accelerator.log({"train/loss": loss_value, "train/grad_norm": float(grad_norm),
-                             "train/lr": lr_schedule.get_last_lr()[0], "train/nonfinite_steps": nonfinite_total},
+                             "train/lr": lr_schedule.get_last_lr()[0], "train/nonfinite_steps": nonfinite.total},
                             step=step)
             progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if cfg.sample.every and (step % cfg.sample.every == 0 or step == cfg.train.max_steps):

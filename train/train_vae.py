@@ -15,20 +15,18 @@ import logging
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from ldm.cli import parse_train_args, setup_logging
-from ldm.config import save_config, to_dict
+from ldm.cli import parse_train_args
 from ldm.data.loading import build_datasets, train_loader
 from ldm.distributed import replicas_identical
-from ldm.errors import UserError, exit_on_user_error
-from ldm.tracking import flat_config, log_image
-from ldm.training import require_replicated_weights, SkippedImages, all_processes, clip_gradients, ema_weights
+from ldm.errors import exit_on_user_error
+from ldm.tracking import log_image
+from ldm.training import NonFiniteSteps, start_run, SkippedImages, all_processes, clip_gradients, ema_weights
 from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator
@@ -47,17 +45,7 @@ log = logging.getLogger("train_vae")
 def main(argv: list[str] | None = None) -> None:
     cfg, resume = parse_train_args(VAEConfig, argv, description=__doc__.splitlines()[0])
     out = Path(cfg.train.output_dir)
-    accelerator = Accelerator(
-        cpu=cfg.train.cpu,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
-        project_dir=str(out),
-    )
-    setup_logging(accelerator.is_main_process, accelerator.process_index)
-    require_replicated_weights(accelerator)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("logs", config=flat_config(to_dict(cfg)))  # TensorBoard: output_dir/logs
+    accelerator = start_run(cfg, cfg.train)
 
     # ---- models, identical on every process (same seed), then per-process RNG for the posterior samples
     set_seed(cfg.train.seed)
@@ -150,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     last_layer = accelerator.unwrap_model(model).last_layer
     raw_disc = accelerator.unwrap_model(disc)
     accum = cfg.train.grad_accum
-    nonfinite_in_a_row = nonfinite_total = 0
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="vae")
     while step < cfg.train.max_steps:
         gan_on = step >= cfg.loss.disc_start
@@ -204,19 +192,11 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.train.mixed_precision != "fp16":
                 finite = all(bool(torch.isfinite(n)) for n in norms)
         if not finite:
-            nonfinite_in_a_row += 1
-            nonfinite_total += 1
-            opt_vae.zero_grad(set_to_none=True)
-            opt_disc.zero_grad(set_to_none=True)
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_a_row)
-            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            if nonfinite.skip(step, (opt_vae, opt_disc)):
                 save(step)
-                raise UserError(
-                    f"{nonfinite_in_a_row} non-finite steps in a row at step {step}: training stopped with a "
-                    f"checkpoint in {ckpt_root}; lower optim.lr or use train.mixed_precision=no, then --resume latest"
-                )
+                raise nonfinite.error(step, ckpt_root)
             continue
-        nonfinite_in_a_row = 0
+        nonfinite.ok()
         opt_vae.step()
         sched_vae.step()
         opt_vae.zero_grad(set_to_none=True)
@@ -232,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             values = {f"train/{k}": float(v) for k, v in logs.items()}
             values.update({"train/lr": sched_vae.get_last_lr()[0],
-                           "train/gan_on": float(gan_on), "train/nonfinite_steps": nonfinite_total})
+                           "train/gan_on": float(gan_on), "train/nonfinite_steps": nonfinite.total})
             accelerator.log(values, step=step)
             progress.set_postfix(rec=f"{values['train/rec_loss']:.4f}", refresh=False)
         if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
