@@ -1,0 +1,7 @@
+"""Inference: one pipeline for txt2img, img2img and inpainting over diffusers' models and schedulers."""
+
+from ldm.pipeline.metadata import GenerationParams, format_parameters, parse_parameters
+from ldm.pipeline.pipeline import GenerationResult, Pipeline
+from ldm.pipeline.samplers import SAMPLERS
+
+__all__ = ["SAMPLERS", "GenerationParams", "GenerationResult", "Pipeline", "format_parameters", "parse_parameters"]

@@ -1,0 +1,165 @@
+"""Find a model (a local diffusers-format directory or a hub id) and load its parts, safetensors only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from ldm.errors import UserError
+from ldm.pipeline.weights import COMPONENTS, check_model_dir
+
+log = logging.getLogger(__name__)
+
+# The one place a bundled default model goes once there is one (a path or hub id); None: --model is required.
+DEFAULT_MODEL: str | None = None
+NO_MODEL = "no model given: pass --model DIR (a diffusers-format Stable Diffusion directory)"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a Stable Diffusion repository needs; never the root-level single-file checkpoints or pickles next to them
+_HUB_FILES = [
+    "model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json",
+    "unet/diffusion_pytorch_model*.safetensors*", "vae/diffusion_pytorch_model*.safetensors*",
+    "text_encoder/model*.safetensors*",
+]
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: Any  # ldm.text.encoder.FrozenTextEncoder
+    scheduler_config: dict[str, Any]
+    name: str  # how the model is named in PNG metadata: what the user passed to --model
+
+
+def resolve_model(model: str | None) -> Path:
+    """--model value -> a local directory (downloading a hub id into the HF cache when online)."""
+    model = model if model is not None else DEFAULT_MODEL
+    if not model:
+        raise UserError(NO_MODEL)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        kind = "a pickle checkpoint, which is never loaded" if path.suffix in (".ckpt", ".bin", ".pt", ".pth") else "a file"
+        raise UserError(
+            f"--model '{model}' is {kind}; pass a diffusers-format directory (model_index.json, unet/, vae/, "
+            "text_encoder/, tokenizer/, scheduler/)"
+        )
+    if _HUB_ID.match(model) and not model.startswith("."):
+        return _from_hub(model)
+    raise UserError(f"model directory '{model}' does not exist")
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    from ldm.text.loading import hub_reachable
+
+    # without a network the hub client retries for half a minute; a quick connection test fails in seconds, and
+    # an unreachable hub is treated like offline mode (the cache may still hold the model)
+    offline = constants.is_offline_mode() or not hub_reachable()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user: no such model
+        why = "offline, and it is not in the Hugging Face cache" if offline else f"{type(e).__name__}: {e}"
+        raise UserError(
+            f"'{repo_id}' is not a local directory, and as a hub id it could not be fetched ({why.splitlines()[0]}); "
+            "pass a local diffusers-format directory"
+        ) from None
+
+
+def read_vae_factor(root: Path) -> int:
+    """Pixels per latent pixel, from vae/config.json alone (sizes are validated before any weights are read)."""
+    config = _read_json(root / "vae" / "config.json")
+    return 2 ** (len(config.get("block_out_channels", [0])) - 1)
+
+
+def read_default_size(root: Path) -> int:
+    """unet.config.sample_size x the VAE factor: the resolution the model was trained at."""
+    sample = _read_json(root / "unet" / "config.json").get("sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * read_vae_factor(root)
+
+
+def load_components(root: Path, name: str, device: torch.device, dtype: torch.dtype) -> Components:
+    """Check every file first (clear messages), then load with `use_safetensors=True` (never unpickle)."""
+    text_info = read_text_encoder_info(root)
+    in_dir = text_info is None or text_info.get("kind", "clip") == "clip"
+    variants = check_model(root)
+
+    def load(what: str, fn):
+        try:
+            return fn()
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load {what} from '{root / what}': {first}") from None
+
+    unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(
+        root, subfolder="unet", use_safetensors=True, variant=variants["unet"], torch_dtype=dtype))
+    vae = load("vae", lambda: AutoencoderKL.from_pretrained(
+        root, subfolder="vae", use_safetensors=True, variant=variants["vae"], torch_dtype=dtype))
+    layer = (text_info or {}).get("layer", "last")
+    if in_dir:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from ldm.text.encoder import FrozenTextEncoder
+
+        tokenizer = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(root / "tokenizer"))
+        clip = load("text_encoder", lambda: CLIPTextModel.from_pretrained(
+            root / "text_encoder", use_safetensors=True, variant=variants["text_encoder"], dtype=dtype))
+        text_encoder = FrozenTextEncoder.from_clip(tokenizer, clip, layer=layer)
+    else:
+        from ldm.text.config import TextEncoderConfig
+        from ldm.text.loading import load_text_encoder
+
+        cfg = TextEncoderConfig(kind=text_info["kind"], path=text_info.get("path", ""),
+                                pretrained=text_info.get("pretrained"), layer=layer)
+        text_encoder = load_text_encoder(cfg, dtype=dtype, device=device)
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return Components(unet, vae, text_encoder, scheduler_config, name)
+
+
+def check_model(root: Path) -> dict[str, str | None]:
+    """Check the files the model needs (see weights.py) without loading anything; returns the weight variants."""
+    text_info = read_text_encoder_info(root)
+    # an open_clip text encoder (stage 2 with SD 2.x-style conditioning) is rebuilt from its description, so the
+    # directory has no text_encoder/ or tokenizer/
+    in_dir = text_info is None or text_info.get("kind", "clip") == "clip"
+    return check_model_dir(root, COMPONENTS if in_dir else ("unet", "vae", "scheduler"))
+
+
+def read_text_encoder_info(root: Path) -> dict[str, Any] | None:
+    """Stage 2's `ldm_model.json` note on the text encoder (kind, path, pretrained, layer), if the model has one.
+
+    diffusers' layout cannot say "use the penultimate layer" or "this is an open_clip model"; stage 2's export
+    (ldm/unet/export.py) writes that here. Plain diffusers models have no such file: CLIP, last layer.
+    """
+    from ldm.unet.export import LDM_INFO
+
+    path = root / LDM_INFO
+    if not path.is_file():
+        return None
+    info = _read_json(path).get("text_encoder")
+    if not isinstance(info, dict) or info.get("kind", "clip") not in ("clip", "open_clip") \
+            or info.get("layer", "last") not in ("last", "penultimate"):
+        raise UserError(f"'{path}' has no valid 'text_encoder' entry (kind clip|open_clip, layer last|penultimate)")
+    return info
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"'{path}' is missing; a diffusers-format model directory needs it") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read '{path}': {e}") from None

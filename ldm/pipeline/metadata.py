@@ -1,0 +1,131 @@
+"""Generation parameters and their AUTOMATIC1111-style PNG text ('parameters' tEXt chunk), both ways.
+
+    a red car
+    Negative prompt: blurry
+    Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, Denoising strength: 0.6
+
+Other tools (A1111, ComfyUI readers, image browsers) read this chunk; `--from-png` parses it back into arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ldm.pipeline.samplers import sampler_from_label, sampler_label
+
+PNG_KEY = "parameters"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that determines one image's pixels (on a given device and dtype)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 25
+    sampler: str = "euler_a"
+    karras: bool = False
+    cfg: float = 7.5
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    model: str = ""
+    strength: float | None = None  # img2img and inpainting only
+    guidance_rescale: float = 0.0
+    mask_blur: int | None = None  # inpainting only
+
+    def with_seed(self, seed: int) -> GenerationParams:
+        return replace(self, seed=seed)
+
+
+def format_parameters(p: GenerationParams) -> str:
+    lines = [p.prompt]
+    if p.negative_prompt:
+        lines.append(f"Negative prompt: {p.negative_prompt}")
+    fields: list[tuple[str, Any]] = [
+        ("Steps", p.steps),
+        ("Sampler", sampler_label(p.sampler, p.karras)),
+        ("CFG scale", _num(p.cfg)),
+        ("Seed", p.seed),
+        ("Size", f"{p.width}x{p.height}"),
+        ("Model", p.model),
+    ]
+    if p.strength is not None:
+        fields.append(("Denoising strength", _num(p.strength)))
+    if p.mask_blur is not None:
+        fields.append(("Mask blur", p.mask_blur))
+    if p.guidance_rescale:
+        fields.append(("CFG rescale", _num(p.guidance_rescale)))
+    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields))
+    return "\n".join(lines)
+
+
+# `Key: value` pairs, the value either a JSON string (when it holds a comma, colon or quote) or up to the next comma
+_FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Inverse of `format_parameters` -> a dict of GenerationParams field names; keys it does not know are dropped.
+
+    The last line holds the `Key: value` list; the lines before it are the prompt, up to a line starting with
+    'Negative prompt:' (the rest up to the last line is the negative prompt), as A1111 writes it.
+    """
+    lines = text.strip("\n").split("\n")
+    fields_line = lines.pop() if lines and "Steps:" in lines[-1] else ""
+    prompt_lines: list[str] = []
+    negative_lines: list[str] | None = None
+    for line in lines:
+        if negative_lines is None and line.startswith("Negative prompt:"):
+            negative_lines = [line[len("Negative prompt:"):].strip()]
+        elif negative_lines is not None:
+            negative_lines.append(line)
+        else:
+            prompt_lines.append(line)
+    out: dict[str, Any] = {"prompt": "\n".join(prompt_lines)}
+    if negative_lines is not None:
+        out["negative_prompt"] = "\n".join(negative_lines)
+
+    raw = {k.strip(): _unquote(v.strip()) for k, v in _FIELD.findall(fields_line)}
+    if "Steps" in raw:
+        out["steps"] = int(raw["Steps"])
+    if "Sampler" in raw:
+        out["sampler"], out["karras"] = sampler_from_label(raw["Sampler"])
+    if raw.get("Schedule type", "").lower() == "karras":  # newer A1111 versions write Karras separately
+        out["karras"] = True
+    if "CFG scale" in raw:
+        out["cfg"] = float(raw["CFG scale"])
+    if "Seed" in raw:
+        out["seed"] = int(raw["Seed"])
+    if "Size" in raw:
+        width, height = raw["Size"].lower().split("x")
+        out["width"], out["height"] = int(width), int(height)
+    if "Model" in raw:
+        out["model"] = raw["Model"]
+    if "Denoising strength" in raw:
+        out["strength"] = float(raw["Denoising strength"])
+    if "Mask blur" in raw:
+        out["mask_blur"] = int(raw["Mask blur"])
+    if "CFG rescale" in raw:
+        out["guidance_rescale"] = float(raw["CFG rescale"])
+    return out
+
+
+def _num(x: float) -> str:
+    """7.5 -> '7.5', 7.0 -> '7' (A1111 writes floats with repr, which round-trips exactly)."""
+    return repr(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
+
+
+def _unquote(value: str) -> str:
+    if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
