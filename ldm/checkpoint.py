@@ -191,9 +191,12 @@ def load_checkpoint(
     return loaded
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The highest-step complete checkpoint (`step-<8+ digits>/` with a readable manifest) under `root`, or None."""
-    found = _complete_checkpoints(Path(root))
+def latest_checkpoint(root: str | Path, before: int | None = None) -> Path | None:
+    """The highest-step complete checkpoint (`step-<8+ digits>/` with a readable manifest) under `root`, or None.
+
+    With `before`, the highest one whose step is lower than that.
+    """
+    found = [(s, p) for s, p in _complete_checkpoints(Path(root)) if before is None or s < before]
     return found[-1][1] if found else None
 
 

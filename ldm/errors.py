@@ -24,6 +24,15 @@ def exit_on_user_error(main: F) -> F:
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
+            _leave_process_group()
             sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _leave_process_group() -> None:
+    """End a distributed run's process group before exiting, so gloo/NCCL threads do not abort the interpreter."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

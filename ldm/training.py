@@ -99,11 +99,41 @@ class NonFiniteSteps:
     def ok(self) -> None:
         self.in_a_row = 0
 
-    def error(self, step: int, checkpoints: Path) -> UserError:
+    def error(self, step: int, saved: Path, earlier: Path | None) -> UserError:
+        """`saved`: the checkpoint of the state at the stop; `earlier`: the newest one before it, if any."""
+        advice = (f"--resume {earlier}" if earlier is not None else "start again without --resume")
         return UserError(
-            f"{self.in_a_row} non-finite steps in a row at step {step}: training stopped with a checkpoint in "
-            f"{checkpoints}; lower optim.lr or use train.mixed_precision=no, then --resume latest"
+            f"{self.in_a_row} non-finite steps in a row at step {step}: training stopped, this state is saved in "
+            f"{saved}; if the weights diverged, lower optim.lr (or use train.mixed_precision=no) and {advice}"
         )
+
+
+def apply_optimizer_settings(
+    optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR, lr: float, **settings: Any
+) -> list[str]:
+    """After a resume, make the config's lr (and betas, weight_decay, eps, ...) win over the checkpoint's.
+
+    A checkpoint restores the optimizer's param groups and the schedule's base learning rates; a user who resumes
+    with a new `optim.lr` means the new one. Returns the names of the settings that changed, for the log: with a
+    change, the resumed run is no longer the uninterrupted one.
+    """
+    changed = []
+    for key, value in settings.items():
+        for group in optimizer.param_groups:
+            old = group.get(key)
+            if old is not None and (tuple(old) if isinstance(old, (list, tuple)) else old) != value:
+                group[key] = value
+                if key not in changed:
+                    changed.append(key)
+    if any(base != lr for base in schedule.base_lrs):
+        # LambdaLR: lr = base_lr * lambda(step); diffusers' schedules (constant, cosine, linear) are all LambdaLRs
+        schedule.base_lrs = [lr] * len(schedule.base_lrs)
+        for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+        changed.insert(0, "lr")
+    return changed
 
 
 class SkippedImages:

@@ -23,7 +23,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.cli import parse_train_args
 from ldm.data.loading import train_loader
 from ldm.distributed import replicas_identical
@@ -32,7 +32,7 @@ from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
-from ldm.training import NonFiniteSteps, start_run, all_processes, clip_gradients, ema_weights
+from ldm.training import apply_optimizer_settings, NonFiniteSteps, start_run, all_processes, clip_gradients, ema_weights
 from ldm.unet.config import LDMConfig
 from ldm.unet.export import export_model, load_vae
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, **ckpt)
         step, batches_done = state["step"], state["batches_consumed"][accelerator.process_index]
+        changed = apply_optimizer_settings(optimizer, lr_schedule, cfg.optim.lr, betas=cfg.optim.betas,
+                                           weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+        for name in changed:
+            log.warning("optim.%s differs from the checkpoint's: the config's value is used from here on", name)
         log.info("resumed from %s at step %d", resume_path, step)
 
     loader = train_loader(cache.dataset(seed=cfg.train.seed), cfg.train.batch_size, cfg.data.num_workers,
@@ -108,12 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         mean, std = batch["mean"].to(accelerator.device), batch["std"].to(accelerator.device)
         return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch["captions"]
 
-    def save(step: int) -> None:
+    def save(step: int) -> Path:
         if not replicas_identical(accelerator, unet):
             raise RuntimeError(f"the U-Net replicas differ across processes at step {step}")
         consumed = accelerator.gather(torch.tensor([batches_done], device=accelerator.device)).tolist()
-        save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last,
-                        state={"step": step, "batches_consumed": consumed}, **ckpt)
+        return save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last,
+                               state={"step": step, "batches_consumed": consumed}, **ckpt)
 
     def sample(step: int) -> None:
         raw = accelerator.unwrap_model(unet)
@@ -145,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
                 finite = bool(torch.isfinite(grad_norm))
         if not finite:
             if nonfinite.skip(step, (optimizer,)):
-                save(step)
-                raise nonfinite.error(step, ckpt_root)
+                saved = save(step)
+                raise nonfinite.error(step, saved, latest_checkpoint(ckpt_root, before=step))
             continue
         nonfinite.ok()
         optimizer.step()

@@ -20,13 +20,13 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.cli import parse_train_args
 from ldm.data.loading import build_datasets, train_loader
 from ldm.distributed import replicas_identical
 from ldm.errors import exit_on_user_error
 from ldm.tracking import log_image
-from ldm.training import NonFiniteSteps, start_run, SkippedImages, all_processes, clip_gradients, ema_weights
+from ldm.training import apply_optimizer_settings, NonFiniteSteps, start_run, SkippedImages, all_processes, clip_gradients, ema_weights
 from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator
@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
             emas=ckpt_emas,
         )
         step, scaling_factor = state["step"], state["scaling_factor"]
+        hyper = dict(betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        changed = apply_optimizer_settings(opt_vae, sched_vae, cfg.optim.lr, **hyper)
+        changed += apply_optimizer_settings(opt_disc, sched_disc, cfg.optim.disc_lr or cfg.optim.lr, **hyper)
+        for name in sorted(set(changed)):
+            log.warning("optim.%s differs from the checkpoint's: the config's value is used from here on", name)
         skipped = SkippedImages(state["skipped_images"])
         batches_done = state["batches_consumed"][accelerator.process_index]
         log.info("resumed from %s at step %d", resume_path, step)
@@ -110,12 +115,12 @@ def main(argv: list[str] | None = None) -> None:
             if batch["pixel_values"].shape[0] > 0:
                 return batch["pixel_values"].to(accelerator.device)
 
-    def save(step: int) -> None:
+    def save(step: int) -> Path:
         for name in ("vae", "discriminator"):
             if not replicas_identical(accelerator, ckpt_models[name]):
                 raise RuntimeError(f"the {name} replicas differ across processes at step {step}")
         consumed = accelerator.gather(torch.tensor([batches_done], device=accelerator.device)).tolist()
-        save_checkpoint(
+        return save_checkpoint(
             accelerator, ckpt_root, step, models=ckpt_models, optimizers=ckpt_optimizers, schedulers=ckpt_schedulers,
             emas=ckpt_emas, keep_last=cfg.train.keep_last,
             state={"step": step, "batches_consumed": consumed, "skipped_images": skipped.gather(),
@@ -193,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                 finite = all(bool(torch.isfinite(n)) for n in norms)
         if not finite:
             if nonfinite.skip(step, (opt_vae, opt_disc)):
-                save(step)
-                raise nonfinite.error(step, ckpt_root)
+                saved = save(step)
+                raise nonfinite.error(step, saved, latest_checkpoint(ckpt_root, before=step))
             continue
         nonfinite.ok()
         opt_vae.step()
