@@ -23,6 +23,7 @@ def exit_on_user_error(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UserError as e:
+            _close_progress_bars()  # so the message starts on a line of its own
             print(f"error: {e}", file=sys.stderr, flush=True)
             _leave_process_group()
             sys.exit(USER_ERROR_EXIT_CODE)
@@ -36,3 +37,10 @@ def _leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
