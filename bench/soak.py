@@ -128,22 +128,11 @@ def vae_setup(work: Path, args: argparse.Namespace) -> tuple[Path, list[str], st
 
 
 def ldm_setup(work: Path, args: argparse.Namespace) -> tuple[Path, list[str], str]:
-    import torch
-
-    from ldm.data.shapes import write_dataset
-    from ldm.text.tiny import tiny_clip_text_encoder
-    from ldm.vae.presets import build_vae
+    from ldm.unet.tiny import write_tiny_stage2_inputs
 
     parts = work / "parts"
     if not (parts / "shapes/metadata.jsonl").is_file():
-        torch.manual_seed(0)
-        vae = build_vae("tiny", 32)
-        vae.register_to_config(scaling_factor=0.5)
-        vae.save_pretrained(parts / "vae", safe_serialization=True)
-        text = tiny_clip_text_encoder()
-        text.model.save_pretrained(parts / "text", safe_serialization=True)
-        text.tokenizer.save_pretrained(parts / "text")
-        write_dataset(parts / "shapes", num_images=256, seed=0, size=32, overwrite=True)
+        write_tiny_stage2_inputs(parts, num_images=256)
     overrides = [
         f"data.path={parts / 'shapes'}", f"cache.vae={parts / 'vae'}", f"text_encoder.path={parts / 'text'}",
         "train.report_to=none", "sample.every=0", f"train.max_steps={args.steps}",

@@ -26,7 +26,6 @@ round-trips tuples, non-string dict keys, inf/nan and tensors exactly.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -49,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ldm.errors import UserError
+from ldm.files import fsync_dir, sha256_file
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -380,23 +380,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make created/renamed entries in `path` durable. Filesystems that cannot fsync directories are tolerated."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM):
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -452,14 +435,6 @@ def _read_tensors(
             return {k: f.get_tensor(k) for k in f.keys()}, metadata
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(_corrupt_message(checkpoint, relpath, f"is unreadable ({str(e).splitlines()[0]})")) from e
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _remove_tree(path: Path) -> None:
@@ -720,9 +695,9 @@ def _seal_and_publish(tmp: Path, final: Path, step: int, world_size: int, compon
     files = {}
     for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = file.relative_to(tmp).as_posix()
-        files[rel] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        files[rel] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
     for directory in [tmp / sub for sub in _SUBDIRS] + [tmp]:
-        _fsync_dir(directory)  # entries written by every process, before the manifest vouches for them
+        fsync_dir(directory)  # entries written by every process, before the manifest vouches for them
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -734,7 +709,7 @@ def _seal_and_publish(tmp: Path, final: Path, step: int, world_size: int, compon
         "files": files,
     }
     _write_json(tmp / MANIFEST_NAME, manifest)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     _publish(tmp, final)
 
 
@@ -752,7 +727,7 @@ def _publish(tmp: Path, final: Path) -> None:
         if aside is not None:
             os.rename(aside, final)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if aside is not None:
         _remove_tree(aside)
 
@@ -860,7 +835,7 @@ def _validate_file(checkpoint: Path, relpath: str, info: Mapping[str, Any]) -> N
     if size != info["bytes"]:
         problem = f"has {size} bytes instead of {info['bytes']} (truncated?)"
         raise UserError(_corrupt_message(checkpoint, relpath, problem))
-    if size <= _HASH_VERIFY_MAX_BYTES and "sha256" in info and _sha256(file) != info["sha256"]:
+    if size <= _HASH_VERIFY_MAX_BYTES and "sha256" in info and sha256_file(file) != info["sha256"]:
         raise UserError(_corrupt_message(checkpoint, relpath, "does not match its sha256 in the manifest"))
     if relpath.endswith(".safetensors"):
         _check_safetensors_header(checkpoint, relpath)

@@ -240,19 +240,9 @@ def shapes(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> dict[str, Path]:
     """Stage 2's inputs: a random tiny VAE, a tiny CLIP text encoder, 160 captioned shapes (20 cache shards of 8)."""
-    from ldm.text.tiny import tiny_clip_text_encoder
-    from ldm.vae.presets import build_vae
+    from ldm.unet.tiny import write_tiny_stage2_inputs
 
-    root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    vae = build_vae("tiny", 32)
-    vae.register_to_config(scaling_factor=0.5)
-    vae.save_pretrained(root / "vae", safe_serialization=True)
-    text = tiny_clip_text_encoder()
-    text.model.save_pretrained(root / "text", safe_serialization=True)
-    text.tokenizer.save_pretrained(root / "text")
-    data = write_dataset(root / "shapes", num_images=160, seed=0, size=32)
-    return {"vae": root / "vae", "text": root / "text", "data": data}
+    return write_tiny_stage2_inputs(tmp_path_factory.mktemp("parts"), num_images=160)
 
 
 # ------------------------------------------------------------------------------------------------ 1. stage 1 kills

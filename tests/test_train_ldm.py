@@ -15,12 +15,11 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch
-from ldm.data.shapes import write_dataset
 from ldm.latents.cache import LatentCache, sample_latents
 from ldm.text.tiny import tiny_clip_text_encoder
 from ldm.unet.objective import NoiseConfig, build_noise_scheduler, diffusion_loss, drop_captions
 from ldm.unet.presets import build_unet
-from ldm.vae.presets import build_vae
+from ldm.unet.tiny import write_tiny_stage2_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
@@ -30,16 +29,7 @@ import train_ldm  # noqa: E402
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> dict[str, Path]:
     """A random tiny VAE (with a scaling factor), a tiny CLIP text encoder, and 64 captioned shapes."""
-    root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    vae = build_vae("tiny", 32)
-    vae.register_to_config(scaling_factor=0.5)
-    vae.save_pretrained(root / "vae", safe_serialization=True)
-    text = tiny_clip_text_encoder()
-    text.model.save_pretrained(root / "text", safe_serialization=True)
-    text.tokenizer.save_pretrained(root / "text")
-    data = write_dataset(root / "shapes", num_images=64, seed=0, size=32)
-    return {"vae": root / "vae", "text": root / "text", "data": data}
+    return write_tiny_stage2_inputs(tmp_path_factory.mktemp("parts"), num_images=64)
 
 
 def args(out: Path, parts: dict[str, Path], *overrides: str) -> list[str]:

@@ -30,11 +30,11 @@ from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import _fsync_dir
 from ldm.data.config import DataConfig
 from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dataset, collate_images
 from ldm.data.loading import resolve_source
 from ldm.errors import UserError
+from ldm.files import fsync_dir
 from ldm.latents.cache import (
     DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, CacheSpec, LatentCache,
     MissingCacheError, Shard, content_sha256, parse_shard, shard_name, vae_identity,
@@ -342,7 +342,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _publish(

@@ -43,6 +43,7 @@ from safetensors.torch import load as load_safetensors
 from torch.utils.data import Dataset
 
 from ldm.errors import UserError
+from ldm.files import sha256_file
 
 FORMAT_NAME = "ldm-latent-cache"
 SHARD_FORMAT_NAME = "ldm-latent-shard"
@@ -124,7 +125,7 @@ def vae_identity(vae_dir: str | Path) -> VAEIdentity:
     weights = hashlib.sha256()
     for file in _weight_files(directory, hint):
         weights.update(file.name.encode() + b"\n")
-        weights.update(_sha256_file(file).encode() + b"\n")
+        weights.update(sha256_file(file).encode() + b"\n")
     return VAEIdentity(weights.hexdigest(), _sha256_json(config), config, str(directory.resolve()))
 
 
@@ -141,14 +142,6 @@ def _weight_files(directory: Path, hint: str) -> list[Path]:
     if legacy.is_file():
         return [legacy]
     raise UserError(f"VAE directory '{directory}' has no diffusion_pytorch_model weights: {hint}")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sha256_json(value: Any) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from ldm.atomic import atomic_directory
+from ldm.files import atomic_directory
 from ldm.errors import UserError
 from ldm.text.config import TextEncoderConfig
 from ldm.text.encoder import FrozenTextEncoder

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
-from ldm.atomic import atomic_directory
+from ldm.files import atomic_directory
 
 
 def export_vae(vae: AutoencoderKL, directory: str | Path, scaling_factor: float | None) -> Path:

@@ -1,8 +1,10 @@
-"""Directories that appear complete or not at all."""
+"""File-system helpers for writes that survive crashes: atomic directories, directory fsync, file hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,3 +29,28 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make created/renamed entries in `path` durable. Filesystems that cannot fsync directories are tolerated."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
