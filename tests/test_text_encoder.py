@@ -297,3 +297,14 @@ def test_tiny_model_is_deterministic():
     assert not torch.equal(
         a.embeddings.token_embedding.weight, tiny_clip_text_model(seed=6).embeddings.token_embedding.weight
     )
+
+
+def test_pickle_only_text_encoder_is_refused(tmp_path):
+    """Only safetensors are loaded: a directory whose weights are a pickle (pytorch_model.bin) is refused."""
+    encoder = tiny_clip_text_encoder()
+    encoder.model.save_pretrained(tmp_path)
+    encoder.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # transformers 5 always writes safetensors: make the pickle by hand
+    torch.save(encoder.model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="cannot load a CLIP text encoder"):
+        load_text_encoder(TextEncoderConfig(path=str(tmp_path)))

@@ -94,7 +94,9 @@ def _load_clip_hub(name: str, local_files_only: bool) -> tuple[CLIPTokenizer, CL
     error: Exception | None = None
     for model_folder, tokenizer_folder in (("", ""), ("text_encoder", "tokenizer")):
         try:
-            model = CLIPTextModel.from_pretrained(name, subfolder=model_folder, local_files_only=local_files_only)
+            model = CLIPTextModel.from_pretrained(
+                name, subfolder=model_folder, local_files_only=local_files_only, use_safetensors=True
+            )
             tokenizer = CLIPTokenizer.from_pretrained(
                 name, subfolder=tokenizer_folder, local_files_only=local_files_only
             )
@@ -122,7 +124,7 @@ def _load_clip_dir(root: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
             "save the tokenizer next to the text encoder with tokenizer.save_pretrained(...)"
         )
     try:
-        model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+        model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(
