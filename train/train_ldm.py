@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.train.output_dir)
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
     accelerator = start_run(cfg, cfg.train)
+    vae.to(accelerator.device)  # decodes the validation samples
 
     # ---- frozen text encoder and the latent cache (encoded once, by all processes, each its share)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
