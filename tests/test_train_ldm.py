@@ -164,3 +164,24 @@ def test_missing_vae_is_a_clear_error(tmp_path, parts, fresh_accelerate, capsys)
     with pytest.raises(SystemExit):
         train(tmp_path / "run", parts, f"cache.vae={tmp_path / 'nope'}")
     assert "VAE directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "lfs pointer"])
+def test_a_damaged_vae_is_named_not_a_traceback(tmp_path, parts, fresh_accelerate, capsys, damage):
+    import shutil
+
+    vae = tmp_path / "vae"
+    shutil.copytree(parts["vae"], vae)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif damage == "pickle":
+        torch.save(load_file(weights), vae / "diffusion_pytorch_model.bin")
+        weights.unlink()
+    else:
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "run", parts, f"cache.vae={vae}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and "diffusion_pytorch_model" in err[-1]
+    assert "Traceback" not in "\n".join(err)

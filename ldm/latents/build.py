@@ -35,6 +35,7 @@ from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dat
 from ldm.data.loading import resolve_source
 from ldm.errors import UserError
 from ldm.files import fsync_dir
+from ldm.pipeline.weights import check_weights
 from ldm.latents.cache import (
     DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, CacheSpec, LatentCache,
     MissingCacheError, Shard, content_sha256, parse_shard, shard_name, vae_identity,
@@ -208,8 +209,9 @@ def _reusable_shard(path: Path, build: str, indices: Sequence[int]) -> bytes | N
 def _load_vae(vae_dir: Path, device: torch.device) -> AutoencoderKL:
     from diffusers import AutoencoderKL  # deferred: importing diffusers takes seconds
 
+    check_weights(vae_dir)  # safetensors only; truncated files and git-lfs pointers are named
     try:
-        vae = AutoencoderKL.from_pretrained(vae_dir)
+        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
     except (OSError, ValueError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(

@@ -138,9 +138,9 @@ def _weight_files(directory: Path, hint: str) -> list[Path]:
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         return [index] + [directory / name for name in shards]
-    legacy = directory / "diffusion_pytorch_model.bin"
-    if legacy.is_file():
-        return [legacy]
+    if (directory / "diffusion_pytorch_model.bin").is_file():
+        raise UserError(f"VAE directory '{directory}' holds only a pickle checkpoint (diffusion_pytorch_model.bin), "
+                        "which is never loaded: convert it to safetensors with save_pretrained where you trust it")
     raise UserError(f"VAE directory '{directory}' has no diffusion_pytorch_model weights: {hint}")
 
 

@@ -29,10 +29,12 @@ def check_model_dir(root: Path, components: tuple[str, ...] = COMPONENTS) -> dic
         config = "scheduler_config.json" if name == "scheduler" else None if name == "tokenizer" else "config.json"
         if config and not (sub / config).is_file():
             raise UserError(f"'{sub}' has no {config} ({LAYOUT})")
-    return {name: _check_component_weights(root / name) for name in WEIGHTED if name in components}
+    return {name: check_weights(root / name) for name in WEIGHTED if name in components}
 
 
-def _check_component_weights(sub: Path) -> str | None:
+def check_weights(sub: Path) -> str | None:
+    """Refuse a directory whose weights are pickles, missing, truncated or git-lfs pointers (naming the file);
+    return the safetensors variant to load (None for plain files)."""
     files = sorted(p for p in sub.iterdir() if p.is_file())
     weights = [p for p in files if p.name.endswith(".safetensors")]
     if not weights:

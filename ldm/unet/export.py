@@ -8,6 +8,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm.files import atomic_directory
+from ldm.pipeline.weights import check_weights
 from ldm.errors import UserError
 from ldm.text.config import TextEncoderConfig
 from ldm.text.encoder import FrozenTextEncoder
@@ -28,6 +29,7 @@ def load_vae(directory: str | Path, resolution: int) -> AutoencoderKL:
         what = "does not exist" if not path.exists() else "has no config.json"
         raise UserError(f"VAE directory '{path}' {what}: set cache.vae to a diffusers AutoencoderKL directory "
                         "(stage 1 exports one to <output_dir>/vae)")
+    check_weights(path)  # pickles, truncated files and git-lfs pointers get a message naming the file
     try:
         vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
     except (OSError, EnvironmentError, ValueError) as e:
