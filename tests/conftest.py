@@ -19,6 +19,16 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models' kernels are too small to split: with other jobs on 2 shared cores, two OpenMP threads spin-wait
+    on each other and a 20 ms U-Net forward pass takes seconds. Use with pytest.mark.usefixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fresh_accelerate():
     """Training scripts run in-process create an Accelerator each; its state is a process-wide singleton."""

@@ -19,13 +19,7 @@ from ldm.text.tiny import tiny_clip_text_model
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "42", "--sampler", "euler_a"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # see tests/test_pipeline.py: two OpenMP threads on 2 shared cores make the tiny U-Net 100x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,7 @@ PROMPT, NEGATIVE = "a red car", "blurry"
 SIZE = 32  # px; 16x16 latents with the tiny VAE's factor of 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tiny U-Net's kernels are too small to split: with other jobs on the 2 shared cores, two OpenMP threads
-    # spin-wait on each other and a 20 ms forward pass takes seconds
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
