@@ -175,7 +175,7 @@ def _with_article(phrase: str) -> str:
     return f"{article} {phrase}"
 
 
-def _partial_caption(a: Attributes, keep: set[str]) -> str:
+def partial_caption(a: Attributes, keep: set[str]) -> str:
     """Canonical word order, keeping only the optional attributes in `keep` (the shape is always kept)."""
     words = [getattr(a, name) for name in ("size", "color") if name in keep] + [a.shape]
     caption = _with_article(" ".join(words))
@@ -221,7 +221,7 @@ def sample_caption(a: Attributes, rng: random.Random) -> str:
     # A random non-empty subset to drop: a random 4-bit mask in 1..15.
     drop_mask = rng.randrange(1, 2 ** len(OPTIONAL_ATTRIBUTES))
     keep = {name for i, name in enumerate(OPTIONAL_ATTRIBUTES) if not drop_mask >> i & 1}
-    return _partial_caption(a, keep)
+    return partial_caption(a, keep)
 
 
 # ---------------------------------------------------------------------------------------------------------

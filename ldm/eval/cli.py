@@ -1,0 +1,198 @@
+"""`ldm-eval`: how well does a shapes-domain model follow its prompts? Prints a markdown report, optionally JSON.
+
+    ldm-eval --model runs/demo/model --json eval.json
+    ldm-eval --model runs/demo/model --quick            # a smoke test in a minute, clearly labelled as such
+
+Sections: the attribute reader on rendered ground truth (is the judge right?), the model's VAE reconstructions (the
+ceiling for generation), prompt adherence on held-out and training combinations at the guidance scale and at the
+baseline scale, a negative prompt, img2img recolouring and inpainting. All prompts and seeds are fixed
+(`ldm.eval.prompts`), so a model gets the same numbers every run on the same device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ldm.errors import UserError, exit_on_user_error
+
+log = logging.getLogger("ldm.eval")
+
+DEFAULT_STEPS, QUICK_STEPS = 25, 10
+DEFAULT_SEEDS, QUICK_SEEDS = 4, 1
+READER_SEED = 0  # the jitter of the reader check's renders
+QUICK_VAE_IMAGES = 63
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit code 2, like every other bad input
+        raise UserError(f"{message} (see ldm-eval --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ldm-eval", description=__doc__.split("\n\n")[0],
+                epilog="\n".join(line for line in __doc__.splitlines() if line.startswith("    ldm-eval")),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="diffusers-format model directory (default: as ldm-generate)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale under test (default 7.5)")
+    p.add_argument("--baseline-cfg", type=float, default=1.0,
+                   help="the comparison scale (default 1.0 = no guidance): guidance must beat it")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"images per prompt, seeds 0..N-1 (default {DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick)")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's default)")
+    p.add_argument("--device", default="auto", help="auto (the default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
+    p.add_argument("--quick", action="store_true",
+                   help="a few prompts per test, 1 seed, fewer steps: a smoke test, labelled as one")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that needs no model, before the model is loaded."""
+    from ldm.pipeline.samplers import check_sampler
+
+    if args.sampler is not None:
+        check_sampler(args.sampler)
+    for name in ("steps", "seeds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("cfg", "baseline_cfg"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.json is not None and not Path(args.json).absolute().parent.is_dir():
+        raise UserError(f"--json '{args.json}': directory '{Path(args.json).absolute().parent}' does not exist")
+
+
+def _timed(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one section, recording its wall time in the result; one log line per section."""
+    start = time.perf_counter()
+    result = fn()
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    log.info("%s done in %.1fs", name, result["seconds"])
+    return result
+
+
+def _reader_check(size: int) -> dict[str, Any]:
+    """The judge on ground truth: jittered renders of all 630 combinations, which it should read ~100% right."""
+    from ldm.data.shapes import all_combinations, render
+    from ldm.eval.reader import attribute_accuracy, read_attributes
+
+    rng = random.Random(READER_SEED)
+    pairs = [(a, read_attributes(render(a, size, rng))) for a in all_combinations()]
+    return {"images": len(pairs), "accuracy": attribute_accuracy(pairs)}
+
+
+def _vae_check(vae, size: int, quick: bool) -> dict[str, Any]:
+    """The VAE's reconstructions of 2 jittered renders of each of the 630 combinations (--quick: 63 of them, once)."""
+    from ldm.data.shapes import all_combinations
+    from ldm.eval.prompts import spread
+    from ldm.eval.vae import reconstruction_accuracy
+
+    combos = spread(all_combinations(), QUICK_VAE_IMAGES) if quick else all_combinations()
+    repeats = 1 if quick else 2
+    return {"images": repeats * len(combos), "accuracy": reconstruction_accuracy(vae, combos, size=size, repeats=repeats)}
+
+
+def _adherence(pipe, sets, s, baseline_cfg: float) -> dict[str, Any]:
+    """Rows heldout/train x cfg/baseline, and guidance's gain in points of all-five accuracy per set."""
+    from ldm.eval.adherence import prompt_adherence
+
+    rows, gains = [], {}
+    for name in ("heldout", "train"):
+        for cfg in (s.cfg, baseline_cfg):
+            row = prompt_adherence(pipe, getattr(sets, name), s, cfg, desc=f"{name} @ cfg {cfg:g}")
+            rows.append({"set": name, **row})
+        gains[name] = round(100 * (rows[-2]["accuracy"]["all"] - rows[-1]["accuracy"]["all"]), 2)
+    return {"rows": rows, "guidance_gain_points": gains}
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate, load the model, run every section; returns the report (see `ldm.eval.report`)."""
+    from ldm.eval import adherence as ad
+    from ldm.eval.prompts import FIRST_SEED, prompt_sets
+    from ldm.pipeline.device import dtype_name, pick_device
+    from ldm.pipeline.loading import check_model, resolve_model
+    from ldm.pipeline.pipeline import Pipeline
+    from ldm.pipeline.samplers import DEFAULT_SAMPLER
+
+    _check_args(args)
+    device = pick_device(args.device)
+    root = resolve_model(args.model)  # the same default as ldm-generate
+    check_model(root)
+    start = time.perf_counter()
+    pipe = Pipeline.from_pretrained(root, device=device)
+    log.info("loaded %s on %s in %.1fs", root, device, time.perf_counter() - start)
+
+    s = ad.Settings(
+        steps=args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS), cfg=args.cfg,
+        seeds=args.seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS), sampler=args.sampler,
+        size=pipe.default_size, progress=True,
+    )
+    sets = prompt_sets(quick=args.quick)
+    report: dict[str, Any] = {
+        "quick": args.quick, "model": str(root), "device": str(device), "dtype": dtype_name(pipe.dtype),
+        "settings": {"steps": s.steps, "cfg": s.cfg, "baseline_cfg": args.baseline_cfg, "seeds": s.seeds,
+                     "first_seed": FIRST_SEED, "sampler": s.sampler or DEFAULT_SAMPLER, "size": s.size},
+    }
+    start = time.perf_counter()
+    report["reader"] = _timed("reader check", lambda: _reader_check(s.size))
+    report["vae"] = _timed("VAE reconstruction", lambda: _vae_check(pipe.vae, s.size, args.quick))
+    report["adherence"] = _timed("prompt adherence", lambda: _adherence(pipe, sets, s, args.baseline_cfg))
+    report["negative"] = _timed("negative prompt", lambda: ad.negative_prompt_test(pipe, sets.negative, s))
+    report["img2img"] = _timed("img2img", lambda: ad.img2img_test(pipe, sets.img2img, s))
+    report["inpaint"] = _timed("inpainting", lambda: ad.inpaint_test(pipe, sets.inpaint, s))
+    report["total_seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _setup_logging() -> Callable[[], None]:
+    """Section lines from ldm.eval on stderr; the pipeline's per-call info lines (one per img2img call) off.
+    Returns a function that undoes it (main() may run many times in one process, e.g. in tests)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("ldm")
+    saved = (root.level, root.propagate, log.level)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    root.propagate = False
+    log.setLevel(logging.INFO)
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()  # per-file "Loading weights" bars
+    transformers.utils.logging.disable_progress_bar()
+
+    def restore() -> None:
+        root.removeHandler(handler)
+        root.level, root.propagate, log.level = saved
+
+    return restore
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script `ldm-eval`: the report on stdout, logs and progress bars on stderr."""
+    from ldm.eval.report import format_report, write_json
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    restore_logging = _setup_logging()
+    try:
+        report = evaluate(args)
+    finally:
+        restore_logging()
+    print(format_report(report), flush=True)
+    if args.json is not None:
+        write_json(report, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`ldm-eval`'s output: a markdown report (ready to paste into a README) and the full numbers as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ldm.eval.reader import ATTRIBUTE_NAMES
+
+_COLUMNS = (*ATTRIBUTE_NAMES, "all")
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _accuracy_row(name: str, section: dict[str, Any]) -> list[str]:
+    return [name, str(section["images"]), *(_pct(section["accuracy"][c]) for c in _COLUMNS)]
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as markdown: attribute accuracies, guidance gain, negative prompt, img2img, inpainting, times."""
+    s = r["settings"]
+    quick = " (QUICK: a smoke test on a small subset, not a measurement)" if r["quick"] else ""
+    seeds = f"{s['first_seed']}..{s['first_seed'] + s['seeds'] - 1}"
+    intro = (f"Model `{r['model']}` at {s['size']}x{s['size']} px on {r['device']} ({r['dtype']}): {s['steps']} "
+             f"steps, sampler {s['sampler']}, {s['seeds']} image(s) per prompt (seeds {seeds}), attributes read back "
+             "by pixel analysis (`ldm.eval.reader`).")
+    out = [f"## Prompt adherence{quick}", "", intro, ""]
+    rows = [_accuracy_row("reader on jittered renders", r["reader"]), _accuracy_row("VAE reconstructions", r["vae"])]
+    rows += [_accuracy_row(f"{row['set']} prompts @ cfg {float(row['cfg'])}", row) for row in r["adherence"]["rows"]]
+    out += _table(["check", "images", *ATTRIBUTE_NAMES, "all five"], rows)
+    gains = ", ".join(f"{name} {pts:+.1f}" for name, pts in r["adherence"]["guidance_gain_points"].items())
+    gain = f"cfg {float(s['cfg'])} minus cfg {float(s['baseline_cfg'])}"
+    out += ["", f"Guidance gain in points of all-five accuracy ({gain}): {gains}.", ""]
+
+    n = r["negative"]
+    color = n["negative"]
+    out += _table(
+        [f"negative prompt (colour left out of the prompt, cfg {float(n['cfg'])})", "images", f"read as {color}",
+         "named attributes match"],
+        [[f'"{neg}"', str(n["images"]), _pct(n["color_share"][neg]), _pct(n["prompt_match"][neg])]
+         for neg in n["color_share"]]
+        + [[f"chance (1 in {round(1 / n['chance'])} colours)", "", _pct(n["chance"]), ""]],
+    )
+    i = r["img2img"]
+    out += [""] + _table(
+        [f"img2img (render in colour A, prompt colour B, strength {i['strength']:g})", "images", "colour B",
+         *(f"{k} kept" for k in i["kept"]), "all five"],
+        [["recolour", str(i["images"]), _pct(i["target_color"]), *(_pct(v) for v in i["kept"].values()),
+          _pct(i["all"])]],
+    )
+    p = r["inpaint"]
+    out += [""] + _table(
+        [f"inpainting ({p['mask']} masked, small shape in colour A, prompt colour B)", "images",
+         "max abs diff outside mask", "colour B", "other attributes match"],
+        [["recolour", str(p["images"]), str(p["max_outside_diff"]), _pct(p["target_color"]),
+          _pct(p["others_match"])]],
+    )
+    times = ", ".join(f"{k} {r[k]['seconds']:.1f}s" for k in ("reader", "vae", "adherence", "negative", "img2img",
+                                                               "inpaint"))
+    out += ["", f"Wall time: {times}; total {r['total_seconds']:.1f}s."]
+    return "\n".join(out)
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    """Write atomically (a temporary sibling, then rename), so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
