@@ -28,6 +28,8 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _layout((32, 64), (False, True), layers_per_block=1, attention_head_dim=8, norm_num_groups=32),
     # ~7M parameters (cross_attention_dim 64): small domains such as the 32-px shapes demo, on a CPU
     "small": _layout((64, 128, 128), (False, True, True), layers_per_block=1, attention_head_dim=8),
+    # ~4.1M parameters (cross_attention_dim 32): the bundled 32-px shapes demo on 16x16x4 latents, trained on a CPU
+    "shapes": _layout((32, 64, 128), (False, True, True), layers_per_block=1, attention_head_dim=8),
     # ~110M parameters: 64-256 px domains on one GPU
     "base": _layout((128, 256, 512), (True, True, True), layers_per_block=2, attention_head_dim=8),
     # Stable Diffusion 1.5's layout (~860M parameters with cross_attention_dim 768)

@@ -16,6 +16,9 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
     # small f=2 and f=4 models for 32-64 px domains on a CPU
     "small-f2": dict(block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32, latent_channels=4),
     "small-f4": dict(block_out_channels=(64, 128, 128), layers_per_block=2, norm_num_groups=32, latent_channels=4),
+    # the bundled 32-px shapes demo: sized to train in ~25 minutes on a 2-core CPU (configs/vae/shapes-demo*.yaml)
+    "shapes-f4": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4),
+    "shapes-f2": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4),
     # the layout of Stable Diffusion's kl-f8 VAE (~83.7M parameters)
     "sd-f8": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4),
 }
