@@ -1,5 +1,6 @@
 """`ldm-generate`: text-to-image, img2img and inpainting from the command line.
 
+    ldm-generate "a large red circle in the center on a black background"   # the bundled 32-px shapes demo
     ldm-generate "a red car" --model DIR --cfg 7.5 --negative "blurry"
     ldm-generate "a red car at night" --model DIR --init-image car.png --strength 0.6
     ldm-generate "a blue door" --model DIR --init-image house.png --mask door-mask.png
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="negative prompt: used as the unconditional branch of guidance (default: empty)")
     p.add_argument("--model", default=None,
                    help="diffusers-format model directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                   "scheduler/) or a hub id; weights must be safetensors (pickle .bin/.ckpt files are refused)")
+                   "scheduler/) or a hub id; weights must be safetensors (pickle .bin/.ckpt files are refused). Default: "
+                   "shapes-32px-demo, the bundled 32-px toy model (one shape on a plain background)")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
     g.add_argument("--cfg", type=float, default=None,
@@ -202,9 +204,18 @@ def run(args: argparse.Namespace) -> list[Path]:
     """Validate everything, then load the model, generate and save. Returns the written paths."""
     import torch
 
+    from ldm.demo import NAME as DEMO_NAME
+    from ldm.demo import NOTICE as DEMO_NOTICE
     from ldm.pipeline import images as im
     from ldm.pipeline.device import dtype_name, pick_device, pick_dtype
-    from ldm.pipeline.loading import check_model, load_components, read_default_size, read_vae_factor, resolve_model
+    from ldm.pipeline.loading import (
+        DEFAULT_MODEL,
+        check_model,
+        load_components,
+        read_default_size,
+        read_vae_factor,
+        resolve_model,
+    )
     from ldm.pipeline.output import check_writable, save_png
     from ldm.pipeline.pipeline import DEFAULT_STRENGTH, Pipeline
     from ldm.pipeline.samplers import check_sampler
@@ -229,8 +240,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     outdir = check_writable(args.outdir)
     init = im.load_image(args.init_image) if args.init_image else None
     mask = im.load_mask(args.mask) if args.mask else None
+    v["model"] = v["model"] or DEFAULT_MODEL
     root = resolve_model(v["model"])
     check_model(root)
+    if v["model"] == DEMO_NAME:
+        log.info(DEMO_NOTICE)
     factor = read_vae_factor(root)
     height, width = pick_size(init.size if init else None, v["height"], v["width"], factor, read_default_size(root))
     check_request(steps=v["steps"], cfg=v["cfg"], height=height, width=width, vae_factor=factor, strength=strength,

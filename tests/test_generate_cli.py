@@ -209,7 +209,7 @@ BAD_INPUTS = {
     "device not there": (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
 }
 BAD_MODELS = {
-    "no model": (None, "no model given: pass --model DIR (a diffusers-format Stable Diffusion directory)"),
+    "no model and no bundled default": (None, "no model given: pass --model DIR (a diffusers-format Stable Diffusion directory)"),
     "missing model dir": ("does/not/exist/here", "model directory 'does/not/exist/here' does not exist"),
     "hub id offline": ("someone/some-model", "'someone/some-model' is not a local directory, and as a hub id it could"),
     "no unet": ("{no_unet}", "has no unet/"),
@@ -244,8 +244,10 @@ def test_bad_input_is_one_line_exit_2_and_no_file(case, model, images, tmp_path,
 
 
 @pytest.mark.parametrize("case", BAD_MODELS)
-def test_bad_model_is_one_line_exit_2_and_no_file(case, broken_models, model, tmp_path, capsys):
+def test_bad_model_is_one_line_exit_2_and_no_file(case, broken_models, model, tmp_path, capsys, monkeypatch):
     value, expected = BAD_MODELS[case]
+    if value is None:  # an install without the bundled demo model
+        monkeypatch.setattr("ldm.pipeline.loading.DEFAULT_MODEL", None)
     model_args = [] if value is None else ["--model", value.format(
         **broken_models, file=model / "unet" / "diffusion_pytorch_model.safetensors")]
     outdir = tmp_path / "out"

@@ -12,13 +12,15 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from ldm.demo import MODEL_DIR as DEMO_MODEL_DIR
+from ldm.demo import NAME as DEMO_NAME
 from ldm.errors import UserError
 from ldm.pipeline.weights import COMPONENTS, check_model_dir
 
 log = logging.getLogger(__name__)
 
-# The one place a bundled default model goes once there is one (a path or hub id); None: --model is required.
-DEFAULT_MODEL: str | None = None
+# What --model defaults to: the bundled 32-px shapes demo (ldm/demo). None would make --model required.
+DEFAULT_MODEL: str | None = DEMO_NAME
 NO_MODEL = "no model given: pass --model DIR (a diffusers-format Stable Diffusion directory)"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -44,6 +46,8 @@ def resolve_model(model: str | None) -> Path:
     model = model if model is not None else DEFAULT_MODEL
     if not model:
         raise UserError(NO_MODEL)
+    if model == DEMO_NAME:
+        return DEMO_MODEL_DIR
     path = Path(model).expanduser()
     if path.is_dir():
         return path
