@@ -1,5 +1,5 @@
 """The bundled demo model (ldm/demo): shipped whole and small, the default of ldm-generate, loadable by diffusers,
-and it draws what its prompts say."""
+and it follows the parts of its prompts it has learned (shape, size; colour with guidance)."""
 
 from __future__ import annotations
 
