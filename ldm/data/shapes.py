@@ -205,6 +205,7 @@ def _alternate_full_caption(a: Attributes, rng: random.Random) -> str:
 
 
 OPTIONAL_ATTRIBUTES: tuple[str, ...] = ("size", "color", "position", "background")
+ALL_ATTRIBUTES = frozenset(("shape", *OPTIONAL_ATTRIBUTES))
 
 
 def sample_caption(a: Attributes, rng: random.Random) -> str:
@@ -213,15 +214,20 @@ def sample_caption(a: Attributes, rng: random.Random) -> str:
     Dropped attributes are a uniformly random non-empty subset of size/color/position/background, so a
     model sees each attribute missing about 1/3 * 8/15 = 18% of the time and learns what "unspecified" means.
     """
+    return sample_caption_and_mentions(a, rng)[0]
+
+
+def sample_caption_and_mentions(a: Attributes, rng: random.Random) -> tuple[str, frozenset[str]]:
+    """`sample_caption`, plus the names of the attributes the caption states (the shape is always stated)."""
     r = rng.random()
     if r < CANONICAL_SHARE:
-        return canonical_caption(a)
+        return canonical_caption(a), ALL_ATTRIBUTES
     if r < CANONICAL_SHARE + ALT_FULL_SHARE:
-        return _alternate_full_caption(a, rng)
+        return _alternate_full_caption(a, rng), ALL_ATTRIBUTES
     # A random non-empty subset to drop: a random 4-bit mask in 1..15.
     drop_mask = rng.randrange(1, 2 ** len(OPTIONAL_ATTRIBUTES))
     keep = {name for i, name in enumerate(OPTIONAL_ATTRIBUTES) if not drop_mask >> i & 1}
-    return partial_caption(a, keep)
+    return partial_caption(a, keep), frozenset(keep | {"shape"})
 
 
 # ---------------------------------------------------------------------------------------------------------
