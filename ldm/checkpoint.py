@@ -16,7 +16,10 @@ with the manifest and only then renamed into place (a rename is atomic), so a `s
 always complete. Rotation renames old checkpoints out of the `step-*` namespace before deleting them, and never
 touches the new one. Stale temporaries are cleaned by the next save.
 
-Every function that takes an `accelerator` is collective: call it on all processes. Failures on any process are
+Under FSDP (version 2) the sharded model, optimizer and EMA state is gathered into whole tensors first and written by
+the main process in exactly this layout (optimizer state then keyed by parameter name), so a checkpoint moves freely
+between FSDP, DDP and single-process runs (ldm/sharding.py). Every function that takes an `accelerator` is
+collective: call it on all processes. Failures on any process are
 shared with all others before anyone raises, so no process is left waiting in a collective.
 
 No pickle anywhere: tensors go to safetensors, everything else to JSON through a small tagged encoding that
@@ -49,6 +52,10 @@ from safetensors.torch import save_file
 
 from ldm.errors import UserError
 from ldm.files import fsync_dir, sha256_file
+from ldm.sharding import (
+    full_model_state, full_optimizer_state, full_tensors, is_sharded, load_full_model_state,
+    load_full_optimizer_state, require_supported_setup, shard_like,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -100,7 +107,7 @@ def save_checkpoint(
     `load_checkpoint`. With `keep_last=N`, only the N highest-step complete checkpoints are kept (the new one always).
     Write failures raise `UserError` on every process and leave earlier checkpoints untouched.
     """
-    _check_supported(accelerator)
+    _check_supported(accelerator, optimizers, models)
     _check_save_args(step, keep_last, models, optimizers, schedulers, emas)
     root = Path(root)
     name = _step_dirname(step)
@@ -120,13 +127,15 @@ def save_checkpoint(
 
     # Phase 1: the main process makes an empty temp directory that the others can write their RNG state into.
     share_failures(_attempt(lambda: _prepare_temp_dir(root, tmp)) if is_main else None)
+    # Whole tensors on the main process (under FSDP a collective gather; otherwise the live state dicts).
+    whole = _whole_states(accelerator, models, optimizers, emas)
 
     # Phase 2: every process writes its own RNG state; the main process writes everything else.
     def write_contents() -> dict[str, list[str]]:
         _write_rng(tmp / f"rng_{accelerator.process_index}.safetensors")
         if not is_main:
             return {}
-        return _write_components(accelerator, tmp, models, optimizers, schedulers, emas, state)
+        return _write_components(tmp, whole, schedulers, state)
 
     components: dict[str, list[str]] = {}
     share_failures(_attempt(lambda: components.update(write_contents())))
@@ -160,7 +169,7 @@ def load_checkpoint(
     Call on all processes, after `accelerator.prepare`. Any subset of the saved components may be loaded.
     A missing, incomplete or corrupt checkpoint, or one that does not fit the models, raises `UserError`.
     """
-    _check_supported(accelerator)
+    _check_supported(accelerator, optimizers, models)
     path = Path(path)
     loaded: dict[str, Any] = {}
 
@@ -171,10 +180,10 @@ def load_checkpoint(
         unwrapped = {name: _unwrap(accelerator, model) for name, model in models.items()}
         for name, model in unwrapped.items():
             _check_model_keys(path, name, model)
-        for name, model in unwrapped.items():
-            _load_model(path, name, model)
+        for name, model in models.items():
+            _load_model(accelerator, path, name, model)
         for name, optimizer in optimizers.items():
-            _load_optimizer(path, name, optimizer)
+            _load_optimizer(accelerator, path, name, optimizer, models.get(name))
         for name, scheduler in schedulers.items():
             _load_scheduler(path, name, scheduler)
         for name, ema in emas.items():
@@ -238,14 +247,14 @@ def checkpoint_step(path: str | Path) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_supported(accelerator: Accelerator) -> None:
-    # Sharded setups keep model and optimizer state split over processes; saving the main process's shard would
-    # silently lose the rest, so refuse until a gathering path is written and tested.
-    kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM") or getattr(accelerator, "is_fsdp2", False):
-        raise UserError(
-            f"ldm.checkpoint does not support {kind} yet; launch with plain DDP (no --use_fsdp/--use_deepspeed)"
-        )
+def _check_supported(accelerator: Accelerator, optimizers: Mapping[str, Any], models: Mapping[str, Any]) -> None:
+    # DeepSpeed and FSDP1 keep state in their own layouts; refuse rather than save one process's shard.
+    require_supported_setup(accelerator, sharding=True)
+    if is_sharded(accelerator):
+        for name in optimizers:
+            if name not in models:
+                raise UserError(f"under FSDP, optimizer {name!r} needs the model it optimizes under the same name "
+                                f"in models= (it has: {', '.join(models) or 'none'})")
 
 
 def _check_save_args(
@@ -622,25 +631,43 @@ def _clean_scratch(root: Path) -> None:
         _remove_tree(entry)
 
 
-def _write_components(
+def _whole_states(
     accelerator: Accelerator,
-    tmp: Path,
     models: Mapping[str, torch.nn.Module],
     optimizers: Mapping[str, torch.optim.Optimizer],
-    schedulers: Mapping[str, Any],
     emas: Mapping[str, EMAModel],
+) -> dict[str, dict[str, tuple[Any, str]]]:
+    """{"models"|"optimizers"|"emas": {name: (state_dict with whole tensors, class name)}}; complete on the main
+    process (under FSDP the others get empty states). Collective under FSDP."""
+    out: dict[str, dict[str, tuple[Any, str]]] = {"models": {}, "optimizers": {}, "emas": {}}
+    for name, model in models.items():
+        out["models"][name] = (full_model_state(accelerator, model), "")
+    for name, optimizer in optimizers.items():
+        model = models.get(name)
+        state = full_optimizer_state(accelerator, model, optimizer) if model is not None else optimizer.state_dict()
+        out["optimizers"][name] = (state, _class_name(optimizer))
+    for name, ema in emas.items():
+        state = ema.state_dict()
+        state["shadow_params"] = full_tensors(accelerator, list(state["shadow_params"]))
+        out["emas"][name] = (state, _class_name(ema))
+    return out
+
+
+def _write_components(
+    tmp: Path,
+    whole: Mapping[str, Mapping[str, tuple[Any, str]]],
+    schedulers: Mapping[str, Any],
     state: Mapping[str, Any],
 ) -> dict[str, list[str]]:
-    for name, model in models.items():
-        weights = _unwrap(accelerator, model).state_dict()
+    for name, (weights, _) in whole["models"].items():
         _save_tensors(tmp / "models" / f"{name}.safetensors", weights, {"format": "pt"})
-    for name, optimizer in optimizers.items():
+    for name, (optimizer_state, class_name) in whole["optimizers"].items():
         path = tmp / "optimizers" / f"{name}.safetensors"
-        _save_structured(path, optimizer.state_dict(), _class_name(optimizer), f"optimizer {name!r}")
+        _save_structured(path, optimizer_state, class_name, f"optimizer {name!r}")
     for name, scheduler in schedulers.items():
         _save_scheduler(tmp / "schedulers" / f"{name}.json", scheduler)
-    for name, ema in emas.items():
-        _save_structured(tmp / "ema" / f"{name}.safetensors", ema.state_dict(), _class_name(ema), f"EMA {name!r}")
+    for name, (ema_state, class_name) in whole["emas"].items():
+        _save_structured(tmp / "ema" / f"{name}.safetensors", ema_state, class_name, f"EMA {name!r}")
     try:
         encoded_state = _Encoder().encode(dict(state))
     except _Unencodable as e:
@@ -648,7 +675,7 @@ def _write_components(
             f"cannot save checkpoint state: {e}; store only numbers, strings, lists, dicts, tensors or numpy arrays"
         ) from e
     _write_json(tmp / STATE_NAME, encoded_state)
-    return {"models": list(models), "optimizers": list(optimizers), "schedulers": list(schedulers), "emas": list(emas)}
+    return {kind: list(whole[kind]) for kind in ("models", "optimizers", "emas")} | {"schedulers": list(schedulers)}
 
 
 def _save_structured(path: Path, state_dict: Mapping[str, Any], class_name: str, what: str) -> None:
@@ -911,9 +938,9 @@ def _check_model_keys(checkpoint: Path, name: str, model: torch.nn.Module) -> No
         )
 
 
-def _load_model(checkpoint: Path, name: str, model: torch.nn.Module) -> None:
+def _load_model(accelerator: Accelerator, checkpoint: Path, name: str, model: torch.nn.Module) -> None:
     weights, _ = _read_tensors(checkpoint, f"models/{name}.safetensors")
-    current = model.state_dict()
+    current = _unwrap(accelerator, model).state_dict()
     cast = sorted(k for k, v in weights.items() if v.dtype != current[k].dtype)
     if cast:
         log.warning(
@@ -922,7 +949,7 @@ def _load_model(checkpoint: Path, name: str, model: torch.nn.Module) -> None:
             len(cast),
             cast[0],
         )
-    model.load_state_dict(weights, strict=True)
+    load_full_model_state(accelerator, model, weights)
 
 
 def _read_structured(checkpoint: Path, relpath: str, what: str, expected_class: str) -> dict[str, Any]:
@@ -939,12 +966,17 @@ def _read_structured(checkpoint: Path, relpath: str, what: str, expected_class: 
         raise UserError(_corrupt_message(checkpoint, relpath, f"has unreadable structure ({e})")) from e
 
 
-def _load_optimizer(checkpoint: Path, name: str, optimizer: torch.optim.Optimizer) -> None:
+def _load_optimizer(
+    accelerator: Accelerator, checkpoint: Path, name: str, optimizer: torch.optim.Optimizer, model: Any
+) -> None:
     what = f"optimizer {name!r}"
     state_dict = _read_structured(checkpoint, f"optimizers/{name}.safetensors", what, _class_name(optimizer))
+    if model is None and any(isinstance(k, str) for k in state_dict.get("state", {})):
+        raise UserError(f"checkpoint {checkpoint} holds {what} keyed by parameter name (saved under FSDP): "
+                        f"load it together with its model under the same name")
     try:
-        optimizer.load_state_dict(state_dict)
-    except (ValueError, KeyError) as e:
+        load_full_optimizer_state(accelerator, model, optimizer, state_dict)
+    except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(
             f"checkpoint {checkpoint} does not fit {what}: {str(e).splitlines()[0]}; "
             f"build the optimizer over the same parameters, or start fresh with --resume none"
@@ -975,8 +1007,8 @@ def _load_ema(checkpoint: Path, name: str, ema: EMAModel) -> None:
             f"checkpoint {checkpoint} does not fit {what}: {len(shadow)} saved shadow tensors vs {len(current)} "
             f"in the model, or different shapes; build the EMA over the same model, or start fresh with --resume none"
         )
-    # Keep each shadow tensor where the live EMA keeps it (e.g. on the GPU), not on the CPU it was read to.
-    state_dict["shadow_params"] = [s.to(device=c.device, dtype=c.dtype) for s, c in zip(shadow, current)]
+    # Each shadow tensor goes where the live EMA keeps it (e.g. on the GPU; this process's shard under FSDP).
+    state_dict["shadow_params"] = [shard_like(s, c) for s, c in zip(shadow, current)]
     ema.load_state_dict(state_dict)
 
 

@@ -13,18 +13,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from diffusers.training_utils import EMAModel
+from torch.distributed.tensor import DTensor
 
 from ldm.cli import setup_logging
 from ldm.config import save_config, to_dict
 from ldm.errors import UserError
+from ldm.sharding import require_supported_setup
 from ldm.tracking import flat_config
 
 log = logging.getLogger(__name__)
 
 
-def start_run(config: Any, train: Any) -> Accelerator:
+def start_run(config: Any, train: Any, *, sharding: bool = False) -> Accelerator:
     """The Accelerator for a training script, logging, and (main process) the resolved config and the trackers.
 
+    `sharding`: whether the script runs under FSDP2 (otherwise FSDP stops it at once, as DeepSpeed always does).
     `train` is the config's `train` section: output_dir, cpu, mixed_precision, report_to. TensorBoard logs go to
     `output_dir/logs`, the config to `output_dir/config.yaml`.
     """
@@ -36,20 +39,11 @@ def start_run(config: Any, train: Any) -> Accelerator:
         project_dir=str(out),
     )
     setup_logging(accelerator.is_main_process, accelerator.process_index)
-    require_replicated_weights(accelerator)
+    require_supported_setup(accelerator, sharding=sharding)
     if accelerator.is_main_process:
         save_config(config, out / "config.yaml")
         accelerator.init_trackers("logs", config=flat_config(to_dict(config)))
     return accelerator
-
-
-def require_replicated_weights(accelerator: Accelerator) -> None:
-    """Stop at once under FSDP/DeepSpeed: EMA, replica checks and checkpoints here assume every process holds whole
-    weights and optimizer state (DDP or one process). Better now than at the first checkpoint, hours in."""
-    kind = accelerator.distributed_type
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise UserError(f"{kind.value} is not supported by ldm's training scripts yet: launch with plain "
-                        "multi-GPU DDP (configs/accelerate/multi-gpu.yaml); sharded training is planned")
 
 
 def all_processes(accelerator: Accelerator, flag: bool) -> bool:
@@ -63,7 +57,8 @@ def clip_gradients(
 ) -> torch.Tensor:
     """Unscale (fp16) this optimizer's gradients and clip them; returns the norm before clipping (0: no clipping)."""
     accelerator.unscale_gradients(optimizer)
-    return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: a replicated DTensor
 
 
 @contextlib.contextmanager
@@ -73,12 +68,15 @@ def ema_weights(ema: EMAModel | None, parameters: Iterable[torch.nn.Parameter]) 
         yield
         return
     parameters = list(parameters)
-    ema.store(parameters)
+    # The training weights wait on the CPU (like EMAModel.store); an FSDP shard stays where it is, as a DTensor.
+    saved = [p.detach().clone() if isinstance(p, DTensor) else p.detach().cpu().clone() for p in parameters]
     ema.copy_to(parameters)
     try:
         yield
     finally:
-        ema.restore(parameters)
+        with torch.no_grad():
+            for param, kept in zip(parameters, saved):
+                param.copy_(kept)
 
 
 class NonFiniteSteps:

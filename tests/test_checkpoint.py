@@ -478,17 +478,22 @@ def test_unsaveable_state_is_a_user_error(accelerator: Accelerator, tmp_path: Pa
         save_checkpoint(accelerator, tmp_path, 1, models={"../net": tiny_net()})
 
 
-def test_sharded_setups_are_refused(tmp_path: Path) -> None:
+def test_unsupported_sharded_setups_are_refused(tmp_path: Path) -> None:
     from accelerate.utils import DistributedType
 
-    class FakeFsdpAccelerator:  # refusing must happen before any collective or file access
+    class FakeFsdp1Accelerator:  # refusing must happen before any collective or file access
         distributed_type = DistributedType.FSDP
         is_fsdp2 = False
 
-    with pytest.raises(UserError, match=r"does not support FSDP yet"):
-        save_checkpoint(FakeFsdpAccelerator(), tmp_path, 1, models={"net": tiny_net()})
-    with pytest.raises(UserError, match=r"does not support FSDP yet"):
-        load_checkpoint(FakeFsdpAccelerator(), tmp_path / "step-00000001", models={"net": tiny_net()})
+    class FakeDeepSpeedAccelerator:
+        distributed_type = DistributedType.DEEPSPEED
+
+    with pytest.raises(UserError, match=r"FSDP version 1 is not supported"):
+        save_checkpoint(FakeFsdp1Accelerator(), tmp_path, 1, models={"net": tiny_net()})
+    with pytest.raises(UserError, match=r"FSDP version 1 is not supported"):
+        load_checkpoint(FakeFsdp1Accelerator(), tmp_path / "step-00000001", models={"net": tiny_net()})
+    with pytest.raises(UserError, match=r"DEEPSPEED is not supported"):
+        save_checkpoint(FakeDeepSpeedAccelerator(), tmp_path, 1, models={"net": tiny_net()})
     assert entries(tmp_path) == []
 
 

@@ -10,14 +10,22 @@ from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 
 from ldm.errors import UserError
-from ldm.training import SkippedImages, ema_weights, require_replicated_weights
+from ldm.sharding import require_supported_setup
+from ldm.training import SkippedImages, ema_weights
 
 
-@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
-def test_sharded_training_is_refused_up_front(kind):
-    with pytest.raises(UserError, match="not supported by ldm's training scripts yet"):
-        require_replicated_weights(SimpleNamespace(distributed_type=kind))
-    require_replicated_weights(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))  # DDP is fine
+def test_unsupported_setups_are_refused_up_front():
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    require_supported_setup(fsdp2, sharding=True)  # train_ldm.py
+    with pytest.raises(UserError, match="FSDP is not supported by this script.*multi-gpu.yaml"):
+        require_supported_setup(fsdp2, sharding=False)  # train_vae.py
+    with pytest.raises(UserError, match="FSDP version 1 is not supported: set fsdp_version: 2"):
+        require_supported_setup(fsdp1, sharding=True)
+    with pytest.raises(UserError, match="DEEPSPEED is not supported by ldm's training scripts: use FSDP"):
+        require_supported_setup(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), sharding=True)
+    for kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO):  # DDP, one process
+        require_supported_setup(SimpleNamespace(distributed_type=kind), sharding=False)
 
 
 def test_ema_weights_are_swapped_in_and_back():

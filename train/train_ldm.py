@@ -29,6 +29,7 @@ from ldm.data.loading import train_loader
 from ldm.distributed import replicas_identical
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
+from ldm.sharding import full_model_state, is_sharded
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, resume = parse_train_args(LDMConfig, argv, description=__doc__.splitlines()[0])
     out = Path(cfg.train.output_dir)
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
-    accelerator = start_run(cfg, cfg.train)
+    accelerator = start_run(cfg, cfg.train, sharding=True)  # DDP, or FSDP2 (configs/accelerate/fsdp.yaml)
     vae.to(accelerator.device)  # decodes the validation samples
 
     # ---- frozen text encoder and the latent cache (encoded once, by all processes, each its share)
@@ -70,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"encoder gives {text_encoder.hidden_size}: use a matching text_encoder.path")
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    ema = None
-    if cfg.train.ema_decay > 0:
-        ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=unet.config)
+    unet_config = unet.config
     set_seed(cfg.train.seed + accelerator.process_index)  # per-process noise, timesteps and caption dropout
     noise_scheduler = build_noise_scheduler(cfg.noise)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -82,8 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     lr_schedule = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                 num_training_steps=cfg.train.max_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
+    ema = None  # made after `prepare`, so under FSDP it holds (and updates) each process's shard only
+    if cfg.train.ema_decay > 0:
+        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.train.ema_decay,
+                       model_cls=UNet2DConditionModel, model_config=unet_config)
+    if is_sharded(accelerator):
+        log.info("FSDP2: the U-Net, its optimizer state and EMA are sharded over %d processes",
+                 accelerator.num_processes)
 
     # ---- resume
     ckpt_root = out / "checkpoints"
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch["captions"]
 
     def save(step: int) -> Path:
-        if not replicas_identical(accelerator, unet):
+        if not is_sharded(accelerator) and not replicas_identical(accelerator, unet):
             raise RuntimeError(f"the U-Net replicas differ across processes at step {step}")
         consumed = accelerator.gather(torch.tensor([batches_done], device=accelerator.device)).tolist()
         return save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last,
@@ -173,15 +176,18 @@ def main(argv: list[str] | None = None) -> None:
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
             save(step)
     progress.close()
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1 and not is_sharded(accelerator):
         log.info("replicas identical across %d processes (checked at every checkpoint)", accelerator.num_processes)
 
-    # ---- a complete diffusers model directory with the EMA weights
+    # ---- a complete diffusers model directory with the EMA weights (gathered from the shards under FSDP)
+    raw = accelerator.unwrap_model(unet)
+    with ema_weights(ema, raw.parameters()):
+        weights = full_model_state(accelerator, unet)
     if accelerator.is_main_process:
-        raw = accelerator.unwrap_model(unet)
-        with ema_weights(ema, raw.parameters()):
-            export_model(out / "model", unet=raw, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler,
-                         text_cfg=cfg.text_encoder)
+        final = UNet2DConditionModel.from_config(unet_config)
+        final.load_state_dict(weights)
+        export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler,
+                     text_cfg=cfg.text_encoder)
         log.info("saved the model to %s", out / "model")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -11,6 +11,7 @@ from torchvision.utils import make_grid
 
 from ldm.pipeline.loading import Components
 from ldm.pipeline.pipeline import Pipeline
+from ldm.sharding import is_sharded
 from ldm.text.encoder import FrozenTextEncoder
 from ldm.unet.config import SampleConfig
 
@@ -35,11 +36,18 @@ def sample_grid(
                             scheduler_config=dict(noise_scheduler.config), name="training")
     pipe = Pipeline(components, accelerator.device, torch.float32)
     mine = list(range(accelerator.process_index, len(cfg.prompts), accelerator.num_processes))
+    if is_sharded(accelerator):
+        # Under FSDP every forward pass gathers weights from all processes: every process must make the same number
+        # of them, so a process with one prompt fewer draws prompt 0 once more and drops the picture.
+        rounds = -(-len(cfg.prompts) // accelerator.num_processes)
+        mine += [-1] * (rounds - len(mine))
     images = []
     for i in mine:
-        result = pipe(cfg.prompts[i], steps=cfg.steps, cfg=cfg.cfg, sampler=cfg.sampler, seed=cfg.seed + i,
+        j = max(i, 0)
+        result = pipe(cfg.prompts[j], steps=cfg.steps, cfg=cfg.cfg, sampler=cfg.sampler, seed=cfg.seed + j,
                       show_progress=False)
-        images.append((i, np.array(result.images[0])))  # (H, W, 3) uint8
+        if i >= 0:
+            images.append((i, np.array(result.images[0])))  # (H, W, 3) uint8
     unet.train(was_training)
     gathered = sorted(gather_object(images), key=lambda pair: pair[0])
     if not accelerator.is_main_process or not gathered:
