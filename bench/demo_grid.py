@@ -28,13 +28,15 @@ PROMPTS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo-samples.png")
+    parser.add_argument("--model", type=Path, default=MODEL_DIR, help="a diffusers model directory (default: the demo)")
+    parser.add_argument("--negative", default="", help="negative prompt (the demo knows only shapes words)")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--scale", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    pipe = Pipeline.from_pretrained(MODEL_DIR, device="cpu")
+    pipe = Pipeline.from_pretrained(args.model, device="cpu")
     prompts = PROMPTS + [canonical_caption(a) for a in heldout_combinations()[:2]]
-    rows = [pipe(p, "blurry", cfg=7.5, steps=25, seed=0, num_images=args.seeds, batch_size=args.seeds,
+    rows = [pipe(p, args.negative, cfg=7.5, steps=25, seed=0, num_images=args.seeds, batch_size=args.seeds,
                  show_progress=False).images for p in prompts]
     side = rows[0][0].width * args.scale
     grid = Image.new("RGB", (side * args.seeds, side * len(rows)), (255, 255, 255))

@@ -185,3 +185,14 @@ def test_a_damaged_vae_is_named_not_a_traceback(tmp_path, parts, fresh_accelerat
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: ") and "diffusion_pytorch_model" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.slow
+def test_a_bad_data_path_stops_both_processes_with_one_line_each(tmp_path, parts):
+    cmd = accelerate_launch(ROOT / "train/train_ldm.py", *args(
+        tmp_path / "run", parts, "train.cpu=true", f"data.path={tmp_path / 'missing'}"))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: dataset path '{tmp_path / 'missing'}' does not exist") == 2, result.stderr[-3000:]
+    # the other process is told, instead of dying in the barrier with a gloo traceback
+    assert "[rank1]: Traceback" not in result.stderr and "Connection closed by peer" not in result.stderr

@@ -182,13 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     # ---- a complete diffusers model directory with the EMA weights (gathered from the shards under FSDP)
     raw = accelerator.unwrap_model(unet)
     with ema_weights(ema, raw.parameters()):
-        weights = full_model_state(accelerator, unet)
-    if accelerator.is_main_process:
-        final = UNet2DConditionModel.from_config(unet_config)
-        final.load_state_dict(weights)
-        export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler,
-                     text_cfg=cfg.text_encoder)
-        log.info("saved the model to %s", out / "model")
+        final = raw
+        if is_sharded(accelerator):
+            weights = full_model_state(accelerator, unet)  # collective; whole tensors on the main process only
+            if accelerator.is_main_process:
+                final = UNet2DConditionModel.from_config(unet_config)
+                final.load_state_dict(weights)
+        if accelerator.is_main_process:
+            export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder,
+                         noise_scheduler=noise_scheduler, text_cfg=cfg.text_encoder)
+            log.info("saved the model to %s", out / "model")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.data.config import DataConfig
 from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dataset, collate_images, split_train_val
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.distributed import main_process_first
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def resolve_source(cfg: DataConfig, accelerator: Accelerator) -> str:
     from ldm.data.shapes import write_dataset
 
     target = Path(cfg.shapes_dir) / f"shapes-{cfg.shapes_count}-{cfg.resolution}px-seed0"
-    with accelerator.main_process_first():
+    with main_process_first(accelerator):
         if accelerator.is_main_process and not (target / "metadata.jsonl").is_file():
             log.info("generating %d synthetic shapes images into %s", cfg.shapes_count, target)
             write_dataset(target, num_images=cfg.shapes_count, seed=0, size=cfg.resolution, overwrite=True)
@@ -58,7 +59,7 @@ def build_datasets(
         image_column=cfg.image_column, caption_column=caption_column, split=cfg.split, seed=seed,
         max_pixels=cfg.max_image_pixels,
     )
-    with accelerator.main_process_first():  # the main process builds the `datasets` cache, the others reuse it
+    with main_process_first(accelerator):  # the main process builds the `datasets` cache, the others reuse it
         train_full = build_image_dataset(
             source, transform=ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip), **kwargs
         )

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ldm.data.config import DataConfig
 from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dataset, collate_images
 from ldm.data.loading import resolve_source
+from ldm.distributed import main_process_first
 from ldm.errors import UserError
 from ldm.files import fsync_dir
 from ldm.pipeline.weights import check_weights
@@ -134,7 +135,7 @@ def _try_open(directory: Path, spec: CacheSpec) -> tuple[LatentCache | None, tup
 def _encoding_dataset(data_cfg: DataConfig, accelerator: Accelerator) -> ImageCaptionDataset:
     """The full dataset (validation images too: training splits by index later) with the deterministic transform."""
     source = resolve_source(data_cfg, accelerator)
-    with accelerator.main_process_first():  # the main process builds the `datasets` cache, the others reuse it
+    with main_process_first(accelerator):  # the main process builds the `datasets` cache, the others reuse it
         return build_image_dataset(
             source,
             transform=ImageTransform(data_cfg.resolution, center_crop=True, random_flip=False),
