@@ -18,8 +18,9 @@ touches the new one. Stale temporaries are cleaned by the next save.
 
 Under FSDP (version 2) the sharded model, optimizer and EMA state is gathered into whole tensors first and written by
 the main process in exactly this layout (optimizer state then keyed by parameter name), so a checkpoint moves freely
-between FSDP, DDP and single-process runs (ldm/sharding.py). Every function that takes an `accelerator` is
-collective: call it on all processes. Failures on any process are
+between FSDP, DDP and single-process runs (ldm/sharding.py).
+
+Every function that takes an `accelerator` is collective: call it on all processes. Failures on any process are
 shared with all others before anyone raises, so no process is left waiting in a collective.
 
 No pickle anywhere: tensors go to safetensors, everything else to JSON through a small tagged encoding that
