@@ -25,12 +25,15 @@ def _fsdp_init(self, *args, **kwargs) -> None:
     _original_init(self, *args, **kwargs)
     # both shared states: a later AcceleratorState() re-reads PartialState's
     PartialState().distributed_type = self.state.distributed_type = DistributedType.FSDP
-    self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+    plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=WRAPPED_CLASSES,
         reshard_after_forward=True,
     )
+    if self.state.mixed_precision != "no":  # what accelerate's own FSDP setup does
+        plugin.set_mixed_precision(self.state.mixed_precision)
+    self.state.fsdp_plugin = plugin
 
 
 if __name__ == "__main__":

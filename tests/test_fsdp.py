@@ -96,6 +96,23 @@ def test_fsdp_resume_is_exact_and_checkpoints_resume_under_ddp(runs):
         assert matches_ddp(runs / "ddp-from-fsdp", part), part
 
 
+@pytest.mark.slow
+def test_fsdp_with_bf16_mixed_precision(runs, tmp_path):
+    """bf16 compute under FSDP2 (accelerate's MixedPrecisionPolicy), with fp32 master weights saved and exported."""
+    args = [str(ROOT / "train/train_ldm.py"), "--config", str(ROOT / "configs/ldm/tiny.yaml"),
+            f"data.path={runs / 'parts/shapes'}", f"cache.vae={runs / 'parts/vae'}", f"text_encoder.path={runs / 'parts/text'}",
+            f"cache.dir={tmp_path / 'latents'}", "train.report_to=none", "train.cpu=true", "train.max_steps=2",
+            "train.batch_size=4", "train.mixed_precision=bf16", "sample.every=2", "sample.steps=2",
+            "sample.prompts=[a,b,c]", f"train.output_dir={tmp_path / 'run'}"]
+    cmd = accelerate_launch(SHIM, *args)
+    cmd[cmd.index("--mixed_precision") + 1] = "bf16"
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    exported = load_file(tmp_path / "run/model/unet/diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in exported.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in exported.values())
+
+
 def test_the_shim_runs_what_the_shipped_fsdp_config_asks_for():
     import yaml
     from fsdp_on_cpu import WRAPPED_CLASSES
