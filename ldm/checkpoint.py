@@ -129,7 +129,7 @@ def save_checkpoint(
     # Phase 1: the main process makes an empty temp directory that the others can write their RNG state into.
     share_failures(_attempt(lambda: _prepare_temp_dir(root, tmp)) if is_main else None)
     # Whole tensors on the main process (under FSDP a collective gather; otherwise the live state dicts).
-    whole = _whole_states(accelerator, models, optimizers, emas)
+    whole = _whole_states(accelerator, models, optimizers, emas) if is_main or is_sharded(accelerator) else {}
 
     # Phase 2: every process writes its own RNG state; the main process writes everything else.
     def write_contents() -> dict[str, list[str]]:
@@ -637,30 +637,31 @@ def _whole_states(
     models: Mapping[str, torch.nn.Module],
     optimizers: Mapping[str, torch.optim.Optimizer],
     emas: Mapping[str, EMAModel],
-) -> dict[str, dict[str, tuple[Any, str]]]:
-    """{"models"|"optimizers"|"emas": {name: (state_dict with whole tensors, class name)}}; complete on the main
-    process (under FSDP the others get empty states). Collective under FSDP."""
-    out: dict[str, dict[str, tuple[Any, str]]] = {"models": {}, "optimizers": {}, "emas": {}}
-    for name, model in models.items():
-        out["models"][name] = (full_model_state(accelerator, model), "")
-    for name, optimizer in optimizers.items():
-        model = models.get(name)
-        state = full_optimizer_state(accelerator, model, optimizer) if model is not None else optimizer.state_dict()
-        out["optimizers"][name] = (state, _class_name(optimizer))
+) -> dict[str, dict[str, Any]]:
+    """{"models": {name: state_dict}, "optimizers"|"emas": {name: (state_dict, class name)}} with whole tensors;
+    complete on the main process (under FSDP the others get empty states). Collective under FSDP."""
+    emas_whole = {}
     for name, ema in emas.items():
         state = ema.state_dict()
         state["shadow_params"] = full_tensors(accelerator, list(state["shadow_params"]))
-        out["emas"][name] = (state, _class_name(ema))
-    return out
+        emas_whole[name] = (state, _class_name(ema))
+    return {
+        "models": {name: full_model_state(accelerator, model) for name, model in models.items()},
+        "optimizers": {
+            name: (full_optimizer_state(accelerator, models.get(name), optimizer), _class_name(optimizer))
+            for name, optimizer in optimizers.items()
+        },
+        "emas": emas_whole,
+    }
 
 
 def _write_components(
     tmp: Path,
-    whole: Mapping[str, Mapping[str, tuple[Any, str]]],
+    whole: Mapping[str, Mapping[str, Any]],
     schedulers: Mapping[str, Any],
     state: Mapping[str, Any],
 ) -> dict[str, list[str]]:
-    for name, (weights, _) in whole["models"].items():
+    for name, weights in whole["models"].items():
         _save_tensors(tmp / "models" / f"{name}.safetensors", weights, {"format": "pt"})
     for name, (optimizer_state, class_name) in whole["optimizers"].items():
         path = tmp / "optimizers" / f"{name}.safetensors"

@@ -107,11 +107,8 @@ def full_tensors(accelerator: Accelerator, tensors: list[torch.Tensor]) -> list[
 
 def shard_like(whole: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """`whole` laid out like `live`: this process's shard of it if `live` is a DTensor, else `whole` itself."""
-    whole = whole.to(device=live.device if not isinstance(live, DTensor) else live.to_local().device,
-                     dtype=live.dtype)
-    if isinstance(live, DTensor):
-        return distribute_tensor(whole, live.device_mesh, live.placements)
-    return whole
+    whole = whole.to(device=live.device, dtype=live.dtype)  # a DTensor's device is its local shard's
+    return distribute_tensor(whole, live.device_mesh, live.placements) if isinstance(live, DTensor) else whole
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> None:
                         f"encoder gives {text_encoder.hidden_size}: use a matching text_encoder.path")
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet_config = unet.config
     set_seed(cfg.train.seed + accelerator.process_index)  # per-process noise, timesteps and caption dropout
     noise_scheduler = build_noise_scheduler(cfg.noise)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     ema = None  # made after `prepare`, so under FSDP it holds (and updates) each process's shard only
     if cfg.train.ema_decay > 0:
         ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.train.ema_decay,
-                       model_cls=UNet2DConditionModel, model_config=unet_config)
+                       model_cls=UNet2DConditionModel, model_config=accelerator.unwrap_model(unet).config)
     if is_sharded(accelerator):
         log.info("FSDP2: the U-Net, its optimizer state and EMA are sharded over %d processes",
                  accelerator.num_processes)
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         if is_sharded(accelerator):
             weights = full_model_state(accelerator, unet)  # collective; whole tensors on the main process only
             if accelerator.is_main_process:
-                final = UNet2DConditionModel.from_config(unet_config)
+                final = UNet2DConditionModel.from_config(raw.config)
                 final.load_state_dict(weights)
         if accelerator.is_main_process:
             export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder,

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         ids = tokenize_prompts(tokenizer, batch.captions, CONTEXT_LENGTH).to(device)
         logits = clip(input_ids=ids, pixel_values=batch.pixels.to(device)).logits_per_text
         loss = multi_positive_clip_loss(logits, batch.positives.to(device))
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite contrastive loss at step {step}: lower lr (now {cfg.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
@@ -82,8 +84,6 @@ def main(argv: list[str] | None = None) -> None:
         schedule.step()
         with torch.no_grad():
             clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite contrastive loss at step {step}: lower lr (now {cfg.lr})")
         if step % cfg.log_every == 0 or step == cfg.steps:
             acc = retrieval_accuracy(clip, eval_ids, eval_pixels, heldout)
             log.info(

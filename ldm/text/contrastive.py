@@ -29,6 +29,7 @@ from ldm.data.shapes import (
     render,
     sample_caption_and_mentions,
 )
+from ldm.pipeline.images import pil_to_tensor
 from ldm.text.tiny import tiny_clip_text_config
 
 
@@ -111,9 +112,8 @@ class PairBatch:
 def make_pairs(combos: list[Attributes], batch_size: int, resolution: int, rng: random.Random) -> PairBatch:
     """`batch_size` fresh (image, caption) pairs of random combinations from `combos`."""
     chosen = [rng.choice(combos) for _ in range(batch_size)]
-    images = [np.asarray(render(a, resolution, rng), dtype=np.float32) for a in chosen]
+    pixels = torch.cat([pil_to_tensor(render(a, resolution, rng)) for a in chosen])
     said = [sample_caption_and_mentions(a, rng) for a in chosen]
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
     return PairBatch([caption for caption, _ in said], pixels, describes(chosen, [m for _, m in said]))
 
 
@@ -162,6 +162,5 @@ def retrieval_accuracy(
 def eval_pairs(combos: list[Attributes], resolution: int, seed: int) -> tuple[list[str], torch.Tensor]:
     """One rendered image and the canonical caption for each combination (fixed jitter from `seed`)."""
     rng = random.Random(seed)
-    images = [np.asarray(render(a, resolution, rng), dtype=np.float32) for a in combos]
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    pixels = torch.cat([pil_to_tensor(render(a, resolution, rng)) for a in combos])
     return [canonical_caption(a) for a in combos], pixels
