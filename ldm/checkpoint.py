@@ -16,9 +16,10 @@ with the manifest and only then renamed into place (a rename is atomic), so a `s
 always complete. Rotation renames old checkpoints out of the `step-*` namespace before deleting them, and never
 touches the new one. Stale temporaries are cleaned by the next save.
 
-Under FSDP (version 2) the sharded model, optimizer and EMA state is gathered into whole tensors first and written by
-the main process in exactly this layout (optimizer state then keyed by parameter name), so a checkpoint moves freely
-between FSDP, DDP and single-process runs (ldm/sharding.py).
+Under FSDP (version 2) the sharded model, optimizer and EMA state, and under DeepSpeed ZeRO-1/2 the partitioned fp32
+master weights and optimizer state, are gathered into whole tensors first and written by the main process in exactly
+this layout (optimizer state then keyed by parameter name), so a checkpoint moves freely between FSDP, DeepSpeed, DDP
+and single-process runs (ldm/sharding.py, ldm/zero.py).
 
 Every function that takes an `accelerator` is collective: call it on all processes. Failures on any process are
 shared with all others before anyone raises, so no process is left waiting in a collective.
@@ -128,7 +129,7 @@ def save_checkpoint(
 
     # Phase 1: the main process makes an empty temp directory that the others can write their RNG state into.
     share_failures(_attempt(lambda: _prepare_temp_dir(root, tmp)) if is_main else None)
-    # Whole tensors on the main process (under FSDP a collective gather; otherwise the live state dicts).
+    # Whole tensors on the main process (under FSDP or DeepSpeed a collective gather; otherwise the live state dicts).
     whole = _whole_states(accelerator, models, optimizers, emas) if is_main or is_sharded(accelerator) else {}
 
     # Phase 2: every process writes its own RNG state; the main process writes everything else.
@@ -249,13 +250,13 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def _check_supported(accelerator: Accelerator, optimizers: Mapping[str, Any], models: Mapping[str, Any]) -> None:
-    # DeepSpeed and FSDP1 keep state in their own layouts; refuse rather than save one process's shard.
+    # FSDP1, ZeRO-3 and Megatron keep state in their own layouts; refuse rather than save one process's shard.
     require_supported_setup(accelerator, sharding=True)
     if is_sharded(accelerator):
         for name in optimizers:
             if name not in models:
-                raise UserError(f"under FSDP, optimizer {name!r} needs the model it optimizes under the same name "
-                                f"in models= (it has: {', '.join(models) or 'none'})")
+                raise UserError(f"under FSDP or DeepSpeed, optimizer {name!r} needs the model it optimizes under the "
+                                f"same name in models= (it has: {', '.join(models) or 'none'})")
 
 
 def _check_save_args(
@@ -639,7 +640,7 @@ def _whole_states(
     emas: Mapping[str, EMAModel],
 ) -> dict[str, dict[str, Any]]:
     """{"models": {name: state_dict}, "optimizers"|"emas": {name: (state_dict, class name)}} with whole tensors;
-    complete on the main process (under FSDP the others get empty states). Collective under FSDP."""
+    complete on the main process (when sharded the others get empty states). Collective when sharded."""
     emas_whole = {}
     for name, ema in emas.items():
         state = ema.state_dict()
@@ -909,6 +910,8 @@ def _class_name(obj: Any) -> str:
     # accelerate's wrappers forward state_dict to the real object; record and compare the real class.
     if isinstance(obj, AcceleratedOptimizer):
         obj = obj.optimizer
+        if hasattr(obj, "bit16_groups"):  # DeepSpeed's ZeRO optimizer, around the torch optimizer ldm built
+            obj = obj.optimizer
     elif isinstance(obj, AcceleratedScheduler):
         obj = obj.scheduler
     return type(obj).__name__
@@ -974,8 +977,8 @@ def _load_optimizer(
     what = f"optimizer {name!r}"
     state_dict = _read_structured(checkpoint, f"optimizers/{name}.safetensors", what, _class_name(optimizer))
     if model is None and any(isinstance(k, str) for k in state_dict.get("state", {})):
-        raise UserError(f"checkpoint {checkpoint} holds {what} keyed by parameter name (saved under FSDP): "
-                        f"load it together with its model under the same name")
+        raise UserError(f"checkpoint {checkpoint} holds {what} keyed by parameter name (saved under FSDP or "
+                        f"DeepSpeed): load it together with its model under the same name")
     try:
         load_full_optimizer_state(accelerator, model, optimizer, state_dict)
     except (ValueError, KeyError, RuntimeError) as e:

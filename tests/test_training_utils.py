@@ -22,8 +22,12 @@ def test_unsupported_setups_are_refused_up_front():
         require_supported_setup(fsdp2, sharding=False)  # train_vae.py
     with pytest.raises(UserError, match="FSDP version 1 is not supported: set fsdp_version: 2"):
         require_supported_setup(fsdp1, sharding=True)
-    with pytest.raises(UserError, match="DEEPSPEED is not supported by ldm's training scripts: use FSDP"):
-        require_supported_setup(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), sharding=True)
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    require_supported_setup(deepspeed, sharding=True)  # train_ldm.py; its ZeRO stage is checked by ldm.zero
+    with pytest.raises(UserError, match="DEEPSPEED is not supported by this script.*multi-gpu.yaml"):
+        require_supported_setup(deepspeed, sharding=False)
+    with pytest.raises(UserError, match="MEGATRON_LM is not supported by ldm's training scripts: use FSDP"):
+        require_supported_setup(SimpleNamespace(distributed_type=DistributedType.MEGATRON_LM), sharding=True)
     for kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO):  # DDP, one process
         require_supported_setup(SimpleNamespace(distributed_type=kind), sharding=False)
 

@@ -84,7 +84,8 @@ def diffusion_loss(
     eps_in = eps + cfg.input_perturbation * torch.randn_like(eps) if cfg.input_perturbation > 0 else eps
     x_t = scheduler.add_noise(x0, eps_in, t)  # sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps_in
     target = eps if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
-    pred = unet(x_t, t, encoder_hidden_states=text).sample  # (B, C, h, w)
+    dtype = next(unet.parameters()).dtype  # bf16/fp16 in a DeepSpeed engine; fp32 elsewhere (autocast casts)
+    pred = unet(x_t.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample  # (B, C, h, w)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if cfg.min_snr_gamma > 0:
         per_sample = per_sample * min_snr_weights(scheduler, t, cfg.min_snr_gamma, cfg.prediction_type)

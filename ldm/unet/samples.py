@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -11,7 +13,7 @@ from torchvision.utils import make_grid
 
 from ldm.pipeline.loading import Components
 from ldm.pipeline.pipeline import Pipeline
-from ldm.sharding import is_sharded
+from ldm.sharding import is_fsdp
 from ldm.text.encoder import FrozenTextEncoder
 from ldm.unet.config import SampleConfig
 
@@ -36,16 +38,20 @@ def sample_grid(
                             scheduler_config=dict(noise_scheduler.config), name="training")
     pipe = Pipeline(components, accelerator.device, torch.float32)
     mine = list(range(accelerator.process_index, len(cfg.prompts), accelerator.num_processes))
-    if is_sharded(accelerator):
+    if is_fsdp(accelerator):
         # Under FSDP every forward pass gathers weights from all processes: every process must make the same number
         # of them, so a process with one prompt fewer draws prompt 0 once more and drops the picture.
         rounds = -(-len(cfg.prompts) // accelerator.num_processes)
         mine += [-1] * (rounds - len(mine))
+    # A DeepSpeed engine's module holds bf16/fp16 weights under mixed precision: run it under autocast.
+    dtype = next(unet.parameters()).dtype
+    low_precision = torch.autocast(accelerator.device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     images = []
     for i in mine:
         j = max(i, 0)
-        result = pipe(cfg.prompts[j], steps=cfg.steps, cfg=cfg.cfg, sampler=cfg.sampler, seed=cfg.seed + j,
-                      show_progress=False)
+        with low_precision:
+            result = pipe(cfg.prompts[j], steps=cfg.steps, cfg=cfg.cfg, sampler=cfg.sampler, seed=cfg.seed + j,
+                          show_progress=False)
         if i >= 0:
             images.append((i, np.array(result.images[0])))  # (H, W, 3) uint8
     unet.train(was_training)
