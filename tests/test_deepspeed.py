@@ -1,6 +1,6 @@
 """Stage-2 training under DeepSpeed ZeRO-2, with 2 CPU processes (tests/deepspeed_on_cpu.py, the shipped
 configs/accelerate/deepspeed-zero2.yaml): it trains the same weights as DDP, resumes exactly, its checkpoints (whole
-fp32 tensors) resume under DDP and the other way round, bf16 keeps fp32 master and EMA weights, and non-finite steps
+fp32 tensors) resume under DDP and FSDP and the other way round, bf16 keeps fp32 master and EMA weights, and non-finite steps
 are skipped and counted."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ldm.zero import configure_zero
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).with_name("deepspeed_on_cpu.py")
+FSDP_SHIM = Path(__file__).with_name("fsdp_on_cpu.py")
 CONFIG = ROOT / "configs/accelerate/deepspeed-zero2.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -54,21 +55,25 @@ def run(cmd: list[str], log: Path, expect: int = 0) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """2-process runs of 4 steps on one latent cache: ZeRO-2, DDP, ZeRO-2 resumed at step 2, DDP resumed from the
-    ZeRO-2 step-2 checkpoint, and ZeRO-2 resumed from the DDP one."""
+    """2-process runs of 4 steps on one latent cache: ZeRO-2, DDP, ZeRO-2 resumed at step 2, DDP and FSDP resumed
+    from the ZeRO-2 step-2 checkpoint, and ZeRO-2 resumed from the DDP one."""
     root = tmp_path_factory.mktemp("zero")
     write_tiny_stage2_inputs(root / "parts", num_images=64)
     step2 = "checkpoints/step-00000002"
     plans = {
-        "zero": (True, []),
-        "ddp": (False, []),
-        "zero-resumed": (True, ["--resume", str(root / "zero" / step2)]),
-        "ddp-from-zero": (False, ["--resume", str(root / "zero" / step2)]),
-        "zero-from-ddp": (True, ["--resume", str(root / "ddp" / step2)]),
+        "zero": ("zero", []),
+        "ddp": ("ddp", []),
+        "zero-resumed": ("zero", ["--resume", str(root / "zero" / step2)]),
+        "ddp-from-zero": ("ddp", ["--resume", str(root / "zero" / step2)]),
+        "fsdp-from-zero": ("fsdp", ["--resume", str(root / "zero" / step2)]),
+        "zero-from-ddp": ("zero", ["--resume", str(root / "ddp" / step2)]),
     }
-    for name, (zero, extra) in plans.items():
+    for name, (kind, extra) in plans.items():
         args = train_args(root, root / name, *extra)
-        cmd = zero_launch(*args) if zero else accelerate_launch(Path(args[0]), *args[1:])
+        if kind == "zero":
+            cmd = zero_launch(*args)
+        else:
+            cmd = accelerate_launch(FSDP_SHIM, *args) if kind == "fsdp" else accelerate_launch(Path(args[0]), *args[1:])
         run(cmd, root / f"{name}.log")
     return root
 
@@ -101,13 +106,13 @@ def test_zero2_trains_what_ddp_trains_and_exports_the_ema(runs):
 
 
 @pytest.mark.slow
-def test_zero2_resume_is_exact_and_checkpoints_move_between_zero2_and_ddp(runs):
+def test_zero2_resume_is_exact_and_checkpoints_move_between_zero2_ddp_and_fsdp(runs):
     for part in ("models/unet.safetensors", "ema/unet.safetensors", "optimizers/unet.safetensors"):
         a, b = weights(runs / "zero", part), weights(runs / "zero-resumed", part)
         assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == [], part
     optimizer = weights(runs / "zero", "optimizers/unet.safetensors")
     assert "state/conv_in.weight/exp_avg" in optimizer  # whole moments, keyed by parameter name as under FSDP
-    for name in ("ddp-from-zero", "zero-from-ddp"):
+    for name in ("ddp-from-zero", "fsdp-from-zero", "zero-from-ddp"):
         assert "resumed from" in (runs / f"{name}.log").read_text()
         for part in ("models/unet.safetensors", "ema/unet.safetensors"):
             assert relative_distance(runs, name, part) < 0.02, (name, part)
