@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def start_run(config: Any, train: Any, *, sharding: bool = False) -> Accelerator:
     """The Accelerator for a training script, logging, and (main process) the resolved config and the trackers.
 
-    `sharding`: whether the script runs under FSDP2 (otherwise FSDP stops it at once, as DeepSpeed always does).
+    `sharding`: whether the script runs under FSDP2 and DeepSpeed ZeRO-1/2 (otherwise both stop it at once).
     `train` is the config's `train` section: output_dir, cpu, mixed_precision, report_to. TensorBoard logs go to
     `output_dir/logs`, the config to `output_dir/config.yaml`.
     """
