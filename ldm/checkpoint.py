@@ -58,6 +58,7 @@ from ldm.sharding import (
     full_model_state, full_optimizer_state, full_tensors, is_sharded, load_full_model_state,
     load_full_optimizer_state, require_supported_setup, shard_like,
 )
+from ldm.zero import is_zero
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -947,7 +948,7 @@ def _load_model(accelerator: Accelerator, checkpoint: Path, name: str, model: to
     weights, _ = _read_tensors(checkpoint, f"models/{name}.safetensors")
     current = _unwrap(accelerator, model).state_dict()
     cast = sorted(k for k, v in weights.items() if v.dtype != current[k].dtype)
-    if cast:
+    if cast and not is_zero(accelerator):  # DeepSpeed: the fp32 master weights get the saved values exactly
         log.warning(
             "model %r: %d tensors are cast from the checkpoint's dtype (e.g. %s); resume is not bit-exact",
             name,
