@@ -49,8 +49,8 @@ def configure_zero(accelerator: Accelerator, *, micro_batch: int, grad_accum: in
                             "accelerate config")
     for part in ("optimizer", "scheduler"):
         if part in ds:
-            raise UserError(f"the DeepSpeed config defines an {part}: remove it, ldm builds AdamW and its LR schedule "
-                            "from the training config (optim.*)")
+            raise UserError(f"the DeepSpeed config has an '{part}' section: remove it, ldm builds AdamW and its LR "
+                            "schedule from the training config (optim.*)")
     ours = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,

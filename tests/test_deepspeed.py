@@ -171,7 +171,7 @@ def test_configure_zero_takes_batch_accumulation_and_clipping_from_the_training_
     ({"stage": 3}, {}, "DeepSpeed ZeRO stage 3 is not supported: set zero_stage: 2 (or 1)"),
     ({"stage": 0}, {}, "DeepSpeed ZeRO stage 0 is not supported"),
     ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, {}, "DeepSpeed offload_optimizer to cpu is not supported"),
-    ({"stage": 2}, {"optimizer": {"type": "AdamW"}}, "the DeepSpeed config defines an optimizer: remove it"),
+    ({"stage": 2}, {"optimizer": {"type": "AdamW"}}, "the DeepSpeed config has an 'optimizer' section: remove it"),
 ])
 def test_configure_zero_refuses_what_ldm_does_not_support(zero, extra, message):
     with pytest.raises(UserError, match=re.escape(message)):
