@@ -1,0 +1,76 @@
+"""Progress off a terminal: compact lines at a bounded rate; on a terminal, tqdm's bar."""
+
+from __future__ import annotations
+
+import io
+
+from tqdm import tqdm
+
+from ldm.progress import ProgressLines, progress
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_off_a_terminal_lines_come_at_tenths_and_intervals_not_every_step():
+    out, clock = io.StringIO(), FakeClock()
+    bar = ProgressLines(total=2000, desc="vae", file=out, interval=30.0, clock=clock)
+    for step in range(2000):
+        clock.t += 0.125  # 8 it/s: 250 s in all
+        bar.update(1)
+        if step == 1199:
+            bar.set_postfix(rec="0.0412", refresh=False)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10, lines  # a line per tenth (25 s apart, inside the interval), not 2000 redraws
+    assert lines[-1].startswith("vae: 2000/2000 (100%) rec=0.0412, 8 it/s, elapsed 4:10")
+    assert "ETA" not in lines[-1]
+    assert lines[0] == "vae: 200/2000 (10%), 8 it/s, elapsed 0:25, ETA 3:45"
+    assert all("\r" not in line for line in lines)
+
+
+def test_interval_alone_bounds_the_rate_when_tenths_are_far_apart():
+    out, clock = io.StringIO(), FakeClock()
+    bar = ProgressLines(total=10_000, desc="unet", initial=5000, file=out, interval=30.0, clock=clock)
+    for _ in range(100):  # 100 steps of 1 s: no tenth is crossed, 3 intervals pass
+        clock.t += 1.0
+        bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0] == "unet: 5030/10000 (50%), 1 it/s, elapsed 0:30, ETA 1:22:50"  # the rate counts this run only
+    bar.close()
+    assert out.getvalue().splitlines()[-1].startswith("unet: 5100/10000")
+
+
+def test_slow_loops_read_in_seconds_per_item_and_iteration_closes():
+    out, clock = io.StringIO(), FakeClock()
+
+    def items():
+        for i in range(3):
+            clock.t += 40.0
+            yield i
+
+    assert list(ProgressLines(items(), total=3, desc="eval", unit="prompt", file=out, clock=clock)) == [0, 1, 2]
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == "eval: 3/3 (100%), 40 s/prompt, elapsed 2:00"
+    assert len(lines) == 3  # each item crosses a tenth; the close adds no duplicate
+
+
+def test_disabled_prints_nothing_and_a_terminal_gets_tqdm():
+    out = io.StringIO()
+    bar = progress(total=5, disable=True, file=out)
+    bar.update(5)
+    bar.close()
+    assert out.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress(total=5, file=Terminal()), tqdm)
+    assert isinstance(progress(total=5, file=io.StringIO()), ProgressLines)
