@@ -14,6 +14,7 @@ connection can be made", not "the hub will serve this repository"; the load that
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import socket
@@ -65,18 +66,36 @@ def reachable(timeout_s: float = 3.0) -> bool:
             return True
     except OSError:  # refused, timed out, unknown host, no route
         return False
+    except ValueError:  # a malformed proxy URL ("http://proxy:port"): the hub libraries could not connect either
+        return False
 
 
 def connect_address(url: str) -> tuple[str, int]:
     """(host, port) a hub client opens a connection to for `url`: its proxy's, or, without one, the URL's own."""
     parts = urlsplit(url)
     host, scheme = parts.hostname or "", parts.scheme or "https"
-    proxy = None if urllib.request.proxy_bypass(host) else _proxy_for(scheme, host, urllib.request.getproxies())
+    proxies = urllib.request.getproxies()
+    proxy = None if _bypasses_proxy(host, proxies) else _proxy_for(scheme, host, proxies)
     if proxy is not None:
         # requests and httpx take a proxy given without a scheme ("proxy:3128") as an http:// one
         parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         host, scheme = parts.hostname or "", parts.scheme
     return host, parts.port or _DEFAULT_PORTS.get(scheme, 443)
+
+
+def _bypasses_proxy(host: str, proxies: dict[str, str]) -> bool:
+    if urllib.request.proxy_bypass(host):  # NO_PROXY names, domain suffixes, "*"
+        return True
+    # requests and httpx also take IP networks in NO_PROXY ("10.0.0.0/8"), which urllib does not
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in proxies.get("no", "").split(","):
+        with contextlib.suppress(ValueError):
+            if address in ipaddress.ip_network(entry.strip(), strict=False):
+                return True
+    return False
 
 
 def _proxy_for(scheme: str, host: str, proxies: dict[str, str]) -> str | None:

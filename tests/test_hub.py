@@ -154,6 +154,12 @@ def test_a_proxy_without_scheme_is_an_http_proxy(online, monkeypatch, listening)
     assert hub.connect_address("https://hub.invalid") == ("proxy.invalid", 80)
 
 
+def test_a_malformed_proxy_is_unreachable(online, monkeypatch, listening) -> None:
+    _hub_at(monkeypatch, listening)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:port")
+    assert not hub.reachable()
+
+
 def test_an_http_proxy_does_not_apply_to_an_https_hub(online, monkeypatch, listening) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")
     assert hub.connect_address(f"https://127.0.0.1:{listening}") == ("127.0.0.1", listening)
@@ -168,7 +174,7 @@ def test_the_https_proxy_wins_over_all_proxy(online, monkeypatch) -> None:
     assert hub.connect_address("https://hub.invalid") == ("127.0.0.1", 8)
 
 
-@pytest.mark.parametrize("no_proxy", ["127.0.0.1", "localhost, 127.0.0.1", "*", "example.org,127.0.0.1"])
+@pytest.mark.parametrize("no_proxy", ["127.0.0.1", "localhost, 127.0.0.1", "*", "example.org,127.0.0.1", "127.0.0.0/8"])
 @pytest.mark.parametrize("variable", ["NO_PROXY", "no_proxy"])
 def test_no_proxy_exempts_the_hub(online, monkeypatch, listening, closed, no_proxy, variable) -> None:
     _hub_at(monkeypatch, listening)
@@ -182,8 +188,10 @@ def test_no_proxy_exempts_the_hub(online, monkeypatch, listening, closed, no_pro
 
 def test_no_proxy_for_another_host_keeps_the_proxy(online, monkeypatch, listening) -> None:
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{listening}")
-    monkeypatch.setenv("NO_PROXY", "internal.example,10.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "internal.example,10.0.0.1,10.1.0.0/16")
     assert hub.connect_address("https://huggingface.co") == ("127.0.0.1", listening)
+    assert hub.connect_address("https://10.2.0.1") == ("127.0.0.1", listening)
+    assert hub.connect_address("https://10.1.2.3") == ("10.1.2.3", 443)
 
 
 def test_every_loader_asks_the_one_probe(online, monkeypatch, tmp_path) -> None:
