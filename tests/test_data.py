@@ -1,4 +1,5 @@
-"""Tests for ldm.data.images (image-caption datasets) and ldm.data.sampler (exact-resume batch sampler)."""
+"""Tests for image-caption datasets (ldm.data.transforms, .decoding, .dataset, .sources) and ldm.data.sampler
+(the exact-resume batch sampler)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,10 @@ import PIL.Image
 import pytest
 import torch
 
-from ldm.data import images as images_module
-from ldm.data.images import (
-    ImageTransform,
-    build_image_dataset,
-    collate_images,
-    split_train_val,
-)
+from ldm import hub
+from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_val
+from ldm.data.sources import build_image_dataset
+from ldm.data.transforms import ImageTransform
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.errors import UserError
 
@@ -52,7 +50,7 @@ def write_metadata(folder: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def build(folder: Path, tmp_path: Path, **kwargs) -> images_module.ImageCaptionDataset:
+def build(folder: Path, tmp_path: Path, **kwargs) -> ImageCaptionDataset:
     kwargs.setdefault("transform", ImageTransform(8))
     return build_image_dataset(str(folder), cache_dir=str(tmp_path / "hf_cache"), **kwargs)
 
@@ -327,7 +325,7 @@ def test_hub_unreachable_without_offline_env_fails_fast(monkeypatch: pytest.Monk
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(images_module, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout_s=3.0: False)
     start = time.monotonic()
     with pytest.raises(UserError, match="download it and set data.path"):
         build_image_dataset("someone/some-dataset", transform=ImageTransform(8))

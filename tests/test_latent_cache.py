@@ -16,8 +16,9 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from ldm.data.images import ImageTransform, build_image_dataset
 from ldm.data.shapes import write_dataset
+from ldm.data.sources import build_image_dataset
+from ldm.data.transforms import ImageTransform
 from ldm.latents import (
     CorruptCacheError, LatentCache, MissingCacheError, StaleCacheError, collate_latents, sample_latents,
 )

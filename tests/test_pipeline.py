@@ -25,6 +25,7 @@ from ldm.pipeline.samplers import SAMPLERS, make_scheduler, sampler_from_label, 
 from ldm.pipeline.tiny import save_tiny_model
 from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE, check_request, steps_to_run
 from ldm.pipeline.weights import check_safetensors_file
+from ldm.pixels import float_to_uint8
 
 PROMPT, NEGATIVE = "a red car", "blurry"
 SIZE = 32  # px; 16x16 latents with the tiny VAE's factor of 2
@@ -300,7 +301,7 @@ def test_inpainting_keeps_unmasked_pixels_bit_for_bit(pipe, inpaint_model_dir, i
     np.testing.assert_array_equal(out[:, : SIZE // 2], original[:, : SIZE // 2])
     # the masked half was repainted (and, past the feathered band, is the generated image itself)
     assert np.abs(out[:, SIZE // 2 + blur + 1:].astype(int) - original[:, SIZE // 2 + blur + 1:]).mean() > 5
-    generated = im.float_to_uint8(result.decoded)[0]
+    generated = float_to_uint8(result.decoded)[0]
     np.testing.assert_array_equal(out[:, SIZE // 2 + blur + 1:], generated[:, SIZE // 2 + blur + 1:])
 
 

@@ -11,8 +11,10 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.config import DataConfig
-from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dataset, collate_images, split_train_val
+from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_val
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.sources import build_image_dataset
+from ldm.data.transforms import ImageTransform
 from ldm.distributed import main_process_first
 
 log = logging.getLogger(__name__)

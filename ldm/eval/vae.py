@@ -13,13 +13,13 @@ from diffusers import AutoencoderKL
 
 from ldm.data.shapes import Attributes, all_combinations, render
 from ldm.eval.reader import attribute_accuracy, read_attributes
-from ldm.pipeline import images as im
+from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
 
 
 def render_pixels(combos: list[Attributes], size: int, seed: int) -> torch.Tensor:
     """Jittered renders of `combos` (a fixed seed gives fixed images) as a (N, 3, size, size) tensor in [-1, 1]."""
     rng = random.Random(seed)
-    return torch.cat([im.pil_to_tensor(render(a, size, rng)) for a in combos])
+    return torch.cat([pil_to_tensor(render(a, size, rng)) for a in combos])
 
 
 @torch.no_grad()
@@ -41,6 +41,6 @@ def reconstruction_accuracy(
     for start in range(0, len(combos), batch_size):
         x = pixels[start : start + batch_size].to(device, dtype)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
-        for a, image in zip(combos[start : start + batch_size], im.float_to_uint8(im.tensor_to_float_images(recon))):
+        for a, image in zip(combos[start : start + batch_size], float_to_uint8(tensor_to_float_images(recon))):
             pairs.append((a, read_attributes(image)))
     return attribute_accuracy(pairs)

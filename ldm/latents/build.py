@@ -31,8 +31,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ldm.data.config import DataConfig
-from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dataset, collate_images
+from ldm.data.dataset import ImageCaptionDataset, collate_images
 from ldm.data.loading import resolve_source
+from ldm.data.sources import build_image_dataset
+from ldm.data.transforms import ImageTransform
 from ldm.distributed import main_process_first
 from ldm.errors import UserError
 from ldm.files import fsync_dir

@@ -1,4 +1,7 @@
-"""Images in and out of the pipeline: loading (with user-facing errors), pixel <-> tensor, masks and the paste-back."""
+"""Images in and out of the pipeline: loading (with user-facing errors), masks and the paste-back.
+
+Pixel <-> tensor conversion is shared with training and lives in `ldm.pixels`.
+"""
 
 from __future__ import annotations
 
@@ -55,25 +58,9 @@ def fit_to_size(image: Image.Image, size: tuple[int, int], what: str = "init ima
     return image.resize(size, Image.LANCZOS)
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1], computed as diffusers' VaeImageProcessor does."""
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
-
-
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     """(H, W) binary 'L' image -> (1, 1, H, W) float32, 1 = repaint."""
     return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None, None]
-
-
-def tensor_to_float_images(decoded: torch.Tensor) -> np.ndarray:
-    """VAE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1]."""
-    return (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-
-
-def float_to_uint8(images: np.ndarray) -> np.ndarray:
-    """(B, H, W, 3) in [0, 1] -> uint8, rounding as diffusers does (so the PNGs match its outputs)."""
-    return (images * 255).round().astype(np.uint8)
 
 
 def feather(mask: torch.Tensor, blur: int) -> torch.Tensor:

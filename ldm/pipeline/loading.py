@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from ldm import hub
 from ldm.demo import MODEL_DIR as DEMO_MODEL_DIR
 from ldm.demo import NAME as DEMO_NAME
 from ldm.errors import UserError
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL: str | None = DEMO_NAME
 NO_MODEL = "no model given: pass --model DIR (a diffusers-format Stable Diffusion directory)"
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a Stable Diffusion repository needs; never the root-level single-file checkpoints or pickles next to them
 _HUB_FILES = [
     "model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json",
@@ -57,19 +56,17 @@ def resolve_model(model: str | None) -> Path:
             f"--model '{model}' is {kind}; pass a diffusers-format directory (model_index.json, unet/, vae/, "
             "text_encoder/, tokenizer/, scheduler/)"
         )
-    if _HUB_ID.match(model) and not model.startswith("."):
+    if hub.is_hub_id(model):
         return _from_hub(model)
     raise UserError(f"model directory '{model}' does not exist")
 
 
 def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
-
-    from ldm.text.loading import hub_reachable
+    from huggingface_hub import snapshot_download
 
     # without a network the hub client retries for half a minute; a quick connection test fails in seconds, and
     # an unreachable hub is treated like offline mode (the cache may still hold the model)
-    offline = constants.is_offline_mode() or not hub_reachable()
+    offline = not hub.reachable()
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=offline))
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user: no such model

@@ -29,6 +29,7 @@ from ldm.pipeline.metadata import GenerationParams
 from ldm.pipeline.samplers import DEFAULT_SAMPLER, make_scheduler
 from ldm.pipeline.seeds import generators, per_image_noise, random_seed
 from ldm.pipeline.validation import check_request, check_size, pick_size, steps_to_run
+from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,9 @@ class Pipeline:
         for start in range(0, num_images, batch_size):
             seeds = [seed + i for i in range(start, min(start + batch_size, num_images))]
             latents = self._sample(seeds, cond, uncond, image_latents, job, base, progress.update)
-            decoded = im.tensor_to_float_images(self._decode(latents))  # (b, H, W, 3) in [0, 1]
+            decoded = tensor_to_float_images(self._decode(latents))  # (b, H, W, 3) in [0, 1]
             decoded_all.append(decoded)
-            for s, pixels in zip(seeds, im.float_to_uint8(decoded)):
+            for s, pixels in zip(seeds, float_to_uint8(decoded)):
                 image = self._finish(pixels, job)
                 params = base.with_seed(s)
                 out_images.append(image)
@@ -214,7 +215,7 @@ class Pipeline:
         except UserError:
             return _Job(height, width)  # check_request reports it; do not resize to an impossible size first
         image = im.fit_to_size(original, (width, height))
-        job = _Job(height, width, image=im.pil_to_tensor(image), original=original)
+        job = _Job(height, width, image=pil_to_tensor(image), original=original)
         if mask is not None:
             mask_image = mask if isinstance(mask, Image.Image) else im.load_mask(mask)
             original_mask = im.fit_mask(mask_image, original.size)

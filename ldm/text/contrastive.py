@@ -29,7 +29,7 @@ from ldm.data.shapes import (
     render,
     sample_caption_and_mentions,
 )
-from ldm.pipeline.images import pil_to_tensor
+from ldm.pixels import pil_to_tensor
 from ldm.text.tiny import tiny_clip_text_config
 
 

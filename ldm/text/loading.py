@@ -1,29 +1,26 @@
 """`load_text_encoder(cfg)`: a local directory, the Hugging Face cache, or (when reachable) the hub.
 
 Without a network the hub libraries retry for half a minute before failing. Here the local cache is tried first;
-only when that misses is the hub asked, and only after a quick check that it can be reached at all. So an offline
-machine gets a one-line `UserError` in seconds, naming the model and the fix.
+only when that misses is the hub asked, and only after `ldm.hub.reachable()` says it can be reached at all. So an
+offline machine gets a one-line `UserError` in seconds, naming the model and the fix.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm import hub
 from ldm.errors import UserError
 from ldm.text.config import HUB_SCHEMAS, TextEncoderConfig
 from ldm.text.encoder import CLIPTextEncoder, FrozenTextEncoder
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # 'name' or 'org/name'
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
@@ -38,20 +35,6 @@ def load_text_encoder(
     else:
         encoder = _load_open_clip(cfg.path, cfg.pretrained or None, cfg.layer)
     return encoder.to(device=device, dtype=dtype)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False in offline mode (HF_HUB_OFFLINE) or when the hub's host does not answer within `timeout` seconds."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlsplit(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _offline_error(name: str) -> UserError:
@@ -72,13 +55,13 @@ def _load_clip(path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
     local = Path(path).expanduser()
     if local.is_dir():
         return _load_clip_dir(local)
-    if not _HUB_ID.match(path):
+    if not hub.is_hub_id(path):
         raise UserError(f"text encoder directory '{path}' does not exist: fix text_encoder.path")
     try:  # the local cache: no network, so it works offline for anything downloaded before
         return _load_clip_hub(path, local_files_only=True)
     except (OSError, ValueError):
         pass
-    if not hub_reachable():
+    if not hub.reachable():
         raise _offline_error(path)
     try:
         return _load_clip_hub(path, local_files_only=False)
@@ -141,7 +124,7 @@ def _load_open_clip(name: str, pretrained: str | None, layer: str) -> FrozenText
 
     from ldm.text.openclip import OpenCLIPTextEncoder, check_open_clip_tokenizer
 
-    if name.startswith("hf-hub:") and not open_clip_hub_cached(name) and not hub_reachable():
+    if name.startswith("hf-hub:") and not open_clip_hub_cached(name) and not hub.reachable():
         raise _offline_error(name)
     checkpoint = _open_clip_checkpoint(name, pretrained) if pretrained else None
     if not pretrained and not name.startswith(HUB_SCHEMAS):
@@ -176,7 +159,7 @@ def _open_clip_checkpoint(name: str, pretrained: str) -> str:
             f"open_clip model '{name}' has no pretrained tag or file '{pretrained}' (tags: {tags}): "
             "fix text_encoder.pretrained"
         )
-    if hub_reachable():
+    if hub.reachable():
         try:
             return open_clip.download_pretrained(cfg)
         except Exception as e:  # noqa: BLE001 - urllib, hub and checksum errors alike

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.utils import make_grid
 
-from ldm.data.images import collate_images
+from ldm.data.dataset import collate_images
 
 
 @torch.no_grad()

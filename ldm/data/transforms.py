@@ -1,0 +1,80 @@
+"""`ImageTransform`: any decoded image -> the (3, R, R) float32 tensor in [-1, 1] the models train on.
+
+Randomness (crop offsets, the flip coin) comes from the `random.Random` the caller passes in: the dataset seeds it
+from (seed, key), so augmentation is a pure function of the sample's key (see `ldm.data.dataset`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ldm.errors import UserError
+from ldm.pixels import pil_to_tensor
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Plain `convert("RGB")` is wrong for two common cases: 16/32-bit grayscale ("I;16", "I") is clipped at 255 (an
+    almost white image), and transparent pixels take whatever colour hides under the alpha (often black). We rescale
+    high-bit-depth data and composite transparency onto white.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit PNG/TIFF grayscale; "I" is how Pillow often opens them. Map 0..65535 to 0..255.
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        return PIL.Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        return PIL.Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, LAB, HSV, 1, ...
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize the shorter side to `resolution`, crop a square, maybe flip; return (3, R, R) float32 in [-1, 1]."""
+
+    resolution: int
+    center_crop: bool = True  # False -> random crop
+    random_flip: bool = False  # horizontal flip with p=0.5
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1:
+            raise UserError(f"image resolution must be a positive integer, got {self.resolution}: fix data.resolution")
+
+    def __call__(self, image: PIL.Image.Image, rng: random.Random) -> torch.Tensor:
+        image = to_rgb(image)
+        image = self._resize_crop(image, rng)
+        # Random draws always happen in the same order (crop offsets, then the flip coin), so a given
+        # (transform, rng state) pair always yields the same output.
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        return pil_to_tensor(image)[0]  # (3, R, R)
+
+    def _resize_crop(self, image: PIL.Image.Image, rng: random.Random) -> PIL.Image.Image:
+        # Choose the square crop in *source* pixels and resample only that box. This equals "resize the shorter
+        # side to R, then crop R x R" but never materialises a huge intermediate (a 1 x 10000 strip would otherwise
+        # become R x 10000R), and runs one antialiased bicubic resample.
+        width, height = image.size
+        side = min(width, height)
+        if self.center_crop:
+            left, top = (width - side) / 2, (height - side) / 2
+        else:
+            left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+        box = (left, top, left + side, top + side)
+        size = (self.resolution, self.resolution)
+        if image.size == size:
+            return image
+        return image.resize(size, resample=PIL.Image.Resampling.BICUBIC, box=box)
