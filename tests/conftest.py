@@ -29,15 +29,20 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """Training scripts run in-process create an Accelerator each; its state is a process-wide singleton."""
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so the next in-process training run creates its own Accelerator."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Training scripts run in-process create an Accelerator each; its state is a process-wide singleton."""
+    yield
+    reset_accelerate_state()
 
 
 def accelerate_launch(script: Path, *args: str, processes: int = 2) -> list[str]:

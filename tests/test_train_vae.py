@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, reset_accelerate_state
 from ldm.data.shapes import write_dataset
 from ldm.vae.presets import build_vae
 
@@ -50,25 +50,48 @@ def images(data: Path, n: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, 32, 32) in [-1, 1]
 
 
-@pytest.mark.slow
-def test_tiny_vae_learns_to_reconstruct(tmp_path, shapes, fresh_accelerate):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory, shapes) -> dict:
+    """200 steps with the GAN from step 150; L1 errors on 32 training images at init, step 150 and step 200."""
+    out = tmp_path_factory.mktemp("gan-run") / "run"
     train(out, shapes, "train.max_steps=200", "loss.disc_start=150", "train.val_every=100",
-          "train.checkpoint_every=100", "train.report_to=tensorboard", "train.batch_size=8")
+          "train.checkpoint_every=50", "train.keep_last=4", "train.report_to=tensorboard", "train.batch_size=8")
+    reset_accelerate_state()
     x = images(shapes, 32)
     torch.manual_seed(0)
     initial = build_vae("tiny", 32)  # the training run's initialisation (same seed)
+    before_gan = build_vae("tiny", 32)
+    saved = load_file(out / "checkpoints/step-00000150/models/vae.safetensors")  # keys 'vae.<param>'
+    before_gan.load_state_dict({k.removeprefix("vae."): v for k, v in saved.items()})
     trained = AutoencoderKL.from_pretrained(out / "vae")
     with torch.no_grad():
-        err0 = (initial(x, sample_posterior=False).sample - x).abs().mean().item()
-        err1 = (trained(x, sample_posterior=False).sample - x).abs().mean().item()
-    assert err1 < 0.3 * err0, (err0, err1)
+        errors = {name: (vae(x, sample_posterior=False).sample - x).abs().mean().item()
+                  for name, vae in (("init", initial), ("step150", before_gan), ("step200", trained))}
+    return {"out": out, "trained": trained, **errors}
+
+
+# Bounds from the spread over training seeds 0-5 (constraints.txt's versions, 2026-12-02; `train.seed=N`):
+#   err200 / err_init:                     0.39 0.32 0.21 0.22 0.19 0.24  (worst 0.39; bound 0.5)
+#   gain kept by the GAN phase, (init - err200) / (init - err150): 0.85 1.02 0.97 0.95 0.99 0.97  (worst 0.85; bound 0.7)
+# The former single bound, err200 < 0.3 err_init, sat inside that spread: seed 0 failed it with newer releases.
+@pytest.mark.slow
+def test_tiny_vae_learns_to_reconstruct(gan_run):
+    out, trained = gan_run["out"], gan_run["trained"]
+    assert gan_run["step200"] < 0.5 * gan_run["init"], gan_run
     # the latent scale is measured, not SD's 0.18215, and matches the last validation
     state = json.loads((out / "checkpoints/step-00000200/state.json").read_text())
     assert trained.config.scaling_factor == pytest.approx(state["scaling_factor"])
     assert trained.config.scaling_factor != 0.18215
     assert (out / "config.yaml").is_file()
     assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+
+
+@pytest.mark.slow
+def test_the_gan_phase_does_not_undo_reconstruction(gan_run):
+    gain_before = gan_run["init"] - gan_run["step150"]
+    gain_after = gan_run["init"] - gan_run["step200"]
+    assert gain_before > 0.5 * gan_run["init"], gan_run  # it had learned something worth keeping
+    assert gain_after >= 0.7 * gain_before, gan_run
 
 
 @pytest.mark.slow
@@ -99,9 +122,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, shapes,
             "train.grad_accum=2", "data.random_flip=true", "train.batch_size=4", "train.checkpoint_every=3",
             "train.val_every=3", "train.log_every=1", "train.report_to=none", "optim.warmup_steps=2"]
     train(tmp_path / "a", shapes, *hard, "train.max_steps=6")
-    fresh_accelerate_reset()
+    reset_accelerate_state()
     train(tmp_path / "b", shapes, *hard, "train.max_steps=3")
-    fresh_accelerate_reset()
+    reset_accelerate_state()
     train(tmp_path / "b", shapes, *hard, "train.max_steps=6", resume="latest")
     a = checkpoint_tensors(tmp_path / "a/checkpoints/step-00000006")
     b = checkpoint_tensors(tmp_path / "b/checkpoints/step-00000006")
@@ -113,14 +136,6 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, shapes,
     va = load_file(tmp_path / "a/vae/diffusion_pytorch_model.safetensors")
     vb = load_file(tmp_path / "b/vae/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(va[k], vb[k]) for k in va)
-
-
-def fresh_accelerate_reset() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.mark.slow
