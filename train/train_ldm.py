@@ -35,10 +35,11 @@ from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
 from ldm.training import NonFiniteSteps, all_processes, apply_optimizer_settings, clip_gradients, ema_weights, start_run
 from ldm.unet.config import LDMConfig
-from ldm.unet.export import export_model, load_vae
+from ldm.unet.export import export_model
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions
 from ldm.unet.presets import build_unet
 from ldm.unet.samples import sample_grid
+from ldm.vae.loading import load_vae
 from ldm.zero import configure_zero, is_zero, master_weights_list
 
 log = logging.getLogger("train_ldm")
