@@ -15,9 +15,10 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ldm.cli import parse_train_args, setup_logging
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents import ensure_latent_cache
+from ldm.train_args import parse_train_args
+from ldm.train_logging import setup_logging
 from ldm.unet.config import LDMConfig
 from ldm.vae.loading import check_vae
 
