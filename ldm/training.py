@@ -15,11 +15,11 @@ from accelerate.utils import DistributedType, gather_object
 from diffusers.training_utils import EMAModel
 from torch.distributed.tensor import DTensor
 
-from ldm.cli import setup_logging
 from ldm.config import save_config, to_dict
 from ldm.errors import UserError
 from ldm.sharding import require_supported_setup
 from ldm.tracking import flat_config
+from ldm.train_logging import setup_logging
 
 log = logging.getLogger(__name__)
 

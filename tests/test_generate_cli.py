@@ -1,8 +1,10 @@
-"""`ldm-generate`: outputs, metadata replay, and every bad input -> one line on stderr, exit code 2, no file."""
+"""`ldm-generate` (and inference/generate.py): outputs, metadata replay, and every bad input -> one line on stderr,
+exit code 2, no file."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from ldm.generate import main
 from ldm.pipeline.tiny import save_tiny_model
 from ldm.text.tiny import tiny_clip_text_model
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "42", "--sampler", "euler_a"]
 
 
@@ -143,6 +146,32 @@ def test_console_script_in_a_subprocess(model, images, tmp_path):
     bad = subprocess.run([*cmd, "--strength", "0.5"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == "error: --strength only applies with --init-image\n"  # one line, no traceback
+
+
+def test_inference_script_writes_what_ldm_generate_writes(model, tmp_path):
+    console = shutil.which("ldm-generate")
+    if console is None:
+        pytest.skip("the ldm-generate console script is not installed (pip install -e .)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    argv = ["a red car", "--model", str(model), "--negative", "blurry", "--num-images", "2", *FAST]
+    runs = {}
+    for name, command in (("script", [sys.executable, str(ROOT / "inference/generate.py")]), ("console", [console])):
+        outdir = tmp_path / name
+        # from another directory: the script needs no particular working directory
+        runs[name] = subprocess.run([*command, *argv, "--outdir", str(outdir)], capture_output=True, text=True,
+                                    env=env, cwd=tmp_path, timeout=180, check=False)
+        assert runs[name].returncode == 0, runs[name].stderr
+        assert runs[name].stdout == f"{outdir / '00000-42-a-red-car.png'}\n{outdir / '00001-43-a-red-car.png'}\n"
+    for png in ("00000-42-a-red-car.png", "00001-43-a-red-car.png"):
+        script, console_png = tmp_path / "script" / png, tmp_path / "console" / png
+        np.testing.assert_array_equal(pixels(script), pixels(console_png))
+        assert Image.open(script).info["parameters"] == Image.open(console_png).info["parameters"]
+    # a bad input: the same one line and exit code 2, no file
+    bad = subprocess.run([sys.executable, str(ROOT / "inference/generate.py"), *argv, "--strength", "0.5",
+                          "--outdir", str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=180,
+                         check=False)
+    assert bad.returncode == 2 and bad.stdout == "" and not (tmp_path / "bad").exists()
+    assert bad.stderr == "error: --strength only applies with --init-image\n"
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

@@ -24,8 +24,8 @@ from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import SAMPLERS, make_scheduler, sampler_from_label, sampler_label
 from ldm.pipeline.tiny import save_tiny_model
 from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE, check_request, steps_to_run
-from ldm.pipeline.weights import check_safetensors_file
 from ldm.pixels import float_to_uint8
+from ldm.weights import check_safetensors_file
 
 PROMPT, NEGATIVE = "a red car", "blurry"
 SIZE = 32  # px; 16x16 latents with the tiny VAE's factor of 2

@@ -20,6 +20,7 @@ from ldm.text import (
     tiny_clip_text_encoder,
     tiny_clip_text_model,
 )
+from ldm.text.openclip import OpenCLIPTextEncoder
 from ldm.text.tiny import tiny_open_clip_model, tiny_open_clip_model_cfg
 
 PROMPTS = [
@@ -122,7 +123,7 @@ def test_open_clip_encoder_cleans_prompts_like_open_clip(open_clip_tokenizer):
         "mojibake cafÃ©",
         "wow!!! ! !!",
     ]
-    encoder = FrozenTextEncoder.from_open_clip(tiny_open_clip_model())
+    encoder = OpenCLIPTextEncoder(tiny_open_clip_model())
     assert torch.equal(encoder.tokenize(tricky), open_clip_tokenizer(tricky))
     plain = offline_clip_tokenizer()
     assert plain("fish &amp; chips", add_special_tokens=False).input_ids != open_clip_tokenizer.encode(
@@ -212,8 +213,8 @@ def test_empty_embedding_is_encode_of_empty_prompt():
 
 def test_open_clip_per_token_hidden_states(open_clip_tokenizer):
     model = tiny_open_clip_model(seed=0, layers=3)
-    last = FrozenTextEncoder.from_open_clip(model, layer="last")
-    penultimate = FrozenTextEncoder.from_open_clip(model, layer="penultimate")
+    last = OpenCLIPTextEncoder(model, layer="last")
+    penultimate = OpenCLIPTextEncoder(model, layer="penultimate")
     assert not hasattr(last, "visual") and not any(p.requires_grad for p in last.parameters())
     prompts = ["a photo of a cat", "", "A Dog!"]
     ids = last.tokenize(prompts)

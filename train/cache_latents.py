@@ -15,11 +15,12 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ldm.cli import parse_train_args, setup_logging
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents import ensure_latent_cache
+from ldm.train_args import parse_train_args
+from ldm.train_logging import setup_logging
 from ldm.unet.config import LDMConfig
-from ldm.unet.export import load_vae
+from ldm.vae.loading import check_vae
 
 log = logging.getLogger("cache_latents")
 
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg, resume = parse_train_args(LDMConfig, argv, description=__doc__.splitlines()[0])
     if resume is not None:
         raise UserError("--resume is not used by cache_latents.py: rerun the same command and it resumes by itself")
-    load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # a clear error for a missing VAE or a bad resolution
+    # a missing or damaged VAE or a bad resolution is one line before any work; the VAE itself is loaded only if a
+    # shard is to be encoded
+    check_vae(cfg.latent_cache().vae, cfg.data.resolution)
     accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
     setup_logging(accelerator.is_main_process, accelerator.process_index)
     cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), Path(cfg.train.output_dir) / "latents")

@@ -24,7 +24,6 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from ldm.cli import parse_train_args
 from ldm.data.loading import train_loader
 from ldm.distributed import replicas_identical
 from ldm.errors import UserError, exit_on_user_error
@@ -33,12 +32,14 @@ from ldm.latents.cache import collate_latents, sample_latents
 from ldm.sharding import full_model_state, is_fsdp
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
+from ldm.train_args import parse_train_args
 from ldm.training import NonFiniteSteps, all_processes, apply_optimizer_settings, clip_gradients, ema_weights, start_run
 from ldm.unet.config import LDMConfig
-from ldm.unet.export import export_model, load_vae
+from ldm.unet.export import export_model
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions
 from ldm.unet.presets import build_unet
 from ldm.unet.samples import sample_grid
+from ldm.vae.loading import load_vae
 from ldm.zero import configure_zero, is_zero, master_weights_list
 
 log = logging.getLogger("train_ldm")

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from ldm.cli import parse_train_args, setup_logging
 from ldm.config import save_config
 from ldm.data.shapes import heldout_combinations, train_combinations
 from ldm.errors import UserError, exit_on_user_error
@@ -36,6 +35,8 @@ from ldm.text.contrastive import (
     text_encoder_from,
 )
 from ldm.text.tokenizer import CONTEXT_LENGTH, offline_clip_tokenizer, tokenize_prompts
+from ldm.train_args import parse_train_args
+from ldm.train_logging import setup_logging
 
 log = logging.getLogger("train_text_encoder")
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its learned temperature at 100 (Radford et al. 2021, section 2.5)

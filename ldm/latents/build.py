@@ -38,12 +38,12 @@ from ldm.data.transforms import ImageTransform
 from ldm.distributed import main_process_first
 from ldm.errors import UserError
 from ldm.files import fsync_dir
-from ldm.pipeline.weights import check_weights
 from ldm.latents.cache import (
     DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, CacheSpec, LatentCache,
     MissingCacheError, Shard, content_sha256, parse_shard, shard_name, vae_identity,
 )
 from ldm.latents.config import LatentCacheConfig
+from ldm.vae.loading import load_vae
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -182,7 +182,7 @@ def _encode_own_shards(
             data = _reusable_shard(path, build, indices)
             if data is None:
                 if vae is None:
-                    vae = _load_vae(vae_dir, accelerator.device)
+                    vae = load_vae(vae_dir, device=accelerator.device)
                 shard = _encode_shard(vae, dataset, indices, spec, cache_cfg, data_cfg, accelerator, progress)
                 data = _serialize_shard(shard)
                 _write_atomically(path, data)
@@ -207,21 +207,6 @@ def _reusable_shard(path: Path, build: str, indices: Sequence[int]) -> bytes | N
         log.info("re-encoding %s: it is from another build or process layout", path.name)
         return None
     return data
-
-
-def _load_vae(vae_dir: Path, device: torch.device) -> AutoencoderKL:
-    from diffusers import AutoencoderKL  # deferred: importing diffusers takes seconds
-
-    check_weights(vae_dir)  # safetensors only; truncated files and git-lfs pointers are named
-    try:
-        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
-    except (OSError, ValueError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(
-            f"cannot load the VAE from '{vae_dir}' ({first_line}): set cache.vae to a diffusers AutoencoderKL "
-            "directory (stage 1 exports one to <output_dir>/vae)"
-        ) from error
-    return vae.to(device).eval().requires_grad_(False)
 
 
 def _encode_shard(

@@ -15,7 +15,7 @@ from ldm import hub
 from ldm.demo import MODEL_DIR as DEMO_MODEL_DIR
 from ldm.demo import NAME as DEMO_NAME
 from ldm.errors import UserError
-from ldm.pipeline.weights import COMPONENTS, check_model_dir
+from ldm.weights import COMPONENTS, check_model_dir
 
 log = logging.getLogger(__name__)
 

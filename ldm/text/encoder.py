@@ -8,16 +8,13 @@ kept in eval mode, and run under `torch.no_grad`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.text.tokenizer import tokenize_prompts
-
-if TYPE_CHECKING:
-    from ldm.text.openclip import OpenCLIPTextEncoder
 
 Layer = Literal["last", "penultimate"]
 
@@ -103,15 +100,6 @@ class FrozenTextEncoder(nn.Module):
     @classmethod
     def from_clip(cls, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last") -> CLIPTextEncoder:
         return CLIPTextEncoder(tokenizer, model, layer)
-
-    @classmethod
-    def from_open_clip(
-        cls, model: nn.Module, layer: Layer = "last", tokenizer: CLIPTokenizer | None = None
-    ) -> OpenCLIPTextEncoder:
-        """Wrap an open_clip CLIP model (its image tower is not kept)."""
-        from ldm.text.openclip import OpenCLIPTextEncoder  # lazy: importing open_clip takes seconds
-
-        return OpenCLIPTextEncoder(model, layer, tokenizer)
 
 
 class CLIPTextEncoder(FrozenTextEncoder):

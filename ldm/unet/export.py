@@ -1,4 +1,4 @@
-"""Stage 2's inputs and outputs as diffusers model directories: the VAE it reads, the model it writes."""
+"""Stage 2's output as a diffusers model directory: the trained U-Net with its VAE, text encoder and scheduler."""
 
 from __future__ import annotations
 
@@ -8,37 +8,12 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm.files import atomic_directory
-from ldm.pipeline.weights import check_weights
-from ldm.errors import UserError
 from ldm.text.config import TextEncoderConfig
 from ldm.text.encoder import FrozenTextEncoder
 
 # Written at the top of every exported model: how our pipeline rebuilds what diffusers' layout cannot express
 # (an open_clip text encoder, the penultimate-layer choice).
 LDM_INFO = "ldm_model.json"
-
-
-def vae_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def load_vae(directory: str | Path, resolution: int) -> AutoencoderKL:
-    """The frozen VAE stage 2 encodes with; `resolution` (data.resolution) must be a multiple of its factor."""
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
-        raise UserError(f"VAE directory '{path}' {what}: set cache.vae to a diffusers AutoencoderKL directory "
-                        "(stage 1 exports one to <output_dir>/vae)")
-    check_weights(path)  # pickles, truncated files and git-lfs pointers get a message naming the file
-    try:
-        vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
-    except (OSError, EnvironmentError, ValueError) as e:
-        raise UserError(f"cannot load the VAE from '{path}': {str(e).splitlines()[0]}") from None
-    f = vae_factor(vae)
-    if resolution % f:
-        raise UserError(f"config key 'data.resolution': {resolution} is not divisible by the VAE's "
-                        f"downsampling factor {f} ({path})")
-    return vae.eval().requires_grad_(False)
 
 
 def export_model(

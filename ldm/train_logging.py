@@ -1,25 +1,9 @@
-"""Command-line plumbing shared by the training scripts."""
+"""Log lines of the training scripts: INFO from the main process, warnings from the others, tagged with the rank."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from typing import TypeVar
-
-from ldm.config import load_config
-
-T = TypeVar("T")
-
-
-def parse_train_args(config_cls: type[T], argv: list[str] | None, description: str) -> tuple[T, str | None]:
-    """`--config FILE [--resume latest|PATH] [key=value ...]` -> (validated config, resume)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file (values only); defaults apply to keys it leaves out")
-    parser.add_argument("--resume", default=None, help="'latest' (the newest complete checkpoint, if any) or a path")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200 data.resolution=64")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    return load_config(config_cls, args.config, args.overrides), args.resume
 
 
 def setup_logging(is_main_process: bool, rank: int) -> None:
