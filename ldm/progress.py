@@ -1,12 +1,13 @@
 """Progress for long loops: tqdm's bar on a terminal, compact lines at a bounded rate anywhere else.
 
 A bar redraws on every update; written to a file or a cluster job's log that is one redraw per step (a 2000-step
-VAE run wrote 160 KB of them). Off a terminal, `progress()` prints instead a plain line such as
+VAE run wrote 160 KB of them). Off a terminal, `progress_bar()` prints instead a plain line such as
 
     vae: 1200/2000 (60%) rec=0.0412, 9.87 it/s, elapsed 2:01, ETA 1:21
 
-at most every `interval` seconds (`LDM_PROGRESS_INTERVAL`, default 30) and at every tenth of the total, plus one
-when the loop ends: about 10 + duration / 30 s lines whatever the number of steps.
+every `interval` seconds (`LDM_PROGRESS_INTERVAL`, default 60) and at each tenth of the total (unless the last line
+is under interval / 10 seconds old), plus one when the loop ends: at most about 10 + duration / interval lines
+whatever the number of steps, and a loop of a few seconds prints its final line only.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-DEFAULT_INTERVAL_S = 30.0
+DEFAULT_INTERVAL_S = 60.0
 
 
-def progress(
+def progress_bar(
     iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", initial: int = 0,
     disable: bool = False, unit: str = "it", leave: bool = True, file: IO[str] | None = None,
 ) -> tqdm | ProgressLines:
@@ -58,7 +59,8 @@ class ProgressLines:
     def update(self, n: int = 1) -> None:
         self.n += n
         now, tenth = self.clock(), self._tenth(self.n)
-        if now - self._last_time >= self.interval or tenth > self._last_tenth:
+        since = now - self._last_time
+        if since >= self.interval or (tenth > self._last_tenth and since >= self.interval / 10):
             self._print(now)
             self._last_time, self._last_tenth = now, tenth
 

@@ -6,7 +6,7 @@ import io
 
 from tqdm import tqdm
 
-from ldm.progress import ProgressLines, progress
+from ldm.progress import ProgressLines, progress_bar
 
 
 class FakeClock:
@@ -61,9 +61,19 @@ def test_slow_loops_read_in_seconds_per_item_and_iteration_closes():
     assert len(lines) == 3  # each item crosses a tenth; the close adds no duplicate
 
 
+def test_a_loop_of_a_few_seconds_prints_only_its_final_line():
+    out, clock = io.StringIO(), FakeClock()
+    bar = ProgressLines(total=50, desc="denoising", unit="step", file=out, interval=60.0, clock=clock)
+    for _ in range(50):
+        clock.t += 0.0625  # 3.1 s in all: each tenth comes 0.3 s after the last, under interval / 10
+        bar.update(1)
+    bar.close()
+    assert out.getvalue().splitlines() == ["denoising: 50/50 (100%), 16 step/s, elapsed 0:03"]
+
+
 def test_disabled_prints_nothing_and_a_terminal_gets_tqdm():
     out = io.StringIO()
-    bar = progress(total=5, disable=True, file=out)
+    bar = progress_bar(total=5, disable=True, file=out)
     bar.update(5)
     bar.close()
     assert out.getvalue() == ""
@@ -72,5 +82,5 @@ def test_disabled_prints_nothing_and_a_terminal_gets_tqdm():
         def isatty(self) -> bool:
             return True
 
-    assert isinstance(progress(total=5, file=Terminal()), tqdm)
-    assert isinstance(progress(total=5, file=io.StringIO()), ProgressLines)
+    assert isinstance(progress_bar(total=5, file=Terminal()), tqdm)
+    assert isinstance(progress_bar(total=5, file=io.StringIO()), ProgressLines)

@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ldm.data.shapes import COLORS, Attributes, canonical_caption, render
 from ldm.eval.prompts import FIRST_SEED, NEGATIVE_COLOR, Recolor, colorless_caption
 from ldm.eval.reader import attribute_accuracy, read_attributes
+from ldm.progress import progress_bar
 
 IMG2IMG_STRENGTH = 0.6
 INPAINT_STRENGTH = 1.0  # the masked half is repainted from noise: the old colour cannot leak through the latents
@@ -60,7 +60,7 @@ def generate(
 
 
 def _bar(items: list, desc: str, s: Settings) -> Iterable:
-    return tqdm(items, desc=desc, disable=not s.progress, leave=False, file=sys.stderr, unit="prompt")
+    return progress_bar(items, desc=desc, disable=not s.progress, leave=False, file=sys.stderr, unit="prompt")
 
 
 def _share(flags: list[bool]) -> float:

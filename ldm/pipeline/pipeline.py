@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
-from tqdm import tqdm
 
 from ldm.errors import UserError
 from ldm.pipeline import images as im
@@ -30,6 +29,7 @@ from ldm.pipeline.samplers import DEFAULT_SAMPLER, make_scheduler
 from ldm.pipeline.seeds import generators, per_image_noise, random_seed
 from ldm.pipeline.validation import check_request, check_size, pick_size, steps_to_run
 from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
+from ldm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,8 @@ class Pipeline:
         probe.set_timesteps(steps)
         per_batch = len(probe.timesteps) - (steps - steps_run) * probe.order
         num_batches = -(-num_images // batch_size)
-        progress = tqdm(total=num_batches * per_batch, disable=not show_progress, desc="denoising", unit="step",
-                        file=sys.stderr, leave=False)
+        progress = progress_bar(total=num_batches * per_batch, disable=not show_progress, desc="denoising",
+                                unit="step", file=sys.stderr, leave=False)
         for start in range(0, num_images, batch_size):
             seeds = [seed + i for i in range(start, min(start + batch_size, num_images))]
             latents = self._sample(seeds, cond, uncond, image_latents, job, base, progress.update)
