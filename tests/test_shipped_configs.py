@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 LOADERS = {"vae": VAEConfig, "ldm": LDMConfig, "text": PretrainConfig}  # configs/<folder>/ -> its dataclass
 COMMANDS = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
-DOCUMENTS = [*CONFIGS, ROOT / "README.md"]
+DOCUMENTS = [*CONFIGS, ROOT / "README.md", ROOT / "RELIABILITY.md"]
 
 
 def test_configs_are_found():
@@ -41,7 +41,7 @@ def test_shipped_config_loads_and_validates(path):
 def test_commands_scripts_and_configs_named_in_docs_exist(path):
     text = path.read_text()
     commands = set(re.findall(r"(?<![\w/.-])(ldm-[a-z][a-z0-9-]*)(?![\w.-]*/)", text))
-    files = set(re.findall(r"(?<![\w/.-])((?:train|configs|bench|tools|inference)/[\w./-]+\.(?:py|yaml|sh))", text))
+    files = set(re.findall(r"(?<![\w/.-])((?:ldm|train|configs|bench|tools|inference|tests)/[\w./-]+\.(?:py|yaml|sh))", text))
     assert not commands - COMMANDS, f"{path.name} names commands that pyproject.toml does not install"
     assert not [f for f in files if not (ROOT / f).exists()], f"{path.name} names files that do not exist"
 
