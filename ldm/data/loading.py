@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.data.config import DataConfig
 from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dataset, collate_images, split_train_val
 from ldm.data.sampler import ResumableBatchSampler
-from ldm.distributed import main_process_first
+from ldm.parallel.collective import main_process_first
 
 log = logging.getLogger(__name__)
 

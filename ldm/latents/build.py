@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ldm.data.config import DataConfig
 from ldm.data.images import ImageCaptionDataset, ImageTransform, build_image_dataset, collate_images
 from ldm.data.loading import resolve_source
-from ldm.distributed import main_process_first
+from ldm.parallel.collective import main_process_first
 from ldm.errors import UserError
 from ldm.files import fsync_dir
 from ldm.pipeline.weights import check_weights
