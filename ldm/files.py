@@ -1,37 +1,135 @@
-"""File-system helpers for writes that survive crashes: atomic directories, directory fsync, file hashes."""
+"""Writes that survive crashes, the one home for them: atomic files and directories, fsync, removal, file hashes.
+
+Every durable write in `ldm` gives the same guarantee: a reader (or a run after `kill -9` or a power cut) sees the
+old content or the complete new content, never half of it. The recipe is always the same: write a temporary
+sibling (named `.tmp-...`, so cleanup code can recognise it), fsync it, rename it into place, fsync the parent
+directory (the rename itself is only durable once the directory is).
+
+- `atomic_write_bytes` / `atomic_write_text`: one file (a latent shard, a manifest, a tokenizer file, a report).
+- `atomic_directory`: a directory filled in a block (an exported model): every file and directory in it is fsynced
+  before the rename; an existing directory is replaced only once the new one is complete (`replace_directory`).
+- `write_synced`, `fsync_file`, `fsync_dir`, `fsync_tree`: the steps, for callers that publish by other means
+  (a checkpoint sealed by its manifest, a PNG that must never overwrite an existing name).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import logging
 import os
+import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"  # a file or directory being written; the next attempt may delete it
+OLD_PREFIX = ".old-"  # a directory moved aside while its replacement is renamed into place
+
+Content = bytes | Callable[[BinaryIO], None]
+
+
+def temp_sibling(path: str | Path) -> Path:
+    """A fresh name next to `path` to stage it under: `.tmp-<name>.<pid>-<random>` (unique across processes)."""
+    path = Path(path)
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def write_synced(path: str | Path, content: Content) -> None:
+    """Create `path` (it must not exist), fill it with `content` (bytes, or a function writing to the open file),
+    and fsync it, so that a full disk is reported here and the data is on disk when this returns."""
+    with open(path, "xb") as f:
+        if isinstance(content, bytes):
+            f.write(content)
+        else:
+            content(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | Path, content: Content) -> None:
+    """Write `path` so that it is either absent, its old content or complete: temporary sibling, fsync, rename,
+    fsync of the directory. A failure leaves no temporary file behind."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        write_synced(tmp, content)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager
 def atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling to fill; when the block succeeds it takes `directory`'s place by renames.
+    """Yield a temporary sibling (not yet created) to fill; when the block succeeds, its contents are fsynced and it
+    takes `directory`'s place (`replace_directory`).
 
     An interrupted or failed write leaves the previous `directory` (if any) untouched and the temporary behind, to
-    be cleared by the next attempt. The old directory is moved aside before the rename and deleted after it.
+    be cleared by the next attempt. Not for concurrent writers of the same directory: they share the temporary.
     """
     directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    old = directory.with_name(f".old-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = directory.with_name(f"{TMP_PREFIX}{directory.name}")
+    remove_tree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     yield tmp
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(tmp)
+    replace_directory(tmp, directory)
 
 
-def fsync_dir(path: Path) -> None:
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename the complete directory `tmp` to `final` and make the rename durable.
+
+    An existing `final` is moved aside (`.old-<name>`) first and deleted only after the new one is in place; if the
+    rename fails it is put back. So an interruption never loses both: at worst `final` is missing and `.old-<name>`
+    holds the previous version (callers that care, like the checkpoint code, put it back on their next run).
+    """
+    aside = None
+    if final.exists():
+        aside = final.with_name(f"{OLD_PREFIX}{final.name}")
+        remove_tree(aside)
+        os.rename(final, aside)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, final)
+        raise
+    fsync_dir(final.parent)
+    if aside is not None:
+        remove_tree(aside)
+
+
+def remove_tree(path: Path) -> None:
+    """Best-effort removal of our own scratch directory; a failure must not hide the error being reported, so it
+    only warns (the next attempt retries)."""
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            log.warning("could not remove %s; delete it by hand (the next attempt also retries)", path)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's data to disk, however it was written (e.g. by safetensors' Rust writer): an fsync through a
+    fresh descriptor flushes the inode's dirty pages, and delayed-allocation filesystems report a full disk only
+    here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
     """Make created/renamed entries in `path` durable. Filesystems that cannot fsync directories are tolerated."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -48,7 +146,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path) -> str:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, and `root` itself (directories after their entries)."""
+    for directory, _, names in os.walk(root, topdown=False):
+        for name in names:
+            fsync_file(os.path.join(directory, name))
+        fsync_dir(directory)
+
+
+def os_reason(error: OSError) -> str:
+    """An `OSError` for a message: "No space left on device (/path)" rather than "[Errno 28] ...: '/path'"."""
+    reason = error.strerror or str(error)
+    return f"{reason} ({error.filename})" if error.filename else reason
+
+
+def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

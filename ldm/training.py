@@ -46,12 +46,6 @@ def start_run(config: Any, train: Any, *, sharding: bool = False) -> Accelerator
     return accelerator
 
 
-def all_processes(accelerator: Accelerator, flag: bool) -> bool:
-    """True when `flag` is true on every process (a collective: every process must call it)."""
-    votes = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
-    return int(votes) == accelerator.num_processes
-
-
 def clip_gradients(
     accelerator: Accelerator, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float
 ) -> torch.Tensor:

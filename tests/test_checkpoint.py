@@ -17,7 +17,7 @@ import textwrap
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # No network in tests: diffusers / huggingface_hub must never try the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -29,7 +29,10 @@ from accelerate import Accelerator
 from safetensors import safe_open
 
 import ldm.checkpoint as ck
+import ldm.checkpoint.save as ck_save
+import ldm.checkpoint.validate as ck_validate
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.checkpoint.codec import Encoder, decode
 from ldm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,20 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def reset_accelerate_state() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def accelerator() -> Iterator[Accelerator]:
-    # accelerate's state is a process-wide singleton: start from a clean one whatever ran before, leave a clean one.
-    reset_accelerate_state()
-    yield Accelerator(cpu=True)
-    reset_accelerate_state()
+@pytest.fixture
+def accelerator(fresh_accelerate) -> Accelerator:
+    # accelerate's state is a process-wide singleton: `fresh_accelerate` leaves a clean one after the test.
+    return Accelerator(cpu=True)
 
 
 def tiny_net(seed: int = 0) -> torch.nn.Module:
@@ -216,7 +209,8 @@ def test_no_pickle_on_disk_or_in_code(
                 list(f.keys())
     listed = json.loads((path / "manifest.json").read_text())["files"]
     assert sorted(listed) == sorted(p.relative_to(path).as_posix() for p in files if p.name != "manifest.json")
-    assert "torch.load" not in Path(ck.__file__).read_text() and "import pickle" not in Path(ck.__file__).read_text()
+    for source in Path(ck.__file__).parent.glob("*.py"):
+        assert "torch.load" not in source.read_text() and "import pickle" not in source.read_text(), source
 
 
 # ------------------------------------------------------------------------------------------------ 3. rotation
@@ -281,6 +275,7 @@ KILL_SCRIPT = textwrap.dedent(
     import torch
     from accelerate import Accelerator
     import ldm.checkpoint as ck
+    import ldm.checkpoint.save as ck_save
 
     root, mode = sys.argv[1], sys.argv[2]
 
@@ -302,12 +297,12 @@ KILL_SCRIPT = textwrap.dedent(
             with open(path, "wb") as f:
                 f.write(b"half a file")
             hang()
-        ck._save_tensors = partial_write
+        ck_save.save_tensors = partial_write
     elif mode == "before-rename":  # die with a complete, sealed temp dir that was never renamed
-        ck._publish = hang
+        ck_save.replace_directory = hang
     elif mode == "mid-rotation":  # die while deleting the checkpoint that rotation dropped
         real_rmtree = shutil.rmtree
-        ck.shutil.rmtree = lambda path, *a, **k: hang() if ".trash-" in str(path) else real_rmtree(path, *a, **k)
+        shutil.rmtree = lambda path, *a, **k: hang() if ".trash-" in str(path) else real_rmtree(path, *a, **k)
 
     with torch.no_grad():
         net[0].weight.add_(1.0)
@@ -400,7 +395,7 @@ def test_disk_full_leaves_previous_intact(
     save_checkpoint(accelerator, tmp_path, 1, models={"net": net}, optimizers={"opt": opt}, state={"step": 1})
     before = {p: p.read_bytes() for p in (tmp_path / "step-00000001").rglob("*") if p.is_file()}
 
-    real_save = ck._save_tensors
+    real_save = ck_save.save_tensors
     calls = []
 
     def fill_disk(path: Path, tensors: Any, metadata: Any = None) -> None:
@@ -411,7 +406,7 @@ def test_disk_full_leaves_previous_intact(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(path, tensors, metadata)
 
-    monkeypatch.setattr(ck, "_save_tensors", fill_disk)
+    monkeypatch.setattr(ck_save, "save_tensors", fill_disk)
     with pytest.raises(UserError) as error:
         save_checkpoint(accelerator, tmp_path, 2, models={"net": net}, optimizers={"opt": opt}, state={"step": 2})
     assert calls == ["rng_0.safetensors", "net.safetensors", "opt.safetensors"]
@@ -429,7 +424,7 @@ def test_error_while_publishing_leaves_previous_intact(
     def rename_fails(tmp: Path, final: Path) -> None:
         raise OSError(errno.EIO, "Input/output error", str(final))
 
-    monkeypatch.setattr(ck, "_publish", rename_fails)
+    monkeypatch.setattr(ck_save, "replace_directory", rename_fails)
     with pytest.raises(UserError) as error:
         save_net(accelerator, tmp_path, 2, net)
     assert_write_failed(error, tmp_path, f"Input/output error ({tmp_path / 'step-00000002'})")
@@ -530,7 +525,7 @@ def test_bad_header_and_changed_bytes_are_named(
     rng_file.write_bytes(original)
 
     # A header that does not parse, in a file too big to be hash-checked.
-    monkeypatch.setattr(ck, "_HASH_VERIFY_MAX_BYTES", 0)
+    monkeypatch.setattr(ck_validate, "HASH_VERIFY_MAX_BYTES", 0)
     model_file = path / "models" / "net.safetensors"
     model_file.write_bytes(b"\xff" * model_file.stat().st_size)
     with pytest.raises(UserError, match=r"models/net\.safetensors is not a valid safetensors file"):
@@ -620,9 +615,9 @@ def test_structure_encoding_round_trips_exactly() -> None:
         "big": 2**70,
     }
     for sink in (None, {}):
-        encoded = ck._Encoder(sink).encode(value)
+        encoded = Encoder(sink).encode(value)
         text = json.dumps(encoded, allow_nan=False)
-        assert_tree_equal(ck._decode(json.loads(text), sink), value)
+        assert_tree_equal(decode(json.loads(text), sink), value)
 
 
 def test_scheduler_with_unencodable_entries_keeps_live_values(accelerator: Accelerator, tmp_path: Path) -> None:
@@ -663,6 +658,7 @@ DDP_SCRIPT = textwrap.dedent(
     import torch
     from accelerate import Accelerator
     import ldm.checkpoint as ck
+    import ldm.checkpoint.save as ck_save
     from ldm.errors import UserError
 
     root = sys.argv[1]
@@ -695,7 +691,7 @@ DDP_SCRIPT = textwrap.dedent(
     if rank == 1:
         def disk_full(path):
             raise OSError(errno.ENOSPC, "No space left on device")
-        ck._write_rng = disk_full
+        ck_save.write_rng = disk_full
     try:
         ck.save_checkpoint(accelerator, root, 3, models={"net": net}, optimizers={"opt": opt})
         error = None

@@ -389,7 +389,6 @@ def assert_loads_and_is_finite(step_dir: Path) -> None:
     """The checkpoint validates (sizes, sha256, headers), loads into freshly built stage-1 models, and holds only
     finite numbers."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from ldm.vae.autoencoder import PosteriorAutoencoder
     from ldm.vae.discriminator import PatchDiscriminator
@@ -399,12 +398,7 @@ def assert_loads_and_is_finite(step_dir: Path) -> None:
     assert resolve_resume(str(step_dir), step_dir.parent) == step_dir
     models = {"vae": PosteriorAutoencoder(build_vae("tiny", 32)), "discriminator": PatchDiscriminator(),
               "logvar": LogVariance(0.0)}
-    try:
-        state = load_checkpoint(Accelerator(cpu=True), step_dir, models=models)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+    state = load_checkpoint(Accelerator(cpu=True), step_dir, models=models)  # callers use `fresh_accelerate`
     assert state["step"] == step_of(step_dir)
     for name, model in models.items():
         for key, value in model.state_dict().items():
@@ -415,7 +409,7 @@ def assert_loads_and_is_finite(step_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_disk_full_at_a_checkpoint_exits_2_and_keeps_the_previous_one(tmp_path, shapes):
+def test_disk_full_at_a_checkpoint_exits_2_and_keeps_the_previous_one(tmp_path, shapes, fresh_accelerate):
     out, ckpts = tmp_path / "run", tmp_path / "run/checkpoints"
     run = Run(vae_cmd(out, shapes, "loss.perceptual_weight=0", "train.max_steps=12", "train.checkpoint_every=4",
                       "train.batch_size=4", "data.num_val=8", "train.val_every=1000"), tmp_path / "run.log")
@@ -441,7 +435,7 @@ NAN_RUN = ["loss.perceptual_weight=0", "train.max_steps=30", "train.checkpoint_e
 
 
 @pytest.mark.slow
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_a_checkpoint(tmp_path, shapes):
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_a_checkpoint(tmp_path, shapes, fresh_accelerate):
     # lr=1e30: the first Adam step moves every weight by ~1e30; the next forward pass overflows to inf/nan
     out, ckpts = tmp_path / "run", tmp_path / "run/checkpoints"
     run = Run(vae_cmd(out, shapes, *NAN_RUN, "optim.lr=1e30"), tmp_path / "run.log")

@@ -31,6 +31,11 @@ import cache_latents  # noqa: E402
 SCALE = 0.37
 NUM_IMAGES = 13  # 12 shapes + 1 undecodable file; shards of 4 -> 4 shards from one process, 2 + 2 from two
 
+# run_cli builds an Accelerator in this process; every test leaves a clean accelerate state behind (a run_cli in
+# the module-scoped `clean` fixture included: the first test's teardown resets it). Several run_cli calls within one
+# test share one state, which accelerate allows for identical settings.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> SimpleNamespace:
@@ -52,17 +57,10 @@ def save_vae(directory: Path, seed: int, scaling_factor: float) -> Path:
 
 
 def run_cli(data: Path, vae: Path, cache_dir: Path, *overrides: str) -> None:
-    """train/cache_latents.py in this process (one CPU process), with a fresh accelerate state afterwards."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
+    """train/cache_latents.py in this process (one CPU process)."""
     argv = [f"data.path={data}", f"cache.vae={vae}", f"cache.dir={cache_dir}", "cache.shard_size=4",
             "data.random_flip=true", "train.cpu=true", *overrides]
-    try:
-        cache_latents.main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+    cache_latents.main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,15 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.loading import train_loader
-from ldm.distributed import replicas_identical
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
+from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.sharding import full_model_state, is_fsdp
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
 from ldm.train_args import parse_train_args
-from ldm.training import NonFiniteSteps, all_processes, apply_optimizer_settings, clip_gradients, ema_weights, start_run
+from ldm.training import NonFiniteSteps, apply_optimizer_settings, clip_gradients, ema_weights, start_run
 from ldm.unet.config import LDMConfig
 from ldm.unet.export import export_model
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions

@@ -15,7 +15,7 @@ from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_va
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
-from ldm.distributed import main_process_first
+from ldm.parallel.collective import main_process_first
 
 log = logging.getLogger(__name__)
 

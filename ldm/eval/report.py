@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ldm.eval.reader import ATTRIBUTE_NAMES
+from ldm.files import atomic_write_text
 
 _COLUMNS = (*ATTRIBUTE_NAMES, "all")
 
@@ -71,11 +71,5 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
-    """Write atomically (a temporary sibling, then rename), so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically (`ldm.files.atomic_write_text`), so a reader never sees half a file."""
+    atomic_write_text(Path(path), json.dumps(report, indent=2) + "\n")

@@ -18,14 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from accelerate.utils import gather_object
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -35,14 +33,14 @@ from ldm.data.dataset import ImageCaptionDataset, collate_images
 from ldm.data.loading import resolve_source
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
-from ldm.distributed import main_process_first
 from ldm.errors import UserError
-from ldm.files import fsync_dir
+from ldm.files import TMP_PREFIX, atomic_write_bytes, atomic_write_text
 from ldm.latents.cache import (
     DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, CacheSpec, LatentCache,
     MissingCacheError, Shard, content_sha256, parse_shard, shard_name, vae_identity,
 )
 from ldm.latents.config import LatentCacheConfig
+from ldm.parallel.collective import main_process_first, run_on_all
 from ldm.vae.loading import load_vae
 
 if TYPE_CHECKING:
@@ -51,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_TMP_PREFIX = ".tmp-"
 
 
 def ensure_latent_cache(
@@ -99,7 +96,7 @@ def ensure_latent_cache(
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST_NAME).unlink(missing_ok=True)
         for entry in directory.iterdir():
-            if entry.name.startswith(_TMP_PREFIX):  # left by an interrupted write
+            if entry.name.startswith(TMP_PREFIX):  # left by an interrupted write
                 entry.unlink(missing_ok=True)
 
     _collective(accelerator, directory, prepare if accelerator.is_main_process else None)
@@ -185,7 +182,7 @@ def _encode_own_shards(
                     vae = load_vae(vae_dir, device=accelerator.device)
                 shard = _encode_shard(vae, dataset, indices, spec, cache_cfg, data_cfg, accelerator, progress)
                 data = _serialize_shard(shard)
-                _write_atomically(path, data)
+                atomic_write_bytes(path, data)
             else:
                 log.info("keeping %s (already written and intact)", path.name)
                 progress.update(len(indices))
@@ -321,20 +318,6 @@ def _manifest_entry(name: str, rank: int, data: bytes) -> dict[str, Any]:
     }
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename into place: `path` is either absent, old or complete."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
 def _publish(
     directory: Path,
     spec: CacheSpec,
@@ -375,7 +358,7 @@ def _publish(
         "shards": entries,
         "skipped": skipped,
     }
-    _write_atomically(directory / MANIFEST_NAME, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     listed = {e["file"] for e in entries}
     for path in directory.iterdir():
         if SHARD_FILE.match(path.name) and path.name not in listed:  # from an earlier run with more processes
@@ -392,32 +375,14 @@ def _publish(
 
 
 def _collective(accelerator: Accelerator, directory: Path, work: Callable[[], T] | None) -> list[T]:
-    """Run `work` here (None: nothing to do on this process), then share outcomes with all processes.
+    """Run `work` here (None: nothing to do on this process); every process's result, by rank.
 
-    Returns every process's result, by rank. If any process failed, every process raises (its own error if it has
-    one), so no process waits forever for one that died; OS errors become `UserError`s.
+    If any process failed, every process raises (`ldm.parallel.collective.run_on_all`), so no process waits forever
+    for one that died; OS errors become `UserError`s.
     """
-    result, failure, own_error = None, None, None
-    try:
-        result = work() if work is not None else None
-    except UserError as error:
-        failure, own_error = ("user", str(error)), error
-    except OSError as error:
-        own_error = UserError(
-            f"could not write the latent cache {directory}: {error}: free disk space or fix its permissions"
-        )
-        own_error.__cause__ = error
-        failure = ("user", str(own_error))
-    except Exception as error:  # noqa: BLE001 - reported to the other processes, then re-raised
-        failure, own_error = ("bug", f"{type(error).__name__}: {error}"), error
-    outcomes = [(result, failure)] if accelerator.num_processes == 1 else gather_object([(result, failure)])
-    failures = [(rank, f) for rank, (_, f) in enumerate(outcomes) if f is not None]
-    if own_error is not None:
-        raise own_error
-    if failures:
-        rank, (kind, text) = failures[0]
-        if kind == "user":
-            raise UserError(f"{text} (on process {rank})")
-        raise RuntimeError(f"latent caching failed on process {rank}: {text}")
-    return [r for r, _ in outcomes]
-
+    return run_on_all(
+        accelerator, work, what="latent caching",
+        describe_os_error=lambda reason: (
+            f"could not write the latent cache {directory}: {reason}: free disk space or fix its permissions"
+        ),
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ldm.errors import UserError
+from ldm.files import fsync_dir, temp_sibling, write_synced
 from ldm.pipeline.metadata import PNG_KEY, GenerationParams, format_parameters
 
 _COUNTER = re.compile(r"^(\d{5,})-")
@@ -44,23 +45,22 @@ def next_counter(outdir: Path) -> int:
 def save_png(image: Image.Image, params: GenerationParams, outdir: Path) -> Path:
     """Write `NNNNN-<seed>-<slug>.png` and return its path.
 
-    The PNG is written to a temporary name in `outdir` and then hard-linked to its final name: `link` fails if the
-    name exists (O_EXCL semantics, so a concurrent run or an existing file is never overwritten; we take the next
-    counter instead), and the final name only ever points at a complete file.
+    The PNG is written (and fsynced) under a temporary name in `outdir` and then hard-linked to its final name:
+    `link` fails if the name exists (O_EXCL semantics, so a concurrent run or an existing file is never overwritten;
+    we take the next counter instead), and the final name only ever points at a complete file. The directory is
+    fsynced last, so the new name survives a crash too. (Not `ldm.files.atomic_write_bytes`: its rename would
+    replace an existing file.)
     """
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, format_parameters(params))
-    fd, tmp_name = tempfile.mkstemp(dir=outdir, prefix=".tmp-", suffix=".png")
-    tmp = Path(tmp_name)
+    tmp = temp_sibling(outdir / "image.png")
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, lambda f: image.save(f, format="PNG", pnginfo=info))
         counter = next_counter(outdir)
         while True:
             final = outdir / f"{counter:05d}-{params.seed}-{slug(params.prompt)}.png"
             if _claim(tmp, final):
+                fsync_dir(outdir)
                 return final
             counter += 1
     finally:

@@ -11,8 +11,6 @@ import gzip
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from ldm.errors import UserError
+from ldm.files import atomic_write_text
 
 CONTEXT_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
@@ -102,22 +101,13 @@ def _write_tokenizer_files(directory: Path) -> None:
         "pad_token": EOS_TOKEN,
         "do_lower_case": True,
     }
-    # build in a temporary sibling folder and rename it into place, so concurrent processes never read half a file
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".clip_tokenizer-"))
-    try:
-        (staging / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-        (staging / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in merges) + "\n")
-        (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-        if directory.exists() and not _complete(directory):  # left by an interrupted run
-            shutil.rmtree(directory, ignore_errors=True)
-        try:
-            os.replace(staging, directory)
-        except OSError:
-            if not _complete(directory):  # a complete folder means another process won the race: fine
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Each file is written atomically (temporary sibling, fsync, rename), so concurrent processes never read half a
+    # file and an interrupted run leaves some files complete and the others missing (`_complete` is then false).
+    # Processes racing to write the same files write identical bytes: whichever rename comes last is as good.
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "vocab.json", json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(p) for p in merges) + "\n")
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
 
 
 def tokenize_prompts(
