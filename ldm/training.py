@@ -1,10 +1,9 @@
-"""Small pieces both training loops share: agreement across processes, clipping, EMA swaps, skipped-image tallies."""
+"""Small pieces both training loops share: agreement across processes, EMA swaps, skipped-image tallies."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from ldm.cli import setup_logging
 from ldm.config import save_config, to_dict
 from ldm.errors import UserError
-from ldm.sharding import require_supported_setup
+from ldm.parallel.setup import require_supported_setup
 from ldm.tracking import flat_config
 
 log = logging.getLogger(__name__)
@@ -50,15 +49,6 @@ def all_processes(accelerator: Accelerator, flag: bool) -> bool:
     """True when `flag` is true on every process (a collective: every process must call it)."""
     votes = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
     return int(votes) == accelerator.num_processes
-
-
-def clip_gradients(
-    accelerator: Accelerator, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float
-) -> torch.Tensor:
-    """Unscale (fp16) this optimizer's gradients and clip them; returns the norm before clipping (0: no clipping)."""
-    accelerator.unscale_gradients(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: a replicated DTensor
 
 
 @contextlib.contextmanager

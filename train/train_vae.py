@@ -25,8 +25,9 @@ from ldm.cli import parse_train_args
 from ldm.data.loading import build_datasets, train_loader
 from ldm.distributed import replicas_identical
 from ldm.errors import exit_on_user_error
+from ldm.parallel.backend import clip_gradients
 from ldm.tracking import log_image
-from ldm.training import apply_optimizer_settings, NonFiniteSteps, start_run, SkippedImages, all_processes, clip_gradients, ema_weights
+from ldm.training import apply_optimizer_settings, NonFiniteSteps, start_run, SkippedImages, all_processes, ema_weights
 from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator
