@@ -1,23 +1,22 @@
-"""Small pieces both training loops share: agreement across processes, clipping, EMA swaps, skipped-image tallies."""
+"""Small pieces both training loops share: agreement across processes, EMA swaps, skipped-image tallies."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 from diffusers.training_utils import EMAModel
 from torch.distributed.tensor import DTensor
 
 from ldm.config import save_config, to_dict
 from ldm.errors import UserError
-from ldm.sharding import require_supported_setup
+from ldm.parallel.setup import require_supported_setup
 from ldm.tracking import flat_config
 from ldm.train_logging import setup_logging
 
@@ -46,13 +45,6 @@ def start_run(config: Any, train: Any, *, sharding: bool = False) -> Accelerator
     return accelerator
 
 
-def clip_gradients(
-    accelerator: Accelerator, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float
-) -> torch.Tensor:
-    """Unscale (fp16) this optimizer's gradients and clip them; returns the norm before clipping (0: no clipping)."""
-    accelerator.unscale_gradients(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: a replicated DTensor
 
 
 @contextlib.contextmanager

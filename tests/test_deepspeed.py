@@ -19,8 +19,8 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from ldm.errors import UserError
+from ldm.parallel.zero import configure_zero
 from ldm.unet.tiny import write_tiny_stage2_inputs
-from ldm.zero import configure_zero
 
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 
 from ldm.errors import UserError
-from ldm.sharding import require_supported_setup
+from ldm.parallel.setup import require_supported_setup
 from ldm.training import SkippedImages, ema_weights
 
 
@@ -23,7 +23,7 @@ def test_unsupported_setups_are_refused_up_front():
     with pytest.raises(UserError, match="FSDP version 1 is not supported: set fsdp_version: 2"):
         require_supported_setup(fsdp1, sharding=True)
     deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
-    require_supported_setup(deepspeed, sharding=True)  # train_ldm.py; its ZeRO stage is checked by ldm.zero
+    require_supported_setup(deepspeed, sharding=True)  # train_ldm.py; its ZeRO stage is checked by ldm.parallel.zero
     with pytest.raises(UserError, match="DEEPSPEED is not supported by this script.*multi-gpu.yaml"):
         require_supported_setup(deepspeed, sharding=False)
     with pytest.raises(UserError, match="MEGATRON_LM is not supported by ldm's training scripts: use FSDP"):

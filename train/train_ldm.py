@@ -12,7 +12,6 @@ Outputs in `train.output_dir`: `config.yaml`, `latents/`, `checkpoints/step-*/`,
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -29,18 +28,17 @@ from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.parallel.collective import all_processes, replicas_identical
-from ldm.sharding import full_model_state, is_fsdp
+from ldm.parallel.setup import backend_for
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
 from ldm.train_args import parse_train_args
-from ldm.training import NonFiniteSteps, apply_optimizer_settings, clip_gradients, ema_weights, start_run
+from ldm.training import NonFiniteSteps, apply_optimizer_settings, ema_weights, start_run
 from ldm.unet.config import LDMConfig
 from ldm.unet.export import export_model
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions
 from ldm.unet.presets import build_unet
 from ldm.unet.samples import sample_grid
 from ldm.vae.loading import load_vae
-from ldm.zero import configure_zero, is_zero, master_weights_list
 
 log = logging.getLogger("train_ldm")
 
@@ -51,10 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.train.output_dir)
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
     accelerator = start_run(cfg, cfg.train, sharding=True)  # DDP, FSDP2 or DeepSpeed ZeRO-1/2 (configs/accelerate/)
-    zero = is_zero(accelerator)
-    if zero:  # the engine's batch, accumulation and clipping come from this config
-        configure_zero(accelerator, micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                       max_grad_norm=cfg.optim.max_grad_norm)
+    backend = backend_for(accelerator)  # all that differs between them, chosen once
+    backend.configure(micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,  # DeepSpeed: before `prepare`
+                      max_grad_norm=cfg.optim.max_grad_norm, mixed_precision=cfg.train.mixed_precision)
     vae.to(accelerator.device)  # decodes the validation samples
 
     # ---- frozen text encoder and the latent cache (encoded once, by all processes, each its share)
@@ -86,22 +83,12 @@ def main(argv: list[str] | None = None) -> None:
                                 num_training_steps=cfg.train.max_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     raw = accelerator.unwrap_model(unet)
-
-    def ema_source() -> list[torch.Tensor]:
-        # DeepSpeed with bf16/fp16 keeps low-precision weights in the module: the EMA follows the fp32 master
-        # weights instead, gathered whole from their partitions (one all-reduce of the model per step)
-        return master_weights_list(unet) if zero and cfg.train.mixed_precision != "no" else list(raw.parameters())
-
     ema = None  # made after `prepare`, so under FSDP it holds (and updates) each process's shard only
-    if cfg.train.ema_decay > 0:
-        ema = EMAModel(ema_source(), decay=cfg.train.ema_decay, model_cls=UNet2DConditionModel,
+    if cfg.train.ema_decay > 0:  # it follows the fp32 master weights under DeepSpeed with mixed precision
+        ema = EMAModel(backend.ema_source(unet), decay=cfg.train.ema_decay, model_cls=UNet2DConditionModel,
                        model_config=raw.config)
-    if is_fsdp(accelerator):
-        log.info("FSDP2: the U-Net, its optimizer state and EMA are sharded over %d processes",
-                 accelerator.num_processes)
-    elif zero:
-        log.info("DeepSpeed: the U-Net's fp32 master weights and optimizer state are partitioned over %d processes",
-                 accelerator.num_processes)
+    if (setup := backend.describe("the U-Net")) is not None:
+        log.info(setup)
 
     # ---- resume
     ckpt_root = out / "checkpoints"
@@ -132,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch["captions"]
 
     def save(step: int) -> Path:
-        if not is_fsdp(accelerator) and not replicas_identical(accelerator, unet):
+        if backend.replicated and not replicas_identical(accelerator, unet):
             raise RuntimeError(f"the U-Net replicas differ across processes at step {step}")
         consumed = accelerator.gather(torch.tensor([batches_done], device=accelerator.device)).tolist()
         return save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last,
@@ -154,39 +141,24 @@ def main(argv: list[str] | None = None) -> None:
             x0, captions = next_batch()  # (B, C, h, w) scaled latents
             with torch.no_grad():
                 text = drop_captions(text_encoder.encode(captions), empty, cfg.train.caption_dropout)  # (B, 77, D)
-            if zero:  # the DeepSpeed engine divides by `accum` and reduces, clips and steps at the boundary
-                unet.set_gradient_accumulation_boundary(micro == accum - 1)
-                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)
+            with backend.micro_step(unet, last=micro == accum - 1):  # gradients are reduced after the last
+                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)  # autocast by accelerate
                 finite &= bool(torch.isfinite(loss))
-                unet.backward(loss)
-            else:
-                with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet):
-                    loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)  # autocast by accelerate
-                    finite &= bool(torch.isfinite(loss))
-                    accelerator.backward(loss / accum)
+                backend.backward(unet, loss)  # of the mean over the `accum` micro-batches
             losses.append(loss.detach())
 
-        finite = all_processes(accelerator, finite)
-        if zero:
-            unet.step()  # DeepSpeed skips the update itself (and drops the gradients) when one is not finite
-            grad_norm = torch.tensor(unet.get_global_grad_norm() or 0.0)
-            if cfg.train.mixed_precision != "fp16":  # with fp16 its loss scaler skips overflowing steps by design
-                finite &= unet.was_step_applied()
-        elif finite:
-            grad_norm = clip_gradients(accelerator, optimizer, list(unet.parameters()), cfg.optim.max_grad_norm)
-            if cfg.train.mixed_precision != "fp16":  # with fp16 the gradient scaler skips overflowing steps itself
-                finite = bool(torch.isfinite(grad_norm))
+        # clipped and applied unless a loss (on any process) or the gradient norm is not finite
+        finite, grad_norm = backend.step(unet, optimizer, all_processes(accelerator, finite))
         if not finite:
             if nonfinite.skip(step, (optimizer,)):
                 saved = save(step)
                 raise nonfinite.error(step, saved, latest_checkpoint(ckpt_root, before=step))
             continue
         nonfinite.ok()
-        optimizer.step()  # a no-op under DeepSpeed, which stepped above
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(ema_source())
+            ema.step(backend.ema_source(unet))
         step += 1
         progress.update(1)
 
@@ -201,24 +173,17 @@ def main(argv: list[str] | None = None) -> None:
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
             save(step)
     progress.close()
-    if accelerator.num_processes > 1 and not is_fsdp(accelerator):
+    if accelerator.num_processes > 1 and backend.replicated:
         log.info("replicas identical across %d processes (checked at every checkpoint)", accelerator.num_processes)
 
-    # ---- a complete diffusers model directory with the EMA weights (gathered from the shards under FSDP; under
-    # DeepSpeed the EMA shadow, or else the master weights, are whole fp32 tensors while the module may hold bf16)
-    with ema_weights(ema if not zero else None, raw.parameters()):
-        final = raw
-        if is_fsdp(accelerator) or zero:
-            weights = full_model_state(accelerator, unet)  # collective; whole tensors on the main process only
-            if zero and ema is not None:
-                weights.update({name: s for (name, _), s in zip(raw.named_parameters(), ema.shadow_params)})
-            if accelerator.is_main_process:
-                final = UNet2DConditionModel.from_config(raw.config)
-                final.load_state_dict(weights)
-        if accelerator.is_main_process:
-            export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder,
-                         noise_scheduler=noise_scheduler, text_cfg=cfg.text_encoder)
-            log.info("saved the model to %s", out / "model")
+    # ---- a complete diffusers model directory with the EMA weights (whole fp32 tensors, gathered when sharded)
+    weights = backend.whole_weights(unet, ema)  # collective; complete on the main process
+    if accelerator.is_main_process:
+        final = UNet2DConditionModel.from_config(raw.config)
+        final.load_state_dict(weights)
+        export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder,
+                     noise_scheduler=noise_scheduler, text_cfg=cfg.text_encoder)
+        log.info("saved the model to %s", out / "model")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

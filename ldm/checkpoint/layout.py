@@ -19,7 +19,7 @@ touches the new one. Stale temporaries are cleaned by the next save.
 Under FSDP (version 2) the sharded model, optimizer and EMA state, and under DeepSpeed ZeRO-1/2 the partitioned fp32
 master weights and optimizer state, are gathered into whole tensors first and written by the main process in exactly
 this layout (optimizer state then keyed by parameter name), so a checkpoint moves freely between FSDP, DeepSpeed, DDP
-and single-process runs (ldm/sharding.py, ldm/zero.py).
+and single-process runs (ldm/parallel/).
 
 No pickle anywhere: tensors go to safetensors, everything else to JSON through a small tagged encoding that
 round-trips tuples, non-string dict keys, inf/nan and tensors exactly (`ldm/checkpoint/codec.py`).

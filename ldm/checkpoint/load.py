@@ -2,7 +2,7 @@
 
 The checkpoint is validated first, and every model is checked against its file before anything changes, so a
 checkpoint that does not fit leaves the models untouched. Under FSDP and DeepSpeed the whole tensors on disk are
-scattered into this process's shards (`ldm.sharding`).
+scattered into this process's shards (`ldm.parallel`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from ldm.checkpoint.tensors import read_tensors
 from ldm.checkpoint.validate import validate_checkpoint
 from ldm.errors import UserError
 from ldm.parallel.collective import run_on_all
-from ldm.sharding import load_full_model_state, load_full_optimizer_state, shard_like
-from ldm.zero import is_zero
+from ldm.parallel.setup import backend_for
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -66,7 +65,7 @@ def load_checkpoint(
         for name, scheduler in schedulers.items():
             _load_scheduler(path, name, scheduler)
         for name, ema in emas.items():
-            _load_ema(path, name, ema)
+            _load_ema(accelerator, path, name, ema)
         loaded.update(_read_state(path))
         # Last, so that nothing above can consume random numbers after the restore.
         _restore_rng(path, manifest, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process)
@@ -134,14 +133,14 @@ def _load_model(accelerator: Accelerator, checkpoint: Path, name: str, model: to
     weights, _ = read_tensors(checkpoint, f"models/{name}.safetensors")
     current = _unwrap(accelerator, model).state_dict()
     cast = sorted(k for k, v in weights.items() if v.dtype != current[k].dtype)
-    if cast and not is_zero(accelerator):  # DeepSpeed: the fp32 master weights get the saved values exactly
+    if cast and not backend_for(accelerator).fp32_masters:  # DeepSpeed: the fp32 master weights get the saved values exactly
         log.warning(
             "model %r: %d tensors are cast from the checkpoint's dtype (e.g. %s); resume is not bit-exact",
             name,
             len(cast),
             cast[0],
         )
-    load_full_model_state(accelerator, model, weights)
+    backend_for(accelerator).load_model_state(model, weights)
 
 
 def _read_structured(checkpoint: Path, relpath: str, what: str, expected_class: str) -> dict[str, Any]:
@@ -167,7 +166,7 @@ def _load_optimizer(
         raise UserError(f"checkpoint {checkpoint} holds {what} keyed by parameter name (saved under FSDP or "
                         f"DeepSpeed): load it together with its model under the same name")
     try:
-        load_full_optimizer_state(accelerator, model, optimizer, state_dict)
+        backend_for(accelerator).load_optimizer_state(model, optimizer, state_dict)
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(
             f"checkpoint {checkpoint} does not fit {what}: {str(e).splitlines()[0]}; "
@@ -189,7 +188,7 @@ def _load_scheduler(checkpoint: Path, name: str, scheduler: Any) -> None:
     scheduler.load_state_dict(state_dict)
 
 
-def _load_ema(checkpoint: Path, name: str, ema: EMAModel) -> None:
+def _load_ema(accelerator: Accelerator, checkpoint: Path, name: str, ema: EMAModel) -> None:
     what = f"EMA {name!r}"
     state_dict = _read_structured(checkpoint, f"ema/{name}.safetensors", what, class_name(ema))
     shadow = state_dict.get("shadow_params", [])
@@ -200,7 +199,8 @@ def _load_ema(checkpoint: Path, name: str, ema: EMAModel) -> None:
             f"in the model, or different shapes; build the EMA over the same model, or start fresh with --resume none"
         )
     # Each shadow tensor goes where the live EMA keeps it (e.g. on the GPU; this process's shard under FSDP).
-    state_dict["shadow_params"] = [shard_like(s, c) for s, c in zip(shadow, current)]
+    backend = backend_for(accelerator)
+    state_dict["shadow_params"] = [backend.shard_like(s, c) for s, c in zip(shadow, current)]
     ema.load_state_dict(state_dict)
 
 

@@ -34,7 +34,7 @@ from ldm.files import (
     OLD_PREFIX, fsync_dir, fsync_tree, os_reason, remove_tree, replace_directory, sha256_file, write_synced,
 )
 from ldm.parallel.collective import run_on_all
-from ldm.sharding import full_model_state, full_optimizer_state, full_tensors, is_sharded
+from ldm.parallel.setup import backend_for
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -82,7 +82,7 @@ def save_checkpoint(
     # Phase 1: the main process makes an empty temp directory that the others can write their RNG state into.
     on_all((lambda: _prepare_temp_dir(root, tmp)) if is_main else None)
     # Whole tensors on the main process (under FSDP or DeepSpeed a collective gather; otherwise the live state dicts).
-    whole = _whole_states(accelerator, models, optimizers, emas) if is_main or is_sharded(accelerator) else {}
+    whole = _whole_states(accelerator, models, optimizers, emas) if is_main or backend_for(accelerator).sharded else {}
 
     # Phase 2: every process writes its own RNG state; the main process writes everything else.
     def write_contents() -> dict[str, list[str]]:
@@ -155,15 +155,16 @@ def _whole_states(
 ) -> dict[str, dict[str, Any]]:
     """{"models": {name: state_dict}, "optimizers"|"emas": {name: (state_dict, class name)}} with whole tensors;
     complete on the main process (when sharded the others get empty states). Collective when sharded."""
+    backend = backend_for(accelerator)
     emas_whole = {}
     for name, ema in emas.items():
         state = ema.state_dict()
-        state["shadow_params"] = full_tensors(accelerator, list(state["shadow_params"]))
+        state["shadow_params"] = backend.full_tensors(list(state["shadow_params"]))
         emas_whole[name] = (state, class_name(ema))
     return {
-        "models": {name: full_model_state(accelerator, model) for name, model in models.items()},
+        "models": {name: backend.model_state(model) for name, model in models.items()},
         "optimizers": {
-            name: (full_optimizer_state(accelerator, models.get(name), optimizer), class_name(optimizer))
+            name: (backend.optimizer_state(models.get(name), optimizer), class_name(optimizer))
             for name, optimizer in optimizers.items()
         },
         "emas": emas_whole,

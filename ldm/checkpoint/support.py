@@ -9,7 +9,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 
 from ldm.errors import UserError
-from ldm.sharding import is_sharded, require_supported_setup
+from ldm.parallel.setup import backend_for, require_supported_setup
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def check_supported(accelerator: Accelerator, optimizers: Mapping[str, Any], models: Mapping[str, Any]) -> None:
     # FSDP1, ZeRO-3 and Megatron keep state in their own layouts; refuse rather than save one process's shard.
     require_supported_setup(accelerator, sharding=True)
-    if is_sharded(accelerator):
+    if backend_for(accelerator).sharded:
         for name in optimizers:
             if name not in models:
                 raise UserError(f"under FSDP or DeepSpeed, optimizer {name!r} needs the model it optimizes under the "

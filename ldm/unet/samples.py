@@ -13,7 +13,7 @@ from torchvision.utils import make_grid
 
 from ldm.pipeline.loading import Components
 from ldm.pipeline.pipeline import Pipeline
-from ldm.sharding import is_fsdp
+from ldm.parallel.fsdp import is_fsdp
 from ldm.text.encoder import FrozenTextEncoder
 from ldm.unet.config import SampleConfig
 

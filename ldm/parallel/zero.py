@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO stages 1 and 2 under accelerate: the engine's settings from ldm's config, and whole tensors out of
-(and back into) its partitioned fp32 master weights and AdamW moments.
+"""The DeepSpeed ZeRO-1/2 backend under accelerate: the engine's settings from ldm's config, its backward and step, and
+whole tensors out of (and back into) its partitioned fp32 master weights and AdamW moments.
 
 Under ZeRO-1/2 every process keeps the whole model (in bf16/fp16 with mixed precision), while the fp32 master weights
 and the optimizer moments (ZeRO-1), and the gradients too (ZeRO-2), are split over the processes as flat partitions.
@@ -14,8 +14,9 @@ and an optimizer or LR scheduler in the DeepSpeed config (ldm builds both from i
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from ldm.errors import UserError
+from ldm.parallel.backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,58 @@ def configure_zero(accelerator: Accelerator, *, micro_batch: int, grad_accum: in
     log.info("DeepSpeed ZeRO-%d: micro-batch %d, gradient accumulation %d, clipping %s (from the training config%s)",
              stage, micro_batch, grad_accum, max_grad_norm or "off",
              f"; the accelerate config's {', '.join(replaced)} not used" if replaced else "")
+
+
+class ZeroBackend(Backend):
+    """DeepSpeed ZeRO-1/2: every process holds the whole module (bf16/fp16 copies under mixed precision); the fp32
+    master weights and optimizer moments (and, ZeRO-2, the gradients) are partitioned. The engine accumulates,
+    reduces, clips and steps."""
+
+    sharded = True
+    fp32_masters = True  # a checkpoint's fp32 weights load into the masters exactly, whatever the module's dtype
+
+    def configure(self, *, micro_batch: int, grad_accum: int, max_grad_norm: float, mixed_precision: str) -> None:
+        """Also writes batch, accumulation and clipping into the DeepSpeed config (so: before `prepare`)."""
+        super().configure(micro_batch=micro_batch, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+                          mixed_precision=mixed_precision)
+        configure_zero(self.accelerator, micro_batch=micro_batch, grad_accum=grad_accum, max_grad_norm=max_grad_norm)
+
+    def describe(self, what: str) -> str | None:
+        return (f"DeepSpeed: {what}'s fp32 master weights and optimizer state are partitioned over "
+                f"{self.accelerator.num_processes} processes")
+
+    @contextlib.contextmanager
+    def micro_step(self, model: Any, *, last: bool) -> Iterator[None]:
+        model.set_gradient_accumulation_boundary(last)  # the engine reduces, clips and steps at the boundary only
+        yield
+
+    def backward(self, model: Any, loss: torch.Tensor) -> None:
+        model.backward(loss)  # the engine divides by the accumulation steps itself
+
+    def step(self, model: Any, optimizer: Any, finite: bool) -> tuple[bool, torch.Tensor | None]:
+        model.step()  # DeepSpeed skips the update itself (and drops the gradients) when one is not finite
+        grad_norm = torch.tensor(model.get_global_grad_norm() or 0.0)
+        if self.mixed_precision != "fp16":  # with fp16 its loss scaler skips overflowing steps by design
+            finite &= model.was_step_applied()
+        return finite, grad_norm
+
+    def ema_source(self, model: Any) -> list[torch.Tensor]:
+        # with bf16/fp16 the module holds low-precision weights: the EMA follows the fp32 master weights instead,
+        # gathered whole from their partitions (one all-reduce of the model per step)
+        return master_weights_list(model) if self.mixed_precision != "no" else super().ema_source(model)
+
+    def model_state(self, model: Any) -> dict[str, torch.Tensor]:
+        """The whole fp32 master weights (and buffers), on the main process ({} elsewhere)."""
+        return master_weights(model)
+
+    def load_model_state(self, model: Any, state: Mapping[str, torch.Tensor]) -> None:
+        load_master_weights(model, state)
+
+    def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
+        return full_optimizer_state(model, optimizer)
+
+    def load_optimizer_state(self, model: Any, optimizer: Any, state: dict) -> None:
+        load_optimizer_state(model, optimizer, state)
 
 
 def zero_optimizer(optimizer: Any) -> Any:
