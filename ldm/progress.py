@@ -26,7 +26,7 @@ DEFAULT_INTERVAL_S = 60.0
 def progress_bar(
     iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", initial: int = 0,
     disable: bool = False, unit: str = "it", leave: bool = True, file: IO[str] | None = None,
-) -> tqdm | ProgressLines:
+) -> ProgressCounter:
     """A progress counter with tqdm's interface (`update`, `set_postfix`, `close`, iteration, `with`)."""
     file = sys.stderr if file is None else file
     if _is_terminal(file):
@@ -106,6 +106,9 @@ class ProgressLines:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+ProgressCounter = tqdm | ProgressLines  # what progress_bar() returns
 
 
 def _is_terminal(file: IO[str]) -> bool:

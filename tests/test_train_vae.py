@@ -155,6 +155,8 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, capsys, fresh
     for name in ("zero.png: empty file", "text.png: not an image", "cut.png: truncated file"):
         assert f"skipped unreadable image {name}" in err
     assert "3 unreadable images skipped in total: cut.png" in err
+    # stderr is no terminal here: compact progress lines (ldm.progress), no bar redraws
+    assert "\r" not in err and "vae: 3/3 (100%)" in err
 
 
 @pytest.mark.slow

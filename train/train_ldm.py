@@ -20,7 +20,6 @@ from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.loading import train_loader
@@ -29,6 +28,7 @@ from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
+from ldm.progress import progress_bar
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
 from ldm.train_args import parse_train_args
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the loop: one iteration = one optimizer step over `grad_accum` micro-batches
     accum = cfg.train.grad_accum
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
-    progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="unet")
+    progress = progress_bar(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="unet")
     while step < cfg.train.max_steps:
         finite, losses = True, []
         for micro in range(accum):

@@ -18,13 +18,13 @@ import torch
 from accelerate.utils import set_seed
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.loading import build_datasets, train_loader
 from ldm.errors import exit_on_user_error
 from ldm.parallel.backend import clip_gradients
 from ldm.parallel.collective import all_processes, replicas_identical
+from ldm.progress import progress_bar
 from ldm.tracking import log_image
 from ldm.train_args import parse_train_args
 from ldm.training import apply_optimizer_settings, NonFiniteSteps, start_run, SkippedImages, ema_weights
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     raw_disc = accelerator.unwrap_model(disc)
     accum = cfg.train.grad_accum
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
-    progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="vae")
+    progress = progress_bar(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="vae")
     while step < cfg.train.max_steps:
         gan_on = step >= cfg.loss.disc_start
         logs: dict[str, torch.Tensor] = {}

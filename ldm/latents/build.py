@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from ldm.data.config import DataConfig
 from ldm.data.dataset import ImageCaptionDataset, collate_images
@@ -41,6 +40,7 @@ from ldm.latents.cache import (
 )
 from ldm.latents.config import LatentCacheConfig
 from ldm.parallel.collective import main_process_first, run_on_all
+from ldm.progress import ProgressCounter, progress_bar
 from ldm.vae.loading import load_vae
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def _encode_own_shards(
     entries: list[dict[str, Any]] = []
     world = accelerator.num_processes
     desc = "encoding latents" + (f" (process 0 of {world})" if world > 1 else "")
-    with tqdm(total=sum(map(len, plan)), desc=desc, disable=not accelerator.is_main_process) as progress:
+    with progress_bar(total=sum(map(len, plan)), desc=desc, disable=not accelerator.is_main_process) as progress:
         for k, indices in enumerate(plan):
             path = directory / shard_name(rank, k)
             data = _reusable_shard(path, build, indices)
@@ -214,7 +214,7 @@ def _encode_shard(
     cache_cfg: LatentCacheConfig,
     data_cfg: DataConfig,
     accelerator: Accelerator,
-    progress: tqdm,
+    progress: ProgressCounter,
 ) -> Shard:
     # Subset(dataset, indices)[i] is dataset[indices[i]]: key = index, i.e. epoch 0 (only the caption pick of
     # multi-caption records depends on the key; the transform is deterministic).
