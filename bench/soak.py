@@ -33,12 +33,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRESS = re.compile(r"(?:vae|unet): +\d+%\|[^|]*\| *(\d+)/(\d+)")
+# a progress line off a terminal (ldm.progress: "vae: 8/12 (67%), ...") or, on one, tqdm's bar
+PROGRESS = re.compile(r"(?:vae|unet): +(?:\d+%\|[^|]*\| *)?(\d+)/(\d+)")
 ENV = {
     **os.environ,
     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-    "TQDM_MININTERVAL": "0",
-    "TQDM_MINITERS": "1",
+    "LDM_PROGRESS_INTERVAL": "0",  # a progress line at every step, which the soak follows
     "PYTHONUNBUFFERED": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
