@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from ldm.errors import UserError
+from ldm.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -42,7 +43,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config next to a run's outputs, so the run can be reproduced from it alone."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def check(condition: bool, key: str, message: str) -> None:

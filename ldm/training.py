@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from diffusers.training_utils import EMAModel
 from torch.distributed.tensor import DTensor
 
 from ldm.config import save_config, to_dict
 from ldm.errors import UserError
+from ldm.parallel.collective import gather_json
 from ldm.parallel.setup import require_supported_setup
 from ldm.tracking import flat_config
 from ldm.train_logging import setup_logging
@@ -132,9 +132,9 @@ class SkippedImages:
             log.warning("skipped unreadable image %s", name)
         self.names |= names
 
-    def gather(self) -> list[str]:
+    def gather(self, accelerator: Accelerator) -> list[str]:
         """The union over all processes (a collective)."""
-        return sorted(set().union(*gather_object([sorted(self.names)])))
+        return sorted(set().union(*gather_json(accelerator, sorted(self.names))))
 
     @staticmethod
     def summary(names: list[str], shown: int = 20) -> str:

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         return save_checkpoint(
             accelerator, ckpt_root, step, models=ckpt_models, optimizers=ckpt_optimizers, schedulers=ckpt_schedulers,
             emas=ckpt_emas, keep_last=cfg.train.keep_last,
-            state={"step": step, "batches_consumed": consumed, "skipped_images": skipped.gather(),
+            state={"step": step, "batches_consumed": consumed, "skipped_images": skipped.gather(accelerator),
                    "scaling_factor": scaling_factor},
         )
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the trained autoencoder in the diffusers format, EMA weights if kept, with its measured latent scale
     if scaling_factor is None:
         validate(step)
-    skipped_names = skipped.gather()
+    skipped_names = skipped.gather(accelerator)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model).vae
         with ema_weights(ema, unwrapped.parameters()):

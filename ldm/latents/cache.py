@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from ldm.errors import UserError
 from ldm.files import sha256_file
+from ldm.vae.loading import HINT, check_vae
 
 FORMAT_NAME = "ldm-latent-cache"
 SHARD_FORMAT_NAME = "ldm-latent-shard"
@@ -108,28 +109,17 @@ class VAEIdentity:
 def vae_identity(vae_dir: str | Path) -> VAEIdentity:
     """Hash a diffusers AutoencoderKL directory (reads its weights once; ~1 s per 300 MB)."""
     directory = Path(vae_dir).expanduser()
-    hint = "set cache.vae to a diffusers AutoencoderKL directory (stage 1 exports one to <output_dir>/vae)"
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        what = "does not exist" if not directory.exists() else "has no config.json"
-        raise UserError(f"VAE directory '{directory}' {what}: {hint}")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"VAE config '{config_file}' is unreadable ({error}): {hint}") from error
-    if not isinstance(raw, dict) or raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        kind = raw.get("_class_name") if isinstance(raw, dict) else type(raw).__name__
-        raise UserError(f"'{directory}' holds a {kind}, not an AutoencoderKL: {hint}")
+    raw = check_vae(directory)  # one-line errors for a missing, unreadable, non-VAE or pickle-only directory
     # Bookkeeping keys change with the diffusers version that saved the file, not with the model.
     config = {k: v for k, v in sorted(raw.items()) if not k.startswith("_")}
     weights = hashlib.sha256()
-    for file in _weight_files(directory, hint):
+    for file in _weight_files(directory):
         weights.update(file.name.encode() + b"\n")
         weights.update(sha256_file(file).encode() + b"\n")
     return VAEIdentity(weights.hexdigest(), _sha256_json(config), config, str(directory.resolve()))
 
 
-def _weight_files(directory: Path, hint: str) -> list[Path]:
+def _weight_files(directory: Path) -> list[Path]:
     """The files `AutoencoderKL.from_pretrained(directory)` loads (no variants)."""
     single = directory / "diffusion_pytorch_model.safetensors"
     if single.is_file():
@@ -138,10 +128,7 @@ def _weight_files(directory: Path, hint: str) -> list[Path]:
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         return [index] + [directory / name for name in shards]
-    if (directory / "diffusion_pytorch_model.bin").is_file():
-        raise UserError(f"VAE directory '{directory}' holds only a pickle checkpoint (diffusion_pytorch_model.bin), "
-                        "which is never loaded: convert it to safetensors with save_pretrained where you trust it")
-    raise UserError(f"VAE directory '{directory}' has no diffusion_pytorch_model weights: {hint}")
+    raise UserError(f"VAE directory '{directory}' has no diffusion_pytorch_model weights: {HINT}")
 
 
 def _sha256_json(value: Any) -> str:
@@ -469,7 +456,7 @@ class LatentDataset(Dataset):
         if key < 0 or not self.positions:
             raise IndexError(f"latent dataset keys are non-negative (epoch * len + position), got {key}")
         position = self.positions[key % len(self.positions)]
-        # The same integer mix as ldm.data.images (ints seed `Random` reproducibly across processes).
+        # The same integer mix as ldm.data.dataset (ints seed `Random` reproducibly across processes).
         rng = random.Random(self.seed * 1_000_003 + key)
         flipped = self.cache.has_flips and rng.random() < 0.5
         return self.cache.row(position, flipped)

@@ -15,6 +15,7 @@ from ldm import hub
 from ldm.demo import MODEL_DIR as DEMO_MODEL_DIR
 from ldm.demo import NAME as DEMO_NAME
 from ldm.errors import UserError
+from ldm.vae.loading import vae_factor
 from ldm.weights import COMPONENTS, check_model_dir
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,7 @@ def _from_hub(repo_id: str) -> Path:
 
 def read_vae_factor(root: Path) -> int:
     """Pixels per latent pixel, from vae/config.json alone (sizes are validated before any weights are read)."""
-    config = _read_json(root / "vae" / "config.json")
-    return 2 ** (len(config.get("block_out_channels", [0])) - 1)
+    return vae_factor(_read_json(root / "vae" / "config.json"))
 
 
 def read_default_size(root: Path) -> int:

@@ -30,6 +30,7 @@ from ldm.pipeline.seeds import generators, per_image_noise, random_seed
 from ldm.pipeline.validation import check_request, check_size, pick_size, steps_to_run
 from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
 from ldm.progress import progress_bar
+from ldm.vae.loading import vae_factor
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Pipeline:
         self.scheduler_config = components.scheduler_config
         self.model_name = components.name
         self.device, self.dtype = device, dtype
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_factor = vae_factor(self.vae.config)
         sample = self.unet.config.sample_size
         self.default_size = (sample[0] if isinstance(sample, (list, tuple)) else sample) * self.vae_factor
         # a 9-channel U-Net is an inpainting model (latents + mask + masked-image latents); 4 channels is ordinary
