@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the loop: one iteration = one optimizer step over `grad_accum` micro-batches
     accum = cfg.train.grad_accum
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
-    progress = progress_bar(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="unet")
+    progress = progress_bar(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
+                            desc="unet")
     while step < cfg.train.max_steps:
         finite, losses = True, []
         for micro in range(accum):

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     raw_disc = accelerator.unwrap_model(disc)
     accum = cfg.train.grad_accum
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
-    progress = progress_bar(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process, desc="vae")
+    progress = progress_bar(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
+                            desc="vae")
     while step < cfg.train.max_steps:
         gan_on = step >= cfg.loss.disc_start
         logs: dict[str, torch.Tensor] = {}
