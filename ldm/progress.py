@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
@@ -32,7 +33,7 @@ def progress_bar(
     if _is_terminal(file):
         return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, unit=unit, leave=leave,
                     file=file)
-    interval = float(os.environ.get("LDM_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
+    interval = _interval_from_env()
     return ProgressLines(iterable, total=total, desc=desc, initial=initial, disable=disable, unit=unit, file=file,
                          interval=interval)
 
@@ -109,6 +110,19 @@ class ProgressLines:
 
 
 ProgressCounter = tqdm | ProgressLines  # what progress_bar() returns
+
+
+def _interval_from_env() -> float:
+    """LDM_PROGRESS_INTERVAL in seconds; an unreadable or negative value is ignored (with a warning), not fatal."""
+    text = os.environ.get("LDM_PROGRESS_INTERVAL")
+    try:
+        value = float(text) if text is not None else DEFAULT_INTERVAL_S
+    except ValueError:
+        value = -1.0
+    if value >= 0:
+        return value
+    warnings.warn(f"LDM_PROGRESS_INTERVAL={text!r} is not a number of seconds >= 0: using {DEFAULT_INTERVAL_S:g}")
+    return DEFAULT_INTERVAL_S
 
 
 def _is_terminal(file: IO[str]) -> bool:

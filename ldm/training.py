@@ -1,4 +1,4 @@
-"""Small pieces both training loops share: agreement across processes, EMA swaps, skipped-image tallies."""
+"""Small pieces both training loops share: the run's start, EMA swaps, non-finite-step counting, skipped-image tallies."""
 
 from __future__ import annotations
 
@@ -43,8 +43,6 @@ def start_run(config: Any, train: Any, *, sharding: bool = False) -> Accelerator
         save_config(config, out / "config.yaml")
         accelerator.init_trackers("logs", config=flat_config(to_dict(config)))
     return accelerator
-
-
 
 
 @contextlib.contextmanager

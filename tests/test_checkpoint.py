@@ -430,6 +430,23 @@ def test_error_while_publishing_leaves_previous_intact(
     assert_write_failed(error, tmp_path, f"Input/output error ({tmp_path / 'step-00000002'})")
 
 
+def test_error_while_rotating_says_the_new_checkpoint_was_saved(
+    accelerator: Accelerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = tiny_net()
+    save_net(accelerator, tmp_path, 1, net)
+
+    def rotate_fails(root: Path, keep_last: int, *, keep: Path) -> None:
+        raise OSError(errno.EACCES, "Permission denied", str(root / "step-00000001"))
+
+    monkeypatch.setattr(ck_save, "_rotate", rotate_fails)
+    with pytest.raises(UserError) as error:
+        save_checkpoint(accelerator, tmp_path, 2, models={"net": net}, keep_last=1)
+    assert str(error.value) == (f"saved checkpoint {tmp_path / 'step-00000002'}, but could not delete older ones: "
+                                f"Permission denied ({tmp_path / 'step-00000001'})")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000002"
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
 def test_real_write_error_from_safetensors(accelerator: Accelerator, tmp_path: Path) -> None:
     """A kernel-level write failure inside safetensors' own writer (file size limit, works even as root)."""

@@ -84,3 +84,16 @@ def test_disabled_prints_nothing_and_a_terminal_gets_tqdm():
 
     assert isinstance(progress_bar(total=5, file=Terminal()), tqdm)
     assert isinstance(progress_bar(total=5, file=io.StringIO()), ProgressLines)
+
+
+def test_an_unreadable_interval_falls_back_to_the_default_with_a_warning(monkeypatch):
+    import pytest
+
+    from ldm.progress import DEFAULT_INTERVAL_S
+
+    monkeypatch.setenv("LDM_PROGRESS_INTERVAL", "soon")
+    with pytest.warns(UserWarning, match="LDM_PROGRESS_INTERVAL='soon' is not a number of seconds"):
+        bar = progress_bar(total=5, file=io.StringIO())
+    assert bar.interval == DEFAULT_INTERVAL_S
+    monkeypatch.setenv("LDM_PROGRESS_INTERVAL", "0")
+    assert progress_bar(total=5, file=io.StringIO()).interval == 0

@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ldm.files import OLD_PREFIX, TMP_PREFIX
+from ldm.files import TMP_PREFIX
 
 FORMAT_NAME = "ldm-checkpoint"
 FORMAT_VERSION = 1

@@ -24,6 +24,7 @@ from ldm.checkpoint.tensors import read_tensors
 from ldm.checkpoint.validate import validate_checkpoint
 from ldm.errors import UserError
 from ldm.parallel.collective import run_on_all
+from ldm.parallel.backend import keyed_by_name
 from ldm.parallel.setup import backend_for
 
 if TYPE_CHECKING:
@@ -133,7 +134,8 @@ def _load_model(accelerator: Accelerator, checkpoint: Path, name: str, model: to
     weights, _ = read_tensors(checkpoint, f"models/{name}.safetensors")
     current = _unwrap(accelerator, model).state_dict()
     cast = sorted(k for k, v in weights.items() if v.dtype != current[k].dtype)
-    if cast and not backend_for(accelerator).fp32_masters:  # DeepSpeed: the fp32 master weights get the saved values exactly
+    # under DeepSpeed the fp32 master weights get the saved values exactly, whatever dtype the module holds
+    if cast and not backend_for(accelerator).fp32_masters:
         log.warning(
             "model %r: %d tensors are cast from the checkpoint's dtype (e.g. %s); resume is not bit-exact",
             name,
@@ -162,7 +164,7 @@ def _load_optimizer(
 ) -> None:
     what = f"optimizer {name!r}"
     state_dict = _read_structured(checkpoint, f"optimizers/{name}.safetensors", what, class_name(optimizer))
-    if model is None and any(isinstance(k, str) for k in state_dict.get("state", {})):
+    if model is None and keyed_by_name(state_dict):
         raise UserError(f"checkpoint {checkpoint} holds {what} keyed by parameter name (saved under FSDP or "
                         f"DeepSpeed): load it together with its model under the same name")
     try:

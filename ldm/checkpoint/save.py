@@ -93,15 +93,18 @@ def save_checkpoint(
 
     components = on_all(write_contents)[0]
 
-    # Phase 3: the main process seals the checkpoint, renames it into place and rotates old ones. The final sync
-    # doubles as the barrier that keeps every process from continuing before the checkpoint exists.
-    def publish() -> None:
-        _seal_and_publish(tmp, final, step, accelerator.num_processes, components)
+    # Phase 3: the main process seals the checkpoint and renames it into place. The sync doubles as the barrier that
+    # keeps every process from continuing before the checkpoint exists.
+    on_all((lambda: _seal_and_publish(tmp, final, step, accelerator.num_processes, components)) if is_main else None)
+
+    # Then the main process rotates old checkpoints. The new one is complete by now, so a failure here says so.
+    def rotate() -> None:
         _warn_if_newer_checkpoints(root, step)
         if keep_last is not None:
             _rotate(root, keep_last, keep=final)
 
-    on_all(publish if is_main else None)
+    run_on_all(accelerator, rotate if is_main else None, what="checkpoint rotation",
+               describe_os_error=lambda reason: f"saved checkpoint {final}, but could not delete older ones: {reason}")
     if is_main:
         log.info("saved checkpoint %s", final)
     return final

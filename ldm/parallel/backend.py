@@ -1,7 +1,7 @@
 """The one place a training loop and the checkpoints ask how the model is distributed: `Backend`, here for one process
 and DDP (every process holds the whole model and optimizer), and the base that the sharded backends override
 (ldm/parallel/fsdp.py for FSDP2, ldm/parallel/zero.py for DeepSpeed ZeRO-1/2). `ldm.parallel.setup.backend_for`
-picks one from the accelerator, once.
+picks one from the accelerator (the training loop does so once; checkpointing asks again, as it keeps no state).
 
 ldm keeps one on-disk format for every backend: whole tensors, written by the main process, so a checkpoint or model
 saved under one backend loads under any other. A backend gives whole state out (`model_state`, `optimizer_state`,
@@ -18,13 +18,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
-from diffusers.training_utils import EMAModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 SCATTER = StateDictOptions(full_state_dict=True)  # every process passes the whole tensors; each keeps its shard
 

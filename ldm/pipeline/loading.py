@@ -131,7 +131,7 @@ def load_components(root: Path, name: str, device: torch.device, dtype: torch.dt
 
 
 def check_model(root: Path) -> dict[str, str | None]:
-    """Check the files the model needs (see weights.py) without loading anything; returns the weight variants."""
+    """Check the files the model needs (see ldm/weights.py) without loading anything; returns the weight variants."""
     text_info = read_text_encoder_info(root)
     # an open_clip text encoder (stage 2 with SD 2.x-style conditioning) is rebuilt from its description, so the
     # directory has no text_encoder/ or tokenizer/
