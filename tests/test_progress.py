@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from tqdm import tqdm
 
-from ldm.progress import ProgressLines, progress_bar
+from ldm.progress import DEFAULT_INTERVAL_S, ProgressLines, progress_bar
 
 
 class FakeClock:
@@ -87,10 +88,6 @@ def test_disabled_prints_nothing_and_a_terminal_gets_tqdm():
 
 
 def test_an_unreadable_interval_falls_back_to_the_default_with_a_warning(monkeypatch):
-    import pytest
-
-    from ldm.progress import DEFAULT_INTERVAL_S
-
     monkeypatch.setenv("LDM_PROGRESS_INTERVAL", "soon")
     with pytest.warns(UserWarning, match="LDM_PROGRESS_INTERVAL='soon' is not a number of seconds"):
         bar = progress_bar(total=5, file=io.StringIO())
