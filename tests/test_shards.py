@@ -23,6 +23,7 @@ from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.latents import LatentCache
 from ldm.latents.build import shard_plan
+from ldm.latents import shard_writer
 from ldm.latents.shard_writer import write_latent_shards
 from ldm.vae.presets import build_vae
 
@@ -161,7 +162,7 @@ def test_each_process_gets_its_own_shards(shards):
 
 
 @pytest.mark.usefixtures("fresh_accelerate")
-def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shards, tmp_path):
+def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shards, tmp_path, capsys):
     vae_dir = tmp_path / "vae"
     torch.manual_seed(0)
     build_vae("tiny", 16).save_pretrained(vae_dir)
@@ -193,3 +194,7 @@ def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shard
     tensors = load_safetensors(samples[0]["latents.safetensors"])
     assert torch.equal(tensors["mean"].float(), first["mean"]) and samples[0]["txt"] == first["caption"]
     assert samples[0]["json"]["index"] == 0
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: a bad output pattern is one line, exit 2
+        shard_writer.main([str(cache_dir), str(tmp_path / "latents.tar")])
+    assert exit_info.value.code == 2
+    assert "has no %-placeholder for the shard number" in capsys.readouterr().err
