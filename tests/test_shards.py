@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -23,6 +26,7 @@ from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.latents import LatentCache
 from ldm.latents.build import shard_plan
+from ldm.latents.cache import parse_shard
 from ldm.latents import shard_writer
 from ldm.latents.shard_writer import write_latent_shards
 from ldm.vae.presets import build_vae
@@ -30,6 +34,7 @@ from ldm.vae.presets import build_vae
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
 import cache_latents  # noqa: E402
+from conftest import accelerate_launch  # noqa: E402
 
 PER_SHARD = 5
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
@@ -161,15 +166,26 @@ def test_each_process_gets_its_own_shards(shards):
     assert plans[1] == [[5, 6, 7, 8], [9, 15, 16, 17], [18, 19]]
 
 
-@pytest.mark.usefixtures("fresh_accelerate")
-def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shards, tmp_path, capsys):
-    vae_dir = tmp_path / "vae"
+def cache_argv(shards: SimpleNamespace, vae_dir: Path, cache_dir: Path) -> list[str]:
+    return [f"data.path={shards.pattern}", f"cache.vae={vae_dir}", f"cache.dir={cache_dir}", "cache.shard_size=8",
+            "data.resolution=16", "train.cpu=true", "data.caption_column=caption"]
+
+
+@pytest.fixture(scope="module")
+def cached(shards) -> SimpleNamespace:
+    """A tiny VAE and the latent cache of the shards built by one process (read-only for the tests)."""
+    vae_dir = shards.root / "vae"
     torch.manual_seed(0)
     build_vae("tiny", 16).save_pretrained(vae_dir)
-    cache_dir = tmp_path / "cache"
-    argv = [f"data.path={shards.pattern}", f"cache.vae={vae_dir}", f"cache.dir={cache_dir}", "cache.shard_size=8",
-            "data.resolution=16", "train.cpu=true", "data.caption_column=caption"]
-    cache_latents.main(argv)
+    cache_dir = shards.root / "cache"
+    cache_latents.main(cache_argv(shards, vae_dir, cache_dir))
+    return SimpleNamespace(vae=vae_dir, dir=cache_dir)
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shards, cached, tmp_path, capsys):
+    cache_dir = shutil.copytree(cached.dir, tmp_path / "cache")
+    argv = cache_argv(shards, cached.vae, cache_dir)
     cache = LatentCache.read(cache_dir)
     assert len(cache) == 19 and [s["name"] for s in cache.skipped] == ["00001.tar/000000007.jpg"]
     # an interrupted build (no manifest, one shard lost) re-encodes only the lost shard, to the same latents
@@ -198,3 +214,24 @@ def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shard
         shard_writer.main([str(cache_dir), str(tmp_path / "latents.tar")])
     assert exit_info.value.code == 2
     assert "has no %-placeholder for the shard number" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_encode_their_own_shards(shards, cached, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cmd = accelerate_launch(ROOT / "train" / "cache_latents.py", *cache_argv(shards, cached.vae, cache_dir))
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    # rank 0 owns tar shards 0 and 2 (indices 0-4, 10-14), rank 1 shards 1 and 3 (5-9 with 7 undecodable, 15-19)
+    owned = {s["file"]: parse_shard((cache_dir / s["file"]).read_bytes()).covered_indices()
+             for s in manifest["shards"]}
+    assert owned == {
+        "shard-0-0.safetensors": [0, 1, 2, 3, 4, 10, 11, 12], "shard-0-1.safetensors": [13, 14],
+        "shard-1-0.safetensors": [5, 6, 7, 8, 9, 15, 16, 17], "shard-1-1.safetensors": [18, 19],
+    }
+    one, two = LatentCache.read(cached.dir), LatentCache.read(cache_dir)
+    assert one.indices.tolist() == two.indices.tolist() and one.captions == two.captions
+    for name in one.tensors:
+        torch.testing.assert_close(one.tensors[name], two.tensors[name], atol=1e-6, rtol=1e-5)
