@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from ldm.data.dataset import collate_images
+from ldm.data.loading import train_loader
 from ldm.data.shards import expand_pattern, load_shards, process_indices
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
@@ -235,3 +236,20 @@ def test_two_processes_encode_their_own_shards(shards, cached, tmp_path):
     assert one.indices.tolist() == two.indices.tolist() and one.captions == two.captions
     for name in one.tensors:
         torch.testing.assert_close(one.tensors[name], two.tensors[name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_resumed_loader_restarts_at_the_same_shard_and_sample(shards):
+    """Data order is a function of (seed, epoch, index), as for folders: batch k of a resumed run is batch k."""
+    dataset = load(shards.pattern, shards.index)
+    process = SimpleNamespace(process_index=0, num_processes=1)
+
+    def batches(start: int, n: int) -> list[dict]:
+        it = iter(train_loader(dataset, 4, 0, seed=3, accelerator=process, start_batch=start))
+        return [next(it) for _ in range(n)]
+
+    full, resumed = batches(0, 7), batches(4, 3)  # 5 batches per epoch: the resumed run crosses into epoch 1
+    for a, b in zip(full[4:], resumed):
+        assert a["indices"].tolist() == b["indices"].tolist() and torch.equal(a["pixel_values"], b["pixel_values"])
+    records = dataset._records
+    first = int(resumed[0]["indices"][0])
+    assert (records.shard_of(first), first - records.shard_starts[records.shard_of(first)]) == divmod(first, PER_SHARD)
