@@ -22,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
+# the one server the API and page tests share (tests/conftest.py, `serve_server`): two users, small limits
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"alice:pw:1").decode()}  # a colon in the password: only the first splits
+MAX_PIXELS = 64 * 64
+ARGS = ["--api-auth", "alice:pw:1,bob:pw2", "--queue-size", "1", "--max-steps", "1000", "--max-pixels",
+        str(MAX_PIXELS), "--max-images", "4", "--max-body-mb", "1"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,13 +84,14 @@ class Server:
 
 
 @contextmanager
-def running_server(*args: str, headers: dict[str, str] | None = None, startup_s: float = 180):
+def running_server(*args: str, headers: dict[str, str] | None = None, startup_s: float = 180,
+                   env: dict[str, str] | None = None):
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "ldm.serve", "--port", str(port), *args], cwd=ROOT,
-                                    env=ENV, stdout=out, stderr=subprocess.STDOUT)
+                                    env={**ENV, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
         server = Server(port, proc, log, headers or {})
         try:
             deadline = time.monotonic() + startup_s

@@ -24,22 +24,17 @@ from PIL import Image
 from ldm.data.shapes import Attributes
 from ldm.demo import NAME
 from ldm.generate import main as generate_main
-from serve_server import ENV, ROOT, basic, free_port, running_server
+from serve_server import AUTH, ENV, MAX_PIXELS, ROOT, basic, free_port
 
 pytestmark = pytest.mark.slow  # starts processes
 
 README_PROMPT = "a large red circle in the center on a black background"
-AUTH = basic("alice", "pw:1")  # a password with a colon: only the first one splits
-MAX_PIXELS = 64 * 64
-ARGS = ["--api-auth", "alice:pw:1,bob:pw2", "--queue-size", "1", "--max-steps", "1000", "--max-pixels",
-        str(MAX_PIXELS), "--max-images", "4", "--max-body-mb", "1"]
 LONG = {"prompt": "a square", "steps": 1000, "seed": 1}  # ~1 min on a CPU: always still running when interrupted
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server(*ARGS, headers=AUTH) as s:
-        yield s
+@pytest.fixture
+def server(serve_server):
+    return serve_server  # tests/conftest.py: one process for this file and tests/test_serve_page.py
 
 
 def decode_png(b64: str) -> Image.Image:
