@@ -29,7 +29,7 @@ def ensure_chromium() -> None:
 
 
 def headless_chromium(user: str | None = None, password: str | None = None):
-    """A selenium Chrome driver on the system chromium, 1280x900, offline."""
+    """A selenium Chrome driver on the system chromium, 1280x1000, offline."""
     os.environ["SE_OFFLINE"] = "true"  # selenium-manager must never go looking for a browser or a driver
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -37,6 +37,6 @@ def headless_chromium(user: str | None = None, password: str | None = None):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,900", "--no-first-run", "--disable-extensions"):
+                "--window-size=1280,1000", "--no-first-run", "--disable-extensions"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(DRIVER), options=options)

@@ -112,4 +112,5 @@ def test_paint_a_mask_and_inpaint(page):
     assert not np.array_equal(out[~keep], np.asarray(init)[~keep])  # inside it: repainted
     assert "Mask blur: 4" in page.find_elements("css selector", "figure.result pre.parameters")[0].text
     if os.environ.get("LDM_SERVE_SCREENSHOT"):
+        page.execute_script("window.scrollTo(0, 0)")
         page.save_screenshot(os.environ["LDM_SERVE_SCREENSHOT"])

@@ -71,23 +71,26 @@ $("init-file").addEventListener("change", () => {
 });
 
 const mask = $("mask-canvas");
-let painting = false;
+let last = null;  // the previous point of the stroke being painted, in canvas pixels
 
+// a round-capped segment from the previous point, so a fast stroke leaves no gaps between pointer events
 function paint(e) {
   const rect = mask.getBoundingClientRect();
-  const x = (e.clientX - rect.left) * mask.width / rect.width;
-  const y = (e.clientY - rect.top) * mask.height / rect.height;
-  const r = Number($("brush").value) * mask.width / rect.width / 2;
+  const p = { x: (e.clientX - rect.left) * mask.width / rect.width, y: (e.clientY - rect.top) * mask.height / rect.height };
   const ctx = mask.getContext("2d");
   ctx.globalCompositeOperation = state.erasing ? "destination-out" : "source-over";
-  ctx.fillStyle = "rgb(255, 0, 0)";
+  ctx.strokeStyle = "rgb(255, 0, 0)";
+  ctx.lineWidth = Math.max(Number($("brush").value) * mask.width / rect.width, 1);
+  ctx.lineCap = ctx.lineJoin = "round";
   ctx.beginPath();
-  ctx.arc(x, y, Math.max(r, 0.5), 0, 2 * Math.PI);
-  ctx.fill();
+  ctx.moveTo((last || p).x, (last || p).y);
+  ctx.lineTo(p.x + (last ? 0 : 0.01), p.y);
+  ctx.stroke();
+  last = p;
 }
-mask.addEventListener("pointerdown", (e) => { painting = true; mask.setPointerCapture(e.pointerId); paint(e); });
-mask.addEventListener("pointermove", (e) => { if (painting) paint(e); });
-mask.addEventListener("pointerup", () => { painting = false; });
+mask.addEventListener("pointerdown", (e) => { last = null; mask.setPointerCapture(e.pointerId); paint(e); });
+mask.addEventListener("pointermove", (e) => { if (last) paint(e); });
+mask.addEventListener("pointerup", () => { last = null; });
 $("eraser").addEventListener("click", () => {
   state.erasing = !state.erasing;
   $("eraser").setAttribute("aria-pressed", String(state.erasing));
