@@ -237,7 +237,7 @@ def test_a_client_that_hangs_up_frees_the_worker(server):
     assert r.status == 200 and server.proc.poll() is None
 
 
-def test_listen_warns_without_auth_and_a_busy_port_is_one_line():
+def test_listen_warns_without_auth_and_a_busy_port_is_one_line(capsys):
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
         busy.listen()
@@ -247,10 +247,12 @@ def test_listen_warns_without_auth_and_a_busy_port_is_one_line():
     assert r.returncode == 2
     assert "listening on 0.0.0.0 without --api-auth" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 0.0.0.0:{port}")
-    r = subprocess.run([sys.executable, "-m", "ldm.serve", "--api-auth", "alice", "--port", str(free_port())],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == "error: --api-auth 'alice' is not user:password " \
-        "(several: user:pass,user2:pass2)"
+    from ldm.serve.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--api-auth", "alice", "--port", str(free_port())])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: --api-auth 'alice' is not user:password (several: user:pass,user2:pass2)\n"
 
 
 def test_binds_loopback_by_default(server):
