@@ -134,7 +134,15 @@ def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
 def _pipeline_args(req: Txt2ImgRequest, entry: ModelEntry, limits: Limits, init: Image.Image | None,
                    mask: Image.Image | None) -> dict[str, Any]:
     """The request as `Pipeline.__call__` keyword arguments, every value checked as the CLI checks it."""
-    sampler, karras = sampler_from_label(req.sampler_name or req.sampler_index or DEFAULT_SAMPLER)
+    name = req.sampler_name or req.sampler_index or DEFAULT_SAMPLER
+    try:
+        sampler, karras = sampler_from_label(name)  # A1111's names ("DPM++ 2M Karras") and ours ("dpmpp_2m")
+    except UserError:
+        known = ", ".join(sampler_label(n) for n in SAMPLERS)
+        raise UserError(f"unknown sampler '{name}'; known samplers: {known} (GET /sdapi/v1/samplers)") from None
+    for field in ("batch_size", "n_iter"):
+        if getattr(req, field) < 1:
+            raise UserError(f"{field} must be at least 1, got {getattr(req, field)}")
     schedule = (req.scheduler or "").strip().lower()
     if schedule == "karras":
         karras = True
@@ -203,6 +211,7 @@ async def _run(request: Request, worker: Worker, entry: ModelEntry, req: Txt2Img
         await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
         if not waiting.done() and await request.is_disconnected():
             job.cancel.set()  # nobody will read the result: free the device at the next step
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # its Interrupted is expected
             return Response(status_code=499)
     done, interrupted = waiting.result()
     params = [p for _, p in done]
