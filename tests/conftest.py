@@ -58,7 +58,7 @@ def accelerate_launch(script: Path, *args: str, processes: int = 2) -> list[str]
 @pytest.fixture(scope="session")
 def serve_server():
     """One real `ldm-serve` (demo model, basic auth, small limits) for test_serve_api.py and test_serve_page.py."""
-    from serve_server import ARGS, AUTH, running_server
+    from serve_server import shared_server
 
-    with running_server(*ARGS, headers=AUTH) as server:
+    with shared_server() as server:
         yield server

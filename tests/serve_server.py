@@ -55,6 +55,7 @@ class Server:
     proc: subprocess.Popen
     log: Path
     headers: dict[str, str]  # sent with every request (credentials)
+    second_model: str = ""  # shared_server(): the second listed model's --model value
 
     @property
     def url(self) -> str:
@@ -113,3 +114,17 @@ def running_server(*args: str, headers: dict[str, str] | None = None, startup_s:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def shared_server():
+    """The server of tests/conftest.py's `serve_server`: the demo model listed twice, the second time as a directory
+    of another name (`second_model`), so that switching between listed models is tested too."""
+    from ldm.demo import MODEL_DIR
+
+    with tempfile.TemporaryDirectory() as tmp:
+        second = Path(tmp) / "shapes-copy"
+        second.symlink_to(MODEL_DIR, target_is_directory=True)
+        with running_server(*ARGS, "--model", "shapes-32px-demo", "--model", str(second), headers=AUTH) as server:
+            server.second_model = str(second)
+            yield server

@@ -88,9 +88,9 @@ def test_a1111_listing_endpoints(server):
     samplers = server.get("/sdapi/v1/samplers").json()
     assert {"name": "Euler a", "aliases": ["euler_a"], "options": {}} in samplers
     assert {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {"scheduler": "karras"}} in samplers
-    [model] = server.get("/sdapi/v1/sd-models").json()
-    assert set(model) == {"title", "model_name", "hash", "sha256", "filename", "config"}
-    assert model["title"] == model["model_name"] == NAME
+    models = server.get("/sdapi/v1/sd-models").json()
+    assert all(set(m) == {"title", "model_name", "hash", "sha256", "filename", "config"} for m in models)
+    assert [m["title"] for m in models] == [m["model_name"] for m in models] == [NAME, "shapes-copy"]
     assert server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == NAME
     assert server.post("/sdapi/v1/options", {"sd_model_checkpoint": NAME, "CLIP_stop_at_last_layers": 2}).status == 200
     progress = server.get("/sdapi/v1/progress").json()
@@ -102,6 +102,24 @@ def test_a1111_listing_endpoints(server):
     assert r.status == 200 and r.json()["images"] == []
     info = json.loads(r.json()["info"])
     assert info["all_seeds"] == [3, 4] and "Sampler: DPM++ 2M Karras" in info["infotexts"][1]
+
+
+def test_switching_among_the_listed_models(server):
+    body = {"prompt": "a circle", "steps": 1, "seed": 5, "send_images": True}
+    model = lambda r: json.loads(r.json()["info"])["infotexts"][0].rsplit("Model: ", 1)[1]  # noqa: E731
+    # for one request (A1111's override_settings): the next request is back on the selected model
+    r = server.post("/sdapi/v1/txt2img", {**body, "override_settings": {"sd_model_checkpoint": "shapes-copy"}})
+    assert r.status == 200 and model(r) == server.second_model  # the PNG names the --model value, as ldm-generate
+    assert server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == NAME
+    assert model(server.post("/sdapi/v1/txt2img", body)) == NAME
+    # for the server (POST /options), then back
+    assert server.post("/sdapi/v1/options", {"sd_model_checkpoint": "shapes-copy"}).status == 200
+    assert server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes-copy"
+    assert model(server.post("/sdapi/v1/txt2img", body)) == server.second_model
+    assert server.post("/sdapi/v1/options", {"sd_model_checkpoint": NAME}).status == 200
+    assert model(server.post("/sdapi/v1/txt2img", body)) == NAME
+    r = server.post("/sdapi/v1/options", {"sd_model_checkpoint": str(server.second_model)})  # a path is not a name
+    assert r.status == 404 and "listed models: shapes-32px-demo, shapes-copy" in r.json()["detail"]
 
 
 def test_img2img_and_inpainting_keep_the_unmasked_pixels(server):

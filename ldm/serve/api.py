@@ -43,16 +43,19 @@ class Limits:
 
 def build_router(models: dict[str, ModelEntry], worker: Worker, limits: Limits) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
+    # the model chosen with POST /options; a request's override_settings use another for that request only, as
+    # A1111 restores overridden settings afterwards (here the worker loads whichever model the next job needs)
+    selected = {"name": worker.model_name}
 
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(req: Txt2ImgRequest, request: Request):
-        entry = _model_for(req, models, worker)
+        entry = _model_for(req, models, selected["name"])
         args = _pipeline_args(req, entry, limits, init=None, mask=None)
         return await _run(request, worker, entry, req, args, "txt2img")
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(req: Img2ImgRequest, request: Request):
-        entry = _model_for(req, models, worker)
+        entry = _model_for(req, models, selected["name"])
         if not req.init_images:
             raise UserError("init_images is empty: send the init image as a base64 PNG or JPEG")
         init = decode_image(req.init_images[0], "init_images[0]", limits)
@@ -76,16 +79,17 @@ def build_router(models: dict[str, ModelEntry], worker: Worker, limits: Limits) 
 
     @router.get("/options")
     def get_options():
-        return {"sd_model_checkpoint": worker.model_name, "samples_format": "png"}
+        return {"sd_model_checkpoint": selected["name"], "samples_format": "png"}
 
     @router.post("/options")
     async def set_options(options: dict[str, Any]):
         name = options.get("sd_model_checkpoint")
         if name is not None:  # other options are accepted and ignored, as unknown request fields are
             entry = _listed(name, models)
-            if entry.name != worker.model_name:
+            if entry.name != worker.model_name:  # load it now, so the next generation does not wait for it
                 job = worker.submit(Job(entry.name, lambda pipe, on_step: None, description="load model"))
                 await asyncio.wrap_future(job.future)
+            selected["name"] = entry.name
         return None
 
     @router.get("/progress", response_model=ProgressResponse)
@@ -106,9 +110,9 @@ def _listed(name: str, models: dict[str, ModelEntry]) -> ModelEntry:
     return models[name]
 
 
-def _model_for(req: Txt2ImgRequest, models: dict[str, ModelEntry], worker: Worker) -> ModelEntry:
+def _model_for(req: Txt2ImgRequest, models: dict[str, ModelEntry], selected: str) -> ModelEntry:
     name = req.override_settings.get("sd_model_checkpoint")
-    return _listed(name, models) if name is not None else models[worker.model_name]
+    return _listed(name, models) if name is not None else models[selected]
 
 
 def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
