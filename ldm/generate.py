@@ -31,12 +31,13 @@ log = logging.getLogger("ldm.generate")
 DEFAULTS: dict[str, Any] = {
     "negative": "", "steps": 25, "cfg": 7.5, "sampler": "euler_a", "karras": False, "seed": None,
     "height": None, "width": None, "strength": None, "mask_blur": 4, "guidance_rescale": 0.0, "model": None,
+    "lora_hashes": None,
 }
 # GenerationParams field -> CLI option (dest) for the values a PNG can carry
 PNG_TO_ARGS = {
     "prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "karras": "karras",
     "cfg": "cfg", "seed": "seed", "width": "width", "height": "height", "model": "model", "strength": "strength",
-    "mask_blur": "mask_blur", "guidance_rescale": "guidance_rescale",
+    "mask_blur": "mask_blur", "guidance_rescale": "guidance_rescale", "lora_hashes": "lora_hashes",
 }
 
 
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mask-blur", type=int, default=None,
                    help="feather the paste-back over this many px inward from the mask edge, so pixels outside the "
                    "mask are never touched (default 4; 0 = hard edge)")
+    lo = p.add_argument_group("LoRA adapters")
+    lo.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="merge a LoRA (.safetensors, diffusers/peft or kohya layout) at SCALE (default 1); repeat "
+                    "to stack several. Recorded in the PNG as a <lora:NAME:SCALE> tag and its 'Lora hashes' entry")
+    lo.add_argument("--lora-dir", default=None,
+                    help="where A1111 tags in the prompt, <lora:NAME:WEIGHT>, find NAME.safetensors (searched "
+                    "below too); a --from-png replay of an image made with LoRAs needs it")
     d = p.add_argument_group("device and precision")
     d.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -206,6 +214,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     from ldm.demo import NAME as DEMO_NAME
     from ldm.demo import NOTICE as DEMO_NOTICE
+    from ldm.lora.prompt_tags import check_lora_inputs, parse_lora_hashes
     from ldm.pipeline import images as im
     from ldm.pipeline.device import dtype_name, pick_device, pick_dtype
     from ldm.pipeline.loading import (
@@ -240,6 +249,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     outdir = check_writable(args.outdir)
     init = im.load_image(args.init_image) if args.init_image else None
     mask = im.load_mask(args.mask) if args.mask else None
+    lora_hashes = parse_lora_hashes(v["lora_hashes"] or "")
+    loras = check_lora_inputs(args.lora, v["prompt"], args.lora_dir, lora_hashes)
     v["model"] = v["model"] or DEFAULT_MODEL
     root = resolve_model(v["model"])
     check_model(root)
@@ -257,6 +268,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     log.info("loading %s on %s (%s)", v["model"], device, dtype_name(dtype))
     components = load_components(root, str(v["model"]), device, dtype)
     pipe = Pipeline(components, device, dtype, vae_tiling=args.vae_tiling, compile_unet=args.compile)
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
     log.info("loaded in %.1fs; generating %d image(s) at %dx%d, seeds %d..%d", time.perf_counter() - start,
              args.num_images, width, height, v["seed"], v["seed"] + args.num_images - 1)
     written: list[Path] = []
@@ -273,6 +286,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             seed=v["seed"], num_images=args.num_images, batch_size=args.batch_size, height=height, width=width,
             init_image=init, mask=mask, strength=strength, mask_blur=v["mask_blur"],
             guidance_rescale=v["guidance_rescale"], show_progress=not args.quiet, on_image=save,
+            lora_dir=args.lora_dir, lora_hashes=lora_hashes,
         )
     seconds = time.perf_counter() - start
     log.info("%d image(s) in %.1fs (%.2f s/image)", len(written), seconds, seconds / max(1, len(written)))
