@@ -37,27 +37,27 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
 
 
-def _lora_weights(model_dir: Path, seed: int, text: bool = True):
-    """peft LoRA layers on a fresh tiny U-Net (+ CLIP text model) with random non-zero lora_B: {part: state dict}."""
-    from diffusers import UNet2DConditionModel
+def _lora_weights(pipe: Pipeline, seeds: list[int]):
+    """peft LoRA layers injected into copies of the tiny U-Net and CLIP text model, with random non-zero lora_A and
+    lora_B, once per seed: [({part: peft state dict}, {part: LoraConfig})]."""
+    import copy
+
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
-    from transformers import CLIPTextModel
 
-    g = torch.Generator().manual_seed(seed)
-    parts, configs = {}, {}
-    models = {"unet": (UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"),
-                       LoraConfig(r=RANK, lora_alpha=UNET_ALPHA, target_modules=UNET_TARGETS))}
-    if text:
-        models["text_encoder"] = (CLIPTextModel.from_pretrained(model_dir / "text_encoder"),
-                                  LoraConfig(r=RANK, lora_alpha=TEXT_ALPHA, target_modules=TEXT_TARGETS))
-    for part, (model, config) in models.items():
-        model = inject_adapter_in_model(config, model)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = torch.randn(p.shape, generator=g) * (0.3 if "lora_B" in name else 1.0)
-        parts[part], configs[part] = get_peft_model_state_dict(model), config
-    return parts, configs
+    configs = {"unet": LoraConfig(r=RANK, lora_alpha=UNET_ALPHA, target_modules=UNET_TARGETS),
+               "text_encoder": LoraConfig(r=RANK, lora_alpha=TEXT_ALPHA, target_modules=TEXT_TARGETS)}
+    models = {"unet": inject_adapter_in_model(configs["unet"], copy.deepcopy(pipe.unet)),
+              "text_encoder": inject_adapter_in_model(configs["text_encoder"], copy.deepcopy(pipe.text_encoder.model))}
+    out = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        for model in models.values():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = torch.randn(p.shape, generator=g) * (0.3 if "lora_B" in name else 1.0)
+        out.append(({part: get_peft_model_state_dict(m) for part, m in models.items()}, configs))
+    return out
 
 
 def _save_diffusers(directory: Path, parts, configs) -> Path:
@@ -85,10 +85,10 @@ def _kohya_dict(parts) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def loras(model_dir, tmp_path_factory) -> dict[str, Path]:
+def loras(pipe, tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("loras")
-    parts, configs = _lora_weights(model_dir, seed=1)
-    other, other_configs = _lora_weights(model_dir, seed=2, text=False)
+    (parts, configs), (other, other_configs) = _lora_weights(pipe, [1, 2])
+    other, other_configs = {"unet": other["unet"]}, {"unet": other_configs["unet"]}  # a U-Net-only LoRA
     kohya = _kohya_dict(parts)
     save_file(kohya, d / "ink.safetensors")
     (d / "sub").mkdir()
@@ -145,16 +145,20 @@ def _ref_images(ref, prompt=PROMPT) -> np.ndarray:
 def test_lora_images_equal_diffusers_load_lora_weights(layout, model_dir, loras, clean_pipe):
     """Ours merges the update into the weights; diffusers' default keeps it in peft layers (W x + s B(A(x))).
     Tolerance, derived: diffusers' own fused-vs-unfused difference on the same image (float rounding, ~1e-6),
-    times 4; a LoRA at all moves the image ~1e-2, and scale 0.7 vs 0.6 by far more than the tolerance."""
+    times 4; a LoRA at all moves the image ~1e-2, and scale 0.7 vs 0.6 by far more than the tolerance.
+
+    diffusers 0.42.1 drops a kohya file's CLIP attention LoRAs (its converter leaves `to_q_lora` keys that peft
+    reports as unexpected), so for kohya the reference loads the same weights in diffusers' layout;
+    diffusers' kohya reading of the U-Net part is compared in the stacking test."""
     pipe, scale = clean_pipe, 0.7
     base = pipe(PROMPT, NEGATIVE, **KW).decoded
     applied = pipe.load_lora(loras[layout], scale)
     assert {t.part for t in applied.targets} == {"unet", "text_encoder"}
-    assert len(applied.targets) == 10 * 4 + 2 + 2 * 3  # 10 attention blocks x 4, 2 proj_in, 2 CLIP layers x 3
+    assert len(applied.targets) == 6 * 2 * 4 + 6 + 2 * 3  # 6 transformer blocks x 2 attns x 4, 6 proj_in, CLIP 2 x 3
     ours = pipe(PROMPT, NEGATIVE, **KW)
 
     ref = _reference(model_dir, pipe)
-    ref.load_lora_weights(str(loras[layout]), adapter_name="a")
+    ref.load_lora_weights(str(loras["diffusers"]), adapter_name="a")
     ref.set_adapters(["a"], adapter_weights=[scale])
     unfused = _ref_images(ref)
     ref.fuse_lora(adapter_names=["a"])
@@ -169,19 +173,22 @@ def test_lora_images_equal_diffusers_load_lora_weights(layout, model_dir, loras,
 
 
 def test_stacked_loras_and_prompt_tags_equal_diffusers_set_adapters(model_dir, loras, clean_pipe, caplog):
-    """--lora ink:0.7 plus <lora:glow:0.5> in the prompt = diffusers with both adapters at those weights."""
+    """--lora ink:0.7 plus <lora:glow:0.5> (kohya, U-Net only) in the prompt = diffusers with both adapters."""
     pipe = clean_pipe
     pipe.load_lora(loras["kohya"], 0.7)
     tagged = f"{PROMPT} <lora:glow:0.5>"
     ours = pipe(tagged, NEGATIVE, lora_dir=loras["dir"], **KW)
     ref = _reference(model_dir, pipe)
-    ref.load_lora_weights(str(loras["kohya"]), adapter_name="ink")
+    ref.load_lora_weights(str(loras["diffusers"]), adapter_name="ink")
     ref.load_lora_weights(str(loras["glow"]), adapter_name="glow")
     ref.set_adapters(["ink", "glow"], adapter_weights=[0.7, 0.5])
-    np.testing.assert_allclose(ours.decoded, _ref_images(ref), rtol=0, atol=1e-5)
+    unfused = _ref_images(ref)
+    ref.fuse_lora(adapter_names=["ink", "glow"])
+    tolerance = 4 * max(float(np.abs(_ref_images(ref) - unfused).max()), 1e-6)  # as in the test above
+    assert np.abs(ours.decoded - unfused).max() <= tolerance
     params = ours.params[0]
     assert params.prompt == f"{tagged} <lora:ink:0.7>"  # tags kept; the loaded LoRA added as a tag (A1111 style)
-    assert params.lora_hashes == f"ink: {lora_hash(loras['kohya'])}, glow: {lora_hash(loras['glow'])}"
+    assert params.lora_hashes == f"glow: {lora_hash(loras['glow'])}, ink: {lora_hash(loras['kohya'])}"
     # the tag is not encoded: the same text without it, with glow loaded by hand, gives the same pixels
     pipe.load_lora(loras["glow"], 0.5)
     np.testing.assert_array_equal(pipe(PROMPT, NEGATIVE, **KW).decoded, ours.decoded)
@@ -193,8 +200,8 @@ def test_stacked_loras_and_prompt_tags_equal_diffusers_set_adapters(model_dir, l
     pipe.unload_loras()
     pipe.load_lora(loras["diffusers"], 0.7)
     pipe.load_lora(loras["glow_diffusers"], 0.5)
-    np.testing.assert_allclose(twice, ours.decoded, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(pipe(PROMPT, NEGATIVE, **KW).decoded, ours.decoded, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(twice, ours.decoded, rtol=0, atol=tolerance)  # 0.4 + 0.3 rounds unlike 0.7
+    np.testing.assert_allclose(pipe(PROMPT, NEGATIVE, **KW).decoded, ours.decoded, rtol=0, atol=tolerance)
 
 
 def test_unload_restores_the_weights_bit_for_bit(pipe, loras):
@@ -243,8 +250,9 @@ def test_a_lora_for_another_base_names_the_module(pipe, loras):
 # ------------------------------------------------------------------------------------------- tags, options, hashes
 
 def test_tags_options_and_hashes():
-    assert split_tags("a <lora:ink:0.8> cat<lyco:b>") == ("a  cat", [
-        split_tags("<lora:ink:0.8>")[1][0], split_tags("<lyco:b:1>")[1][0]])
+    text, tags = split_tags("a <lora:ink:0.8> cat<lyco:b>")  # removed before encoding, as A1111 does
+    assert text == "a  cat" and [(t.name, t.scale, t.text_scale, t.text) for t in tags] == [
+        ("ink", 0.8, 0.8, "<lora:ink:0.8>"), ("b", 1.0, 1.0, "<lyco:b>")]
     (tag,) = split_tags("<lora:ink:0.5:1.5>")[1]
     assert (tag.name, tag.text_scale, tag.scale) == ("ink", 0.5, 1.5)
     (tag,) = split_tags("<lora:ink:unet=0.25:te=0>")[1]

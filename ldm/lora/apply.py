@@ -83,17 +83,20 @@ class LoraStack:
         The recorded prompt keeps its tags and gains one per loaded LoRA, so that replaying it brings them back.
         """
         text, tags = split_tags(prompt)
-        wanted = list(self.loaded)
+        from_tags: list[AppliedLora] = []
         for tag in tags:
             expected = (expected_hashes or {}).get(tag.name.replace(":", "").replace(",", ""))
             path = find_in_dir(tag.name, lora_dir, tag.text, expected)
             same = [a for a in self.applied if a.name == tag.name and a.lora.path == find_lora_file(path)
-                    and (a.scale, a.text_scale) == (tag.scale, tag.text_scale) and a not in wanted]
-            wanted.append(same[0] if same else self.prepare(self.read(path), tag.name, tag.scale, tag.text_scale))
+                    and (a.scale, a.text_scale) == (tag.scale, tag.text_scale) and a not in from_tags
+                    and a not in self.loaded]
+            from_tags.append(same[0] if same else self.prepare(self.read(path), tag.name, tag.scale, tag.text_scale))
+        wanted = self.loaded + from_tags
         if [id(a) for a in wanted] != [id(a) for a in self.applied]:
             self.set(wanted)
         recorded = prompt + "".join(f" {tag_text(a.name, a.scale, a.text_scale)}" for a in self.loaded)
-        hashes = format_lora_hashes([(a.name, lora_hash(a.lora.path)) for a in wanted])
+        # in the recorded prompt's order, so that a replay writes the same text
+        hashes = format_lora_hashes([(a.name, lora_hash(a.lora.path)) for a in from_tags + self.loaded])
         return text, recorded, hashes
 
     def prepare(self, lora: LoraFile, name: str, scale: float, text_scale: float | None = None) -> AppliedLora:
