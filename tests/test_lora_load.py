@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT, NEGATIVE = "a red car", "blurry"
 RANK, UNET_ALPHA, TEXT_ALPHA = 4, 2.0, 8.0  # scales alpha / rank = 0.5 and 2: a wrong alpha rule shows
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]  # proj_in is a 1x1 Conv2d in this U-Net
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]  # 1x1 proj_in and the resnets' 3x3 conv1
 TEXT_TARGETS = ["q_proj", "v_proj", "fc1"]
 KW = dict(steps=3, cfg=7.5, sampler="ddim", seed=3, height=32, width=32, show_progress=False)
 
@@ -154,7 +154,8 @@ def test_lora_images_equal_diffusers_load_lora_weights(layout, model_dir, loras,
     base = pipe(PROMPT, NEGATIVE, **KW).decoded
     applied = pipe.load_lora(loras[layout], scale)
     assert {t.part for t in applied.targets} == {"unet", "text_encoder"}
-    assert len(applied.targets) == 6 * 2 * 4 + 6 + 2 * 3  # 6 transformer blocks x 2 attns x 4, 6 proj_in, CLIP 2 x 3
+    # 6 transformer blocks x 2 attentions x 4 + 6 proj_in + 12 resnets' conv1; CLIP: 2 layers x 3
+    assert len(applied.targets) == 6 * 2 * 4 + 6 + 12 + 2 * 3
     ours = pipe(PROMPT, NEGATIVE, **KW)
 
     ref = _reference(model_dir, pipe)
@@ -331,6 +332,12 @@ def test_cli_records_loras_and_replays_them_from_the_png(model_dir, loras, tmp_p
                                  "-q"], capsys)
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(lines[0])))
+    # a file of the recorded name whose hash differs is used, with a warning that names both hashes
+    (renamed / "glow.safetensors").write_bytes(loras["kohya"].read_bytes())
+    code, _, err = generate(["--from-png", lines[0], "--lora-dir", str(renamed), "--outdir", str(tmp_path / "d"),
+                             "-q"], capsys)
+    assert code == 0 and (f"warning: LoRA 'glow': {renamed / 'glow.safetensors'} has hash {lora_hash(loras['kohya'])}, "
+                          f"but the image was made with {lora_hash(loras['glow'])}") in err and err.count("\n") == 1, err
 
 
 BAD_LORAS = {

@@ -13,6 +13,7 @@ On replay A1111 uses the hashes to find a LoRA that was renamed; so do we.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import math
@@ -114,20 +115,21 @@ def find_in_dir(name: str, lora_dir: str | Path | None, tag: str, expected_hash:
     root = Path(lora_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"--lora-dir '{root}' is not a directory")
-    candidates = sorted(p for p in root.rglob(f"{name}.safetensors") if p.is_file())
-    candidates += sorted(p.parent for p in root.rglob(f"{name}/{DIFFUSERS_FILE}"))
+    pattern = glob.escape(name)
+    candidates = sorted(p for p in root.rglob(f"{pattern}.safetensors") if p.is_file())
+    candidates += sorted(p.parent for p in root.rglob(f"{pattern}/{DIFFUSERS_FILE}"))
     if candidates:
-        if len(candidates) > 1:
-            log.warning("LoRA '%s' is in --lora-dir %d times; using %s", name, len(candidates), candidates[0])
         found = candidates[0]
+        if len(candidates) > 1:
+            _say_once(logging.WARNING, "LoRA '%s' is in --lora-dir %d times; using %s", name, len(candidates), found)
         if expected_hash and lora_hash(found) != expected_hash:
-            log.warning("LoRA '%s': %s has hash %s, but the image was made with %s; the result may differ",
-                        name, found, lora_hash(found), expected_hash)
+            _say_once(logging.WARNING, "LoRA '%s': %s has hash %s, but the image was made with %s; the result may "
+                      "differ", name, found, lora_hash(found), expected_hash)
         return found
     if expected_hash:
         for path in sorted(root.rglob("*.safetensors")):
             if lora_hash(path) == expected_hash:
-                log.info("LoRA '%s' found by its hash %s: %s", name, expected_hash, path)
+                _say_once(logging.INFO, "LoRA '%s' found by its hash %s: %s", name, expected_hash, path)
                 return path
     pickles = [p for p in root.rglob(f"{name}.*") if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
@@ -136,6 +138,16 @@ def find_in_dir(name: str, lora_dir: str | Path | None, tag: str, expected_hash:
     hashed = f" or a file with hash {expected_hash}" if expected_hash else ""
     raise UserError(f"LoRA '{name}' ({tag}) is not in --lora-dir '{root}' (no {name}.safetensors there or "
                     f"below{hashed})")
+
+
+_said: set[tuple] = set()
+
+
+def _say_once(level: int, message: str, *args) -> None:
+    """The CLI resolves tags before loading the model and the pipeline again: say each finding once."""
+    if (message, args) not in _said:
+        _said.add((message, args))
+        log.log(level, message, *args)
 
 
 # ------------------------------------------------------------------------------------------------------------ hashes
