@@ -369,3 +369,39 @@ def test_bad_lora_input_is_one_line_exit_2_and_no_file(case, model_dir, loras, t
     assert code == 2 and lines == []
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert not outdir.exists() or not any(outdir.iterdir())
+
+
+def test_older_diffusers_spellings_read_as_peft(loras):
+    """diffusers' attention-processor (`processor.to_q_lora.down`) and LoRACompatibleLinear (`to_q.lora.down`) keys."""
+    from safetensors.torch import load_file
+
+    peft = read_lora(loras["diffusers"])
+    unet = {k: v for k, v in load_file(loras["diffusers"]).items() if k.startswith("unet.")}
+    old = {}
+    for key, value in unet.items():
+        key = key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+        for proj in ("to_q", "to_k", "to_v"):
+            key = key.replace(f".{proj}.lora.", f".processor.{proj}_lora.")
+        old[key.replace(".to_out.0.lora.", ".processor.to_out_lora.")] = value
+    path = loras["dir"] / "old-style.safetensors"
+    save_file(old, path)
+    read = read_lora(path)
+    assert read.format == "diffusers" and not read.unapplied
+    expected = {m.name: m for m in peft.modules if m.part == "unet"}
+    assert sorted(m.name for m in read.modules) == sorted(expected)
+    assert all(torch.equal(m.down, expected[m.name].down) and torch.equal(m.up, expected[m.name].up)
+               for m in read.modules)
+
+
+def test_merging_in_fp16_rounds_once_and_clear_restores(pipe, loras, caplog):
+    unet = __import__("copy").deepcopy(pipe.unet).half()
+    stack = LoraStack(unet, torch.nn.Linear(2, 2))  # U-Net only: the pipeline's text encoder stays untouched
+    module = unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
+    w0 = module.weight.detach().clone()
+    applied = stack.prepare(read_lora(loras["kohya"]), "ink", 0.7)
+    stack.set([applied, applied])
+    (entry,) = [t.lora for t in applied.targets if t.module is module]
+    delta = entry.delta(w0.shape) * 0.7  # fp32, as apply.py computes it; the same LoRA twice adds
+    assert torch.equal(module.weight, (w0.float() + (delta + delta)).half())
+    stack.clear()
+    assert torch.equal(module.weight, w0)
