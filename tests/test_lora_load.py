@@ -401,7 +401,7 @@ def test_merging_in_fp16_rounds_once_and_clear_restores(pipe, loras, caplog):
     applied = stack.prepare(read_lora(loras["kohya"]), "ink", 0.7)
     stack.set([applied, applied])
     (entry,) = [t.lora for t in applied.targets if t.module is module]
-    delta = entry.delta(w0.shape) * 0.7  # fp32, as apply.py computes it; the same LoRA twice adds
+    delta = entry.delta(w0.shape, w0.device) * 0.7  # fp32, as apply.py computes it; the same LoRA twice adds
     assert torch.equal(module.weight, (w0.float() + (delta + delta)).half())
     stack.clear()
     assert torch.equal(module.weight, w0)

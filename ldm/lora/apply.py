@@ -135,7 +135,7 @@ class LoraStack:
             for t in applied.targets:
                 scale = applied.scale if t.part == UNET else applied.text_scale
                 w = t.module.weight
-                delta = t.lora.delta(w.shape).to(w.device) * scale  # fp32
+                delta = t.lora.delta(w.shape, w.device) * scale  # fp32
                 key = id(t.module)
                 deltas[key] = (t.module, deltas[key][1] + delta if key in deltas else delta)
         for key, (module, original) in list(self._originals.items()):
@@ -148,6 +148,8 @@ class LoraStack:
             original = self._originals[key][1].to(module.weight.device)
             module.weight.copy_((original.float() + delta).to(module.weight.dtype))
         self.applied = list(loras)
+        # keep read files only while merged (a tag used again in the next prompt is not read again)
+        self._files = {k: f for k, f in self._files.items() if any(a.lora is f for a in self.applied)}
         if self.text_model is not None:  # the encoder caches the empty prompt's embedding, which LoRAs may change
             getattr(self.text_encoder, "_empty_cache", {}).clear()
 

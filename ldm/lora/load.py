@@ -70,9 +70,11 @@ class LoraModule:
         alpha = self.rank if self.alpha is None else self.alpha
         return alpha / math.sqrt(self.rank) if self.rslora else alpha / self.rank
 
-    def delta(self, weight_shape: torch.Size) -> torch.Tensor:
-        """(up @ down) * alpha / rank in fp32, shaped like the module's weight (out, in) or (out, in, kh, kw)."""
-        up, down = self.up.float().flatten(1), self.down.float().flatten(1)  # (out, r), (r, in * kh * kw)
+    def delta(self, weight_shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(up @ down) * alpha / rank in fp32 on `device`, shaped like the module's weight (out, in) or
+        (out, in, kh, kw)."""
+        up = self.up.to(device, torch.float32).flatten(1)  # (out, r)
+        down = self.down.to(device, torch.float32).flatten(1)  # (r, in * kh * kw)
         return (up @ down * self.scale).reshape(weight_shape)
 
 
