@@ -116,8 +116,10 @@ def find_in_dir(name: str, lora_dir: str | Path | None, tag: str, expected_hash:
     if not root.is_dir():
         raise UserError(f"--lora-dir '{root}' is not a directory")
     pattern = glob.escape(name)
-    candidates = sorted(p for p in root.rglob(f"{pattern}.safetensors") if p.is_file())
-    candidates += sorted(p.parent for p in root.rglob(f"{pattern}/{DIFFUSERS_FILE}"))
+    # NAME.safetensors first; a diffusers LoRA directory NAME/ only if there is none (the training's output folder
+    # holds both layouts of the same adapter)
+    candidates = sorted(p for p in root.rglob(f"{pattern}.safetensors") if p.is_file()) or sorted(
+        p.parent for p in root.rglob(f"{pattern}/{DIFFUSERS_FILE}"))
     if candidates:
         found = candidates[0]
         if len(candidates) > 1:
