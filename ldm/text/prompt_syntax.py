@@ -207,13 +207,13 @@ def _chunks(out: list, what: str) -> tuple[tuple[Fragment, ...], ...]:
             group[-1] = Fragment(group[-1].text + text, weight)
         else:
             group.append(Fragment(text, weight))
-    if len(groups) > 1 and not _has_text(groups[-1]):
-        groups.pop()  # a trailing BREAK starts no chunk (A1111 adds none either)
-    if len(groups) > 1 and any(not _has_text(g) for g in groups):
+    if any(not _has_text(g) for g in groups[:-1]):  # every chunk a BREAK ends has text
         raise UserError(
             f"{what} has an empty chunk (BREAK at the start, or two BREAKs with nothing between them): "
             "remove the extra BREAK"
         )
+    if len(groups) > 1 and not _has_text(groups[-1]):
+        groups.pop()  # a trailing BREAK starts no chunk (A1111 adds none either)
     return tuple(tuple(g) if g else (Fragment("", 1.0),) for g in groups)
 
 
