@@ -93,11 +93,16 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111's emphasis: z (B, T, D) times per-token `weights` (B, T), rescaled so its mean is unchanged.
 
     Computed in float32 and returned in z's dtype; the mean is over every element of z (for A1111, one chunk).
+    A1111's own comment says restoring the mean "is likely not correct, but it seems to work well"; the factor is
+    ill-conditioned when the mean is near 0 (a random text encoder whose final layer norm has no bias yet).
     """
     z32 = z.float()
     original_mean = z32.mean()
     weighted = z32 * weights.to(z32)[..., None]  # (B, T, D)
-    return (weighted * (original_mean / weighted.mean())).to(z.dtype)
+    new_mean = weighted.mean()
+    if new_mean == 0:  # (A1111 would give NaN) nothing to restore: weights that cancel the mean exactly
+        return weighted.to(z.dtype)
+    return (weighted * (original_mean / new_mean)).to(z.dtype)
 
 
 def encode_chunks(encoder: FrozenTextEncoder, chunks: list[TokenChunk], clip_skip: int = 1) -> torch.Tensor:
