@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + "\n".join(l for l in __doc__.splitlines() if l.startswith("    ldm-generate")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("prompt", nargs="?", default=None, help="what to draw (may come from --from-png instead)")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="what to draw, in A1111 syntax: (word:1.2), (word), [word], BREAK; any length (see the README's "
+                   "'Prompt syntax'). May come from --from-png instead")
     p.add_argument("--negative", "--negative-prompt", dest="negative", default=None,
                    help="negative prompt: used as the unconditional branch of guidance (default: empty)")
     p.add_argument("--model", default=None,

@@ -305,11 +305,15 @@ def test_cli_clip_skip_is_recorded_and_replayed(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["(red:abc) car"], "error: prompt: '(red:abc)' is not a weight"),
-    (["car", "--negative", "(ugly:20)"], "error: negative prompt: weight 20 in '(ugly:20)' is out of range"),
-    (["a BREAK BREAK b"], "error: prompt has an empty chunk"),
-    (["car", "--clip-skip", "0"], "error: --clip-skip must be at least 1"),
-    (["car", "--clip-skip", "9"], "error: clip skip 9 is out of range: this text encoder allows 1..2"),
+    pytest.param(["(red:abc) car"], "error: prompt: '(red:abc)' is not a weight", id="malformed weight"),
+    pytest.param(["car", "--negative", "(ugly:20)"], "error: negative prompt: weight 20 in '(ugly:20)' is out of range",
+                 id="weight out of range"),
+    pytest.param(["(red: 1.2) car"], "error: prompt: the weight in '(red: 1.2)' has spaces", id="spaced weight"),
+    pytest.param(["[cat:dog:5]"], "error: prompt: '[cat:dog:5]' is A1111 prompt editing", id="prompt editing"),
+    pytest.param(["a BREAK BREAK b"], "error: prompt has an empty chunk", id="empty chunk"),
+    pytest.param(["car", "--clip-skip", "0"], "error: --clip-skip must be at least 1", id="clip skip 0"),
+    pytest.param(["car", "--clip-skip", "9"], "error: clip skip 9 is out of range: this text encoder allows 1..2",
+                 id="clip skip too large"),
 ])
 def test_cli_bad_prompts_are_one_line_exit_2_and_no_file(argv, expected, model_dir, tmp_path, capsys):
     outdir = tmp_path / "out"

@@ -17,7 +17,9 @@ How a prompt becomes a context, as A1111 does it (modules/sd_hijack_clip.py, sd_
    `text_encoder.encode([prompt])`.
 6. The chunks are concatenated along the sequence: (1, 77 * chunks, D). The prompt and the negative prompt are padded
    to the same number of chunks with the encoding of the empty prompt (one 77-token chunk each), so that the two
-   branches of guidance batch together; A1111 does the same with its "pad prompt/negative prompt" option.
+   branches of guidance batch together. A1111 does this with its "Pad prompt/negative prompt" option, which is off
+   by default there: it then runs the two branches separately, each at its own length, and a prompt and negative
+   prompt of different chunk counts give a (slightly) different image than here.
 
 No truncation warning: nothing is dropped. Training captions never come here: the training loop calls
 `FrozenTextEncoder.encode`, which reads brackets as plain text and truncates at 77 tokens (with a warning).
