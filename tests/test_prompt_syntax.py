@@ -65,7 +65,8 @@ def test_text_outside_brackets_is_untouched():
 
 def test_break_starts_a_chunk():
     parsed = parse_prompt("a (cat) BREAK a dog")
-    assert parsed.chunks == ((Fragment("a ", 1.0), Fragment("cat", 1.1), Fragment(" ", 1.0)), (Fragment(" a dog", 1.0),))
+    assert parsed.chunks == (
+        (Fragment("a ", 1.0), Fragment("cat", 1.1), Fragment(" ", 1.0)), (Fragment(" a dog", 1.0),))
     # a bracket across a BREAK weights both sides, and the BREAK still splits (A1111 would tokenize the word instead)
     assert parse_prompt("(a BREAK b)").chunks == ((Fragment("a ", 1.1),), (Fragment(" b", 1.1),))
     assert len(parse_prompt("a BREAK").chunks) == 1  # a trailing BREAK makes no chunk

@@ -3,7 +3,8 @@
     (word)        weight x 1.1        ((word)) x 1.21, and so on: nested brackets multiply
     [word]        weight x 1 / 1.1
     (word:1.5)    weight x 1.5        a number right after the colon, then ')'
-    \\( \\) \\[ \\] \\:  the literal character (a backslash makes any character literal; a lone one at the end is dropped)
+    \\( \\) \\[ \\] \\:  the literal character (a backslash makes any character literal; a lone one at the end
+                  is dropped)
     BREAK         ends the current 75-token chunk and starts the next one
 
 The weights and the way they combine are those of AUTOMATIC1111's `parse_prompt_attention` (its documented examples
@@ -81,18 +82,13 @@ class ParsedPrompt:
     def weighted(self) -> bool:
         return any(f.weight != 1.0 for chunk in self.chunks for f in chunk)
 
-    @property
-    def fragments(self) -> list[Fragment]:
-        """All fragments, BREAKs dropped."""
-        return [f for chunk in self.chunks for f in chunk]
-
 
 class _Break:
     """The marker BREAK leaves in the fragment list; weights never apply to it."""
 
 
 def parse_prompt(text: str, what: str = "prompt") -> ParsedPrompt:
-    """Parse `text` (see the module docstring). Raises `UserError` starting with `what` ("prompt", "negative prompt")."""
+    """Parse `text` (see the module docstring). A `UserError` starts with `what` ("prompt", "negative prompt")."""
     out: list[list | _Break] = []  # [text, weight] pairs (mutable: closing brackets multiply them) and _Break markers
     round_open: list[int] = []  # index into `out` where each open '(' starts
     square_open: list[int] = []
@@ -168,8 +164,8 @@ def _read_weight(text: str, pos: int, what: str) -> tuple[float, int] | None:
         value = float(m.group(1))
         if not (math.isfinite(value) and MIN_WEIGHT <= value <= MAX_WEIGHT):
             raise UserError(
-                f"{what}: weight {m.group(1)} in {_excerpt(text, pos)!r} is out of range: use {MIN_WEIGHT:g}..{MAX_WEIGHT:g} "
-                "(1 = unchanged, 1.1-1.5 is the usual emphasis)"
+                f"{what}: weight {m.group(1)} in {_excerpt(text, pos)!r} is out of range: use "
+                f"{MIN_WEIGHT:g}..{MAX_WEIGHT:g} (1 = unchanged, 1.1-1.5 is the usual emphasis)"
             )
         return value, m.end()
     spaced = _SPACED_WEIGHT.match(text, pos)
