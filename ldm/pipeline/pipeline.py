@@ -31,6 +31,7 @@ from ldm.pipeline.seeds import generators, per_image_noise, random_seed
 from ldm.pipeline.validation import check_request, check_size, pick_size, steps_to_run
 from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
 from ldm.progress import progress_bar
+from ldm.text.prompt_encoding import encode_prompt_pair
 from ldm.vae.loading import vae_factor
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class Pipeline:
         strength: float | None = None,
         mask_blur: int = DEFAULT_MASK_BLUR,
         guidance_rescale: float = 0.0,
+        clip_skip: int = 1,
         show_progress: bool = True,
         on_image: Callable[[Image.Image, GenerationParams], None] | None = None,
         lora_dir: str | Path | None = None,
@@ -159,6 +161,8 @@ class Pipeline:
         strength 1.0). `on_image(image, params)` is called as each image is finished (the CLI saves there).
         A1111 LoRA tags in the prompt (`<lora:name:0.8>`) are taken out of the encoded text and merged from
         `lora_dir`; `lora_hashes` ({name: short hash}, from a PNG) finds renamed files and warns on changed ones.
+        Prompts use A1111's emphasis syntax and may be longer than 77 tokens (ldm/text/prompt_encoding.py);
+        `clip_skip` is A1111's "Clip skip" (1 = the text encoder's configured layer).
         """
         if mask is not None and init_image is None:
             raise UserError("a mask needs an init image (--init-image) to inpaint")
@@ -181,12 +185,13 @@ class Pipeline:
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg=cfg,
             seed=seed, width=job.width, height=job.height, model=self.model_name, strength=strength,
             guidance_rescale=guidance_rescale, mask_blur=mask_blur if job.mask is not None else None,
-            lora_hashes=used_loras,
+            lora_hashes=used_loras, clip_skip=clip_skip,
         )
 
-        # (1, 77, D) each; the unconditional branch is only computed when guidance uses it
-        cond = self.text_encoder.encode([text]).to(self.dtype)
-        uncond = None if cfg == 1.0 else self.text_encoder.encode([negative_prompt]).to(self.dtype)
+        # (1, 77 * chunks, D) each, A1111 prompt syntax (ldm/text/prompt_encoding.py) on the text without its LoRA
+        # tags; the unconditional branch is only computed when guidance uses it
+        cond, uncond = encode_prompt_pair(self.text_encoder, text, None if cfg == 1.0 else negative_prompt, clip_skip)
+        cond, uncond = cond.to(self.dtype), None if uncond is None else uncond.to(self.dtype)
         image_latents = self._encode(job.image) if job.image is not None else None
         steps_run = steps if strength is None else steps_to_run(steps, strength)
         if strength is not None:
@@ -282,7 +287,7 @@ class Pipeline:
                 inpaint = self._inpaint_state(job, known, noise, gens)
 
         def expand(e: torch.Tensor | None) -> torch.Tensor | None:
-            return None if e is None else e.expand(b, *e.shape[1:])  # (1, 77, D) -> (b, 77, D)
+            return None if e is None else e.expand(b, *e.shape[1:])  # (1, 77 * chunks, D) -> (b, 77 * chunks, D)
 
         latents = denoise(
             self._unet_fn, scheduler, latents, timesteps, expand(cond), expand(uncond), p.cfg, p.guidance_rescale,
