@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     text_encoder = load_text_encoder(cfg.text_encoder, dtype=weight_dtype, device=accelerator.device)
     cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=out / "latents")
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
-    encode_text, empty = text_encoder.encode, text_encoder.empty_embedding()  # (1, 77, D): the unconditional branch
     if cfg.latent_cache().text_embeddings:  # every caption encoded once: the steps look their embeddings up
         text_cache = ensure_text_cache(accelerator, text_encoder, cache.captions, cache.directory, cfg.cache.rebuild)
         encode_text, empty = text_cache.encode, text_cache.empty_embedding()
+    else:
+        encode_text, empty = text_encoder.encode, text_encoder.empty_embedding()  # (1, 77, D): the unconditional
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)

@@ -53,8 +53,9 @@ def effective_max_side(data_cfg: Any) -> int:
 
 def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int, max_aspect: float,
                  factor: int = 1) -> list[Size]:
-    """The bucket table, sorted by width: for each width a multiple of `step`, the height that brings the area
-    nearest `resolution`²; sizes outside [min_side, max_side] or beyond `max_aspect` are left out.
+    """The bucket table, sorted by width: for each width >= resolution a multiple of `step`, the height that brings
+    the area nearest `resolution`² (both ways round: portrait buckets mirror landscape ones); sizes outside
+    [min_side, max_side] or beyond `max_aspect` are left out.
 
     Raises a one-line `UserError` naming the setting when the step does not fit the VAE factor or the resolution.
     """
@@ -68,12 +69,12 @@ def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int, max_a
         raise UserError(f"config keys 'data.min_side'/'data.max_side': need bucket_step ({step}) <= min_side "
                         f"({min_side}) <= resolution ({resolution}) <= max_side ({max_side})")
     area = resolution * resolution
-    sizes = []
-    for width in range(math.ceil(min_side / step) * step, max_side + 1, step):
+    sizes = set()
+    for width in range(resolution, max_side + 1, step):  # landscape (and square) sizes, then their transposes
         height = max(step, round(area / width / step) * step)
-        if min_side <= height <= max_side and max(width / height, height / width) <= max_aspect + 1e-9:
-            sizes.append((width, height))
-    return sizes
+        if min_side <= height <= max_side and width / height <= max_aspect + 1e-9:
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes)
 
 
 def nearest_bucket(size: Size, buckets: Sequence[Size]) -> int:
