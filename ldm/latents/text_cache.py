@@ -106,7 +106,10 @@ class TextEmbeddingCache:
         these captions (else `StaleCacheError` naming the difference). Missing file: `FileNotFoundError`."""
         data = path.read_bytes()
         try:
-            tensors = load_safetensors(data)
+            try:
+                tensors = load_safetensors(data)
+            except SafetensorError as error:
+                raise ValueError(f"is not a valid safetensors file ({str(error).splitlines()[0]})") from error
             (length,) = struct.unpack("<Q", data[:8])  # the safetensors header: its length, then JSON
             metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
             if metadata.get("format") != FORMAT_NAME or "embeddings" not in tensors:
@@ -119,7 +122,7 @@ class TextEmbeddingCache:
             built_key, built_captions = json.loads(metadata["key"]), json.loads(metadata["captions"])
             if len(built_captions) != embeddings.shape[0] or built_captions[:1] != [""]:
                 raise ValueError("has captions and embeddings of different lengths")
-        except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CorruptCacheError(f"text-embedding cache {path} {reason}: {HINT}") from error
         diffs = [f"{name} {built_key.get(name)!s:.16} != {value!s:.16}" for name, value in key.items()
