@@ -1,6 +1,7 @@
 """U-Net training throughput (samples/s) with the text-embedding cache versus running the text encoder every step.
 
-    python bench/bench_text_cache.py [--batch-size 32] [--steps 5] [--warmup 2] [--rounds 3] [--captions 256] [--threads 0]
+    python bench/bench_text_cache.py [--batch-size 32] [--steps 5] [--warmup 2] [--rounds 3] [--captions 256] \
+        [--threads 0]
 
 Two setups, each measured both ways in one run:
 
@@ -13,7 +14,8 @@ prompt), `diffusion_loss` at random timesteps on cached-posterior latents, backw
 differ only in where the text states come from: `FrozenTextEncoder.encode` (uncached) or `TextEmbeddingCache.encode`
 (a lookup in the file `build_text_cache` wrote for the caption pool). Variants alternate within each round (which one
 goes first alternates too), so machine noise hits both alike; the table gives the median over rounds. fp32, torch's
-default thread count (or --threads), one process. Disk per caption is the file's size over its captions (the empty one included).
+default thread count (or --threads), one process. Disk per caption is the file's size over its captions (the empty
+one included).
 """
 
 from __future__ import annotations

@@ -242,7 +242,8 @@ def test_mixed_aspect_training_killed_and_resumed_is_bit_exact(tmp_path, parts, 
     train_ldm.main(args(killed, parts, *HARD, shared, "train.max_steps=6") + ["--resume", "latest"])
     reset_accelerate_state()
     assert calls == []
-    a, b = checkpoint(tmp_path / "reference/checkpoints/step-00000006"), checkpoint(killed / "checkpoints/step-00000006")
+    a = checkpoint(tmp_path / "reference/checkpoints/step-00000006")
+    b = checkpoint(killed / "checkpoints/step-00000006")
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
@@ -251,7 +252,8 @@ def test_two_processes_train_on_buckets_with_the_text_cache(tmp_path, parts):
     out = tmp_path / "run"
     cmd = accelerate_launch(ROOT / "train/train_ldm.py", *args(out, parts, *HARD, "train.cpu=true",
                                                                  "train.max_steps=3"))
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas identical across 2 processes" in result.stderr
     assert "9 aspect-ratio buckets (width x height: images)" in result.stderr

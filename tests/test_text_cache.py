@@ -77,7 +77,8 @@ def test_a_corrupt_file_is_refused(tmp_path, built, encoder, damage, problem):
     with pytest.raises(CorruptCacheError, match=problem) as error:
         TextEmbeddingCache.open(path, encoder_key(encoder), CAPTIONS)
     message = str(error.value)
-    assert message.startswith(f"text-embedding cache {path} ") and message.endswith("delete it or set cache.rebuild=true")
+    assert message.startswith(f"text-embedding cache {path} ")
+    assert message.endswith("delete it or set cache.rebuild=true")
     assert "\n" not in message
 
 

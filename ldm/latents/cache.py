@@ -21,8 +21,8 @@ and, in the safetensors metadata: "format", "version", "build" (hash of everythi
 "content_sha256" (hash of tensors + captions + skipped), so a shard verifies itself even before a manifest exists.
 
 The manifest records the VAE identity (sha256 of its weights and of its config.json without "_"-keys, the config,
-scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, buckets, dataset size), the
-dtype, latent shape, count, every shard's file name, rows, bytes and sha256, and the skipped images.
+scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, buckets, dataset
+size), the dtype, latent shape, count, every shard's file name, rows, bytes and sha256, and the skipped images.
 
 Latents are stored unscaled: training samples z = (mean + std * eps) [- shift_factor] * scaling_factor afresh each
 time (`sample_latents`), and `vae.decode(mean)` reconstructs the image. The whole cache is loaded into memory by
