@@ -117,14 +117,10 @@ class BucketTransform:
         return pil_to_tensor(image)[0]  # (3, H, W)
 
 
-def format_bucket_table(sizes: Sequence[Size], counts: Sequence[int], step_items: int | None = None) -> str:
-    """The table printed at start: one line per bucket, "W x H  count" (and a note for buckets too small)."""
+def format_bucket_table(sizes: Sequence[Size], counts: Sequence[int]) -> str:
+    """The table printed at start: one line per bucket, "W x H  count"."""
     lines = [f"{len(sizes)} aspect-ratio buckets (width x height: images)"]
-    for (width, height), count in zip(sizes, counts):
-        note = ""
-        if step_items is not None and 0 < count < step_items:
-            note = f"  (fewer than one step's {step_items}: never trained)"
-        lines.append(f"  {width:>5} x {height:<5} {count:>8}{note}")
+    lines += [f"  {width:>5} x {height:<5} {count:>8}" for (width, height), count in zip(sizes, counts)]
     return "\n".join(lines)
 
 
