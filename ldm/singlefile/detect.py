@@ -86,6 +86,11 @@ def detect(path: str | Path) -> Detected:
     shapes, meta = read_header(path)
     if META_KEY in meta:
         return _from_metadata(path, shapes, meta[META_KEY])
+    return detect_shapes(shapes, path)
+
+
+def detect_shapes(shapes: Shapes, path: Path) -> Detected:
+    """A foreign file (no `ldm` metadata) from its names and shapes; `path` only names it in messages."""
     other = _other_architecture(shapes)  # SDXL, SD 3, Flux, ... share some of these names: ask diffusers first
     if other:
         raise UserError(f"'{path}' is a {other} checkpoint (detected by diffusers' infer_diffusers_model_type), "

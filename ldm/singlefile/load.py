@@ -51,7 +51,8 @@ def read_tensors(path: Path, prefixes: tuple[str, ...]) -> keys.State:
 
 def _strict(model: torch.nn.Module, state: keys.State, what: str, path: Path) -> torch.nn.Module:
     """Load `state` into a model built on the meta device; every weight must be there and nothing else."""
-    expected = model.state_dict().keys()
+    wanted = model.state_dict()
+    expected = wanted.keys()
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         said = "; ".join(s for s in (f"missing {len(missing)} (first: {missing[0]})" if missing else "",
@@ -60,9 +61,9 @@ def _strict(model: torch.nn.Module, state: keys.State, what: str, path: Path) ->
         raise UserError(f"'{path}': the {what} weights do not fit the detected layout ({said}); the file is "
                         "damaged or of another architecture")
     for key, value in state.items():
-        if value.shape != model.state_dict()[key].shape:
+        if value.shape != wanted[key].shape:
             raise UserError(f"'{path}': the {what} weight '{key}' has shape {tuple(value.shape)}, the detected "
-                            f"layout needs {tuple(model.state_dict()[key].shape)}")
+                            f"layout needs {tuple(wanted[key].shape)}")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
@@ -160,8 +161,7 @@ def load_unet_file(path: str | Path):
     log.info("%s", d.describe())
     if d.unet_config is None:
         raise UserError(f"model.pretrained '{path}' has no U-Net (model.diffusion_model.*)")
-    unet = build_unet(d.unet_config, read_tensors(d.path, (keys.UNET_PREFIX,)), d.path)
-    return unet.to(torch.float32)
+    return build_unet(d.unet_config, _cast(read_tensors(d.path, (keys.UNET_PREFIX,)), torch.float32), d.path)
 
 
 def vae_factor_and_size(path: str | Path) -> tuple[int, int]:
