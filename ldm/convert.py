@@ -13,6 +13,7 @@ the component configs, so `ldm-generate --model DST` rebuilds the model exactly 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -42,9 +43,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("ldm").addHandler(handler)
     logging.getLogger("ldm").setLevel(logging.INFO)
     try:
-        run(Path(args.src).expanduser(), Path(args.dst).expanduser(), args.half, args.prediction_type)
+        # stdout carries only the written path: libraries' prints (DeepSpeed's accelerator notice when
+        # save_pretrained imports it) go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            run(Path(args.src).expanduser(), Path(args.dst).expanduser(), args.half, args.prediction_type)
     finally:
         logging.getLogger("ldm").removeHandler(handler)
+    print(Path(args.dst).expanduser())
 
 
 def run(src: Path, dst: Path, half: bool = False, prediction_type: str | None = None) -> None:
@@ -62,7 +67,6 @@ def run(src: Path, dst: Path, half: bool = False, prediction_type: str | None = 
               f"{' (fp16)' if half else ''}", file=sys.stderr)
     else:
         file_to_directory(src, dst, half=half, prediction_type=prediction_type)
-    print(dst)
 
 
 if __name__ == "__main__":

@@ -250,6 +250,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     v["model"] = v["model"] or DEFAULT_MODEL
     root = resolve_model(v["model"])
     check_model(root)
+    if args.vae:
+        from ldm.singlefile.load import check_vae_source
+
+        check_vae_source(args.vae)
     if v["model"] == DEMO_NAME:
         log.info(DEMO_NOTICE)
     factor = read_vae_factor(root)

@@ -174,6 +174,19 @@ def vae_factor_and_size(path: str | Path) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------- --vae
+def check_vae_source(source: str | Path) -> None:
+    """`--vae` checked before any model is loaded: an existing directory's files, or a file's header."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        from ldm.vae.loading import check_vae
+
+        check_vae(path)
+    elif path.is_file():
+        read_header(path)
+    else:
+        raise UserError(f"--vae '{source}' does not exist: pass a VAE .safetensors file or a diffusers VAE directory")
+
+
 def load_vae_override(source: str | Path, scaling_factor: float | None, dtype: torch.dtype = torch.float32):
     """`--vae`: a diffusers VAE directory, or a VAE file in the original layout (`first_stage_model.*` or bare
     `encoder.*`/`decoder.*`, as `vae-ft-mse-840000-ema-pruned.safetensors`) or in diffusers' names.

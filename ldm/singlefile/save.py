@@ -142,8 +142,10 @@ def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type:
 
 def _file_dtype(path: Path) -> torch.dtype:
     """The dtype most of the file's U-Net is stored in (fp16 files stay fp16, fp32 stay fp32)."""
+    from ldm.singlefile.detect import read_header
     from ldm.weights import check_safetensors_file
 
+    read_header(path)  # pickles and other suffixes are refused first
     header = check_safetensors_file(path)
     kinds = [v["dtype"] for k, v in header.items() if k.startswith(keys.UNET_PREFIX)]
     common = max(set(kinds), key=kinds.count) if kinds else "F32"
