@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from ldm.convert import main as convert
 from ldm.demo import MODEL_DIR
 from ldm.generate import main as generate
+from ldm.singlefile import keys
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = "a large red circle in the center on a black background"
@@ -70,6 +72,15 @@ def test_file_to_directory_and_back_through_the_cli(demo_file, tmp_path, capsys)
     assert code == 0 and lines == [str(half)], err
     assert "tensors (fp16)" in err
     assert half.stat().st_size < 0.6 * demo_file.stat().st_size
+    fp16 = load_file(str(half))
+    assert {v.dtype for v in fp16.values()} == {torch.float16}
+    # and the fp16 file back to a directory keeps exactly those values (no trip through fp32 rounding)
+    code, _, err = run(convert, [str(half), str(tmp_path / "dir16")], capsys)
+    assert code == 0, err
+    unet = load_file(str(tmp_path / "dir16" / "unet" / "diffusion_pytorch_model.safetensors"))
+    config = json.loads((out / "unet" / "config.json").read_text())
+    expected = keys.unet_from_original(fp16, config)
+    assert unet.keys() == expected.keys() and all(torch.equal(unet[k], expected[k]) for k in unet)
 
 
 def test_bad_input_is_one_line_and_exit_2(demo_file, tmp_path, capsys):

@@ -84,39 +84,19 @@ def _configs_only(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("which", ["tiny", "demo"])
-def test_diffusers_from_single_file_reads_our_file_as_the_same_model(which, tiny_dir, tiny_file, tmp_path,
-                                                                     monkeypatch):
-    from ldm.demo import MODEL_DIR
-
+def test_diffusers_from_single_file_reads_our_file_as_the_same_model(tiny_dir, tiny_file, tmp_path, monkeypatch):
+    """The demo's case is tests/test_convert_cli.py (through both CLIs)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    src = tiny_dir if which == "tiny" else MODEL_DIR
-    path = tiny_file if which == "tiny" else tmp_path / "demo.safetensors"
-    if which == "demo":
-        directory_to_file(src, path)
-    ref = StableDiffusionPipeline.from_single_file(str(path), config=str(_configs_only(src, tmp_path / "cfg")),
+    ref = StableDiffusionPipeline.from_single_file(str(tiny_file), config=str(_configs_only(tiny_dir, tmp_path / "c")),
                                                    local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
-    pipe = Pipeline.from_pretrained(path, device="cpu", dtype="fp32")
+    pipe = Pipeline.from_pretrained(tiny_file, device="cpu", dtype="fp32")
     ours = pipe(PROMPT, "", steps=3, cfg=7.5, sampler="dpmpp_2m", seed=4, height=32, width=32, show_progress=False)
     ref.scheduler = make_scheduler("dpmpp_2m", pipe.scheduler_config)
     theirs = ref(PROMPT, negative_prompt="", num_inference_steps=3, guidance_scale=7.5, height=32, width=32,
                  generator=[torch.Generator().manual_seed(4)], output_type="np").images
     assert np.abs(ours.decoded - theirs).max() <= 1e-5
-
-
-def test_half_stores_fp16_and_round_trips_those_values(tiny_dir, tmp_path):
-    path = tmp_path / "half.safetensors"
-    directory_to_file(tiny_dir, path, half=True)
-    tensors = load_file(str(path))
-    assert {v.dtype for v in tensors.values()} == {torch.float16}
-    back = tmp_path / "back"
-    file_to_directory(path, back)
-    again = tmp_path / "again.safetensors"
-    directory_to_file(back, again)
-    second = load_file(str(again))
-    assert all(torch.equal(tensors[k], second[k]) for k in tensors)
 
 
 # ------------------------------------------------------------------------------------- SD-shaped foreign files
@@ -302,3 +282,9 @@ def test_a_unet_only_file_needs_a_text_encoder_and_a_vae_to_generate(tmp_path):
     with pytest.raises(UserError, match="holds no text encoder"):
         Pipeline.from_pretrained(path, device="cpu", dtype="fp32")
     assert load_unet_file(path).config.block_out_channels == (32, 32, 64, 64)
+    state = load_file(str(path))
+    del state["model.diffusion_model.middle_block.1.proj_out.weight"]
+    save_file(state, str(path))
+    with pytest.raises(UserError, match=r"the U-Net weights do not fit the detected layout \(missing 1 \(first: "
+                                        r"mid_block.attentions.0.proj_out.weight\)\)"):
+        load_unet_file(path)
