@@ -288,3 +288,34 @@ def test_a_unet_only_file_needs_a_text_encoder_and_a_vae_to_generate(tmp_path):
     with pytest.raises(UserError, match=r"the U-Net weights do not fit the detected layout \(missing 1 \(first: "
                                         r"mid_block.attentions.0.proj_out.weight\)\)"):
         load_unet_file(path)
+
+
+# ---------------------------------------------------------------------------------------------------------- stage 2
+@pytest.mark.slow
+def test_stage_2_fine_tunes_the_unet_of_a_single_file(tmp_path, fresh_accelerate, capfd):
+    import sys
+
+    from ldm.unet.presets import build_unet
+    from ldm.unet.tiny import write_tiny_stage2_inputs
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "train"))
+    import train_ldm
+
+    parts = write_tiny_stage2_inputs(tmp_path / "parts", num_images=16)
+    torch.manual_seed(3)
+    unet = build_unet("tiny", sample_size=16, latent_channels=4, cross_attention_dim=32)
+    path = tmp_path / "base.safetensors"  # a foreign file: original names, no metadata
+    save_file(keys.unet_to_original(unet.state_dict(), unet.config), str(path))
+    out = tmp_path / "run"
+    if True:  # the run's own log handlers write to stderr
+        train_ldm.main(["--config", str(root / "configs/ldm/tiny.yaml"), f"train.output_dir={out}",
+                        f"data.path={parts['data']}", f"cache.vae={parts['vae']}", f"text_encoder.path={parts['text']}",
+                        "train.report_to=none", "sample.every=0", "train.max_steps=1", "train.batch_size=4",
+                        "train.ema_decay=0", "optim.lr=1e-5", f"model.pretrained={path}"])
+    assert "'base.safetensors': Stable Diffusion 1.x" in capfd.readouterr().err
+    trained = load_file(str(out / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    start = unet.state_dict()
+    # one AdamW step moves every weight by about lr (1e-5) at most: the run started from the file, not at random
+    assert trained.keys() == start.keys()
+    assert max((trained[k] - start[k]).abs().max().item() for k in start) < 1e-4
