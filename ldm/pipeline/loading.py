@@ -90,12 +90,13 @@ def read_vae_factor(root: Path) -> int:
     return vae_factor(_read_json(root / "vae" / "config.json"))
 
 
-def read_default_size(root: Path) -> int:
-    """unet.config.sample_size x the VAE factor: the resolution the model was trained at."""
+def read_default_size(root: Path, prediction_type: str | None = None) -> int:
+    """unet.config.sample_size x the VAE factor: the resolution the model was trained at (for a single SD 2.x
+    file, 768 for v-prediction and 512 otherwise, so `prediction_type` is what --prediction-type says)."""
     if root.is_file():
         from ldm.singlefile.load import vae_factor_and_size
 
-        return vae_factor_and_size(root)[1]
+        return vae_factor_and_size(root, prediction_type)[1]
     sample = _read_json(root / "unet" / "config.json").get("sample_size", 64)
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     return int(sample) * read_vae_factor(root)
