@@ -257,7 +257,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     if v["model"] == DEMO_NAME:
         log.info(DEMO_NOTICE)
     factor = read_vae_factor(root)
-    height, width = pick_size(init.size if init else None, v["height"], v["width"], factor, read_default_size(root, args.prediction_type))
+    native = read_default_size(root, args.prediction_type)
+    height, width = pick_size(init.size if init else None, v["height"], v["width"], factor, native)
     check_request(steps=v["steps"], cfg=v["cfg"], height=height, width=width, vae_factor=factor, strength=strength,
                   sampler=v["sampler"], karras=bool(v["karras"]), num_images=args.num_images,
                   batch_size=args.batch_size, seed=v["seed"])

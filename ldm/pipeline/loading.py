@@ -60,6 +60,8 @@ def resolve_model(model: str | None) -> Path:
             f"--model '{model}' is {kind}; pass a .safetensors single file or a diffusers-format directory "
             "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
+    if path.suffix == ".safetensors":
+        raise UserError(f"model file '{model}' does not exist")
     if hub.is_hub_id(model):
         return _from_hub(model)
     raise UserError(f"model directory '{model}' does not exist")
