@@ -271,6 +271,10 @@ def test_bad_files_are_one_clear_line(tiny_file, tmp_path):
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)}, str(sdxl))
     with pytest.raises(UserError, match="is a xl_base checkpoint .*not Stable Diffusion 1.x/2.x"):
         detect(sdxl)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1)}, str(lora))
+    with pytest.raises(UserError, match="is a LoRA adapter, not a model: pass it with --lora"):
+        detect(lora)
     vae_only = tmp_path / "vae.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(1)}, str(vae_only))
     with pytest.raises(UserError, match="holds a VAE but no U-Net .*pass it as --vae"):

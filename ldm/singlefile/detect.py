@@ -135,6 +135,8 @@ def _not_sd(path: Path, shapes: Shapes) -> UserError:
     """No SD U-Net: say what the file is (diffusers' own detector names other architectures) or what it holds."""
     families = Counter(".".join(k.split(".")[:2]) if k.count(".") > 1 else k.split(".")[0] for k in shapes)
     found = ", ".join(f"{name}.* ({n})" for name, n in families.most_common(6)) or "no tensors"
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_A." in k or ".lora_down." in k for k in shapes):
+        return UserError(f"'{path}' is a LoRA adapter, not a model: pass it with --lora, on top of --model")
     if any(k.startswith(VAE_PREFIX) or k.startswith("encoder.") for k in shapes):
         return UserError(f"'{path}' holds a VAE but no U-Net (model.diffusion_model.*): pass it as --vae, with "
                          "--model a full checkpoint or diffusers directory")
