@@ -157,12 +157,15 @@ class Pipeline:
         on_image: Callable[[Image.Image, GenerationParams], None] | None = None,
         lora_dir: str | Path | None = None,
         lora_hashes: dict[str, str] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """Generate `num_images` images, `batch_size` at a time; image i uses seed + i whatever the batching.
 
         txt2img without `init_image`; img2img with it (`strength` in (0, 1], default 0.75: the share of the schedule
         re-noised, diffusers' convention); inpainting with `init_image` and `mask` (white = repaint, default
-        strength 1.0). `on_image(image, params)` is called as each image is finished (the CLI saves there).
+        strength 1.0). `on_image(image, params)` is called as each image is finished (the CLI saves there);
+        `on_step(done, total)` after each U-Net evaluation, counted over the whole run (the server reports progress
+        there, and stops a job at the next step by raising from it).
         A1111 LoRA tags in the prompt (`<lora:name:0.8>`) are taken out of the encoded text and merged from
         `lora_dir`; `lora_hashes` ({name: short hash}, from a PNG) finds renamed files and warns on changed ones.
         Prompts use A1111's emphasis syntax and may be longer than 77 tokens (ldm/text/prompt_encoding.py);
@@ -213,9 +216,18 @@ class Pipeline:
         num_batches = -(-num_images // batch_size)
         progress = progress_bar(total=num_batches * per_batch, disable=not show_progress, desc="denoising",
                                 unit="step", file=sys.stderr, leave=False)
+        total, done = num_batches * per_batch, 0
+
+        def step() -> None:
+            nonlocal done
+            progress.update()
+            done += 1
+            if on_step is not None:
+                on_step(done, total)
+
         for start in range(0, num_images, batch_size):
             seeds = [seed + i for i in range(start, min(start + batch_size, num_images))]
-            latents = self._sample(seeds, cond, uncond, image_latents, job, base, progress.update)
+            latents = self._sample(seeds, cond, uncond, image_latents, job, base, step)
             decoded = tensor_to_float_images(self._decode(latents))  # (b, H, W, 3) in [0, 1]
             decoded_all.append(decoded)
             for s, pixels in zip(seeds, float_to_uint8(decoded)):
