@@ -36,6 +36,8 @@ class GenerationParams:
     strength: float | None = None  # img2img and inpainting only
     guidance_rescale: float = 0.0
     mask_blur: int | None = None  # inpainting only
+    lora_hashes: str = ""  # A1111's 'Lora hashes': "name: short hash, ..." of the LoRAs merged (ldm/lora/)
+    clip_skip: int = 1  # A1111's "Clip skip"; 1 = the text encoder's own layer, not written (as A1111 does)
 
     def with_seed(self, seed: int) -> GenerationParams:
         return replace(self, seed=seed)
@@ -59,6 +61,10 @@ def format_parameters(p: GenerationParams) -> str:
         fields.append(("Mask blur", p.mask_blur))
     if p.guidance_rescale:
         fields.append(("CFG rescale", _num(p.guidance_rescale)))
+    if p.lora_hashes:
+        fields.append(("Lora hashes", p.lora_hashes))
+    if p.clip_skip != 1:
+        fields.append(("Clip skip", p.clip_skip))
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields))
     return "\n".join(lines)
 
@@ -110,6 +116,10 @@ def parse_parameters(text: str) -> dict[str, Any]:
         out["mask_blur"] = int(raw["Mask blur"])
     if "CFG rescale" in raw:
         out["guidance_rescale"] = float(raw["CFG rescale"])
+    if "Lora hashes" in raw:
+        out["lora_hashes"] = raw["Lora hashes"]
+    if "Clip skip" in raw:
+        out["clip_skip"] = int(raw["Clip skip"])
     return out
 
 

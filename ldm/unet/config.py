@@ -12,6 +12,7 @@ from ldm.data.config import DataConfig
 from ldm.latents.config import LatentCacheConfig
 from ldm.lora.config import LoRAConfig
 from ldm.text.config import TextEncoderConfig
+from ldm.text.prompt_syntax import check_prompt
 from ldm.unet.objective import NoiseConfig
 from ldm.unet.presets import UNET_PRESETS
 
@@ -19,7 +20,8 @@ from ldm.unet.presets import UNET_PRESETS
 @dataclass
 class UNetModelConfig:
     preset: str = "tiny"  # a name from ldm.unet.presets.UNET_PRESETS; ignored when `pretrained` is set
-    # fine-tuning: a diffusers-format model directory (its unet/ is loaded; with `pretrained_vae` also its vae/)
+    # fine-tuning: a diffusers-format model directory (its unet/ is loaded; with `pretrained_vae` also its vae/), or a
+    # single .safetensors checkpoint in the original layout (its U-Net; ldm/singlefile)
     pretrained: str = ""
     pretrained_vae: bool = False
     gradient_checkpointing: bool = False
@@ -27,6 +29,9 @@ class UNetModelConfig:
     def validate(self) -> None:
         check(self.preset in UNET_PRESETS, "model.preset", f"'{self.preset}' is not one of {', '.join(UNET_PRESETS)}")
         check(not self.pretrained_vae or bool(self.pretrained), "model.pretrained_vae", "needs model.pretrained")
+        check(not (self.pretrained_vae and Path(self.pretrained).is_file()), "model.pretrained_vae",
+              "needs a model directory; convert the single file first (ldm-convert FILE DIR) and set "
+              "model.pretrained=DIR")
 
 
 @dataclass
@@ -88,6 +93,8 @@ class SampleConfig:
         check(self.every >= 0, "sample.every", "must be >= 0 (0 disables)")
         check(self.steps >= 1, "sample.steps", "must be >= 1")
         check(self.cfg >= 0, "sample.cfg", "must be >= 0")
+        for i, prompt in enumerate(self.prompts):  # sampled with A1111 prompt syntax: refuse a bad one now, not hours in
+            check_prompt(prompt, f"config key 'sample.prompts[{i}]'")
 
 
 @dataclass
