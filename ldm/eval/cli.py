@@ -2,7 +2,7 @@
 
     ldm-eval --model runs/demo/model --json eval.json
     ldm-eval --model runs/demo/model --quick            # a smoke test in a minute, clearly labelled as such
-    ldm-eval --model runs/demo/lora-pink/model --new-color pink   # also: prompts in a colour taught later (LoRA)
+    ldm-eval --lora runs/demo/lora-pink/lora/pink.safetensors --new-color pink   # with a LoRA; a new colour too
 
 Sections: the attribute reader on rendered ground truth (is the judge right?), the model's VAE reconstructions (the
 ceiling for generation), prompt adherence on held-out and training combinations at the guidance scale and at the
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's default)")
     p.add_argument("--device", default="auto", help="auto (the default), cpu, cuda, cuda:N or mps")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA to the model under test (as ldm-generate --lora); repeatable")
     p.add_argument("--new-color", action="append", default=[], metavar="NAME",
                    help="a colour outside the training spec (ldm.data.shapes.NEW_COLORS, e.g. pink) that the reader "
                         "also knows, with its own prompt section; repeatable")
@@ -148,6 +150,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Validate, load the model, run every section; returns the report (see `ldm.eval.report`)."""
     from ldm.eval import adherence as ad
     from ldm.eval.prompts import FIRST_SEED, prompt_sets
+    from ldm.lora.prompt_tags import parse_lora_option
     from ldm.pipeline.device import dtype_name, pick_device
     from ldm.pipeline.loading import check_model, resolve_model
     from ldm.pipeline.pipeline import Pipeline
@@ -159,6 +162,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     check_model(root)
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(root, device=device)
+    for path, scale in map(parse_lora_option, args.lora):
+        pipe.load_lora(path, scale)
     log.info("loaded %s on %s in %.1fs", root, device, time.perf_counter() - start)
 
     s = ad.Settings(
@@ -168,7 +173,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     sets = prompt_sets(quick=args.quick)
     report: dict[str, Any] = {
-        "quick": args.quick, "model": str(root), "device": str(device), "dtype": dtype_name(pipe.dtype),
+        "quick": args.quick, "model": str(root) + "".join(f" + LoRA {spec}" for spec in args.lora),
+        "device": str(device), "dtype": dtype_name(pipe.dtype),
         "settings": {"steps": s.steps, "cfg": s.cfg, "baseline_cfg": args.baseline_cfg, "seeds": s.seeds,
                      "first_seed": FIRST_SEED, "sampler": s.sampler or DEFAULT_SAMPLER, "size": s.size},
     }
