@@ -23,6 +23,7 @@ from ldm.errors import UserError
 from ldm.pipeline import images as im
 from ldm.pipeline.denoise import Inpaint, denoise
 from ldm.pipeline.device import pick_device, pick_dtype
+from ldm.pipeline.hires import HiresFix
 from ldm.pipeline.loading import Components, load_components, resolve_model
 from ldm.pipeline.metadata import GenerationParams
 from ldm.pipeline.samplers import DEFAULT_SAMPLER, make_scheduler
@@ -137,6 +138,7 @@ class Pipeline:
         strength: float | None = None,
         mask_blur: int = DEFAULT_MASK_BLUR,
         guidance_rescale: float = 0.0,
+        hires: HiresFix | None = None,
         show_progress: bool = True,
         on_image: Callable[[Image.Image, GenerationParams], None] | None = None,
     ) -> GenerationResult:
@@ -144,8 +146,11 @@ class Pipeline:
 
         txt2img without `init_image`; img2img with it (`strength` in (0, 1], default 0.75: the share of the schedule
         re-noised, diffusers' convention); inpainting with `init_image` and `mask` (white = repaint, default
-        strength 1.0). `on_image(image, params)` is called as each image is finished (the CLI saves there).
+        strength 1.0). `hires` adds a hires-fix pass to txt2img (`ldm.pipeline.hires`). `on_image(image, params)` is
+        called as each image is finished (the CLI saves there).
         """
+        if hires is not None and init_image is not None:
+            raise UserError("the hires fix is for txt2img: drop --hires-scale or --init-image")
         if mask is not None and init_image is None:
             raise UserError("a mask needs an init image (--init-image) to inpaint")
         if init_image is not None and strength is None:
@@ -167,6 +172,9 @@ class Pipeline:
             seed=seed, width=job.width, height=job.height, model=self.model_name, strength=strength,
             guidance_rescale=guidance_rescale, mask_blur=mask_blur if job.mask is not None else None,
         )
+        if hires is not None:
+            hires.check(steps, job.height, job.width, self.vae_factor)
+            base = hires.record(base)
 
         # (1, 77, D) each; the unconditional branch is only computed when guidance uses it
         cond = self.text_encoder.encode([prompt]).to(self.dtype)
@@ -185,12 +193,20 @@ class Pipeline:
         probe = make_scheduler(sampler, self.scheduler_config, karras)
         probe.set_timesteps(steps)
         per_batch = len(probe.timesteps) - (steps - steps_run) * probe.order
+        if hires is not None:
+            probe.set_timesteps(hires.steps or steps)
+            per_batch += hires.unet_calls(probe, base)
         num_batches = -(-num_images // batch_size)
         progress = progress_bar(total=num_batches * per_batch, disable=not show_progress, desc="denoising",
                                 unit="step", file=sys.stderr, leave=False)
         for start in range(0, num_images, batch_size):
             seeds = [seed + i for i in range(start, min(start + batch_size, num_images))]
             latents = self._sample(seeds, cond, uncond, image_latents, job, base, progress.update)
+            if hires is not None:  # img2img of the upscaled first pass, same seeds
+                second = hires.second_pass(base, self.vae_factor)
+                upscaled = hires.upscale(self, latents, (second.height, second.width))
+                latents = self._sample(seeds, cond, uncond, upscaled, _Job(second.height, second.width), second,
+                                       progress.update)
             decoded = tensor_to_float_images(self._decode(latents))  # (b, H, W, 3) in [0, 1]
             decoded_all.append(decoded)
             for s, pixels in zip(seeds, float_to_uint8(decoded)):
@@ -231,7 +247,7 @@ class Pipeline:
         seeds: list[int],
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
-        image_latents: tuple[torch.Tensor, torch.Tensor] | None,
+        image_latents: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,  # posterior, or latents as they are
         job: _Job,
         p: GenerationParams,
         on_step: Callable[[], None],
@@ -255,7 +271,8 @@ class Pipeline:
             timesteps = timesteps[t_start:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(t_start)  # sigma-based samplers look their noise level up by index
-            known = self._sample_posterior(image_latents, gens)  # (b, C, h, w): draw 1 of each generator
+            known = (image_latents if isinstance(image_latents, torch.Tensor)
+                     else self._sample_posterior(image_latents, gens))  # (b, C, h, w): draw 1 of each generator
             noise = self._to_device(per_image_noise(gens, shape))  # draw 2
             if job.mask is not None and p.strength == 1.0:
                 # inpainting from scratch starts from pure noise, as StableDiffusionInpaintPipeline does
