@@ -92,29 +92,33 @@ def main() -> None:
         size = (args.height, args.width)
         first, images = run(size)
         first_cpu = run.cpu
-        steady = statistics.median(run(size)[0] for _ in range(args.repeats))
+        steady_runs = [(run(size)[0], run.cpu) for _ in range(args.repeats)]
+        steady = statistics.median(t for t, _ in steady_runs)
+        steady_cpu = statistics.median(c for _, c in steady_runs)
         new_size = run((args.new_size, args.new_size))[0]
         new_size_cpu = run.cpu
         if reference is None:
             reference = images
         diff = float(np.abs(images - reference).max())
-        rows.append((mode, first, first_cpu, steady / args.batch_size, new_size, new_size_cpu, diff))
-        print(f"{mode}: first {first:.1f}s ({first_cpu:.1f} s CPU), steady {steady / args.batch_size:.4f} s/image, "
+        rows.append((mode, first, first_cpu, steady / args.batch_size, steady_cpu / args.batch_size, new_size,
+                     new_size_cpu, diff))
+        print(f"{mode}: first {first:.1f}s ({first_cpu:.1f} s CPU), steady {steady / args.batch_size:.4f} s/image "
+              f"({steady_cpu / args.batch_size:.4f} CPU), "
               f"new size {new_size:.1f}s ({new_size_cpu:.1f} s CPU), max abs diff {diff:.1e}", file=sys.stderr,
               flush=True)
 
-    eager = next((r[3] for r in rows if r[0] == "eager"), None)
+    eager = next((r[4] for r in rows if r[0] == "eager"), None)
     print(f"Command: `python {shlex.join(['bench/bench_compile.py', *sys.argv[1:]])}`\n")
     print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; torch "
           f"{torch.__version__}; {args.dtype} on {args.device}; {args.height}x{args.width}, batch {args.batch_size}, "
           f"{args.steps} steps (euler, cfg 7.5); steady = median of {args.repeats}\n")
-    print("| mode | first call: wall s (CPU s), compile included | steady s/image | vs eager | first call at new "
-          "size: wall s (CPU s) | max abs diff vs eager |")
+    print("| mode | first call: wall s (CPU s), compile included | steady s/image: wall (CPU) | CPU vs eager | "
+          "first call at a new size: wall s (CPU s) | max abs diff vs eager |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode, first, first_cpu, per_image, new_size, new_size_cpu, diff in rows:
-        ratio = f"{per_image / eager:.2f}x" if eager else "-"
-        print(f"| {mode} | {first:.1f} ({first_cpu:.1f}) | {per_image:.4f} | {ratio} | {new_size:.1f} "
-              f"({new_size_cpu:.1f}) | {diff:.1e} |")
+    for mode, first, first_cpu, per_image, per_image_cpu, new_size, new_size_cpu, diff in rows:
+        ratio = f"{per_image_cpu / eager:.2f}x" if eager else "-"
+        print(f"| {mode} | {first:.1f} ({first_cpu:.1f}) | {per_image:.4f} ({per_image_cpu:.4f}) | {ratio} | "
+              f"{new_size:.1f} ({new_size_cpu:.1f}) | {diff:.1e} |")
 
 
 if __name__ == "__main__":
