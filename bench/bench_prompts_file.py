@@ -15,6 +15,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import shlex
 import socket
 import subprocess
@@ -24,6 +25,11 @@ import time
 from pathlib import Path
 
 SUMMARY = re.compile(r"(\d+) image\(s\) written.*images in ([\d.]+) s \(([\d.]+) images/s\)")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def command(processes: int, args: list[str]) -> list[str]:
@@ -47,6 +53,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process on the CPU")
     args = ap.parse_args()
+    load = os.getloadavg()[0]
 
     work = Path(tempfile.mkdtemp(prefix="bench-prompts-"))
     model = args.model
@@ -62,24 +69,26 @@ def main() -> None:
         outdir = work / f"out-{n}"
         cli = ["--prompts-file", str(prompts), "--model", model, "--device", args.device, "--steps", str(args.steps),
                "--height", str(args.size), "--width", str(args.size), "--seed", "0", "--outdir", str(outdir), "-q"]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _children_cpu()
         done = subprocess.run(command(n, cli), capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
         if done.returncode != 0:
             sys.exit(f"{n} process(es) failed:\n{done.stderr[-3000:]}")
         made, seconds, rate = SUMMARY.search(done.stderr).groups()
-        rows.append((n, int(made), float(seconds), float(rate), wall))
-        print(f"{n} process(es): {made} images in {seconds} s ({rate} images/s), wall {wall:.1f} s", file=sys.stderr)
+        rows.append((n, int(made), float(seconds), float(rate), wall, cpu))
+        print(f"{n} process(es): {made} images in {seconds} s ({rate} images/s), wall {wall:.1f} s, CPU {cpu:.1f} s",
+              file=sys.stderr)
 
     base = rows[0][3]
     print(f"Command: `python {shlex.join(['bench/bench_prompts_file.py', *sys.argv[1:]])}`\n")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; {args.device}, "
           f"{args.threads} torch thread(s) per process; model {args.model or 'tiny random SD'}; {args.lines} lines, "
           f"{args.size}x{args.size}, {args.steps} steps, euler_a, cfg 7.5\n")
-    print("| processes | images | generation s | images/s | speed-up | wall s (whole command) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for n, made, seconds, rate, wall in rows:
-        print(f"| {n} | {made} | {seconds:.1f} | {rate:.2f} | {rate / base:.2f}x | {wall:.1f} |")
+    print(f"Load average before the runs: {load:.1f} (other jobs on the machine)\n")
+    print("| processes | images | generation s | images/s | speed-up | wall s (whole command) | CPU s (all processes) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, made, seconds, rate, wall, cpu in rows:
+        print(f"| {n} | {made} | {seconds:.1f} | {rate:.2f} | {rate / base:.2f}x | {wall:.1f} | {cpu:.1f} |")
 
 
 if __name__ == "__main__":

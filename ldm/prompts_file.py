@@ -102,7 +102,8 @@ def read_prompts_file(
             bad.append((number, str(e)))
     if bad:
         number, reason = bad[0]
-        more = f" (and {len(bad) - 1} more bad line(s): {', '.join(str(n) for n, _ in bad[1:6])})" if len(bad) > 1 else ""
+        others = ", ".join(str(n) for n, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+        more = f" (and {len(bad) - 1} more bad line(s): {others})" if len(bad) > 1 else ""
         raise UserError(f"prompts file '{path}' line {number}: {reason}{more}; nothing was generated: fix the file "
                         "and run again")
     if not lines:
@@ -154,7 +155,8 @@ def _typed(item: dict[str, Any], key: str, kind, default):
         return default
     value = item[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) or not isinstance(value, kinds) or (isinstance(value, float) and not math.isfinite(value)):
+    not_finite = isinstance(value, float) and not math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not_finite:
         names = {str: "a string", int: "an integer", float: "a number"}
         raise UserError(f"\"{key}\" must be {names[kinds[-1]]}, got {json.dumps(value)}")
     return value

@@ -98,7 +98,8 @@ BAD = {
                          "hires upscaler 'r-esrgan 4x+' is not available; use --hires-upscaler latent or lanczos"),
     "options without a scale": (["--hires-strength", "0.5", "--hires-steps", "3"],
                                 "--hires-strength, --hires-steps only apply with --hires-scale"),
-    "too large": (["--hires-scale", "8", "--width", "2048"], "--hires-scale 8.0 makes 2048x16 into 16384x128, over 8192"),
+    "too large": (["--hires-scale", "8", "--width", "2048"],
+                  "--hires-scale 8.0 makes 2048x16 into 16384x128, over 8192"),
     "with an init image": (["--hires-scale", "2", "--init-image", "{init}"], "the hires fix is for txt2img"),
 }
 

@@ -19,7 +19,7 @@ from ldm.generate import DEFAULTS, main
 from ldm.pipeline.tiny import save_tiny_model
 from ldm.prompts_file import default_seed, read_prompts_file
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate")
 FILE = (
     "a red car\n"
     "\n"
