@@ -141,3 +141,21 @@ def test_bad_sizes_and_sampler_names_are_one_line(argv, expected, model, tmp_pat
     code, lines, err = generate(["a red car", "--model", str(model), "--outdir", str(tmp_path / "o"), *argv], capsys)
     assert code == 2 and lines == [] and err.count("\n") == 1 and err.startswith(expected), err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_an_a1111_hires_png_replays_and_another_upscaler_needs_hires_upscaler(model, tmp_path, capsys):
+    text = (A1111_HIRES.replace("Steps: 20", "Steps: 3").replace("Size: 512x768", "Size: 16x16")
+            .replace("Hires steps: 10", "Hires steps: 4").replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+"))
+    png = a1111_png(tmp_path / "hires.png", text)
+    argv = ["--from-png", str(png), "--model", str(model), "--outdir", str(tmp_path / "r"), "-q"]
+    code, lines, err = generate(argv, capsys)
+    assert code == 2 and lines == []
+    assert err.splitlines()[-1] == ("error: hires upscaler 'R-ESRGAN 4x+' is not available; use --hires-upscaler "
+                                    "latent or lanczos"), err
+    code, lines, err = generate([*argv, "--hires-upscaler", "latent"], capsys)
+    assert code == 0, err
+    image = Image.open(lines[0])
+    assert image.size == (32, 32)
+    assert image.info["parameters"] == (
+        f"a castle on a hill\nSteps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 16x16, Model: {model}, "
+        "Denoising strength: 0.45, Hires upscale: 2, Hires steps: 4, Hires upscaler: Latent")

@@ -95,7 +95,7 @@ BAD = {
     "no step runs": (["--hires-scale", "2", "--hires-strength", "0.1", "--hires-steps", "5"],
                      "--hires-strength 0.1 with 5 hires steps runs no denoising step"),
     "unknown upscaler": (["--hires-scale", "2", "--hires-upscaler", "R-ESRGAN 4x+"],
-                         "hires upscaler 'r-esrgan 4x+' is not available; use --hires-upscaler latent or lanczos"),
+                         "hires upscaler 'R-ESRGAN 4x+' is not available; use --hires-upscaler latent or lanczos"),
     "options without a scale": (["--hires-strength", "0.5", "--hires-steps", "3"],
                                 "--hires-strength, --hires-steps only apply with --hires-scale"),
     "too large": (["--hires-scale", "8", "--width", "2048"],

@@ -112,11 +112,12 @@ def from_values(values: dict[str, Any]) -> HiresFix | None:
         if given:
             raise UserError(f"{', '.join(given)} only apply with --hires-scale (e.g. --hires-scale 2)")
         return None
+    name = str(values.get("hires_upscaler") or "latent")
     return HiresFix(
         scale=float(values["hires_scale"]),
         strength=DEFAULT_STRENGTH if values.get("hires_strength") is None else float(values["hires_strength"]),
         steps=int(values.get("hires_steps") or 0),
-        upscaler=str(values.get("hires_upscaler") or "latent").lower(),
+        upscaler=name.lower() if name.lower() in UPSCALERS else name,  # A1111 writes "Latent", "Lanczos"
     )
 
 
@@ -129,5 +130,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"the second pass's denoising strength in (0, 1] (default {DEFAULT_STRENGTH})")
     h.add_argument("--hires-steps", type=int, default=None,
                    help="the second pass's schedule length; it runs int(N x strength) of them (default 0 = --steps)")
-    h.add_argument("--hires-upscaler", default=None, type=str.lower,
+    h.add_argument("--hires-upscaler", default=None,
                    help="latent (default: bilinear on the latents) or lanczos (decode, resize, encode again)")
