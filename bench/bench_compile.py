@@ -4,8 +4,9 @@ dynamic shapes. Warm-up (first call, compile included), steady seconds per image
     python bench/bench_compile.py                      # the tiny random model on the CPU, 64x64, batch 8
     python bench/bench_compile.py --model DIR --device cuda --dtype fp16 --height 512 --width 512
 
-Each mode gets a freshly loaded U-Net (regional compilation compiles the blocks in place) and `torch._dynamo.reset()`
-between modes, so no mode profits from another's compiled code. "new size" is the first call at `--new-size` after
+Each mode gets a freshly loaded U-Net (regional compilation compiles the blocks in place), `torch._dynamo.reset()`
+and an empty inductor cache directory, so every first call is a cold compile and no mode profits from another's
+code. CPU times include the C++ compiler's (child processes; compilation runs in-process, see below). "new size" is the first call at `--new-size` after
 the warm-up: a static-shape compile recompiles there, a dynamic one should not. Prints a markdown table.
 """
 
@@ -77,6 +78,8 @@ def main() -> None:
     rows, reference = [], None
     for mode in args.modes:
         torch._dynamo.reset()
+        # a cold compile for every mode: no kernels from an earlier mode or run (inductor reads this per use)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{mode}-")
         pipe = Pipeline(load_components(root, "bench", device, dtype), device, dtype)
         if mode.startswith("full"):
             pipe._unet_fn = torch.compile(pipe.unet, dynamic=mode.endswith("dynamic"))

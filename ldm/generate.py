@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default) = fp16 on a GPU, fp32 on the CPU; fp16 on the CPU falls back to fp32 with a warning. "
                    "An fp16 VAE decode that gives NaN is redone in fp32")
     d.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images in less memory)")
-    d.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first image)")
+    d.add_argument("--compile", nargs="?", const="regional", default=None, choices=["regional", "full"],
+                   help="torch.compile the U-Net: regional (the default for a bare --compile: each transformer block "
+                   "compiled once, seconds of warm-up) or full (the whole U-Net, a longer warm-up)")
     o = p.add_argument_group("output")
     o.add_argument("--outdir", default="outputs",
                    help="PNGs go here as NNNNN-<seed>-<prompt>.png, numbered after the highest existing one, never "

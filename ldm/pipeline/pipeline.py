@@ -69,7 +69,7 @@ class Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         vae_tiling: bool = False,
-        compile_unet: bool = False,
+        compile_unet: bool | str = False,
     ) -> None:
         self.unet = components.unet
         self.vae: AutoencoderKL = components.vae
@@ -86,7 +86,13 @@ class Pipeline:
         if vae_tiling:
             self.vae.enable_tiling()  # decode (and encode) in overlapping tiles: memory grows with tile, not image
         # diffusers' default attention processor is already AttnProcessor2_0 (torch SDPA); nothing to set here
-        self._unet_fn = torch.compile(self.unet) if compile_unet else self.unet
+        # compile_unet True/"regional": diffusers' regional compilation (`compile_repeated_blocks`, in place): each
+        # transformer block's code is compiled once and reused, a fraction of the whole U-Net's warm-up for the same
+        # pixels (bench/RESULTS.md); a new size recompiles once, then dynamo's automatic dynamic shapes take over.
+        # "full": torch.compile of the whole U-Net.
+        self._unet_fn = torch.compile(self.unet) if compile_unet == "full" else self.unet
+        if compile_unet and compile_unet != "full":
+            self.unet.compile_repeated_blocks()
 
     def _check_parts_fit(self) -> None:
         """Parts that do not fit each other would fail deep inside the U-Net; say which ones, before any work."""
@@ -109,7 +115,7 @@ class Pipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         vae_tiling: bool = False,
-        compile_unet: bool = False,
+        compile_unet: bool | str = False,
     ) -> Pipeline:
         """A diffusers-format SD 1.x/2.x directory (or hub id). dtype: 'fp32' | 'fp16' | 'bf16' | None (auto)."""
         dev = device if isinstance(device, torch.device) else pick_device(device)
