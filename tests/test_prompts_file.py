@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,16 +158,14 @@ def test_a_bad_file_on_the_command_line_is_one_line_and_writes_nothing(model, tm
 
 
 @pytest.mark.slow
-def test_two_processes_split_the_work_and_write_what_one_process_writes(model, tmp_path):
+def test_two_processes_split_the_work_and_write_what_one_process_writes(model, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text(FILE)
     common = ["--prompts-file", str(prompts), "--model", str(model), "--device", "cpu", *FAST]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "ldm.generate", *common, "--outdir", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    code, _, err = generate([*common, "--outdir", str(tmp_path / "one")], capsys)  # the 1-process reference
+    assert code == 0, err
     cmd = accelerate_launch(Path("-m"), "ldm.generate", *common, "--outdir", str(tmp_path / "two"))
-    two = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     printed = two.stdout.split()
     assert len(printed) == len(set(printed)) == 5  # every image written once, by one of the two processes
