@@ -86,13 +86,13 @@ class Pipeline:
         if vae_tiling:
             self.vae.enable_tiling()  # decode (and encode) in overlapping tiles: memory grows with tile, not image
         # diffusers' default attention processor is already AttnProcessor2_0 (torch SDPA); nothing to set here
-        # compile_unet True/"regional": diffusers' regional compilation (`compile_repeated_blocks`, in place): each
-        # transformer block's code is compiled once and reused, a fraction of the whole U-Net's warm-up for the same
-        # pixels (bench/RESULTS.md); a new size recompiles once, then dynamo's automatic dynamic shapes take over.
-        # "full": torch.compile of the whole U-Net.
+        # compile_unet True/"regional": diffusers' regional compilation (`compile_repeated_blocks`, in place): the
+        # transformer blocks' code is compiled once and reused by every block, with dynamic shapes so that a new
+        # image size (a hires pass, a prompts file's sizes) does not compile again; same pixels to ~1e-6, a fraction
+        # of the whole U-Net's warm-up (bench/RESULTS.md). "full": torch.compile of the whole U-Net.
         self._unet_fn = torch.compile(self.unet) if compile_unet == "full" else self.unet
         if compile_unet and compile_unet != "full":
-            self.unet.compile_repeated_blocks()
+            self.unet.compile_repeated_blocks(dynamic=True)
 
     def _check_parts_fit(self) -> None:
         """Parts that do not fit each other would fail deep inside the U-Net; say which ones, before any work."""
