@@ -34,12 +34,15 @@ DEFAULTS: dict[str, Any] = {
     "negative": "", "steps": 25, "cfg": 7.5, "sampler": "euler_a", "karras": False, "seed": None,
     "height": None, "width": None, "strength": None, "mask_blur": 4, "guidance_rescale": 0.0, "model": None,
     "hires_scale": None, "hires_strength": None, "hires_steps": None, "hires_upscaler": None,
+    "lora_hashes": None,
+    "clip_skip": 1,
 }
 # GenerationParams field -> CLI option (dest) for the values a PNG can carry
 PNG_TO_ARGS = {
     "prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "karras": "karras",
     "cfg": "cfg", "seed": "seed", "width": "width", "height": "height", "model": "model", "strength": "strength",
-    "mask_blur": "mask_blur", "guidance_rescale": "guidance_rescale",
+    "mask_blur": "mask_blur", "guidance_rescale": "guidance_rescale", "lora_hashes": "lora_hashes",
+    "clip_skip": "clip_skip",
     "hires_scale": "hires_scale", "hires_strength": "hires_strength", "hires_steps": "hires_steps",
     "hires_upscaler": "hires_upscaler",
 }
@@ -64,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + "\n".join(l for l in __doc__.splitlines() if l.startswith("    ldm-generate")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("prompt", nargs="?", default=None, help="what to draw (may come from --from-png instead)")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="what to draw, in A1111 syntax: (word:1.2), (word), [word], BREAK; any length (see the "
+                   "README's 'Prompt syntax'). May come from --from-png instead")
     p.add_argument("--negative", "--negative-prompt", dest="negative", default=None,
                    help="negative prompt: used as the unconditional branch of guidance (default: empty)")
     p.add_argument("--model", default=None,
@@ -81,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "AUTOMATIC1111's name for one, case-insensitive: 'Euler a', 'DPM++ 2M Karras', 'DDIM', 'PLMS', ...")
     g.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                    help="Karras sigma spacing (euler, dpmpp_2m, unipc, lms, heun); --no-karras overrides a --from-png")
+    g.add_argument("--clip-skip", type=int, default=None,
+                   help="A1111's Clip skip: N > 1 uses the text encoder's hidden state N - 1 layers before its usual "
+                   "one, then its final layer norm (default 1 = the usual layer; 2 is common for anime SD 1.x models)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the first image; image i uses seed + i whatever the batch size (default/-1: random)")
     g.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
@@ -102,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mask-blur", type=int, default=None,
                    help="feather the paste-back over this many px inward from the mask edge, so pixels outside the "
                    "mask are never touched (default 4; 0 = hard edge)")
+    lo = p.add_argument_group("LoRA adapters")
+    lo.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="merge a LoRA (.safetensors, diffusers/peft or kohya layout) at SCALE (default 1); repeat "
+                    "to stack several. Recorded in the PNG as a <lora:NAME:SCALE> tag and its 'Lora hashes' entry")
+    lo.add_argument("--lora-dir", default=None,
+                    help="where A1111 tags in the prompt, <lora:NAME:WEIGHT>, find NAME.safetensors (searched "
+                    "below too); a --from-png replay of an image made with LoRAs needs it")
     d = p.add_argument_group("device and precision")
     d.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -214,6 +229,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     from ldm.demo import NAME as DEMO_NAME
     from ldm.demo import NOTICE as DEMO_NOTICE
+    from ldm.lora.prompt_tags import check_lora_inputs, parse_lora_hashes
     from ldm.pipeline import images as im
     from ldm.pipeline import hires as hr
     from ldm.pipeline.device import dtype_name, pick_device, pick_dtype
@@ -229,10 +245,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     from ldm.pipeline.pipeline import DEFAULT_STRENGTH, Pipeline
     from ldm.pipeline.samplers import check_sampler
     from ldm.pipeline.validation import check_request, pick_size
+    from ldm.text.prompt_syntax import check_prompt
 
     v = resolve_args(args)
     # 1. arguments that need no file: fail before touching the disk
     check_sampler(v["sampler"], bool(v["karras"]))
+    check_prompt(v["prompt"], "prompt")
+    check_prompt(v["negative"], "negative prompt")
+    if v["clip_skip"] < 1:
+        raise UserError(f"--clip-skip must be at least 1 (1 = the text encoder's usual layer), got {v['clip_skip']}")
     if args.mask and not args.init_image:
         raise UserError("--mask needs --init-image (the image to inpaint)")
     if v["strength"] is not None and not args.init_image:
@@ -254,6 +275,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     outdir = check_writable(args.outdir)
     init = im.load_image(args.init_image) if args.init_image else None
     mask = im.load_mask(args.mask) if args.mask else None
+    lora_hashes = parse_lora_hashes(v["lora_hashes"] or "")
+    loras = check_lora_inputs(args.lora, v["prompt"], args.lora_dir, lora_hashes)
     v["model"] = v["model"] or DEFAULT_MODEL
     try:
         root = resolve_model(v["model"])
@@ -280,6 +303,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     log.info("loading %s on %s (%s)", v["model"], device, dtype_name(dtype))
     components = load_components(root, str(v["model"]), device, dtype)
     pipe = Pipeline(components, device, dtype, vae_tiling=args.vae_tiling, compile_unet=args.compile)
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
     log.info("loaded in %.1fs; generating %d image(s) at %dx%d, seeds %d..%d", time.perf_counter() - start,
              args.num_images, width, height, v["seed"], v["seed"] + args.num_images - 1)
     written: list[Path] = []
@@ -295,7 +320,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             v["prompt"], v["negative"], steps=v["steps"], cfg=v["cfg"], sampler=v["sampler"], karras=bool(v["karras"]),
             seed=v["seed"], num_images=args.num_images, batch_size=args.batch_size, height=height, width=width,
             init_image=init, mask=mask, strength=strength, mask_blur=v["mask_blur"],
-            guidance_rescale=v["guidance_rescale"], hires=hires, show_progress=not args.quiet, on_image=save,
+            guidance_rescale=v["guidance_rescale"], clip_skip=v["clip_skip"], hires=hires,
+            show_progress=not args.quiet, on_image=save, lora_dir=args.lora_dir, lora_hashes=lora_hashes,
         )
     seconds = time.perf_counter() - start
     log.info("%d image(s) in %.1fs (%.2f s/image)", len(written), seconds, seconds / max(1, len(written)))

@@ -79,7 +79,7 @@ def default_seed(prompt: str) -> int:
 
 def read_prompts_file(
     path: str | Path, defaults: dict[str, Any], *, vae_factor: int, default_size: int, batch_size: int,
-    num_images: int, max_steps: int, hires=None,
+    num_images: int, max_steps: int, hires=None, lora_dir: str | Path | None = None,
 ) -> list[Line]:
     """Every line parsed and checked; the first bad line (and how many others are bad) refused in one message."""
     path = Path(path)
@@ -97,7 +97,7 @@ def read_prompts_file(
             continue
         try:
             lines.append(_parse_line(number, raw, defaults, vae_factor, default_size, batch_size, num_images,
-                                     max_steps, hires))
+                                     max_steps, hires, lora_dir))
         except UserError as e:
             bad.append((number, str(e)))
     if bad:
@@ -111,9 +111,12 @@ def read_prompts_file(
     return lines
 
 
-def _parse_line(number, raw, defaults, vae_factor, default_size, batch_size, num_images, max_steps, hires) -> Line:
+def _parse_line(number, raw, defaults, vae_factor, default_size, batch_size, num_images, max_steps, hires,
+                lora_dir) -> Line:
+    from ldm.lora.prompt_tags import check_lora_inputs
     from ldm.pipeline.samplers import sampler_from_label
     from ldm.pipeline.validation import check_request
+    from ldm.text.prompt_syntax import check_prompt
 
     text = raw.strip()
     if text.startswith("{"):
@@ -133,6 +136,9 @@ def _parse_line(number, raw, defaults, vae_factor, default_size, batch_size, num
     if prompt is None or not prompt.strip():
         raise UserError("no prompt (a JSON line needs a non-empty \"prompt\")")
     negative = _typed(item, "negative", str, defaults["negative"])
+    check_prompt(prompt, "prompt")
+    check_prompt(negative, "negative prompt")
+    check_lora_inputs([], prompt, lora_dir)  # <lora:NAME:W> tags name files in --lora-dir
     seed = _typed(item, "seed", int, defaults["seed"])
     seed = default_seed(prompt) if seed is None or seed == -1 else seed
     cfg = float(_typed(item, "cfg", (int, float), defaults["cfg"]))
@@ -171,25 +177,27 @@ def image_name(params) -> str:
     return f"{params.seed}-{slug(params.prompt)}-{digest}.png"
 
 
-def line_params(line: Line, model_name: str, guidance_rescale: float, hires):
-    """The GenerationParams the pipeline will give the line's first image (the others differ in the seed)."""
+def line_params(line: Line, model_name: str, guidance_rescale: float, hires, clip_skip: int = 1, loras=()):
+    """The line's settings as GenerationParams (first image; the others differ in the seed): what names its files.
+    (The PNG's own text may add what the pipeline learns while generating, e.g. LoRA hashes; the name does not
+    depend on it, so that the plan and the written files always agree.)"""
     from ldm.pipeline.metadata import GenerationParams
 
+    prompt = line.prompt + "".join(f" <lora:{Path(path).stem}:{scale:g}>" for path, scale in loras)
     params = GenerationParams(
-        prompt=line.prompt, negative_prompt=line.negative, steps=line.steps, sampler=line.sampler,
+        prompt=prompt, negative_prompt=line.negative, steps=line.steps, sampler=line.sampler,
         karras=line.karras, cfg=line.cfg, seed=line.seed, width=line.width, height=line.height, model=model_name,
-        guidance_rescale=guidance_rescale,
+        guidance_rescale=guidance_rescale, clip_skip=clip_skip,
     )
     return params if hires is None else hires.record(params)
 
 
-def plan(lines: list[Line], outdir: Path, model_name: str, guidance_rescale: float, hires,
-         batch_size: int) -> tuple[list[list[int]], int]:
+def plan(lines: list[Line], outdir: Path, batch_size: int, **settings) -> tuple[list[list[int]], int]:
     """The work still to do as units [line index, first seed, n] (n consecutive seeds, n <= batch_size), and the
     number of images already there."""
     units, done = [], 0
     for index, line in enumerate(lines):
-        params = line_params(line, model_name, guidance_rescale, hires)
+        params = line_params(line, **settings)
         missing = []
         for seed in range(line.seed, line.seed + line.count):
             if (outdir / f"{line.number:05d}-{image_name(params.with_seed(seed))}").exists():
@@ -244,7 +252,12 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
                           ("--init-image", args.init_image), ("--mask", args.mask)):
         if value:
             raise UserError(f"--prompts-file takes its prompts from the file: drop {option}")
+    from ldm.lora.prompt_tags import check_lora_inputs
+
     v = resolve_args(args)
+    if v["clip_skip"] < 1:
+        raise UserError(f"--clip-skip must be at least 1 (1 = the text encoder's usual layer), got {v['clip_skip']}")
+    loras = check_lora_inputs(args.lora, "", args.lora_dir)
     hires = hr.from_values(v)
     if args.seed is None:  # resolve_args drew a random one; a prompts file never does (see the docstring)
         v["seed"] = None
@@ -256,17 +269,19 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
     lines = read_prompts_file(
         args.prompts_file, v, vae_factor=read_vae_factor(root), default_size=read_default_size(root),
         batch_size=args.batch_size, num_images=args.num_images,
-        max_steps=int(scheduler_config.get("num_train_timesteps", 1000)), hires=hires)
+        max_steps=int(scheduler_config.get("num_train_timesteps", 1000)), hires=hires, lora_dir=args.lora_dir)
 
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = accelerator.device if accelerator.num_processes > 1 else pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     rank, world = accelerator.process_index, accelerator.num_processes
     model_name = str(v["model"])  # what the PNGs name (Components.name), known before any weight is read
+    settings = dict(model_name=model_name, guidance_rescale=v["guidance_rescale"], hires=hires,
+                    clip_skip=v["clip_skip"], loras=loras)
 
     def listing():
         remove_leftovers(outdir)
-        return plan(lines, outdir, model_name, v["guidance_rescale"], hires, args.batch_size)
+        return plan(lines, outdir, args.batch_size, **settings)
 
     listed = run_on_all(accelerator, listing if accelerator.is_main_process else None, what="listing the work")
     units, done = listed[0]
@@ -278,8 +293,14 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
     start = time.perf_counter()
     pipe = None
     if total:
-        pipe, error = attempt(lambda: Pipeline(load_components(root, model_name, device, dtype), device, dtype,
-                                               vae_tiling=args.vae_tiling, compile_unet=args.compile))
+        def load():
+            loaded = Pipeline(load_components(root, model_name, device, dtype), device, dtype,
+                              vae_tiling=args.vae_tiling, compile_unet=args.compile)
+            for path, scale in loras:
+                loaded.load_lora(path, scale)
+            return loaded
+
+        pipe, error = attempt(load)
         raise_if_any_failed(accelerator, error, what="loading the model")
     written: list[Path] = []
     loaded = time.perf_counter()
@@ -287,9 +308,10 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
     def work() -> int:
         for index, seed, n in mine:
             line = lines[index]
+            named = line_params(line, **settings)
 
-            def save(image, params, number=line.number) -> None:
-                path = outdir / f"{number:05d}-{image_name(params)}"
+            def save(image, params, number=line.number, named=named) -> None:
+                path = outdir / f"{number:05d}-{image_name(named.with_seed(params.seed))}"
                 write_png(image, params, path)
                 written.append(path)
                 print(path, flush=True)  # the only thing on stdout
@@ -298,6 +320,7 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
                 pipe(line.prompt, line.negative, steps=line.steps, cfg=line.cfg, sampler=line.sampler,
                      karras=line.karras, seed=seed, num_images=n, batch_size=n, height=line.height,
                      width=line.width, guidance_rescale=v["guidance_rescale"], hires=hires,
+                     clip_skip=v["clip_skip"], lora_dir=args.lora_dir,
                      show_progress=not args.quiet and accelerator.is_main_process, on_image=save)
         return len(written)
 

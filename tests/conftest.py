@@ -53,3 +53,12 @@ def accelerate_launch(script: Path, *args: str, processes: int = 2) -> list[str]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(port), str(script), *args]
+
+
+@pytest.fixture(scope="session")
+def serve_server():
+    """One real `ldm-serve` (demo model, basic auth, small limits) for test_serve_api.py and test_serve_page.py."""
+    from serve_server import shared_server
+
+    with shared_server() as server:
+        yield server

@@ -22,10 +22,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.data.buckets import check_unet_takes_buckets
 from ldm.data.loading import train_loader
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
+from ldm.latents.text_cache import ensure_text_cache
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
@@ -59,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     text_encoder = load_text_encoder(cfg.text_encoder, dtype=weight_dtype, device=accelerator.device)
     cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=out / "latents")
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
+    if cfg.latent_cache().text_embeddings:  # every caption encoded once: the steps look their embeddings up
+        text_cache = ensure_text_cache(accelerator, text_encoder, cache.captions, cache.directory, cfg.cache.rebuild)
+        encode_text, empty = text_cache.encode, text_cache.empty_embedding()
+    else:
+        encode_text, empty = text_encoder.encode, text_encoder.empty_embedding()  # (1, 77, D): the unconditional
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)
@@ -72,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     if unet.config.cross_attention_dim != text_encoder.hidden_size:
         raise UserError(f"the U-Net attends to {unet.config.cross_attention_dim}-wide text states but the text "
                         f"encoder gives {text_encoder.hidden_size}: use a matching text_encoder.path")
+    if cache.buckets is not None:
+        check_unet_takes_buckets(cache.buckets, cfg.data.resolution // cache.latent_shape[-1], unet)
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     set_seed(cfg.train.seed + accelerator.process_index)  # per-process noise, timesteps and caption dropout
@@ -105,10 +114,10 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("optim.%s differs from the checkpoint's: the config's value is used from here on", name)
         log.info("resumed from %s at step %d", resume_path, step)
 
-    loader = train_loader(cache.dataset(seed=cfg.train.seed), cfg.train.batch_size, cfg.data.num_workers,
-                          cfg.train.seed, accelerator, start_batch=batches_done, collate=collate_latents)
+    dataset = cache.dataset(seed=cfg.train.seed)
+    loader = train_loader(dataset, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator,
+                          start_batch=batches_done, collate=collate_latents, bucket_ids=dataset.bucket_ids())
     batches = iter(loader)
-    empty = text_encoder.empty_embedding()  # (1, 77, D): the unconditional branch
 
     def next_batch() -> tuple[torch.Tensor, list[str]]:
         nonlocal batches_done
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         for micro in range(accum):
             x0, captions = next_batch()  # (B, C, h, w) scaled latents
             with torch.no_grad():
-                text = drop_captions(text_encoder.encode(captions), empty, cfg.train.caption_dropout)  # (B, 77, D)
+                text = drop_captions(encode_text(captions), empty, cfg.train.caption_dropout)  # (B, 77, D)
             with backend.micro_step(unet, last=micro == accum - 1):  # gradients are reduced after the last
                 loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)  # autocast by accelerate
                 finite &= bool(torch.isfinite(loss))

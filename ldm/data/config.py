@@ -23,6 +23,13 @@ class DataConfig:
     max_image_pixels: int = 64_000_000  # larger images are skipped (decompression bombs)
     shapes_count: int = 2000
     shapes_dir: str = "data/shapes"
+    # Aspect-ratio buckets (stage 2; see ldm/data/buckets.py): sizes of about resolution² pixels, sides multiples
+    # of bucket_step (a multiple of the VAE factor); 0 for min_side / max_side: resolution // 2 / resolution * 2.
+    buckets: bool = False
+    bucket_step: int = 64
+    min_side: int = 0
+    max_side: int = 0
+    max_aspect: float = 4.0
 
     def validate(self) -> None:
         check(self.resolution >= 8, "data.resolution", f"must be at least 8, got {self.resolution}")
@@ -30,3 +37,8 @@ class DataConfig:
         check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.shapes_count > 0, "data.shapes_count", f"must be > 0, got {self.shapes_count}")
         check(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+        if self.buckets:
+            check(self.bucket_step >= 1, "data.bucket_step", f"must be >= 1, got {self.bucket_step}")
+            check(self.max_aspect >= 1, "data.max_aspect", f"must be >= 1 (width/height or height/width), got "
+                  f"{self.max_aspect}")
+            check(self.min_side >= 0 and self.max_side >= 0, "data.min_side", "min_side and max_side must be >= 0")

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.data.buckets import BucketBatchSampler
 from ldm.data.config import DataConfig
 from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_val
 from ldm.data.sampler import ResumableBatchSampler
@@ -78,12 +79,16 @@ def train_loader(
     accelerator: Accelerator,
     start_batch: int,
     collate: Callable[[list], dict] = collate_images,
+    bucket_ids: list[int] | None = None,
 ) -> DataLoader:
-    """An endless loader of this process's share of the data, starting at its `start_batch`-th batch."""
-    sampler = ResumableBatchSampler(
-        len(dataset), batch_size, seed=seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, start_batch=start_batch,
-    )
+    """An endless loader of this process's share of the data, starting at its `start_batch`-th batch; with
+    `bucket_ids` (each item's aspect-ratio bucket), every batch is from one bucket."""
+    kwargs = dict(seed=seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                  start_batch=start_batch)
+    if bucket_ids is not None:
+        sampler: torch.utils.data.Sampler = BucketBatchSampler(bucket_ids, batch_size, **kwargs)
+    else:
+        sampler = ResumableBatchSampler(len(dataset), batch_size, **kwargs)
     # A private generator: creating the iterator draws a worker base seed from it, and drawing from the global RNG
     # instead would shift every later random number of a resumed run (its iterator is made after the RNG restore).
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)

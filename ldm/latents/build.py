@@ -7,7 +7,9 @@ collective: call it on every process. The cache directory must be on a filesyste
   (encoding the flipped pixels, not flipping the latent: the VAE is not flip-equivariant). Random crops are refused:
   a cache of one crop per image would silently remove that augmentation.
 - Process r of n encodes images r, r+n, r+2n, ... in shards of `cache.shard_size` images; each shard is written to
-  a temporary file and renamed into place, so a shard file is always complete. A rerun after an interruption keeps
+  a temporary file and renamed into place, so a shard file is always complete.
+- With `data.buckets: true` each image is encoded at its aspect-ratio bucket (`ldm.data.buckets`), centre-cropped
+  (and flipped); a batch's images of one size go through the VAE together. A rerun after an interruption keeps
   every shard that verifies (its content hash, its build id, the images it should hold) and encodes only the rest.
 - The main process writes manifest.json last, after all processes finished, atomically; it vouches for every shard
   by size and sha256. Failures on any process are shared with all, so none is left waiting.
@@ -27,6 +29,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader, Subset
 
+from ldm.data.buckets import BucketTransform, bucket_counts, bucket_settings, bucket_sizes, format_bucket_table
 from ldm.data.config import DataConfig
 from ldm.data.dataset import ImageCaptionDataset, collate_images
 from ldm.data.loading import resolve_source
@@ -35,13 +38,14 @@ from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.files import TMP_PREFIX, atomic_write_bytes, atomic_write_text
 from ldm.latents.cache import (
-    DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, CacheSpec, LatentCache,
+    BUCKET_KEY, DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, CacheSpec,
+    LatentCache,
     MissingCacheError, Shard, content_sha256, parse_shard, shard_name, vae_identity,
 )
 from ldm.latents.config import LatentCacheConfig
 from ldm.parallel.collective import main_process_first, run_on_all
 from ldm.progress import ProgressCounter, progress_bar
-from ldm.vae.loading import load_vae
+from ldm.vae.loading import load_vae, vae_factor
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -67,7 +71,11 @@ def ensure_latent_cache(
         )
     vae_dir = Path(cache_cfg.vae).expanduser()
     identity = vae_identity(vae_dir)
-    dataset = _encoding_dataset(data_cfg, accelerator)
+    buckets = bucket_settings(data_cfg)
+    if buckets is not None:  # the table is a function of the settings and the VAE factor; kept in the key as is
+        sizes = bucket_sizes(data_cfg.resolution, factor=vae_factor(identity.config), **buckets)
+        buckets = {**buckets, "sizes": [list(size) for size in sizes]}
+    dataset = _encoding_dataset(data_cfg, accelerator, buckets)
     spec = CacheSpec(
         vae=identity,
         data_fingerprint=dataset.fingerprint(),
@@ -76,6 +84,7 @@ def ensure_latent_cache(
         random_flip=data_cfg.random_flip,
         caption_column=data_cfg.caption_column,
         dtype=cache_cfg.dtype,
+        buckets=buckets,
     )
 
     # Every process inspects the cache; they agree on a shared filesystem, and the gather makes sure of it.
@@ -83,7 +92,7 @@ def ensure_latent_cache(
     problems = _collective(accelerator, directory, lambda: problem)
     if all(p is None for p in problems):
         assert cache is not None
-        return cache
+        return _log_buckets(cache)
     bad = next((p for p in problems if p is not None and p[0] == "bad"), None)
     if bad is not None and not cache_cfg.rebuild:
         raise UserError(bad[1])
@@ -110,14 +119,21 @@ def ensure_latent_cache(
         if accelerator.is_main_process
         else None,
     )
-    return LatentCache.open(directory, **_open_kwargs(spec))
+    return _log_buckets(LatentCache.open(directory, **_open_kwargs(spec)))
+
+
+def _log_buckets(cache: LatentCache) -> LatentCache:
+    if cache.buckets is not None:
+        ids = cache.bucket_ids(range(len(cache)))
+        log.info("%s", format_bucket_table(cache.buckets, bucket_counts(ids, len(cache.buckets))))
+    return cache
 
 
 def _open_kwargs(spec: CacheSpec) -> dict[str, Any]:
     return dict(
         vae=spec.vae, data_fingerprint=spec.data_fingerprint, resolution=spec.resolution,
         center_crop=spec.center_crop, random_flip=spec.random_flip, caption_column=spec.caption_column,
-        dtype=spec.dtype,
+        dtype=spec.dtype, buckets=spec.buckets,
     )
 
 
@@ -131,13 +147,19 @@ def _try_open(directory: Path, spec: CacheSpec) -> tuple[LatentCache | None, tup
         return None, ("bad", str(error))
 
 
-def _encoding_dataset(data_cfg: DataConfig, accelerator: Accelerator) -> ImageCaptionDataset:
+def _encoding_dataset(
+    data_cfg: DataConfig, accelerator: Accelerator, buckets: dict[str, Any] | None = None
+) -> ImageCaptionDataset:
     """The full dataset (validation images too: training splits by index later) with the deterministic transform."""
     source = resolve_source(data_cfg, accelerator)
+    transform: Any = ImageTransform(data_cfg.resolution, center_crop=True, random_flip=False)
+    if buckets is not None:
+        sizes = tuple(tuple(size) for size in buckets["sizes"])
+        transform = BucketTransform(sizes, data_cfg.resolution, center_crop=True, random_flip=False)
     with main_process_first(accelerator):  # the main process builds the `datasets` cache, the others reuse it
         return build_image_dataset(
             source,
-            transform=ImageTransform(data_cfg.resolution, center_crop=True, random_flip=False),
+            transform=transform,
             image_column=data_cfg.image_column,
             caption_column=data_cfg.caption_column,
             split=data_cfg.split,
@@ -220,12 +242,15 @@ def _encode_shard(
     # multi-caption records depends on the key; the transform is deterministic).
     loader = DataLoader(
         Subset(dataset, list(indices)), batch_size=cache_cfg.batch_size, num_workers=data_cfg.num_workers,
-        collate_fn=_collate_with_skips,
+        collate_fn=_collate_with_skips if spec.buckets is None else _collate_by_size,
     )
-    parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "flip_mean": [], "flip_std": [], "index": []}
+    parts: dict[str, list[torch.Tensor]] = {
+        "mean": [], "std": [], "flip_mean": [], "flip_std": [], "index": [], BUCKET_KEY: []
+    }
     captions: list[str] = []
     skipped: list[dict[str, Any]] = []
-    for batch in loader:
+    store = _flattener(spec)  # (B, C, h, w) -> what a shard row holds
+    for batch in (group for groups in loader for group in (groups if spec.buckets else [groups])):
         skipped.extend(batch["skipped_items"])
         x = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
         if x.shape[0] > 0:
@@ -233,25 +258,57 @@ def _encode_shard(
                 x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): the flipped images ride in the same forward pass
             mean, std = _encode(vae, x, accelerator, batch["indices"])  # (B or 2B, C, h, w) float32
             n = len(batch["indices"])
+            mean, std = store(mean), store(std)
             parts["mean"].append(mean[:n])
             parts["std"].append(std[:n])
             if spec.random_flip:
                 parts["flip_mean"].append(mean[n:])
                 parts["flip_std"].append(std[n:])
             parts["index"].append(batch["indices"])
+            if spec.buckets is not None:
+                bucket = spec.buckets["sizes"].index([x.shape[-1], x.shape[-2]])  # [W, H]
+                parts[BUCKET_KEY].append(torch.full((n,), bucket, dtype=torch.long))
             captions.extend(batch["captions"])
         progress.update(len(batch["indices"]) + len(batch["skipped_items"]))
 
     dtype = DTYPES[spec.dtype]
     names = ["mean", "std"] + (["flip_mean", "flip_std"] if spec.random_flip else [])
     if not parts["index"]:  # every image of the shard was undecodable: zero-row tensors of the right shape
-        shape = _latent_shape(vae, spec.resolution, accelerator)
+        shape = store(torch.zeros(1, *_latent_shape(vae, spec.resolution, accelerator))).shape[1:]
         tensors = {name: torch.zeros((0, *shape), dtype=dtype) for name in names}
         tensors["index"] = torch.zeros(0, dtype=torch.long)
     else:
         tensors = {name: torch.cat(parts[name]).to(dtype) for name in names}
         tensors["index"] = torch.cat(parts["index"]).to(torch.long)
+    if spec.buckets is not None:
+        tensors[BUCKET_KEY] = torch.cat(parts[BUCKET_KEY]) if parts[BUCKET_KEY] else torch.zeros(0, dtype=torch.long)
     return Shard(tensors, captions, skipped, spec.build_id())
+
+
+def _flattener(spec: CacheSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Identity for square caches; with buckets (B, C, h, w) -> (B, L), flattened and zero-padded to the largest
+    bucket's latent size (`ldm.latents.cache` describes the layout)."""
+    if spec.buckets is None:
+        return lambda latents: latents
+    factor = vae_factor(spec.vae.config)
+    channels = int(spec.vae.config.get("latent_channels", 4))
+    length = channels * max(w * h for w, h in spec.buckets["sizes"]) // factor**2
+
+    def flatten(latents: torch.Tensor) -> torch.Tensor:
+        flat = latents.flatten(1)  # (B, C*h*w)
+        return torch.nn.functional.pad(flat, (0, length - flat.shape[1]))  # (B, L)
+
+    return flatten
+
+
+def _collate_by_size(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bucketed encoding: one `_collate_with_skips` batch per image size (undecodable images in a batch of their
+    own), so each VAE forward pass sees one size."""
+    good = [item for item in items if "skipped" not in item]
+    sizes = sorted({tuple(item["pixel_values"].shape) for item in good})
+    groups = [_collate_with_skips([item for item in good if tuple(item["pixel_values"].shape) == s]) for s in sizes]
+    bad = [item for item in items if "skipped" in item]
+    return groups + ([_collate_with_skips(bad)] if bad else [])
 
 
 def _collate_with_skips(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -336,6 +393,9 @@ def _publish(
         log.warning("skipped unreadable image %s: %s", item["name"], item["reason"])
     first = next(e for e in entries if e["rows"] > 0)
     latent_shape = list(parse_shard((directory / first["file"]).read_bytes()).tensors["mean"].shape[1:])
+    if spec.buckets is not None:  # rows are flattened: record the square data.resolution's latent shape
+        side = spec.resolution // vae_factor(spec.vae.config)
+        latent_shape = [int(spec.vae.config.get("latent_channels", 4)), side, side]
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -348,6 +408,7 @@ def _publish(
             "resolution": spec.resolution,
             "center_crop": spec.center_crop,
             "random_flip": spec.random_flip,
+            "buckets": spec.buckets,
             "size": len(dataset),
         },
         "dtype": spec.dtype,

@@ -11,13 +11,18 @@ Each shard holds, for its R encoded images (skipped ones have no row):
     flip_mean, flip_std  (R, C, h, w)  the same for the horizontally flipped image (only when built with flips)
     index                (R,) int64    the image's index in the full dataset
 
+With aspect-ratio buckets (`data.buckets: true`, see `ldm.data.buckets`) each image is encoded at its bucket, so
+latent sizes differ: mean, std and the flips are then (R, L), each row a (C, H/f, W/f) latent flattened and zero-padded
+to L = C * the largest bucket's latent area, and `bucket` (R,) int64 holds the row's index into the bucket table that
+the manifest's data.buckets.sizes lists ([W, H] pixels). Rows are keyed by dataset index, never by step.
+
 and, in the safetensors metadata: "format", "version", "build" (hash of everything the latents depend on),
 "captions" (JSON list, one per row), "skipped" (JSON list of {index, name, reason} for undecodable images) and
 "content_sha256" (hash of tensors + captions + skipped), so a shard verifies itself even before a manifest exists.
 
 The manifest records the VAE identity (sha256 of its weights and of its config.json without "_"-keys, the config,
-scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, dataset size), the
-dtype, latent shape, count, every shard's file name, rows, bytes and sha256, and the skipped images.
+scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, buckets, dataset
+size), the dtype, latent shape, count, every shard's file name, rows, bytes and sha256, and the skipped images.
 
 Latents are stored unscaled: training samples z = (mean + std * eps) [- shift_factor] * scaling_factor afresh each
 time (`sample_latents`), and `vae.decode(mean)` reconstructs the image. The whole cache is loaded into memory by
@@ -58,6 +63,7 @@ _MANIFEST_KEYS = ("build", "vae", "data", "dtype", "latent_shape", "count", "sha
 # Tensor names in a shard; flips only exist in caches built with data.random_flip=true.
 _LATENT_KEYS = ("mean", "std")
 _FLIP_KEYS = ("flip_mean", "flip_std")
+BUCKET_KEY = "bucket"  # bucketed caches only
 
 
 class MissingCacheError(UserError):
@@ -151,17 +157,19 @@ class CacheSpec:
     random_flip: bool
     caption_column: str | None
     dtype: str  # a key of DTYPES
+    buckets: dict[str, Any] | None = None  # `ldm.data.buckets.bucket_settings` plus "sizes"; None: square crops
 
     def build_id(self) -> str:
-        return _sha256_json(
-            {
-                "version": FORMAT_VERSION,
-                "vae": [self.vae.weights_sha256, self.vae.config_sha256],
-                "data": [self.data_fingerprint, self.caption_column, self.resolution, self.center_crop],
-                "random_flip": self.random_flip,
-                "dtype": self.dtype,
-            }
-        )[:32]
+        key = {
+            "version": FORMAT_VERSION,
+            "vae": [self.vae.weights_sha256, self.vae.config_sha256],
+            "data": [self.data_fingerprint, self.caption_column, self.resolution, self.center_crop],
+            "random_flip": self.random_flip,
+            "dtype": self.dtype,
+        }
+        if self.buckets is not None:  # left out otherwise, so square caches keep their build ids
+            key["buckets"] = self.buckets
+        return _sha256_json(key)[:32]
 
 
 _UNCHECKED: Any = object()  # `LatentCache.open` leaves an argument with this default out of the staleness check
@@ -191,6 +199,11 @@ def _differences(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str
     for key in ("resolution", "center_crop", "random_flip", "caption_column"):
         if key in expected and data[key] != expected[key]:
             diffs.append(f"{key} {data[key]!r} != {expected[key]!r}")
+    if "buckets" in expected and data.get("buckets") != expected["buckets"]:
+        def settings(b: dict[str, Any] | None) -> str:
+            return "off" if b is None else ", ".join(f"{k}={v}" for k, v in b.items() if k != "sizes")
+
+        diffs.append(f"buckets {settings(data.get('buckets'))} != {settings(expected['buckets'])}")
     if expected.get("dtype") is not None and manifest["dtype"] != expected["dtype"]:
         diffs.append(f"dtype {manifest['dtype']} != {expected['dtype']}")
     return diffs
@@ -274,6 +287,7 @@ class LatentCache:
         self.directory = directory
         self.manifest = manifest
         names = list(_LATENT_KEYS) + (list(_FLIP_KEYS) if self.has_flips else [])
+        names += [BUCKET_KEY] if self.buckets is not None else []
         indices = torch.cat([s.tensors["index"] for s in shards]) if shards else torch.zeros(0, dtype=torch.long)
         order = torch.argsort(indices)  # rows by dataset index, whichever process encoded them
         self.indices = indices[order]  # (N,) int64
@@ -294,6 +308,7 @@ class LatentCache:
         random_flip: bool,
         caption_column: str | None = _UNCHECKED,
         dtype: str | None = None,
+        buckets: dict[str, Any] | None = _UNCHECKED,
     ) -> LatentCache:
         """Load a cache after checking that it is complete, intact and built from what the caller expects.
 
@@ -313,6 +328,8 @@ class LatentCache:
         }
         if caption_column is not _UNCHECKED:
             expected["caption_column"] = caption_column
+        if buckets is not _UNCHECKED:
+            expected["buckets"] = buckets
         diffs = _differences(manifest, expected)
         if diffs:
             raise StaleCacheError(
@@ -351,7 +368,28 @@ class LatentCache:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["latent_shape"])  # (C, h, w)
+        return tuple(self.manifest["latent_shape"])  # (C, h, w); with buckets, of the square data.resolution
+
+    @property
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """The bucket table, [(W, H)] in pixels, or None for a cache of square crops."""
+        table = self.manifest["data"].get("buckets")
+        return None if table is None else [tuple(size) for size in table["sizes"]]
+
+    def bucket_ids(self, positions: Sequence[int]) -> list[int] | None:
+        """Each row's index into `buckets` (None for a cache of square crops)."""
+        if self.buckets is None:
+            return None
+        ids = self.tensors[BUCKET_KEY].tolist()
+        return [ids[p] for p in positions]
+
+    def _unflatten(self, flat: torch.Tensor, position: int) -> torch.Tensor:
+        # (L,) zero-padded -> (C, H/f, W/f) of the row's bucket
+        channels, side = self.latent_shape[0], self.latent_shape[-1]
+        factor = self.manifest["data"]["resolution"] // side
+        width, height = self.buckets[int(self.tensors[BUCKET_KEY][position])]
+        h, w = height // factor, width // factor
+        return flat[: channels * h * w].view(channels, h, w)
 
     @property
     def dataset_size(self) -> int:
@@ -371,9 +409,12 @@ class LatentCache:
         if flipped and not self.has_flips:
             raise ValueError(f"latent cache {self.directory} was built without flipped latents")
         mean, std = _FLIP_KEYS if flipped else _LATENT_KEYS
+        mean, std = self.tensors[mean][position].float(), self.tensors[std][position].float()
+        if self.buckets is not None:
+            mean, std = self._unflatten(mean, position), self._unflatten(std, position)
         return {
-            "mean": self.tensors[mean][position].float(),
-            "std": self.tensors[std][position].float(),
+            "mean": mean,
+            "std": std,
             "caption": self.captions[position],
             "index": int(self.indices[position]),
             "flipped": flipped,
@@ -451,6 +492,10 @@ class LatentDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.positions)
+
+    def bucket_ids(self) -> list[int] | None:
+        """Each item's aspect-ratio bucket, for `ldm.data.buckets.BucketBatchSampler` (None: no buckets)."""
+        return self.cache.bucket_ids(self.positions)
 
     def __getitem__(self, key: int) -> dict[str, Any]:
         if key < 0 or not self.positions:

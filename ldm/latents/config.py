@@ -22,6 +22,9 @@ class LatentCacheConfig:
     # Replace a cache that is stale (built from another VAE, dataset or transform) or corrupt instead of refusing it.
     # A cache that matches is always reused.
     rebuild: bool = False
+    # Cache the frozen text encoder's output for every caption (ldm/latents/text_cache.py), so training steps do
+    # not run it: (77, D) values per distinct caption in the encoder's dtype (D=768 fp32: 231 KiB).
+    text_embeddings: bool = False
 
     def validate(self) -> None:
         check(self.vae.strip() != "", "cache.vae", "must name the VAE directory (e.g. runs/vae/vae from stage 1)")

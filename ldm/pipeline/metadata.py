@@ -44,6 +44,8 @@ class GenerationParams:
     hires_strength: float | None = None  # the second (img2img) pass's strength
     hires_steps: int = 0  # the second pass's schedule length; 0 = `steps` (A1111's convention)
     hires_upscaler: str | None = None  # 'latent' | 'lanczos' (ldm.pipeline.hires.UPSCALERS)
+    lora_hashes: str = ""  # A1111's 'Lora hashes': "name: short hash, ..." of the LoRAs merged (ldm/lora/)
+    clip_skip: int = 1  # A1111's "Clip skip"; 1 = the text encoder's own layer, not written (as A1111 does)
 
     def with_seed(self, seed: int) -> GenerationParams:
         return replace(self, seed=seed)
@@ -74,6 +76,10 @@ def format_parameters(p: GenerationParams) -> str:
         if p.hires_steps:
             fields.append(("Hires steps", p.hires_steps))
         fields.append(("Hires upscaler", HIRES_UPSCALER_LABELS.get(p.hires_upscaler or "", p.hires_upscaler)))
+    if p.lora_hashes:
+        fields.append(("Lora hashes", p.lora_hashes))
+    if p.clip_skip != 1:
+        fields.append(("Clip skip", p.clip_skip))
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields))
     return "\n".join(lines)
 
@@ -85,7 +91,7 @@ _FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 # the fields `parse_parameters` reads; `unread_fields` names the others (A1111 writes many: Model hash, Version, ...)
 READ_FIELDS = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Denoising strength", "Mask blur",
-    "CFG rescale", "Hires upscale", "Hires steps", "Hires upscaler",
+    "CFG rescale", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Clip skip",
 )
 HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> A1111's names
 
@@ -155,6 +161,10 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out["mask_blur"] = int(raw["Mask blur"])
     if "CFG rescale" in raw:
         out["guidance_rescale"] = float(raw["CFG rescale"])
+    if "Lora hashes" in raw:
+        out["lora_hashes"] = raw["Lora hashes"]
+    if "Clip skip" in raw:
+        out["clip_skip"] = int(raw["Clip skip"])
     return out
 
 

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from ldm.errors import UserError
+from ldm.lora.apply import AppliedLora, LoraStack
 from ldm.pipeline import images as im
 from ldm.pipeline.denoise import Inpaint, denoise
 from ldm.pipeline.device import pick_device, pick_dtype
@@ -31,6 +32,7 @@ from ldm.pipeline.seeds import generators, per_image_noise, random_seed
 from ldm.pipeline.validation import check_request, check_size, pick_size, steps_to_run
 from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
 from ldm.progress import progress_bar
+from ldm.text.prompt_encoding import encode_prompt_pair
 from ldm.vae.loading import vae_factor
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,15 @@ class Pipeline:
         self._unet_fn = torch.compile(self.unet) if compile_unet == "full" else self.unet
         if compile_unet and compile_unet != "full":
             self.unet.compile_repeated_blocks(dynamic=True)
+        self.loras = LoraStack(self.unet, self.text_encoder)  # merged LoRAs (ldm/lora/apply.py)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> AppliedLora:
+        """Merge a LoRA (diffusers/peft or kohya .safetensors) into the weights for every later call; several
+        stack. `name` (default: the file's stem) is how the PNG metadata names it. `unload_loras()` undoes all."""
+        return self.loras.load(path, scale, name)
+
+    def unload_loras(self) -> None:
+        self.loras.unload()
 
     def _check_parts_fit(self) -> None:
         """Parts that do not fit each other would fail deep inside the U-Net; say which ones, before any work."""
@@ -145,15 +156,25 @@ class Pipeline:
         mask_blur: int = DEFAULT_MASK_BLUR,
         guidance_rescale: float = 0.0,
         hires: HiresFix | None = None,
+        clip_skip: int = 1,
         show_progress: bool = True,
         on_image: Callable[[Image.Image, GenerationParams], None] | None = None,
+        lora_dir: str | Path | None = None,
+        lora_hashes: dict[str, str] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """Generate `num_images` images, `batch_size` at a time; image i uses seed + i whatever the batching.
 
         txt2img without `init_image`; img2img with it (`strength` in (0, 1], default 0.75: the share of the schedule
         re-noised, diffusers' convention); inpainting with `init_image` and `mask` (white = repaint, default
-        strength 1.0). `hires` adds a hires-fix pass to txt2img (`ldm.pipeline.hires`). `on_image(image, params)` is
-        called as each image is finished (the CLI saves there).
+        strength 1.0). `hires` adds a hires-fix pass to txt2img (`ldm.pipeline.hires`). `on_image(image, params)`
+        is called as each image is finished (the CLI saves there);
+        `on_step(done, total)` after each U-Net evaluation, counted over the whole run (the server reports progress
+        there, and stops a job at the next step by raising from it).
+        A1111 LoRA tags in the prompt (`<lora:name:0.8>`) are taken out of the encoded text and merged from
+        `lora_dir`; `lora_hashes` ({name: short hash}, from a PNG) finds renamed files and warns on changed ones.
+        Prompts use A1111's emphasis syntax and may be longer than 77 tokens (ldm/text/prompt_encoding.py);
+        `clip_skip` is A1111's "Clip skip" (1 = the text encoder's configured layer).
         """
         if hires is not None and init_image is not None:
             raise UserError("the hires fix is for txt2img: drop --hires-scale or --init-image")
@@ -166,6 +187,7 @@ class Pipeline:
         if self.inpainting_unet and mask is None:
             raise UserError("this model has an inpainting U-Net (9 input channels): pass --init-image and --mask")
         seed = random_seed() if seed is None or seed == -1 else seed
+        text, prompt, used_loras = self.loras.use_prompt(prompt, lora_dir, lora_hashes)
         job = self._prepare_job(init_image, mask, height, width, mask_blur)
         check_request(
             steps=steps, cfg=cfg, height=job.height, width=job.width, vae_factor=self.vae_factor, strength=strength,
@@ -177,14 +199,16 @@ class Pipeline:
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg=cfg,
             seed=seed, width=job.width, height=job.height, model=self.model_name, strength=strength,
             guidance_rescale=guidance_rescale, mask_blur=mask_blur if job.mask is not None else None,
+            lora_hashes=used_loras, clip_skip=clip_skip,
         )
         if hires is not None:
             hires.check(steps, job.height, job.width, self.vae_factor)
             base = hires.record(base)
 
-        # (1, 77, D) each; the unconditional branch is only computed when guidance uses it
-        cond = self.text_encoder.encode([prompt]).to(self.dtype)
-        uncond = None if cfg == 1.0 else self.text_encoder.encode([negative_prompt]).to(self.dtype)
+        # (1, 77 * chunks, D) each, A1111 prompt syntax (ldm/text/prompt_encoding.py) on the text without its LoRA
+        # tags; the unconditional branch is only computed when guidance uses it
+        cond, uncond = encode_prompt_pair(self.text_encoder, text, None if cfg == 1.0 else negative_prompt, clip_skip)
+        cond, uncond = cond.to(self.dtype), None if uncond is None else uncond.to(self.dtype)
         image_latents = self._encode(job.image) if job.image is not None else None
         steps_run = steps if strength is None else steps_to_run(steps, strength)
         if strength is not None:
@@ -205,14 +229,23 @@ class Pipeline:
         num_batches = -(-num_images // batch_size)
         progress = progress_bar(total=num_batches * per_batch, disable=not show_progress, desc="denoising",
                                 unit="step", file=sys.stderr, leave=False)
+        total, done = num_batches * per_batch, 0
+
+        def step() -> None:
+            nonlocal done
+            progress.update()
+            done += 1
+            if on_step is not None:
+                on_step(done, total)
+
         for start in range(0, num_images, batch_size):
             seeds = [seed + i for i in range(start, min(start + batch_size, num_images))]
-            latents = self._sample(seeds, cond, uncond, image_latents, job, base, progress.update)
+            latents = self._sample(seeds, cond, uncond, image_latents, job, base, step)
             if hires is not None:  # img2img of the upscaled first pass, same seeds
                 second = hires.second_pass(base, self.vae_factor)
                 upscaled = hires.upscale(self, latents, (second.height, second.width))
                 latents = self._sample(seeds, cond, uncond, upscaled, _Job(second.height, second.width), second,
-                                       progress.update)
+                                       step)
             decoded = tensor_to_float_images(self._decode(latents))  # (b, H, W, 3) in [0, 1]
             decoded_all.append(decoded)
             for s, pixels in zip(seeds, float_to_uint8(decoded)):
@@ -289,7 +322,7 @@ class Pipeline:
                 inpaint = self._inpaint_state(job, known, noise, gens)
 
         def expand(e: torch.Tensor | None) -> torch.Tensor | None:
-            return None if e is None else e.expand(b, *e.shape[1:])  # (1, 77, D) -> (b, 77, D)
+            return None if e is None else e.expand(b, *e.shape[1:])  # (1, 77 * chunks, D) -> (b, 77 * chunks, D)
 
         latents = denoise(
             self._unet_fn, scheduler, latents, timesteps, expand(cond), expand(uncond), p.cfg, p.guidance_rescale,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.errors import UserError
 from ldm.text.tokenizer import tokenize_prompts
 
 Layer = Literal["last", "penultimate"]
@@ -68,11 +69,38 @@ class FrozenTextEncoder(nn.Module):
         """Prompts -> ids (B, 77) on the CPU; warns (`PromptTruncatedWarning`) naming any words that did not fit."""
         return tokenize_prompts(self.tokenizer, prompts, self.context_length, self._clean, self._pad_id)
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids without start/end tokens, untruncated, cleaned as `tokenize` cleans (prompt chunking)."""
+        texts = [self._clean(t) for t in texts] if self._clean is not None else list(texts)
+        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id `tokenize` pads with after the end token."""
+        return self._pad_id if self._pad_id is not None else self.tokenizer.pad_token_id
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer layers; clip skip N may go up to this minus the layers the configured `layer` skips."""
+        raise NotImplementedError
+
+    def max_clip_skip(self) -> int:
+        return self.num_layers - (self.layer == "penultimate")
+
     # no_grad, not inference_mode: the U-Net saves this output for its backward pass, which inference tensors forbid
     @torch.no_grad()
-    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """ids (B, 77) -> hidden states (B, 77, D) in the module's dtype, on its device."""
-        hidden = self._hidden_states(input_ids.to(self.device))
+    def forward(self, input_ids: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
+        """ids (B, 77) -> hidden states (B, 77, D) in the module's dtype, on its device.
+
+        `clip_skip` (A1111's "Clip skip") N > 1 takes the hidden state N - 1 layers before the configured `layer`'s
+        output, then the final layer norm; 1 is the configured layer itself.
+        """
+        if clip_skip != 1 and not 1 <= clip_skip <= self.max_clip_skip():
+            raise UserError(
+                f"clip skip {clip_skip} is out of range: this text encoder allows 1..{self.max_clip_skip()} "
+                f"({self.num_layers} layers, '{self.layer}' layer)"
+            )
+        hidden = self._hidden_states(input_ids.to(self.device), clip_skip - 1)
         return hidden.to(self.dtype)
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -94,7 +122,8 @@ class FrozenTextEncoder(nn.Module):
         self._empty_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def _hidden_states(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def _hidden_states(self, input_ids: torch.LongTensor, extra_skip: int = 0) -> torch.Tensor:
+        """ids -> hidden states of the configured layer, or of the one `extra_skip` layers before it."""
         raise NotImplementedError
 
     @classmethod
@@ -114,15 +143,21 @@ class CLIPTextEncoder(FrozenTextEncoder):
         self.model = model
         self._freeze()
 
-    def _hidden_states(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    def _hidden_states(self, input_ids: torch.LongTensor, extra_skip: int = 0) -> torch.Tensor:
         # (B, 77) -> (B, 77, D)
         attention_mask = self._attention_mask(input_ids)
-        if self.layer == "last":
+        skip = (self.layer == "penultimate") + extra_skip
+        if skip == 0:
             return self.model(input_ids, attention_mask=attention_mask)[0]
         # diffusers' clip_skip=1: hidden_states holds the embeddings and then every layer's output, so [-2] is the
         # second-to-last layer's output; the final layer norm follows, as it does for the last layer's output
+        # (A1111's "Clip skip" N is hidden_states[-N] then the final layer norm, the same thing)
         out = self.model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return self._final_layer_norm()(out.hidden_states[-2])
+        return self._final_layer_norm()(out.hidden_states[-1 - skip])
 
     def _final_layer_norm(self) -> nn.Module:
         # transformers < 5 nests the modules under .text_model; 5.x holds them on the CLIPTextModel itself

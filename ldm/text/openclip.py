@@ -46,12 +46,17 @@ class OpenCLIPTextEncoder(FrozenTextEncoder):
         self.register_buffer("attn_mask", text.attn_mask, persistent=False)  # (77, 77) additive causal mask
         self._freeze()
 
-    def _hidden_states(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    @property
+    def num_layers(self) -> int:
+        return len(self.transformer.resblocks)
+
+    def _hidden_states(self, input_ids: torch.LongTensor, extra_skip: int = 0) -> torch.Tensor:
         dtype = self.dtype
         x = self.token_embedding(input_ids).to(dtype) + self.positional_embedding.to(dtype)  # (B, 77, D)
         blocks = list(self.transformer.resblocks)
-        if self.layer == "penultimate":
-            blocks = blocks[:-1]
+        skip = (self.layer == "penultimate") + extra_skip  # clip skip N > 1 drops N - 1 more blocks
+        if skip:
+            blocks = blocks[:-skip]
         # open_clip >= 2.24 runs batch-first; older versions expect (77, B, D)
         batch_first = getattr(self.transformer, "batch_first", False)
         if not batch_first:

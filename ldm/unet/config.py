@@ -11,6 +11,7 @@ from ldm.config import check
 from ldm.data.config import DataConfig
 from ldm.latents.config import LatentCacheConfig
 from ldm.text.config import TextEncoderConfig
+from ldm.text.prompt_syntax import check_prompt
 from ldm.unet.objective import NoiseConfig
 from ldm.unet.presets import UNET_PRESETS
 
@@ -87,6 +88,8 @@ class SampleConfig:
         check(self.every >= 0, "sample.every", "must be >= 0 (0 disables)")
         check(self.steps >= 1, "sample.steps", "must be >= 1")
         check(self.cfg >= 0, "sample.cfg", "must be >= 0")
+        for i, prompt in enumerate(self.prompts):  # sampled with A1111 prompt syntax: refuse a bad one now, not hours in
+            check_prompt(prompt, f"config key 'sample.prompts[{i}]'")
 
 
 @dataclass

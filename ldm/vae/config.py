@@ -103,6 +103,8 @@ class VAEConfig:
     train: VAETrainLoopConfig = field(default_factory=VAETrainLoopConfig)
 
     def validate(self) -> None:
+        check(not self.data.buckets, "data.buckets", "aspect-ratio buckets are for stage 2 (train_ldm.py): the VAE "
+              "trains on square crops; set data.buckets=false")
         check(self.data.num_val >= 1, "data.num_val", "the VAE needs held-out images to validate and measure its "
               "latent scale: set data.num_val >= 1")
         f = downsampling_factor(self.model.preset)

@@ -1,0 +1,183 @@
+"""The text-embedding cache: the frozen text encoder's output for every training caption, computed once.
+
+With `cache.text_embeddings: true` the training step looks each caption's (77, D) hidden states up instead of running
+the text encoder. Training captions are plain text (no prompt weighting), so a caption's embedding is a function of
+the encoder alone: its weights, the layer it is read from, its tokenizer (and prompt cleaning), and the dtype.
+
+On-disk format: one file beside the latents, `<latent cache dir>/text-embeddings.safetensors`, written atomically:
+
+    embeddings  (U, 77, D)  one row per distinct caption, the empty caption "" first (row 0), in the encoder's dtype
+
+and, in the safetensors metadata: "format", "version", "key" (JSON: what the embeddings depend on, see
+`encoder_key`), "captions" (JSON list, row order) and "content_sha256" (of the tensor, the captions and the key), so
+the file verifies itself. A file built for another encoder, layer, tokenizer, dtype or caption set is stale: it is
+refused naming the difference (rebuilt with `cache.rebuild=true`); a file that does not verify is corrupt, likewise.
+The embeddings are held in CPU memory; a batch's rows are gathered there and moved to the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ldm.errors import UserError
+from ldm.files import atomic_write_bytes
+from ldm.latents.cache import CorruptCacheError, StaleCacheError
+from ldm.parallel.collective import run_on_all
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ldm.text.encoder import FrozenTextEncoder
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "ldm-text-embedding-cache"
+FORMAT_VERSION = 1
+FILE_NAME = "text-embeddings.safetensors"
+HINT = "delete it or set cache.rebuild=true"
+
+
+def encoder_key(encoder: FrozenTextEncoder) -> dict[str, Any]:
+    """What a caption's embedding depends on: sha256 of the weights as loaded, the layer, the tokenizer, the dtype."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        weights.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\0".encode())
+        weights.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    tokenizer = encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: vocab, merges, normaliser in one JSON
+    described = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    tokenizing = [type(tokenizer).__name__, described, encoder.context_length, encoder._pad_id,
+                  getattr(encoder._clean, "__qualname__", None)]
+    return {
+        "encoder": type(encoder).__name__,
+        "weights_sha256": weights.hexdigest(),
+        "layer": encoder.layer,
+        "tokenizer_sha256": hashlib.sha256(json.dumps(tokenizing).encode()).hexdigest(),
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+    }
+
+
+def _captions_sha256(captions: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(captions), ensure_ascii=False).encode()).hexdigest()
+
+
+def _content_sha256(embeddings: torch.Tensor, captions_json: str, key_json: str) -> str:
+    digest = hashlib.sha256(key_json.encode() + b"\0" + captions_json.encode() + b"\0")
+    digest.update(f"{embeddings.dtype}|{list(embeddings.shape)}\0".encode())
+    digest.update(embeddings.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TextEmbeddingCache:
+    """Caption -> (77, D) hidden states, by lookup; `encode` stands in for `FrozenTextEncoder.encode`."""
+
+    def __init__(self, path: Path, embeddings: torch.Tensor, captions: list[str], device: torch.device | str) -> None:
+        self.path, self.embeddings, self.captions, self.device = path, embeddings, captions, torch.device(device)
+        self._row = {caption: row for row, caption in enumerate(captions)}
+
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        """(B, 77, D) on the device; a caption that was not cached is a bug (the cache holds all of the dataset's)."""
+        rows = [self._row[c] for c in captions]
+        return self.embeddings[torch.tensor(rows, dtype=torch.long)].to(self.device)
+
+    def empty_embedding(self) -> torch.Tensor:
+        """(1, 77, D): the empty caption's embedding (computed once, at build time), for caption dropout."""
+        return self.embeddings[:1].to(self.device)
+
+    def bytes_per_caption(self) -> int:
+        return self.embeddings[0].numel() * self.embeddings.element_size()
+
+    @classmethod
+    def open(cls, path: Path, key: dict[str, Any], captions: Sequence[str], device: torch.device | str = "cpu"
+             ) -> TextEmbeddingCache:
+        """Load the file after checking it verifies (else `CorruptCacheError`) and was built for this encoder and
+        these captions (else `StaleCacheError` naming the difference). Missing file: `FileNotFoundError`."""
+        data = path.read_bytes()
+        try:
+            try:
+                tensors = load_safetensors(data)
+            except SafetensorError as error:
+                raise ValueError(f"is not a valid safetensors file ({str(error).splitlines()[0]})") from error
+            (length,) = struct.unpack("<Q", data[:8])  # the safetensors header: its length, then JSON
+            metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+            if metadata.get("format") != FORMAT_NAME or "embeddings" not in tensors:
+                raise ValueError("is not a text-embedding cache")
+            if int(metadata.get("version", 0)) > FORMAT_VERSION:
+                raise ValueError(f"has format version {metadata['version']}, newer than this code")
+            embeddings = tensors["embeddings"]
+            if _content_sha256(embeddings, metadata["captions"], metadata["key"]) != metadata.get("content_sha256"):
+                raise ValueError("does not match its own content hash (corrupted)")
+            built_key, built_captions = json.loads(metadata["key"]), json.loads(metadata["captions"])
+            if len(built_captions) != embeddings.shape[0] or built_captions[:1] != [""]:
+                raise ValueError("has captions and embeddings of different lengths")
+        except (ValueError, KeyError, TypeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CorruptCacheError(f"text-embedding cache {path} {reason}: {HINT}") from error
+        diffs = [f"{name} {built_key.get(name)!s:.16} != {value!s:.16}" for name, value in key.items()
+                 if built_key.get(name) != value]
+        wanted = _distinct(captions)
+        if built_key.get("captions_sha256") != _captions_sha256(wanted):
+            diffs.append(f"other captions ({len(built_captions)} cached != {len(wanted)} in the latent cache)")
+        if diffs:
+            raise StaleCacheError(
+                f"text-embedding cache {path} is stale: it was built with {', '.join(diffs)} (cache != this run): "
+                f"{HINT}"
+            )
+        return cls(path, embeddings, built_captions, device)
+
+
+def _distinct(captions: Sequence[str]) -> list[str]:
+    """"" first (the dropout embedding), then every other caption once, sorted (independent of the row order)."""
+    return [""] + sorted(set(captions) - {""})
+
+
+@torch.no_grad()
+def build_text_cache(path: Path, encoder: FrozenTextEncoder, key: dict[str, Any], captions: Sequence[str],
+                     batch_size: int = 64) -> None:
+    """Encode every distinct caption (and "") once and write the file atomically."""
+    distinct = _distinct(captions)
+    rows = [encoder.encode(distinct[i : i + batch_size]).cpu() for i in range(0, len(distinct), batch_size)]
+    embeddings = torch.cat(rows).contiguous()  # (U, 77, D)
+    captions_json = json.dumps(distinct, ensure_ascii=False)
+    key_json = json.dumps({**key, "captions_sha256": _captions_sha256(distinct)}, sort_keys=True)
+    metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "key": key_json, "captions": captions_json,
+                "content_sha256": _content_sha256(embeddings, captions_json, key_json)}
+    atomic_write_bytes(path, save_safetensors({"embeddings": embeddings}, metadata=metadata))
+    log.info("text-embedding cache %s: %d captions of shape %s, %d bytes each", path, len(distinct),
+             tuple(embeddings.shape[1:]), embeddings[0].numel() * embeddings.element_size())
+
+
+def ensure_text_cache(accelerator: Accelerator, encoder: FrozenTextEncoder, captions: Sequence[str],
+                      directory: Path, rebuild: bool = False) -> TextEmbeddingCache:
+    """Open `<directory>/text-embeddings.safetensors`, building it first (on the main process) when missing, or
+    when stale or corrupt and `rebuild`. Collective: call it on every process."""
+    path = Path(directory) / FILE_NAME
+    key = encoder_key(encoder)
+
+    def check_or_build() -> None:
+        try:
+            TextEmbeddingCache.open(path, key, captions)
+            return
+        except FileNotFoundError:
+            pass
+        except UserError as error:  # stale or corrupt
+            if not rebuild:
+                raise
+            log.warning("rebuilding the text-embedding cache (cache.rebuild=true): %s", error)
+        build_text_cache(path, encoder, key, captions)
+
+    run_on_all(accelerator, check_or_build if accelerator.is_main_process else None, what="text-embedding caching",
+               describe_os_error=lambda reason: f"could not write the text-embedding cache {path}: {reason}")
+    return TextEmbeddingCache.open(path, key, captions, device=accelerator.device)

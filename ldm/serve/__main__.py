@@ -1,0 +1,3 @@
+from ldm.serve.cli import main
+
+main()

@@ -1,0 +1,106 @@
+"""`ldm-serve`: load a model once and serve the web page and an A1111-compatible HTTP API.
+
+    ldm-serve                                     # the bundled demo model on http://127.0.0.1:7860
+    ldm-serve --model DIR --model DIR2 --api-auth me:secret --listen
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+from ldm.errors import UserError, exit_on_user_error
+
+log = logging.getLogger("ldm.serve")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UserError(f"{message} (see ldm-serve --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ldm-serve", description=__doc__.split("\n\n")[0],
+                epilog="examples:\n" + "\n".join(l for l in __doc__.splitlines() if l.startswith("    ldm-serve")),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", default=None,
+                   help="a diffusers-format model directory (as ldm-generate --model); repeat to list several, "
+                   "which clients choose among by name (sd_model_checkpoint). Default: the bundled demo model")
+    p.add_argument("--models-dir", default=None, help="also list every model directory directly under this one")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--listen", action="store_true", help="bind all interfaces (0.0.0.0); set --api-auth with it")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    p.add_argument("--api-auth", default=None, help="user:pass[,user2:pass2]: HTTP basic auth on every path")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (one worker on this device)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--queue-size", type=int, default=16, help="jobs that may wait; one more gets 429 (default 16)")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="width x height per image (default 1048576)")
+    p.add_argument("--max-steps", type=int, default=150, help="denoising steps per request (default 150)")
+    p.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter per request (default 16)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="request body size in MiB (default 32)")
+    p.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
+    return p
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Say which option to change before the model is loaded, not after (uvicorn would exit 1 with an errno)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    for name, value in (("--queue-size", args.queue_size), ("--max-pixels", args.max_pixels),
+                        ("--max-steps", args.max_steps), ("--max-images", args.max_images),
+                        ("--max-body-mb", args.max_body_mb)):
+        if value <= 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port number (0..65535)")
+
+    from ldm.serve.auth import parse_credentials
+
+    credentials = parse_credentials(args.api_auth) if args.api_auth else None
+    host = "0.0.0.0" if args.listen else args.host
+    if host not in ("127.0.0.1", "localhost", "::1") and not credentials:
+        log.warning("warning: listening on %s without --api-auth: anyone who can reach this port can use the "
+                    "model", host)
+    _check_port_free(host, args.port)
+
+    import uvicorn
+
+    from ldm.pipeline import Pipeline
+    from ldm.serve.api import Limits
+    from ldm.serve.app import create_app
+    from ldm.serve.models import list_models
+    from ldm.serve.worker import Worker
+
+    models = list_models(args.model, args.models_dir)
+    limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
+                    max_body_bytes=int(args.max_body_mb * 2**20))
+
+    def load(name: str) -> Pipeline:
+        entry = models[name]
+        log.info("loading %s on %s", entry.spec, args.device)
+        return Pipeline.from_pretrained(entry.spec, device=args.device, dtype=args.dtype)
+
+    worker = Worker(load, next(iter(models)), args.queue_size)
+    worker.start()
+    app = create_app(models, worker, limits, credentials)
+    log.info("ldm-serve: http://%s:%d/ (API: /sdapi/v1/..., models: %s)", host, args.port, ", ".join(models))
+    config = uvicorn.Config(app, host=host, port=args.port, log_level="warning" if args.quiet else "info",
+                            access_log=not args.quiet)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        worker.stop()

@@ -1,0 +1,148 @@
+"""Prompts with A1111 syntax -> the U-Net's context (1, 77 * chunks, D): chunking, emphasis weights, clip skip.
+
+    cond, uncond = encode_prompt_pair(text_encoder, "a (red:1.3) car, ...", "blurry", clip_skip=2)
+
+How a prompt becomes a context, as A1111 does it (modules/sd_hijack_clip.py, sd_emphasis.py "Original"):
+1. `parse_prompt` (ldm/text/prompt_syntax.py) splits it into (text, weight) fragments and BREAK-separated groups.
+2. Each fragment is tokenized on its own (no start/end tokens); every token carries its fragment's weight.
+3. The tokens are cut into chunks of 75 (context 77 - start - end). When a chunk is full and the next token is not a
+   comma, the tokens after the chunk's last comma move to the next chunk, if that comma is within the last 20 tokens
+   (A1111's "comma_padding_backtrack" default): phrases are not split across chunks. BREAK ends a chunk early.
+4. Each chunk is encoded on its own as `<start> + tokens + <end> + padding` = 77 ids, exactly as a short prompt is
+   tokenized (`FrozenTextEncoder.tokenize`), at the hidden state chosen by clip skip.
+5. Weights: the chunk's hidden states z (77, D) are multiplied per token by its weight (start, end and padding keep
+   weight 1), then the whole chunk is rescaled so that its mean over all 77 x D values equals the mean before
+   weighting: z_w = z * w[:, None] * (mean(z) / mean(z * w[:, None])). A chunk whose weights are all 1 is left as it
+   came out of the encoder, untouched, so an unweighted prompt of at most 75 tokens gives the very same bits as
+   `text_encoder.encode([prompt])`.
+6. The chunks are concatenated along the sequence: (1, 77 * chunks, D). The prompt and the negative prompt are padded
+   to the same number of chunks with the encoding of the empty prompt (one 77-token chunk each), so that the two
+   branches of guidance batch together. A1111 does this with its "Pad prompt/negative prompt" option, which is off
+   by default there: it then runs the two branches separately, each at its own length, and a prompt and negative
+   prompt of different chunk counts give a (slightly) different image than here.
+
+No truncation warning: nothing is dropped. Training captions never come here: the training loop calls
+`FrozenTextEncoder.encode`, which reads brackets as plain text and truncates at 77 tokens (with a warning).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ldm.text.encoder import FrozenTextEncoder
+from ldm.text.prompt_syntax import ParsedPrompt, parse_prompt
+
+COMMA_BACKTRACK = 20  # tokens; A1111's comma_padding_backtrack default ("Prompt word wrap length limit")
+
+
+class PromptSyntaxWarning(UserWarning):
+    """Something A1111 tolerates was found (unbalanced brackets): the message says how it was read."""
+
+
+@dataclass
+class TokenChunk:
+    """At most 75 token ids (no start/end) and one weight per id."""
+
+    ids: list[int]
+    weights: list[float]
+
+    @property
+    def weighted(self) -> bool:
+        return any(w != 1.0 for w in self.weights)
+
+
+def chunk_tokens(encoder: FrozenTextEncoder, parsed: ParsedPrompt) -> list[TokenChunk]:
+    """Steps 2-3 of the module docstring: fragments -> chunks of at most `context_length - 2` weighted ids."""
+    size = encoder.context_length - 2
+    comma = encoder.tokenizer.get_vocab().get(",</w>")
+    chunks: list[TokenChunk] = []
+    for g, group in enumerate(parsed.chunks):  # each BREAK-separated group starts a chunk
+        current = TokenChunk([], [])
+        last_comma = -1  # index in `current` of its last comma
+        for ids, fragment in zip(encoder.token_ids([f.text for f in group]), group):
+            for token in ids:
+                if len(current.ids) == size:
+                    if token != comma and last_comma >= 0 and size - last_comma <= COMMA_BACKTRACK:
+                        cut = last_comma + 1  # the comma stays; what follows it moves on
+                        chunks.append(TokenChunk(current.ids[:cut], current.weights[:cut]))
+                        current = TokenChunk(current.ids[cut:], current.weights[cut:])
+                    else:
+                        chunks.append(current)
+                        current = TokenChunk([], [])
+                    last_comma = -1
+                if token == comma:
+                    last_comma = len(current.ids)
+                current.ids.append(token)
+                current.weights.append(fragment.weight)
+        last_group = g == len(parsed.chunks) - 1
+        if not last_group or current.ids or not chunks:  # BREAK always closes its chunk; the end only a non-empty one
+            chunks.append(current)
+    return chunks
+
+
+def chunk_input_ids(encoder: FrozenTextEncoder, chunk: TokenChunk) -> torch.LongTensor:
+    """(1, 77): `<start>` + ids + `<end>` + padding, the ids `encoder.tokenize` gives a prompt of these tokens."""
+    tokenizer = encoder.tokenizer
+    ids = [tokenizer.bos_token_id, *chunk.ids, tokenizer.eos_token_id]
+    ids += [encoder.pad_token_id] * (encoder.context_length - len(ids))
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's emphasis: z (B, T, D) times per-token `weights` (B, T), rescaled so its mean is unchanged.
+
+    Computed in float32 and returned in z's dtype; the mean is over every element of z (for A1111, one chunk).
+    A1111's own comment says restoring the mean "is likely not correct, but it seems to work well"; the factor is
+    ill-conditioned when the mean is near 0 (a random text encoder whose final layer norm has no bias yet).
+    """
+    z32 = z.float()
+    original_mean = z32.mean()
+    weighted = z32 * weights.to(z32)[..., None]  # (B, T, D)
+    new_mean = weighted.mean()
+    if new_mean == 0:  # (A1111 would give NaN) nothing to restore: weights that cancel the mean exactly
+        return weighted.to(z.dtype)
+    return (weighted * (original_mean / new_mean)).to(z.dtype)
+
+
+def encode_chunks(encoder: FrozenTextEncoder, chunks: list[TokenChunk], clip_skip: int = 1) -> torch.Tensor:
+    """Steps 4-6: each chunk through the encoder on its own (batch 1), weighted, concatenated -> (1, 77 * n, D)."""
+    out = []
+    for chunk in chunks:
+        z = encoder(chunk_input_ids(encoder, chunk), clip_skip=clip_skip)  # (1, 77, D)
+        if chunk.weighted:
+            weights = torch.ones(encoder.context_length)
+            weights[1 : 1 + len(chunk.weights)] = torch.tensor(chunk.weights)
+            z = apply_weights(z, weights[None].to(z.device))
+        out.append(z)
+    return torch.cat(out, dim=1)
+
+
+def encode_prompt(encoder: FrozenTextEncoder, prompt: str, clip_skip: int = 1, what: str = "prompt") -> torch.Tensor:
+    """One prompt -> (1, 77 * chunks, D). Warns (`PromptSyntaxWarning`) about unbalanced brackets."""
+    parsed = parse_prompt(prompt, what)
+    for message in parsed.warnings:
+        warnings.warn(message, PromptSyntaxWarning, stacklevel=3)
+    return encode_chunks(encoder, chunk_tokens(encoder, parsed), clip_skip)
+
+
+def encode_prompt_pair(
+    encoder: FrozenTextEncoder, prompt: str, negative_prompt: str | None, clip_skip: int = 1
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond, uncond), each (1, 77 * n, D) with the same n; uncond is None when `negative_prompt` is None."""
+    cond = encode_prompt(encoder, prompt, clip_skip, "prompt")
+    if negative_prompt is None:
+        return cond, None
+    uncond = encode_prompt(encoder, negative_prompt, clip_skip, "negative prompt")
+    if cond.shape[1] == uncond.shape[1]:
+        return cond, uncond
+    n = max(cond.shape[1], uncond.shape[1])
+    empty = encode_chunks(encoder, [TokenChunk([], [])], clip_skip)  # (1, 77, D): the empty prompt
+    return _pad_to(cond, n, empty), _pad_to(uncond, n, empty)
+
+
+def _pad_to(z: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
+    repeats = (length - z.shape[1]) // empty.shape[1]
+    return torch.cat([z, empty.repeat(1, repeats, 1)], dim=1) if repeats else z  # (1, length, D)
