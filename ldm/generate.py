@@ -74,8 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="negative prompt: used as the unconditional branch of guidance (default: empty)")
     p.add_argument("--model", default=None,
                    help="diffusers-format model directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                   "scheduler/) or a hub id; weights must be safetensors (pickle .bin/.ckpt files are refused). Default: "
+                   "scheduler/), a single SD 1.x/2.x .safetensors file in the original layout, or a hub id; weights "
+                   "must be safetensors (pickle .bin/.ckpt files are refused). Default: "
                    "shapes-32px-demo, the bundled 32-px toy model (one shape on a plain background)")
+    p.add_argument("--vae", default=None,
+                   help="replace the model's VAE: a VAE .safetensors file (original or diffusers names) or a "
+                   "diffusers VAE directory")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="override what the U-Net predicts (SD 2.x 768 models: v_prediction); default: the model's "
+                   "scheduler config, a NAME.yaml next to a single file, or the detected family's")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
     g.add_argument("--cfg", type=float, default=None,
@@ -287,10 +294,15 @@ def run(args: argparse.Namespace) -> list[Path]:
 
             raise model_hint(e, args.from_png, v["model"]) from None
         raise
+    if args.vae:
+        from ldm.singlefile.load import check_vae_source
+
+        check_vae_source(args.vae)
     if v["model"] == DEMO_NAME:
         log.info(DEMO_NOTICE)
     factor = read_vae_factor(root)
-    height, width = pick_size(init.size if init else None, v["height"], v["width"], factor, read_default_size(root))
+    native = read_default_size(root, args.prediction_type)
+    height, width = pick_size(init.size if init else None, v["height"], v["width"], factor, native)
     check_request(steps=v["steps"], cfg=v["cfg"], height=height, width=width, vae_factor=factor, strength=strength,
                   sampler=v["sampler"], karras=bool(v["karras"]), num_images=args.num_images,
                   batch_size=args.batch_size, seed=v["seed"])
@@ -301,7 +313,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     # 3. the work
     start = time.perf_counter()
     log.info("loading %s on %s (%s)", v["model"], device, dtype_name(dtype))
-    components = load_components(root, str(v["model"]), device, dtype)
+    components = load_components(root, str(v["model"]), device, dtype, vae=args.vae,
+                                 prediction_type=args.prediction_type)
     pipe = Pipeline(components, device, dtype, vae_tiling=args.vae_tiling, compile_unet=args.compile)
     for path, scale in loras:
         pipe.load_lora(path, scale)

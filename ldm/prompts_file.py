@@ -265,11 +265,16 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
     v["model"] = v["model"] or DEFAULT_MODEL
     root = resolve_model(v["model"])
     check_model(root)
-    scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    if args.vae:
+        from ldm.singlefile.load import check_vae_source
+
+        check_vae_source(args.vae)
+    scheduler_json = root / "scheduler" / "scheduler_config.json"  # a single-file model has none: SD's 1000 steps
+    max_steps = json.loads(scheduler_json.read_text()).get("num_train_timesteps", 1000) if root.is_dir() else 1000
     lines = read_prompts_file(
-        args.prompts_file, v, vae_factor=read_vae_factor(root), default_size=read_default_size(root),
-        batch_size=args.batch_size, num_images=args.num_images,
-        max_steps=int(scheduler_config.get("num_train_timesteps", 1000)), hires=hires, lora_dir=args.lora_dir)
+        args.prompts_file, v, vae_factor=read_vae_factor(root),
+        default_size=read_default_size(root, args.prediction_type), batch_size=args.batch_size,
+        num_images=args.num_images, max_steps=int(max_steps), hires=hires, lora_dir=args.lora_dir)
 
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = accelerator.device if accelerator.num_processes > 1 else pick_device(args.device)
@@ -294,8 +299,9 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
     pipe = None
     if total:
         def load():
-            loaded = Pipeline(load_components(root, model_name, device, dtype), device, dtype,
-                              vae_tiling=args.vae_tiling, compile_unet=args.compile)
+            components = load_components(root, model_name, device, dtype, vae=args.vae,
+                                         prediction_type=args.prediction_type)
+            loaded = Pipeline(components, device, dtype, vae_tiling=args.vae_tiling, compile_unet=args.compile)
             for path, scale in loras:
                 loaded.load_lora(path, scale)
             return loaded

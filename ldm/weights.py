@@ -55,9 +55,10 @@ def check_weights(sub: Path) -> str | None:
     return weights[0].name.split(".")[-2].split("-")[0]
 
 
-def check_safetensors_file(path: Path) -> None:
+def check_safetensors_file(path: Path) -> dict:
     """A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the tensor data; the
-    header's largest `data_offsets` end says how long the data must be. Compare both with the file's size."""
+    header's largest `data_offsets` end says how long the data must be. Compare both with the file's size.
+    Returns the header ({name: {dtype, shape, data_offsets}}, and `__metadata__` when the file has one)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -86,3 +87,4 @@ def check_safetensors_file(path: Path) -> None:
     needed = 8 + header_len + max(ends, default=0)
     if needed > size:
         raise UserError(f"'{path}' is truncated: it has {size} bytes, its header needs {needed}; download it again")
+    return header

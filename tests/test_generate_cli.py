@@ -246,7 +246,7 @@ BAD_MODELS = {
     "pickle weights": ("{pickle}", "diffusion_pytorch_model.bin' is a pickle checkpoint; only safetensors"),
     "lfs pointer": ("{lfs}", "diffusion_pytorch_model.safetensors' is a git-lfs pointer file"),
     "truncated weights": ("{truncated}", "diffusion_pytorch_model.safetensors' is truncated: it has"),
-    "model is a file": ("{file}", "is a file; pass a diffusers-format directory"),
+    "model is a file": ("{file}", "is a diffusers component's weights file (found "),
     "parts that do not fit": ("{mismatch}", "the U-Net attends to 32-dim text features but the text encoder gives 64"),
 }
 

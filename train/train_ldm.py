@@ -31,6 +31,7 @@ from ldm.latents.text_cache import ensure_text_cache
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
+from ldm.singlefile.load import load_unet_file
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
 from ldm.train_args import parse_train_args
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)
-    if cfg.model.pretrained:
+    if cfg.model.pretrained and Path(cfg.model.pretrained).is_file():  # a single .safetensors checkpoint
+        unet = load_unet_file(cfg.model.pretrained)
+    elif cfg.model.pretrained:
         unet = UNet2DConditionModel.from_pretrained(cfg.model.pretrained, subfolder="unet", use_safetensors=True)
     else:
         unet = build_unet(

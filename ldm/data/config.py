@@ -10,7 +10,8 @@ from ldm.config import check
 @dataclass
 class DataConfig:
     # A local folder ("imagefolder" layout, metadata.jsonl optional), a hub dataset id, or "shapes": the synthetic
-    # captioned shapes set, generated into `shapes_dir` on first use.
+    # captioned shapes set, generated into `shapes_dir` on first use. Or webdataset tar shards: one `.tar` or a brace
+    # pattern such as "/data/shards/{00000..00999}.tar" (ldm/data/shards.py).
     path: str = "shapes"
     image_column: str = "image"
     caption_column: str | None = "text"

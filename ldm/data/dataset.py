@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ldm.data.decoding import SkipImage, decode_image
+from ldm.data.shards import ShardRecords, process_indices
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 
@@ -75,6 +76,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             root=self._root,
             rows=rows,
         )
+
+    def process_indices(self, rank: int, world_size: int) -> list[int] | None:
+        """For tar shards, the indices in process `rank`'s own shards (`ldm.data.shards`); None for other sources."""
+        if self._rows is not None or not isinstance(self._records, ShardRecords):
+            return None
+        return process_indices(self._records, rank, world_size)
 
     def _full_indices(self) -> Sequence[int]:
         return self._rows if self._rows is not None else range(len(self._records))

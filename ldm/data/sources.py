@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from ldm import hub
 from ldm.data.dataset import ImageCaptionDataset
+from ldm.data.shards import is_shard_source, load_shards
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 
@@ -46,7 +47,9 @@ def build_image_dataset(
     import datasets  # deferred: importing `datasets` takes seconds and most of ldm does not need it
 
     path = Path(source).expanduser()
-    if path.exists():
+    if is_shard_source(source) and not path.is_dir():  # webdataset tar shards: ldm.data.shards
+        records, fingerprint, root = _load_shards(source, image_column, caption_column, cache_dir)
+    elif path.exists():
         records, fingerprint, root = _load_local(path, split, image_column, cache_dir)
     elif hub.is_hub_id(source):  # anything else that does not exist on disk is reported as a missing path
         records, fingerprint, root = _load_hub(source, split, image_column, cache_dir)
@@ -56,6 +59,11 @@ def build_image_dataset(
         )
 
     _check_columns(records, source, image_column, caption_column)
+    if is_shard_source(source) and not path.is_dir():  # already undecoded records with just these columns
+        return ImageCaptionDataset(
+            records, transform=transform, image_column=image_column, caption_column=caption_column, seed=seed,
+            max_pixels=max_pixels, fingerprint=_hash_parts([fingerprint, f"image_column={image_column}"]), root=root,
+        )
     keep = [image_column] + ([caption_column] if caption_column else [])
     records = records.select_columns(keep)
     try:
@@ -200,6 +208,15 @@ def _load_hub(source: str, split: str, image_column: str, cache_dir: str | None)
         raise UserError(f"dataset '{source}' has several splits: set data.split to one of {list(records)}")
     fingerprint = _hash_parts(["hub", source, f"split={split}", str(getattr(records, "_fingerprint", ""))])
     return records, fingerprint, None
+
+
+def _load_shards(
+    source: str, image_column: str, caption_column: str | None, cache_dir: str | None
+) -> tuple[Any, str, str]:
+    records = load_shards(source, image_column, caption_column, cache_dir)
+    fingerprint = _hash_parts(["shards", f"caption_column={caption_column}"] + records.fingerprint_parts())
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(ix["path"])) for ix in records.indexes])
+    return records, fingerprint, root
 
 
 def _one_line(error: BaseException) -> str:

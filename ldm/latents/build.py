@@ -173,9 +173,11 @@ def _encoding_dataset(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def shard_plan(num_images: int, rank: int, world_size: int, shard_size: int) -> list[list[int]]:
-    """The dataset indices of each of process `rank`'s shards: every `world_size`-th image, in chunks."""
-    own = list(range(rank, num_images, world_size))
+def shard_plan(
+    num_images: int, rank: int, world_size: int, shard_size: int, own: Sequence[int] | None = None
+) -> list[list[int]]:
+    """The dataset indices of each of process `rank`'s shards: every `world_size`-th image (or `own`), in chunks."""
+    own = list(range(rank, num_images, world_size)) if own is None else list(own)
     return [own[i : i + shard_size] for i in range(0, len(own), shard_size)]
 
 
@@ -190,7 +192,8 @@ def _encode_own_shards(
 ) -> list[dict[str, Any]]:
     """Write (or keep) this process's shards; return their manifest entries, each with its skipped images."""
     rank, build = accelerator.process_index, spec.build_id()
-    plan = shard_plan(len(dataset), rank, accelerator.num_processes, cache_cfg.shard_size)
+    own = dataset.process_indices(rank, accelerator.num_processes)  # tar shards: this process's own shards
+    plan = shard_plan(len(dataset), rank, accelerator.num_processes, cache_cfg.shard_size, own)
     vae: AutoencoderKL | None = None  # loaded on first need: a complete-but-unpublished cache needs no VAE
     entries: list[dict[str, Any]] = []
     world = accelerator.num_processes

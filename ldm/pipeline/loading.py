@@ -1,4 +1,5 @@
-"""Find a model (a local diffusers-format directory or a hub id) and load its parts, safetensors only."""
+"""Find a model (a local diffusers-format directory, a single .safetensors file or a hub id) and load its parts,
+safetensors only."""
 
 from __future__ import annotations
 
@@ -52,11 +53,15 @@ def resolve_model(model: str | None) -> Path:
     if path.is_dir():
         return path
     if path.is_file():
+        if path.suffix == ".safetensors":  # a single-file checkpoint (ldm/singlefile)
+            return path
         kind = "a pickle checkpoint, which is never loaded" if path.suffix in (".ckpt", ".bin", ".pt", ".pth") else "a file"
         raise UserError(
-            f"--model '{model}' is {kind}; pass a diffusers-format directory (model_index.json, unet/, vae/, "
-            "text_encoder/, tokenizer/, scheduler/)"
+            f"--model '{model}' is {kind}; pass a .safetensors single file or a diffusers-format directory "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
+    if path.suffix == ".safetensors":
+        raise UserError(f"model file '{model}' does not exist")
     if hub.is_hub_id(model):
         return _from_hub(model)
     raise UserError(f"model directory '{model}' does not exist")
@@ -80,18 +85,56 @@ def _from_hub(repo_id: str) -> Path:
 
 def read_vae_factor(root: Path) -> int:
     """Pixels per latent pixel, from vae/config.json alone (sizes are validated before any weights are read)."""
+    if root.is_file():
+        from ldm.singlefile.load import vae_factor_and_size
+
+        return vae_factor_and_size(root)[0]
     return vae_factor(_read_json(root / "vae" / "config.json"))
 
 
-def read_default_size(root: Path) -> int:
-    """unet.config.sample_size x the VAE factor: the resolution the model was trained at."""
+def read_default_size(root: Path, prediction_type: str | None = None) -> int:
+    """unet.config.sample_size x the VAE factor: the resolution the model was trained at (for a single SD 2.x
+    file, 768 for v-prediction and 512 otherwise, so `prediction_type` is what --prediction-type says)."""
+    if root.is_file():
+        from ldm.singlefile.load import vae_factor_and_size
+
+        return vae_factor_and_size(root, prediction_type)[1]
     sample = _read_json(root / "unet" / "config.json").get("sample_size", 64)
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     return int(sample) * read_vae_factor(root)
 
 
-def load_components(root: Path, name: str, device: torch.device, dtype: torch.dtype) -> Components:
-    """Check every file first (clear messages), then load with `use_safetensors=True` (never unpickle)."""
+def load_components(
+    root: Path, name: str, device: torch.device, dtype: torch.dtype, vae: str | Path | None = None,
+    prediction_type: str | None = None,
+) -> Components:
+    """Check every file first (clear messages), then load with `use_safetensors=True` (never unpickle).
+
+    `root` may be a single `.safetensors` file (ldm/singlefile); `vae` (a VAE file or directory) replaces the
+    model's VAE; `prediction_type` overrides the scheduler's."""
+    if root.is_file():
+        from ldm.singlefile.load import load_single_file
+
+        f = load_single_file(root, device, dtype, vae=vae, prediction_type=prediction_type)
+        return Components(f.unet, f.vae, f.text_encoder, f.scheduler_config, name)
+    components = _load_directory(root, name, device, dtype)
+    if vae is not None:
+        from ldm.singlefile.load import load_vae_override
+
+        scale = components.vae.config.scaling_factor
+        components.vae = load_vae_override(vae, scale, dtype).to(device).eval().requires_grad_(False)
+    if prediction_type is not None:
+        from ldm.singlefile.detect import PREDICTION_TYPES
+
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got '{prediction_type}'")
+        components.scheduler_config = {**components.scheduler_config, "prediction_type": prediction_type}
+    log.info("prediction type: %s (%s)", components.scheduler_config.get("prediction_type", "epsilon"),
+             "--prediction-type" if prediction_type else "the model's scheduler config")
+    return components
+
+
+def _load_directory(root: Path, name: str, device: torch.device, dtype: torch.dtype) -> Components:
     text_info = read_text_encoder_info(root)
     in_dir = text_info is None or text_info.get("kind", "clip") == "clip"
     variants = check_model(root)
@@ -132,6 +175,11 @@ def load_components(root: Path, name: str, device: torch.device, dtype: torch.dt
 
 def check_model(root: Path) -> dict[str, str | None]:
     """Check the files the model needs (see ldm/weights.py) without loading anything; returns the weight variants."""
+    if root.is_file():
+        from ldm.singlefile.detect import detect
+
+        detect(root)  # reads the header: refuses truncated files, unknown layouts, other architectures
+        return {}
     text_info = read_text_encoder_info(root)
     # an open_clip text encoder (stage 2 with SD 2.x-style conditioning) is rebuilt from its description, so the
     # directory has no text_encoder/ or tokenizer/

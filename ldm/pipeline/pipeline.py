@@ -127,12 +127,16 @@ class Pipeline:
         dtype: str | torch.dtype | None = None,
         vae_tiling: bool = False,
         compile_unet: bool | str = False,
+        vae: str | Path | None = None,
+        prediction_type: str | None = None,
     ) -> Pipeline:
-        """A diffusers-format SD 1.x/2.x directory (or hub id). dtype: 'fp32' | 'fp16' | 'bf16' | None (auto)."""
+        """A diffusers-format SD 1.x/2.x directory (or hub id), or a single .safetensors file in the original layout.
+        dtype: 'fp32' | 'fp16' | 'bf16' | None (auto). `vae`: a VAE file or directory replacing the model's;
+        `prediction_type`: 'epsilon' | 'v_prediction', overriding the model's."""
         dev = device if isinstance(device, torch.device) else pick_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
         root = resolve_model(None if model is None else str(model))
-        components = load_components(root, str(model), dev, dt)
+        components = load_components(root, str(model), dev, dt, vae=vae, prediction_type=prediction_type)
         return cls(components, dev, dt, vae_tiling=vae_tiling, compile_unet=compile_unet)
 
     @torch.inference_mode()

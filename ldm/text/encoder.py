@@ -127,19 +127,24 @@ class FrozenTextEncoder(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_clip(cls, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last") -> CLIPTextEncoder:
-        return CLIPTextEncoder(tokenizer, model, layer)
+    def from_clip(
+        cls, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last", pad_id: int | None = None
+    ) -> CLIPTextEncoder:
+        return CLIPTextEncoder(tokenizer, model, layer, pad_id)
 
 
 class CLIPTextEncoder(FrozenTextEncoder):
     """A transformers `CLIPTextModel`, called exactly as diffusers' `StableDiffusionPipeline.encode_prompt` calls it."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last") -> None:
+    def __init__(
+        self, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last", pad_id: int | None = None
+    ) -> None:
         config = model.config
         # diffusers pads to tokenizer.model_max_length; a tokenizer saved without its config has a huge one, so cap
         # it at the number of position embeddings (77 for every CLIP)
         context_length = min(tokenizer.model_max_length, config.max_position_embeddings)
-        super().__init__(tokenizer, layer, context_length, config.hidden_size)
+        # pad_id: an OpenCLIP tower converted to CLIPTextModel (SD 2.x single files) pads with 0, as open_clip does
+        super().__init__(tokenizer, layer, context_length, config.hidden_size, pad_id=pad_id)
         self.model = model
         self._freeze()
 

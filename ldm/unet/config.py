@@ -19,7 +19,8 @@ from ldm.unet.presets import UNET_PRESETS
 @dataclass
 class UNetModelConfig:
     preset: str = "tiny"  # a name from ldm.unet.presets.UNET_PRESETS; ignored when `pretrained` is set
-    # fine-tuning: a diffusers-format model directory (its unet/ is loaded; with `pretrained_vae` also its vae/)
+    # fine-tuning: a diffusers-format model directory (its unet/ is loaded; with `pretrained_vae` also its vae/), or a
+    # single .safetensors checkpoint in the original layout (its U-Net; ldm/singlefile)
     pretrained: str = ""
     pretrained_vae: bool = False
     gradient_checkpointing: bool = False
@@ -27,6 +28,9 @@ class UNetModelConfig:
     def validate(self) -> None:
         check(self.preset in UNET_PRESETS, "model.preset", f"'{self.preset}' is not one of {', '.join(UNET_PRESETS)}")
         check(not self.pretrained_vae or bool(self.pretrained), "model.pretrained_vae", "needs model.pretrained")
+        check(not (self.pretrained_vae and Path(self.pretrained).is_file()), "model.pretrained_vae",
+              "needs a model directory; convert the single file first (ldm-convert FILE DIR) and set "
+              "model.pretrained=DIR")
 
 
 @dataclass

@@ -34,6 +34,12 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     "base": _layout((128, 256, 512), (True, True, True), layers_per_block=2, attention_head_dim=8),
     # Stable Diffusion 1.5's layout (~860M parameters with cross_attention_dim 768)
     "sd15": _layout((320, 640, 1280, 1280), (True, True, True, False), layers_per_block=2, attention_head_dim=8),
+    # Stable Diffusion 2.x's layout (~865M parameters with cross_attention_dim 1024): 64 channels per head and linear
+    # proj_in/proj_out; 2.1 also upcasts attention to fp32 (its fp16 attention overflows otherwise)
+    "sd2": _layout((320, 640, 1280, 1280), (True, True, True, False), layers_per_block=2,
+                   attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+    "sd21": _layout((320, 640, 1280, 1280), (True, True, True, False), layers_per_block=2,
+                    attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, upcast_attention=True),
 }
 
 

@@ -1,0 +1,73 @@
+"""A finished latent cache written out as webdataset tar shards, for pipelines that stream their training data.
+
+    python -m ldm.latents.shard_writer CACHE_DIR "OUT/latents-%05d.tar" [--per-shard 10000]
+
+One sample per cached image, keyed by its zero-padded dataset index (`000000017`):
+
+    <key>.latents.safetensors   mean, std (C, h, w), and flip_mean, flip_std when built with flips; unscaled,
+                                in the cache's dtype, with the VAE's scaling/shift factor in the metadata
+    <key>.txt                   the caption the latents were cached with
+    <key>.json                  {"index", "scaling_factor", "shift_factor", "build"}
+
+Safetensors rather than webdataset's `.pth` (a pickle) so reading a shard never runs code. Each tar is written
+through `ldm.files.atomic_write_bytes`, so a shard on disk is always complete; the cache itself (verified by
+`LatentCache.read`) stays the source of truth: our trainer reads the cache directory, not these shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+from safetensors.torch import save as save_safetensors
+
+from ldm.errors import UserError, exit_on_user_error
+from ldm.files import atomic_write_bytes
+from ldm.latents.cache import LatentCache
+
+
+def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_000) -> list[Path]:
+    """Write `cache` as tar shards named `pattern % k` (e.g. "out/latents-%05d.tar"); the paths written."""
+    import webdataset as wds  # deferred: heavy, and only this exporter needs it
+
+    if "%" not in pattern:
+        raise UserError(f"shard pattern '{pattern}' has no %-placeholder for the shard number: use e.g. latents-%05d.tar")
+    if per_shard < 1:
+        raise UserError(f"--per-shard must be at least 1, got {per_shard}")
+    names = ["mean", "std"] + (["flip_mean", "flip_std"] if cache.has_flips else [])
+    meta = {"scaling_factor": cache.scaling_factor, "shift_factor": cache.shift_factor, "build": cache.manifest["build"]}
+    written = []
+    for k, start in enumerate(range(0, len(cache), per_shard)):
+        buffer = io.BytesIO()
+        with wds.TarWriter(buffer, encoder=False) as sink:
+            for position in range(start, min(start + per_shard, len(cache))):
+                index = int(cache.indices[position])
+                tensors = {name: cache.tensors[name][position].contiguous() for name in names}
+                sink.write({
+                    "__key__": f"{index:09d}",
+                    "latents.safetensors": save_safetensors(tensors, metadata={k: str(v) for k, v in meta.items()}),
+                    "txt": cache.captions[position].encode("utf-8"),
+                    "json": json.dumps({"index": index, **meta}).encode("utf-8"),
+                })
+        path = Path(pattern % k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getvalue())
+        written.append(path)
+    return written
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache_dir")
+    parser.add_argument("pattern", help='output names with a %%-placeholder, e.g. "out/latents-%%05d.tar"')
+    parser.add_argument("--per-shard", type=int, default=10_000, help="samples per tar shard")
+    args = parser.parse_args(argv)
+    paths = write_latent_shards(LatentCache.read(args.cache_dir), args.pattern, args.per_shard)
+    print(f"wrote {len(paths)} shards: {paths[0]} .. {paths[-1]}")
+
+
+if __name__ == "__main__":
+    main()

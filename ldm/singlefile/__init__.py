@@ -1,0 +1,15 @@
+"""Single-file Stable Diffusion checkpoints (the original CompVis layout that A1111, ComfyUI and model-sharing sites
+use): detect what a file holds (`detect.py`), build the models from it offline (`load.py`), and convert a diffusers
+directory to one file and back (`save.py`, the `ldm-convert` command). The key mapping is in `keys.py`.
+
+A file written by `ldm-convert` is an ordinary original-layout file (`model.diffusion_model.*`,
+`first_stage_model.*`, `cond_stage_model.transformer.text_model.*` or `cond_stage_model.model.*`) that diffusers,
+A1111 and ComfyUI read; its safetensors header's `__metadata__` also holds one entry, `ldm`: a JSON object
+
+    {"format": 1, "unet": {...}, "vae": {...}, "text_encoder": {...},   # each component's diffusers/transformers config
+     "text_layout": "clip" | "open_clip", "tokenizer": {"pad_token": ..., "model_max_length": 77},
+     "scheduler": {...}, "ldm_model": {...} | null}                      # scheduler config; ldm_model.json's entry
+
+which other tools ignore and which lets this package rebuild any model exactly, including small ones whose layout
+no SD preset describes. Files without it are recognised by their keys and shapes (detect.py).
+"""

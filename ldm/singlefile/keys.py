@@ -1,0 +1,197 @@
+"""diffusers names -> the original (CompVis) single-file names: the direction diffusers does not ship.
+
+diffusers reads the original layout (`diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`); this module is their
+inverse and nothing more. `to_original` then runs diffusers' own converters on what it wrote and checks that they
+give back exactly the state dict it started from, so a file written here is, by construction, one diffusers (and
+therefore A1111 and ComfyUI, which use the same names) reads back as the same model.
+
+Shapes that differ between the layouts: the VAE's mid-block attention is 1x1 convolutions in the original
+((C, C, 1, 1)) and linear layers in diffusers ((C, C)); OpenCLIP keeps q, k and v in one `in_proj` ((3D, D)) where
+transformers' CLIP has three (D, D) projections. Both are reshapes/concatenations, so the round trip is exact.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from diffusers.loaders import single_file_utils as sfu
+
+from ldm.errors import UserError
+
+UNET_PREFIX = sfu.LDM_UNET_KEY  # "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel under .text_model
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: open_clip's text tower
+
+State = dict[str, torch.Tensor]
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_LAYERS = sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # diffusers -> original: time embedding, conv_in, conv_norm_out, conv_out
+_VAE_LAYERS = sfu.DIFFUSERS_TO_LDM_MAPPING["vae"]
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+               "self_attn.out_proj": "attn.out_proj"}
+_OPEN_CLIP_TOP = {"embeddings.position_embedding.weight": "positional_embedding",
+                  "embeddings.token_embedding.weight": "token_embedding.weight",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def _no_layout(part: str, key: str) -> UserError:
+    return UserError(f"the {part} has a weight ('{key}') that the original single-file layout has no name for; "
+                     "keep this model as a diffusers directory")
+
+
+# ------------------------------------------------------------------------------------------------------------ U-Net
+def unet_to_original(state: State, config: dict[str, Any]) -> State:
+    """diffusers `UNet2DConditionModel` state dict -> `model.diffusion_model.*` (SD 1.x/2.x input/middle/output
+    blocks). Input block 0 is conv_in; each level then has `layers_per_block` (resnet, attention) entries and a
+    downsampler (not the last level); each up level has `layers_per_block + 1` entries, the upsampler in its last."""
+    lpb = config["layers_per_block"]
+    if not isinstance(lpb, int) or config.get("class_embed_type") or config.get("addition_embed_type"):
+        raise UserError("this U-Net (per-level layers_per_block, or class/addition embeddings) has no original "
+                        "single-file layout; keep it as a diffusers directory")
+    up_attention = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    out: State = {}
+    for key, value in state.items():
+        out[UNET_PREFIX + _unet_name(key, lpb, up_attention, _UNET_LAYERS)] = value
+    return out
+
+
+def _unet_name(key: str, lpb: int, up_attention: list[bool], layers: dict[str, str]) -> str:
+    if key in layers:
+        return layers[key]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        i = 1 + level * (lpb + 1) + j
+        return f"input_blocks.{i}.0.{_resnet(rest, key)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
+        return f"input_blocks.{1 + int(m[1]) * (lpb + 1) + lpb}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2], key)}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        i = level * (lpb + 1) + j
+        return f"output_blocks.{i}.0.{_resnet(rest, key)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key):
+        level = int(m[1])
+        # the upsampler follows the resnet (.0) and, in a cross-attention level, the attention (.1)
+        return f"output_blocks.{level * (lpb + 1) + lpb}.{2 if up_attention[level] else 1}.conv.{m[2]}"
+    raise _no_layout("U-Net", key)
+
+
+def _resnet(rest: str, key: str) -> str:
+    head, _, tail = rest.partition(".")
+    if head not in _RESNET:
+        raise _no_layout("U-Net", key)
+    return f"{_RESNET[head]}.{tail}"
+
+
+# -------------------------------------------------------------------------------------------------------------- VAE
+def vae_to_original(state: State, config: dict[str, Any], prefix: str = VAE_PREFIX) -> State:
+    """diffusers `AutoencoderKL` state dict -> `first_stage_model.*` (encoder.down.N / decoder.up.N, reversed)."""
+    levels = len(config["block_out_channels"])
+    out: State = {}
+    for key, value in state.items():
+        name, value = _vae_name(key, value, levels, _VAE_LAYERS)
+        out[prefix + name] = value
+    return out
+
+
+def _vae_name(key: str, value: torch.Tensor, levels: int, layers: dict[str, str]) -> tuple[str, torch.Tensor]:
+    if key in layers:
+        return layers[key], value
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{_shortcut(m[3])}", value
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}", value
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{_shortcut(m[3])}", value
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key):
+        return f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}", value
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_shortcut(m[3])}", value
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\."
+                         r"(weight|bias)", key):
+        if m[2] != "group_norm" and m[3] == "weight":
+            value = value.reshape(*value.shape, 1, 1)  # linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}", value
+    raise _no_layout("VAE", key)
+
+
+def _shortcut(rest: str) -> str:
+    return rest.replace("conv_shortcut", "nin_shortcut")
+
+
+# ----------------------------------------------------------------------------------------------------- text encoder
+def clip_to_original(state: State) -> State:
+    """transformers `CLIPTextModel` -> `cond_stage_model.transformer.text_model.*` (SD 1.x: the same names)."""
+    return {CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+
+
+def open_clip_to_original(state: State) -> State:
+    """transformers `CLIPTextModel` -> `cond_stage_model.model.*` in open_clip's names (SD 2.x): q, k and v
+    concatenated into `in_proj_weight`/`in_proj_bias` ((3D, D) / (3D,)), the rest renamed."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out: State = {}
+    for key, value in state.items():
+        if key in _OPEN_CLIP_TOP:
+            out[OPEN_CLIP_PREFIX + _OPEN_CLIP_TOP[key]] = value
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m is None:
+            raise _no_layout("text encoder", key)
+        block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}."
+        if m[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if m[2] == "self_attn.q_proj":
+                parts = [state[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
+                out[block + f"attn.in_proj_{m[3]}"] = torch.cat(parts, dim=0)
+            continue
+        if m[2] not in _CLIP_LAYER:
+            raise _no_layout("text encoder", key)
+        out[block + f"{_CLIP_LAYER[m[2]]}.{m[3]}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- diffusers' readers
+def unet_from_original(checkpoint: State, config: dict[str, Any]) -> State:
+    return sfu.convert_ldm_unet_checkpoint(checkpoint, config)
+
+
+def vae_from_original(checkpoint: State, config: dict[str, Any]) -> State:
+    return sfu.convert_ldm_vae_checkpoint(checkpoint, config)
+
+
+def clip_from_original(checkpoint: State) -> State:
+    """SD 1.x text weights -> transformers 5 `CLIPTextModel` names (no `text_model.` level)."""
+    state = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def open_clip_from_original(checkpoint: State, hidden_size: int) -> State:
+    """SD 2.x text weights -> `CLIPTextModel` names. diffusers' converter drops OpenCLIP's last block (SD 2.x uses
+    the penultimate layer's output) only when there are 24 blocks, so blocks past the model's are dropped here."""
+
+    class _Config:  # the converter reads only the model's hidden size, to split in_proj
+        class config:
+            pass
+
+    _Config.config.hidden_size = hidden_size
+    state = sfu.convert_open_clip_checkpoint(_Config, checkpoint, prefix=OPEN_CLIP_PREFIX)
+    return {k.removeprefix("text_model."): v for k, v in state.items() if k != "text_projection.weight"}
+
+
+def check_inverse(ours: State, back: State, part: str) -> None:
+    """diffusers' reader gave back the same names and the very same tensors (values compared, not just shapes)."""
+    if ours.keys() != back.keys():
+        missing, extra = sorted(ours.keys() - back.keys()), sorted(back.keys() - ours.keys())
+        raise AssertionError(f"{part}: diffusers' converter does not invert ours (lost {missing[:3]}, "
+                             f"new {extra[:3]})")
+    for key, value in ours.items():
+        if value.shape != back[key].shape or not torch.equal(value, back[key]):
+            raise AssertionError(f"{part}: '{key}' does not survive diffusers' converter")

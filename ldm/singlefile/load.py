@@ -1,0 +1,238 @@
+"""Build diffusers/transformers models from a single file, offline: configs from `detect`, weights renamed by
+diffusers' own converters (ldm/singlefile/keys.py), loaded strictly (a missing or unexpected weight is an error).
+
+Nothing is fetched: diffusers' `from_single_file` maps a detected family to a hub repository for its configs; here
+they come from the file's metadata or the package's presets, and the tokenizer from open_clip's vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.errors import UserError
+from ldm.singlefile import keys
+from ldm.singlefile.detect import SD_SCALING_FACTOR, Detected, choose_prediction, detect, read_header
+from ldm.singlefile.detect import vae_config_from_shapes
+
+log = logging.getLogger(__name__)
+
+# the SD 1.x scheduler (diffusers' default for single files); the prediction type is chosen per file
+SD_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False,
+                "prediction_type": "epsilon"}
+
+
+@dataclass
+class LoadedFile:
+    unet: Any
+    vae: Any
+    text_encoder: Any  # ldm.text.encoder.FrozenTextEncoder
+    scheduler_config: dict[str, Any]
+    detected: Detected
+
+
+def read_tensors(path: Path, prefixes: tuple[str, ...]) -> keys.State:
+    """The tensors whose names start with one of `prefixes` (others, e.g. model_ema.*, are never read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UserError(f"cannot read '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                        "download it again") from None
+
+
+def _strict(model: torch.nn.Module, state: keys.State, what: str, path: Path) -> torch.nn.Module:
+    """Load `state` into a model built on the meta device; every weight must be there and nothing else."""
+    wanted = model.state_dict()
+    expected = wanted.keys()
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        said = "; ".join(s for s in (f"missing {len(missing)} (first: {missing[0]})" if missing else "",
+                                     f"unexpected {len(unexpected)} (first: {unexpected[0]})" if unexpected else "")
+                         if s)
+        raise UserError(f"'{path}': the {what} weights do not fit the detected layout ({said}); the file is "
+                        "damaged or of another architecture")
+    for key, value in state.items():
+        if value.shape != wanted[key].shape:
+            raise UserError(f"'{path}': the {what} weight '{key}' has shape {tuple(value.shape)}, the detected "
+                            f"layout needs {tuple(wanted[key].shape)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def build_unet(config: dict[str, Any], state: keys.State, path: Path):
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights(include_buffers=False):
+        model = UNet2DConditionModel.from_config(config)
+    return _strict(model, keys.unet_from_original(state, model.config), "U-Net", path)
+
+
+def build_vae(config: dict[str, Any], state: keys.State, path: Path):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoencoderKL.from_config(config)
+    return _strict(model, keys.vae_from_original(state, model.config), "VAE", path)
+
+
+def build_text_model(d: Detected, state: keys.State):
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig.from_dict(d.text_config)
+    with init_empty_weights(include_buffers=False):
+        model = CLIPTextModel(config)
+    if d.text_layout == "clip":
+        converted = keys.clip_from_original(state)
+    else:
+        converted = keys.open_clip_from_original(state, config.hidden_size)
+        # OpenCLIP's blocks past the ones SD 2.x uses (its last) are not part of the model
+        converted = {k: v for k, v in converted.items()
+                     if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < config.num_hidden_layers}
+    return _strict(model, converted, "text encoder", d.path)
+
+
+def text_encoder_from(d: Detected, model):
+    from ldm.text.encoder import FrozenTextEncoder
+    from ldm.text.tokenizer import offline_clip_tokenizer
+
+    tokenizer = offline_clip_tokenizer()
+    if "pad_token" in d.tokenizer and d.tokenizer["pad_token"] != tokenizer.pad_token:
+        tokenizer.pad_token = d.tokenizer["pad_token"]
+    if "model_max_length" in d.tokenizer:
+        tokenizer.model_max_length = int(d.tokenizer["model_max_length"])
+    layer = (d.text_info or {}).get("layer", "last")
+    return FrozenTextEncoder.from_clip(tokenizer, model, layer=layer, pad_id=d.tokenizer.get("pad_id"))
+
+
+def load_single_file(
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    vae: str | Path | None = None,
+    prediction_type: str | None = None,
+) -> LoadedFile:
+    """U-Net, VAE (the file's, or `vae`: a VAE file or directory), text encoder and scheduler config; says in one
+    line what was detected and in another which prediction type is used and why."""
+    d = detect(path)
+    log.info("%s", d.describe())
+    if d.unet_config is None:
+        raise UserError(f"'{d.path}' has no U-Net; pass a full checkpoint as --model")
+    if d.text_config is None:
+        raise UserError(f"'{d.path}' holds no text encoder (cond_stage_model.*); this package needs one inside the "
+                        "file to generate (a U-Net-only file can be fine-tuned with model.pretrained=FILE)")
+    if d.vae_config is None and vae is None:
+        raise UserError(f"'{d.path}' holds no VAE (first_stage_model.*): pass one with --vae FILE|DIR")
+    prediction, source = choose_prediction(d, prediction_type)
+    log.info("prediction type: %s (%s)", prediction, source)
+    unet_config = _unet_config(d, prediction)
+    prefixes = (keys.UNET_PREFIX, keys.CLIP_PREFIX if d.text_layout == "clip" else keys.OPEN_CLIP_PREFIX)
+    if vae is None:
+        prefixes += (keys.VAE_PREFIX,)
+    # in the target dtype before loading (assign=True keeps it): diffusers warns about casting a built model
+    state = _cast(read_tensors(d.path, prefixes), dtype)
+    unet = build_unet(unet_config, state, d.path)
+    model_vae = build_vae(d.vae_config, state, d.path) if vae is None else load_vae_override(
+        vae, (d.vae_config or {}).get("scaling_factor"), dtype)
+    text = text_encoder_from(d, build_text_model(d, state))
+    scheduler = dict(d.scheduler_config or SD_SCHEDULER)
+    scheduler["prediction_type"] = prediction
+    for module in (unet, model_vae, text):
+        module.to(device).eval().requires_grad_(False)
+    return LoadedFile(unet, model_vae, text, scheduler, d)
+
+
+def _unet_config(d: Detected, prediction: str) -> dict[str, Any]:
+    config = dict(d.unet_config or {})
+    if d.family == "sd2" and prediction == "v_prediction":
+        config["sample_size"] = 96  # SD 2.x 768-v models: 768 px (64 x 8 = 512 for the others)
+    return config
+
+
+def load_unet_file(path: str | Path):
+    """Stage 2's `model.pretrained=FILE`: only the U-Net (model.diffusion_model.*), in fp32, trainable."""
+    d = detect(path)
+    log.info("%s", d.describe())
+    if d.unet_config is None:
+        raise UserError(f"model.pretrained '{path}' has no U-Net (model.diffusion_model.*)")
+    return build_unet(d.unet_config, _cast(read_tensors(d.path, (keys.UNET_PREFIX,)), torch.float32), d.path)
+
+
+def vae_factor_and_size(path: str | Path, prediction_type: str | None = None) -> tuple[int, int]:
+    """(pixels per latent pixel, native resolution) of a single file, from its header."""
+    d = detect(path)
+    factor = 2 ** (len((d.vae_config or {"block_out_channels": (1, 1, 1, 1)})["block_out_channels"]) - 1)
+    sample = _unet_config(d, choose_prediction(d, prediction_type)[0]).get("sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return factor, int(sample) * factor
+
+
+# ---------------------------------------------------------------------------------------------------------- --vae
+def check_vae_source(source: str | Path) -> None:
+    """`--vae` checked before any model is loaded: an existing directory's files, or a file's header."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        from ldm.vae.loading import check_vae
+
+        check_vae(path)
+    elif path.is_file():
+        read_header(path)
+    else:
+        raise UserError(f"--vae '{source}' does not exist: pass a VAE .safetensors file or a diffusers VAE directory")
+
+
+def load_vae_override(source: str | Path, scaling_factor: float | None, dtype: torch.dtype = torch.float32):
+    """`--vae`: a diffusers VAE directory, or a VAE file in the original layout (`first_stage_model.*` or bare
+    `encoder.*`/`decoder.*`, as `vae-ft-mse-840000-ema-pruned.safetensors`) or in diffusers' names.
+
+    A file without our metadata keeps the model's latent scale (`scaling_factor`): a swapped VAE is a fine-tuned
+    decoder of the same latent space, so the U-Net's scale stays right."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        from ldm.vae.loading import load_vae
+
+        vae = load_vae(path)
+        return vae if dtype == torch.float32 else vae.to(dtype)
+    if not path.is_file():
+        raise UserError(f"--vae '{source}' does not exist: pass a VAE .safetensors file or a diffusers VAE directory")
+    shapes, meta = read_header(path)
+    if "ldm" in meta:  # one of our files: its own VAE and config
+        d = detect(path)
+        if d.vae_config is None:
+            raise UserError(f"--vae '{path}' holds no VAE")
+        return build_vae(d.vae_config, _cast(read_tensors(path, (keys.VAE_PREFIX,)), dtype), path)
+    prefix = keys.VAE_PREFIX if any(k.startswith(keys.VAE_PREFIX) for k in shapes) else ""
+    names = [k[len(prefix):] for k in shapes if k.startswith(prefix)]
+    if any(k.startswith("encoder.down_blocks.") for k in names):  # diffusers' names: rename to the original first
+        levels = len({k.split(".")[2] for k in names if k.startswith("encoder.down_blocks.")})
+        state = {k[len(prefix):]: v for k, v in read_tensors(path, (prefix,)).items()}
+        state = keys.vae_to_original(state, {"block_out_channels": [0] * levels}, prefix="")
+    elif any(k.startswith("encoder.down.") for k in names):
+        state = {k[len(prefix):]: v for k, v in read_tensors(path, (prefix + "encoder.", prefix + "decoder.",
+                                                                     prefix + "quant_conv.",
+                                                                     prefix + "post_quant_conv.")).items()}
+    else:
+        families = sorted({k.split(".")[0] for k in shapes})[:6]
+        raise UserError(f"--vae '{path}' is not a VAE file (no encoder.down.* or encoder.down_blocks.* weights; "
+                        f"found {', '.join(families) or 'no tensors'})")
+    config = vae_config_from_shapes({k: tuple(v.shape) for k, v in state.items()}, path)
+    config["scaling_factor"] = scaling_factor or SD_SCALING_FACTOR
+    log.info("VAE from '%s' (%s layout, scaling factor %.5f)", path.name,
+             "diffusers" if any(k.startswith("encoder.down_blocks.") for k in names) else "original",
+             config["scaling_factor"])
+    return build_vae(config, _cast(state, dtype), path)
+
+
+def _cast(state: keys.State, dtype: torch.dtype) -> keys.State:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,152 @@
+"""`ldm-convert`'s two directions: a diffusers directory <-> one `.safetensors` file in the original layout.
+
+Directory -> file: each component's safetensors weights are renamed (ldm/singlefile/keys.py, checked against
+diffusers' own readers) and written with an `ldm` metadata entry holding the component configs, so any model this
+package makes (tiny, the shapes demo, SD-sized) is rebuilt exactly. File -> directory: `load.py` builds the models,
+`save_pretrained` writes them. Both write atomically: an interrupted conversion leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.errors import UserError
+from ldm.files import atomic_directory, atomic_write_bytes
+from ldm.singlefile import keys
+from ldm.singlefile.detect import FORMAT, META_KEY
+from ldm.weights import check_model_dir
+
+log = logging.getLogger(__name__)
+
+_DROP = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "dtype", "torch_dtype")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read '{path}': {e}") from None
+
+
+def _config(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in _read_json(path).items() if k not in _DROP}
+
+
+def _weights(sub: Path, variant: str | None) -> keys.State:
+    from safetensors.torch import load_file
+
+    files = sorted(p for p in sub.glob("*.safetensors") if (variant is None) == (len(p.name.split(".")) == 2)
+                   or (variant is not None and f".{variant}" in p.name))
+    state: keys.State = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int]:
+    """Write `src` (a diffusers SD directory) as one original-layout safetensors file; returns tensors per part."""
+    from ldm.text.tokenizer import offline_clip_tokenizer
+
+    if dst.suffix != ".safetensors":
+        raise UserError(f"'{dst}': the single file must end in .safetensors")
+    info_path = src / "ldm_model.json"
+    info = _read_json(info_path).get("text_encoder") if info_path.is_file() else None
+    if info and info.get("kind", "clip") != "clip":
+        raise UserError(f"'{src}' uses an open_clip text encoder rebuilt from '{info.get('path')}' (not stored in the "
+                        "directory); single files hold transformers CLIP text encoders only")
+    variants = check_model_dir(src)
+    unet_cfg, vae_cfg = _config(src / "unet" / "config.json"), _config(src / "vae" / "config.json")
+    text_cfg = _config(src / "text_encoder" / "config.json")
+    tokenizer = _check_tokenizer(src / "tokenizer", offline_clip_tokenizer())
+    unet = _weights(src / "unet", variants["unet"])
+    vae = _weights(src / "vae", variants["vae"])
+    text = _weights(src / "text_encoder", variants["text_encoder"])
+
+    open_clip = text_cfg.get("hidden_act") == "gelu"  # OpenAI CLIP uses quick_gelu, OpenCLIP (SD 2.x) gelu
+    out: keys.State = {}
+    parts = {}
+    for name, converted, back in (
+        ("U-Net", keys.unet_to_original(unet, unet_cfg), lambda s: keys.unet_from_original(s, unet_cfg)),
+        ("VAE", keys.vae_to_original(vae, vae_cfg), lambda s: keys.vae_from_original(s, vae_cfg)),
+        ("text encoder", keys.open_clip_to_original(text) if open_clip else keys.clip_to_original(text),
+         (lambda s: keys.open_clip_from_original(s, text_cfg["hidden_size"])) if open_clip else keys.clip_from_original),
+    ):
+        source = {"U-Net": unet, "VAE": vae, "text encoder": text}[name]
+        expected = {k.removeprefix("text_model."): v for k, v in source.items()} if name == "text encoder" else source
+        keys.check_inverse(expected, back(converted), name)  # diffusers reads back exactly what we started from
+        out.update(converted)
+        parts[name] = len(converted)
+    if half:
+        out = {k: v.half() if v.is_floating_point() else v for k, v in out.items()}
+    meta = {
+        "format": FORMAT, "unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg,
+        "text_layout": "open_clip" if open_clip else "clip", "tokenizer": tokenizer,
+        "scheduler": _read_json(src / "scheduler" / "scheduler_config.json"), "ldm_model": info,
+    }
+    _write(dst, out, {META_KEY: json.dumps(meta)})
+    return parts
+
+
+def _check_tokenizer(directory: Path, offline) -> dict[str, Any]:
+    """The file carries no tokenizer: ours is rebuilt from open_clip's vocabulary, so the directory's must be it."""
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer in '{directory}': {e}") from None
+    if tokenizer.get_vocab() != offline.get_vocab():
+        raise UserError(f"the tokenizer in '{directory}' is not CLIP's BPE vocabulary, which is all a single file can "
+                        "rebuild; keep this model as a diffusers directory")
+    return {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.model_max_length}
+
+
+def _write(dst: Path, tensors: keys.State, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(dst, save(contiguous, metadata=metadata))
+
+
+def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type: str | None = None) -> None:
+    """Write a single file as a diffusers directory that `StableDiffusionPipeline.from_pretrained` loads."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.singlefile.load import load_single_file
+
+    dtype = torch.float16 if half else None
+    loaded = load_single_file(src, torch.device("cpu"), dtype or _file_dtype(src), prediction_type=prediction_type)
+    config = dict(loaded.scheduler_config)
+    cls = getattr(diffusers, config.pop("_class_name", "PNDMScheduler"))
+    scheduler = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    text = loaded.text_encoder
+    tokenizer = text.tokenizer
+    if loaded.detected.tokenizer.get("pad_id") == 0:
+        # OpenCLIP pads with id 0, the token '!': diffusers' SD 2.x tokenizers say so with pad_token '!'
+        tokenizer.pad_token = "!"
+    pipe = StableDiffusionPipeline(vae=loaded.vae, text_encoder=text.model, tokenizer=tokenizer,
+                                   unet=loaded.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    with atomic_directory(dst) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if loaded.detected.text_info is not None:  # e.g. layer: penultimate, which diffusers' layout cannot say
+            (tmp / "ldm_model.json").write_text(json.dumps({"text_encoder": loaded.detected.text_info}, indent=1))
+
+
+def _file_dtype(path: Path) -> torch.dtype:
+    """The dtype most of the file's U-Net is stored in (fp16 files stay fp16, fp32 stay fp32)."""
+    from ldm.singlefile.detect import read_header
+    from ldm.weights import check_safetensors_file
+
+    read_header(path)  # pickles and other suffixes are refused first
+    header = check_safetensors_file(path)
+    kinds = [v["dtype"] for k, v in header.items() if k.startswith(keys.UNET_PREFIX)]
+    common = max(set(kinds), key=kinds.count) if kinds else "F32"
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(common, torch.float32)

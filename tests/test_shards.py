@@ -1,0 +1,255 @@
+"""WebDataset tar shards as a dataset: patterns, captions, per-process shards, bad shards and samples, the cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from ldm.data.dataset import collate_images
+from ldm.data.loading import train_loader
+from ldm.data.shards import expand_pattern, load_shards, process_indices
+from ldm.data.sources import build_image_dataset
+from ldm.data.transforms import ImageTransform
+from ldm.errors import UserError
+from ldm.latents import LatentCache
+from ldm.latents.build import shard_plan
+from ldm.latents.cache import parse_shard
+from ldm.latents import shard_writer
+from ldm.latents.shard_writer import write_latent_shards
+from ldm.vae.presets import build_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+import cache_latents  # noqa: E402
+from conftest import accelerate_launch  # noqa: E402
+
+PER_SHARD = 5
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+
+
+def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (40, 32), fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_shards(root: Path, shards: int, *, corrupt: str | None = None) -> list[Path]:
+    """img2dataset's layout, written with webdataset's own TarWriter: shard k holds keys k*5 .. k*5+4.
+
+    Even shards caption with `.txt` (+ a `.json` without a caption key), odd ones with `.json` only; `corrupt` names
+    one key whose image bytes are garbage.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(shards):
+        path = root / f"{k:05d}.tar"
+        with wds.TarWriter(str(path), encoder=False) as sink:
+            for j in range(PER_SHARD):
+                key = f"{k * PER_SHARD + j:09d}"
+                sample = {"__key__": key, "jpg": png_bytes(COLOURS[j], fmt="JPEG")}
+                if key == corrupt:
+                    sample["jpg"] = b"\xff\xd8 this is not a jpeg"
+                if k % 2 == 0:
+                    sample["txt"] = f"caption {key}".encode()
+                    sample["json"] = json.dumps({"key": key, "width": 40}).encode()
+                else:
+                    sample["json"] = json.dumps({"caption": f"json caption {key}"}).encode()
+                sink.write(sample)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("shards")
+    paths = write_shards(root / "data", 4, corrupt="000000007")
+    return SimpleNamespace(root=root, paths=paths, pattern=str(root / "data" / "{00000..00003}.tar"),
+                           index=str(root / "index"))
+
+
+def load(pattern: str, index_dir: str, caption_column: str | None = "text", resolution: int = 16):
+    return build_image_dataset(pattern, transform=ImageTransform(resolution, True, False), caption_column=caption_column,
+                               cache_dir=index_dir)
+
+
+def test_a_brace_pattern_reads_every_sample_with_its_caption_and_names_the_corrupt_one(shards):
+    dataset = load(shards.pattern, shards.index, caption_column="caption")
+    assert len(dataset) == 4 * PER_SHARD
+    batch = collate_images([dataset[i] for i in range(len(dataset))])
+    # 000000007 (shard 1, sample 2) does not decode: skipped, named by shard and member, the rest intact
+    assert batch["skipped"] == ["00001.tar/000000007.jpg: not an image (unrecognised format)"]
+    assert batch["indices"].tolist() == [i for i in range(20) if i != 7]
+    assert batch["pixel_values"].shape == (19, 3, 16, 16)
+    # .txt wins where present (even shards); else the json's caption column (img2dataset's json says "caption")
+    assert batch["captions"][0] == "caption 000000000"
+    assert batch["captions"][5] == "json caption 000000005"
+    # pixel values follow the samples' colours (key k*5+j has colour j): red first, green second
+    red = batch["pixel_values"][0].mean(dim=(1, 2))
+    assert red[0] > 0.5 and red[1] < -0.5 and red[2] < -0.5
+    # keys are epoch * len + index, as for image folders: the same sample one epoch later
+    assert torch.equal(dataset[20 + 3]["pixel_values"], dataset[3]["pixel_values"])
+
+
+def test_the_index_is_cached_and_a_changed_shard_is_reindexed(shards, tmp_path):
+    index_dir = tmp_path / "index"
+    first = load_shards(shards.pattern, "image", "text", str(index_dir))
+    assert len(list(index_dir.glob("*.json"))) == 4
+    again = load_shards(shards.pattern, "image", "text", str(index_dir))
+    assert again.shard_starts == first.shard_starts == [0, 5, 10, 15, 20]
+    fingerprint = load(shards.pattern, str(index_dir)).fingerprint()
+    # a rewritten shard (other size and mtime) gets a new index and the dataset a new fingerprint (stale caches)
+    copy = tmp_path / "data"
+    paths = write_shards(copy, 2)
+    pattern = str(copy / "{00000..00001}.tar")
+    before = load(pattern, str(index_dir)).fingerprint()
+    with wds.TarWriter(str(paths[1]), encoder=False) as sink:
+        sink.write({"__key__": "x", "jpg": png_bytes((1, 2, 3), fmt="JPEG"), "txt": b"one"})
+    rewritten = load(pattern, str(index_dir))
+    assert len(rewritten) == PER_SHARD + 1 and rewritten.fingerprint() != before != fingerprint
+
+
+def test_missing_broken_and_truncated_shards_are_skipped_named_and_counted(shards, tmp_path, caplog):
+    data = tmp_path / "data"
+    paths = write_shards(data, 4)
+    (data / "00001.tar").write_bytes(b"this is not a tar file at all" * 40)
+    whole = paths[2].read_bytes()
+    # cut into the 4th sample's image: the first 3 samples survive (each sample: jpg + json + txt members)
+    with tarfile.open(paths[2]) as tar:
+        cut = [m for m in tar.getmembers() if m.name.endswith(".jpg")][3].offset_data + 10
+    paths[2].write_bytes(whole[:cut])
+    with caplog.at_level(logging.WARNING):
+        records = load_shards(str(data / "{00000..00004}.tar"), "image", "text", str(tmp_path / "index"))
+    assert len(records) == PER_SHARD + 3 + PER_SHARD  # shard 0, 3 of shard 2, shard 3
+    assert len(records.problems) == 3
+    problems = "\n".join(records.problems)
+    assert "00001.tar: not a tar archive" in problems
+    assert "00002.tar: truncated in member 000000013.jpg (kept 3 samples before it)" in problems
+    assert "00004.tar: missing" in problems
+    assert "skipped 3 of 5 shards of" in caplog.text
+
+
+def test_a_pattern_without_samples_or_captions_is_one_clear_error(tmp_path, shards):
+    with pytest.raises(UserError, match=r"matches 2 shard names but no readable samples \(.*00000.tar: missing"):
+        load_shards(str(tmp_path / "{00000..00001}.tar"), "image", "text", str(tmp_path / "index"))
+    with pytest.raises(UserError, match="expands to no shard names"):
+        expand_pattern("::")
+    with pytest.raises(UserError, match="is a remote URL"):
+        expand_pattern("https://example.com/{0..3}.tar")
+    bare = tmp_path / "bare.tar"
+    with wds.TarWriter(str(bare), encoder=False) as sink:
+        sink.write({"__key__": "a", "png": png_bytes((9, 9, 9))})
+    with pytest.raises(UserError, match=r"no sample of .* has a \.txt or \.json caption member"):
+        load_shards(str(bare), "image", "text", str(tmp_path / "index"))
+    assert len(load_shards(str(bare), "image", None, str(tmp_path / "index"))) == 1
+
+
+def test_each_process_gets_its_own_shards(shards):
+    records = load_shards(shards.pattern, "image", "text", shards.index)
+    own = [process_indices(records, rank, 2) for rank in range(2)]
+    assert own == [list(range(0, 5)) + list(range(10, 15)), list(range(5, 10)) + list(range(15, 20))]
+    assert {records.shard_of(i) for i in own[0]} == {0, 2}
+    dataset = load(shards.pattern, shards.index)
+    plans = [shard_plan(len(dataset), r, 2, 4, dataset.process_indices(r, 2)) for r in range(2)]
+    assert plans[1] == [[5, 6, 7, 8], [9, 15, 16, 17], [18, 19]]
+
+
+def cache_argv(shards: SimpleNamespace, vae_dir: Path, cache_dir: Path) -> list[str]:
+    return [f"data.path={shards.pattern}", f"cache.vae={vae_dir}", f"cache.dir={cache_dir}", "cache.shard_size=8",
+            "data.resolution=16", "train.cpu=true", "data.caption_column=caption"]
+
+
+@pytest.fixture(scope="module")
+def cached(shards) -> SimpleNamespace:
+    """A tiny VAE and the latent cache of the shards built by one process (read-only for the tests)."""
+    vae_dir = shards.root / "vae"
+    torch.manual_seed(0)
+    build_vae("tiny", 16).save_pretrained(vae_dir)
+    cache_dir = shards.root / "cache"
+    cache_latents.main(cache_argv(shards, vae_dir, cache_dir))
+    return SimpleNamespace(vae=vae_dir, dir=cache_dir)
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shards, cached, tmp_path, capsys):
+    cache_dir = shutil.copytree(cached.dir, tmp_path / "cache")
+    argv = cache_argv(shards, cached.vae, cache_dir)
+    cache = LatentCache.read(cache_dir)
+    assert len(cache) == 19 and [s["name"] for s in cache.skipped] == ["00001.tar/000000007.jpg"]
+    # an interrupted build (no manifest, one shard lost) re-encodes only the lost shard, to the same latents
+    shard_files = sorted(cache_dir.glob("shard-*.safetensors"))
+    kept = {p.name: p.stat().st_mtime_ns for p in shard_files}
+    (cache_dir / "manifest.json").unlink()
+    lost = shard_files[1]
+    lost.unlink()
+    cache_latents.main(argv)
+    assert sorted(p.name for p in cache_dir.glob("shard-*.safetensors")) == sorted(kept)
+    for path in cache_dir.glob("shard-*.safetensors"):
+        assert (path.stat().st_mtime_ns == kept[path.name]) == (path != lost)
+    resumed = LatentCache.read(cache_dir)
+    assert torch.equal(resumed.indices, cache.indices) and resumed.captions == cache.captions
+    assert all(torch.equal(resumed.tensors[k], cache.tensors[k]) for k in cache.tensors)
+    # the cache as webdataset shards, read back with webdataset's own reader
+    written = write_latent_shards(LatentCache.read(cache_dir), str(tmp_path / "out" / "latents-%05d.tar"), 8)
+    assert [p.name for p in written] == ["latents-00000.tar", "latents-00001.tar", "latents-00002.tar"]
+    samples = list(wds.WebDataset([str(p) for p in written], shardshuffle=False).decode())
+    assert len(samples) == 19 and samples[0]["__key__"] == "000000000"
+    first = LatentCache.read(cache_dir).row(0)
+    tensors = load_safetensors(samples[0]["latents.safetensors"])
+    assert torch.equal(tensors["mean"].float(), first["mean"]) and samples[0]["txt"] == first["caption"]
+    assert samples[0]["json"]["index"] == 0
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: a bad output pattern is one line, exit 2
+        shard_writer.main([str(cache_dir), str(tmp_path / "latents.tar")])
+    assert exit_info.value.code == 2
+    assert "has no %-placeholder for the shard number" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_encode_their_own_shards(shards, cached, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cmd = accelerate_launch(ROOT / "train" / "cache_latents.py", *cache_argv(shards, cached.vae, cache_dir))
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    # rank 0 owns tar shards 0 and 2 (indices 0-4, 10-14), rank 1 shards 1 and 3 (5-9 with 7 undecodable, 15-19)
+    owned = {s["file"]: parse_shard((cache_dir / s["file"]).read_bytes()).covered_indices()
+             for s in manifest["shards"]}
+    assert owned == {
+        "shard-0-0.safetensors": [0, 1, 2, 3, 4, 10, 11, 12], "shard-0-1.safetensors": [13, 14],
+        "shard-1-0.safetensors": [5, 6, 7, 8, 9, 15, 16, 17], "shard-1-1.safetensors": [18, 19],
+    }
+    one, two = LatentCache.read(cached.dir), LatentCache.read(cache_dir)
+    assert one.indices.tolist() == two.indices.tolist() and one.captions == two.captions
+    for name in one.tensors:
+        torch.testing.assert_close(one.tensors[name], two.tensors[name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_resumed_loader_restarts_at_the_same_shard_and_sample(shards):
+    """Data order is a function of (seed, epoch, index), as for folders: batch k of a resumed run is batch k."""
+    dataset = load(shards.pattern, shards.index)
+    process = SimpleNamespace(process_index=0, num_processes=1)
+
+    def batches(start: int, n: int) -> list[dict]:
+        it = iter(train_loader(dataset, 4, 0, seed=3, accelerator=process, start_batch=start))
+        return [next(it) for _ in range(n)]
+
+    full, resumed = batches(0, 7), batches(4, 3)  # 5 batches per epoch: the resumed run crosses into epoch 1
+    for a, b in zip(full[4:], resumed):
+        assert a["indices"].tolist() == b["indices"].tolist() and torch.equal(a["pixel_values"], b["pixel_values"])
+    records = dataset._records
+    first = int(resumed[0]["indices"][0])
+    assert (records.shard_of(first), first - records.shard_starts[records.shard_of(first)]) == divmod(first, PER_SHARD)
