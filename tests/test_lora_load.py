@@ -352,6 +352,9 @@ BAD_LORAS = {
     "tag without lora-dir": (["--prompt-tag", "<lora:ink:1>"], "the prompt names LoRA 'ink' (<lora:ink:1>): pass "
                              "--lora-dir DIR"),
     "bad tag weight": (["--prompt-tag", "<lora:ink:x>", "--lora-dir", "{dir}"], "the weight 'x' is not a number"),
+    # a name is a stem in --lora-dir, never a path out of it (ldm-serve takes prompts from the network)
+    "path as a name": (["--prompt-tag", "<lora:../ink:1>", "--lora-dir", "{dir}"], "LoRA name '../ink' "
+                       "(<lora:../ink:1>) is a path: name a file in --lora-dir by its stem"),
     "wrong base": (["--lora", "{wrong}"], "does not fit this model: unet module 'up_blocks.0.attentions.1."),
     "no matching key": (["--lora", "{no_match}"], "none of its 1 modules exists here"),
 }

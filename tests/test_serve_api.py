@@ -92,7 +92,7 @@ def test_a1111_listing_endpoints(server):
     assert all(set(m) == {"title", "model_name", "hash", "sha256", "filename", "config"} for m in models)
     assert [m["title"] for m in models] == [m["model_name"] for m in models] == [NAME, "shapes-copy"]
     assert server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == NAME
-    assert server.post("/sdapi/v1/options", {"sd_model_checkpoint": NAME, "CLIP_stop_at_last_layers": 2}).status == 200
+    assert server.post("/sdapi/v1/options", {"sd_model_checkpoint": NAME, "show_progressbar": False}).status == 200
     progress = server.get("/sdapi/v1/progress").json()
     assert set(progress) == {"progress", "eta_relative", "state", "current_image", "textinfo"}
     assert {"job_count", "sampling_step", "sampling_steps", "interrupted"} <= set(progress["state"])
@@ -170,6 +170,11 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_goes_on(server):
         ("txt2img", {"scheduler": "Polyexponential"}, 422, "unknown scheduler"),
         ("txt2img", {"batch_size": 2, "n_iter": 3}, 422, "6 images is over this server's limit of 4"),
         ("txt2img", {"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 404, "not found; listed models"),
+        ("txt2img", {"prompt": "a (red:abc) circle"}, 422, "prompt: '(red:abc)' is not a weight"),
+        ("txt2img", {"negative_prompt": "BREAK blurry"}, 422, "negative prompt has an empty chunk"),
+        ("txt2img", {"prompt": "a circle <lora:ink:1>"}, 422, "the prompt names LoRA 'ink' (<lora:ink:1>): pass "
+         "--lora-dir"),
+        ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 0}}, 422, "CLIP_stop_at_last_layers must be"),
     ]
     for endpoint, body, status, message in cases:
         raw = body if isinstance(body, bytes) else None
@@ -186,6 +191,22 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_goes_on(server):
         assert status == 413 and error["detail"].startswith("the request body is over this server's limit of 1048576")
     r = server.post("/sdapi/v1/txt2img", {"prompt": "a circle", "steps": 1, "seed": 1})
     assert r.status == 200 and len(r.json()["images"]) == 1
+
+
+def test_clip_skip_is_a1111s_option_for_one_request_or_for_the_server(server):
+    """`CLIP_stop_at_last_layers` (A1111's "Clip skip") in a request's override_settings, or set by POST /options."""
+    body = {"prompt": "a large red circle", "steps": 2, "seed": 3}
+    plain = server.post("/sdapi/v1/txt2img", body).json()
+    once = server.post("/sdapi/v1/txt2img", {**body, "override_settings": {"CLIP_stop_at_last_layers": 2}}).json()
+    assert "Clip skip" not in json.loads(plain["info"])["infotexts"][0], plain["info"]
+    assert ", Clip skip: 2" in json.loads(once["info"])["infotexts"][0], once["info"]
+    assert once["images"] != plain["images"]
+    assert server.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 2}).status == 200
+    try:
+        assert server.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+        assert server.post("/sdapi/v1/txt2img", body).json()["images"] == once["images"]
+    finally:
+        assert server.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 1}).status == 200
 
 
 def raw_post(server, head: str, body: bytes) -> tuple[int, dict]:

@@ -115,6 +115,11 @@ def find_in_dir(name: str, lora_dir: str | Path | None, tag: str, expected_hash:
     root = Path(lora_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"--lora-dir '{root}' is not a directory")
+    if "/" in name or "\\" in name or name.startswith("."):
+        # a name is a file's stem, as in A1111; a path could reach outside the directory (ldm-serve takes prompts
+        # from the network)
+        raise UserError(f"LoRA name '{name}' ({tag}) is a path: name a file in --lora-dir by its stem, e.g. "
+                        f"<lora:{Path(name).name or 'NAME'}:1>")
     pattern = glob.escape(name)
     # NAME.safetensors first; a diffusers LoRA directory NAME/ only if there is none (the training's output folder
     # holds both layouts of the same adapter)

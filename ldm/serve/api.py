@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ldm.errors import UserError
+from ldm.lora.prompt_tags import check_lora_inputs
 from ldm.pipeline.metadata import PNG_KEY, GenerationParams, format_parameters
 from ldm.pipeline.pipeline import DEFAULT_CFG, DEFAULT_MASK_BLUR, DEFAULT_STEPS, DEFAULT_STRENGTH
 from ldm.pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS, sampler_from_label, sampler_label
@@ -27,6 +28,7 @@ from ldm.pipeline.validation import check_request, pick_size
 from ldm.serve.models import ModelEntry
 from ldm.serve.schemas import Img2ImgRequest, ImagesResponse, ProgressResponse, SamplerItem, SDModelItem, Txt2ImgRequest
 from ldm.serve.worker import Interrupted, Job, Worker
+from ldm.text.prompt_syntax import check_prompt
 
 # A1111's "Schedule type" values that leave the sigmas as the sampler spaces them, and the one that is Karras'
 _PLAIN_SCHEDULES = {"", "automatic", "uniform", "default"}
@@ -41,16 +43,18 @@ class Limits:
     max_body_bytes: int = 32 * 2**20
 
 
-def build_router(models: dict[str, ModelEntry], worker: Worker, limits: Limits) -> APIRouter:
+def build_router(models: dict[str, ModelEntry], worker: Worker, limits: Limits,
+                 lora_dir: str | None = None) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
-    # the model chosen with POST /options; a request's override_settings use another for that request only, as
-    # A1111 restores overridden settings afterwards (here the worker loads whichever model the next job needs)
-    selected = {"name": worker.model_name}
+    # the model and clip skip chosen with POST /options; a request's override_settings change them for that request
+    # only, as A1111 restores overridden settings afterwards (the worker loads whichever model the next job needs)
+    selected: dict[str, Any] = {"name": worker.model_name, "clip_skip": 1}
 
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(req: Txt2ImgRequest, request: Request):
         entry = _model_for(req, models, selected["name"])
-        args = _pipeline_args(req, entry, limits, init=None, mask=None)
+        args = _pipeline_args(req, entry, limits, init=None, mask=None, lora_dir=lora_dir,
+                              clip_skip=selected["clip_skip"])
         return await _run(request, worker, entry, req, args, "txt2img")
 
     @router.post("/img2img", response_model=ImagesResponse)
@@ -64,7 +68,8 @@ def build_router(models: dict[str, ModelEntry], worker: Worker, limits: Limits) 
             mask = decode_image(req.mask, "mask", limits).convert("L")
             if req.inpainting_mask_invert:
                 mask = ImageOps.invert(mask)
-        args = _pipeline_args(req, entry, limits, init=init, mask=mask)
+        args = _pipeline_args(req, entry, limits, init=init, mask=mask, lora_dir=lora_dir,
+                              clip_skip=selected["clip_skip"])
         return await _run(request, worker, entry, req, args, "img2img")
 
     @router.get("/samplers", response_model=list[SamplerItem])
@@ -79,10 +84,13 @@ def build_router(models: dict[str, ModelEntry], worker: Worker, limits: Limits) 
 
     @router.get("/options")
     def get_options():
-        return {"sd_model_checkpoint": selected["name"], "samples_format": "png"}
+        return {"sd_model_checkpoint": selected["name"], "CLIP_stop_at_last_layers": selected["clip_skip"],
+                "samples_format": "png"}
 
     @router.post("/options")
     async def set_options(options: dict[str, Any]):
+        if "CLIP_stop_at_last_layers" in options:
+            selected["clip_skip"] = _clip_skip(options["CLIP_stop_at_last_layers"])
         name = options.get("sd_model_checkpoint")
         if name is not None:  # other options are accepted and ignored, as unknown request fields are
             entry = _listed(name, models)
@@ -135,9 +143,22 @@ def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
         raise UserError(f"{what} is not an image PIL can read: {e}") from None
 
 
+def _clip_skip(value: Any) -> int:
+    """A1111's option `CLIP_stop_at_last_layers` (its "Clip skip"), 1 = the text encoder's own layer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"CLIP_stop_at_last_layers must be an integer of at least 1 (1 = no clip skip), got {value!r}")
+    return value
+
+
 def _pipeline_args(req: Txt2ImgRequest, entry: ModelEntry, limits: Limits, init: Image.Image | None,
-                   mask: Image.Image | None) -> dict[str, Any]:
-    """The request as `Pipeline.__call__` keyword arguments, every value checked as the CLI checks it."""
+                   mask: Image.Image | None, lora_dir: str | None = None, clip_skip: int = 1) -> dict[str, Any]:
+    """The request as `Pipeline.__call__` keyword arguments, every value checked as the CLI checks it: prompt
+    syntax, LoRA tags (names in the server's --lora-dir only), sizes, steps and the server's limits."""
+    check_prompt(req.prompt, "prompt")
+    check_prompt(req.negative_prompt, "negative prompt")
+    check_lora_inputs([], req.prompt, lora_dir)
+    if "CLIP_stop_at_last_layers" in req.override_settings:
+        clip_skip = _clip_skip(req.override_settings["CLIP_stop_at_last_layers"])
     name = req.sampler_name or req.sampler_index or DEFAULT_SAMPLER
     try:
         sampler, karras = sampler_from_label(name)  # A1111's names ("DPM++ 2M Karras") and ours ("dpmpp_2m")
@@ -177,7 +198,7 @@ def _pipeline_args(req: Txt2ImgRequest, entry: ModelEntry, limits: Limits, init:
                         f"{limits.max_images} per request (ldm-serve --max-images)")
     args = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=steps, cfg=cfg, sampler=sampler,
                 karras=karras, seed=seed, num_images=num_images, batch_size=req.batch_size, height=height,
-                width=width)
+                width=width, clip_skip=clip_skip, lora_dir=lora_dir)
     if init is not None:
         args.update(init_image=init, mask=mask, strength=strength, mask_blur=mask_blur)
     return args

@@ -11,6 +11,7 @@ import logging
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ldm.errors import UserError, exit_on_user_error
 
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a diffusers-format model directory (as ldm-generate --model); repeat to list several, "
                    "which clients choose among by name (sd_model_checkpoint). Default: the bundled demo model")
     p.add_argument("--models-dir", default=None, help="also list every model directory directly under this one")
+    p.add_argument("--lora-dir", default=None,
+                   help="LoRA files that prompts may name as <lora:NAME:WEIGHT> (NAME.safetensors in this directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--listen", action="store_true", help="bind all interfaces (0.0.0.0); set --api-auth with it")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
@@ -76,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("warning: listening on %s without --api-auth: anyone who can reach this port can use the "
                     "model", host)
     _check_port_free(host, args.port)
+    if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
+        raise UserError(f"--lora-dir '{args.lora_dir}' is not a directory")
 
     import uvicorn
 
@@ -96,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     worker = Worker(load, next(iter(models)), args.queue_size)
     worker.start()
-    app = create_app(models, worker, limits, credentials)
+    app = create_app(models, worker, limits, credentials, args.lora_dir)
     log.info("ldm-serve: http://%s:%d/ (API: /sdapi/v1/..., models: %s)", host, args.port, ", ".join(models))
     config = uvicorn.Config(app, host=host, port=args.port, log_level="warning" if args.quiet else "info",
                             access_log=not args.quiet)

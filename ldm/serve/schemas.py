@@ -32,7 +32,7 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = 1  # images per U-Net batch
     n_iter: int = 1  # batches; batch_size * n_iter images in all, image i with seed + i
     send_images: bool = True
-    override_settings: dict[str, Any] = Field(default_factory=dict)  # only sd_model_checkpoint is read
+    override_settings: dict[str, Any] = Field(default_factory=dict)  # sd_model_checkpoint, CLIP_stop_at_last_layers
 
 
 class Img2ImgRequest(Txt2ImgRequest):
