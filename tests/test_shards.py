@@ -280,6 +280,21 @@ def test_a_bucketed_cache_exports_each_row_at_its_bucket_and_an_empty_one_is_ref
         assert torch.equal(tensors["mean"].float(), row["mean"]) and torch.equal(tensors["std"].float(), row["std"])
     assert buckets[0] == buckets[2] and buckets[0][0] > buckets[0][1] and buckets[1][0] < buckets[1][1]
 
+    # with a text-embedding cache beside the latents, each sample carries its caption's embedding, and every shard
+    # the empty caption's (caption dropout)
+    from ldm.latents.text_cache import FILE_NAME, build_text_cache, encoder_key
+    from ldm.text.tiny import tiny_clip_text_encoder
+
+    encoder = tiny_clip_text_encoder()
+    build_text_cache(cache_dir / FILE_NAME, encoder, encoder_key(encoder), cache.captions)
+    written = write_latent_shards(cache, str(tmp_path / "text" / "t-%05d.tar"), 2)
+    samples = [s for p in written for s in wds.WebDataset([str(p)], shardshuffle=False)]
+    assert [s["__key__"] for s in samples] == ["empty", "000000000", "000000001", "empty", "000000002"]
+    for sample in samples:
+        caption = "" if sample["__key__"] == "empty" else sample["txt"].decode()
+        embedding = load_safetensors(sample["text.safetensors"])["embedding"]
+        assert torch.equal(embedding, encoder.encode([caption])[0])
+
     class Empty:
         directory = cache_dir
 

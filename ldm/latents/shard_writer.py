@@ -7,6 +7,9 @@ One sample per cached image, keyed by its zero-padded dataset index (`000000017`
     <key>.latents.safetensors   mean, std (C, h, w), and flip_mean, flip_std when built with flips; unscaled,
                                 in the cache's dtype, with the VAE's scaling/shift factor in the metadata
     <key>.txt                   the caption the latents were cached with
+    <key>.text.safetensors      `embedding` (77, D): the frozen text encoder's output for that caption, when the
+                                cache directory holds a text-embedding cache (`cache.text_embeddings: true`); the
+                                empty caption's (for caption dropout) goes into every shard as `empty.text.safetensors`
     <key>.json                  {"index", "scaling_factor", "shift_factor", "build"}, and "bucket": [W, H] pixels
                                 for a cache built with aspect-ratio buckets (the latents are then (C, H/f, W/f))
 
@@ -28,6 +31,8 @@ from safetensors.torch import save as save_safetensors
 from ldm.errors import UserError, exit_on_user_error
 from ldm.files import atomic_write_bytes, os_reason
 from ldm.latents.cache import LatentCache
+from ldm.latents.text_cache import FILE_NAME as TEXT_FILE_NAME
+from ldm.latents.text_cache import TextEmbeddingCache
 
 
 def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_000) -> list[Path]:
@@ -43,10 +48,17 @@ def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_00
     dtype = cache.tensors["mean"].dtype
     meta = {"scaling_factor": cache.scaling_factor, "shift_factor": cache.shift_factor, "build": cache.manifest["build"]}
     bucket_ids = cache.bucket_ids(range(len(cache)))
+    text = None
+    if (Path(cache.directory) / TEXT_FILE_NAME).exists():
+        # verified as training verifies it (corrupt, or built for other captions: refused); any encoder's is fine
+        text = TextEmbeddingCache.open(Path(cache.directory) / TEXT_FILE_NAME, {}, cache.captions)
     written = []
     for k, start in enumerate(range(0, len(cache), per_shard)):
         buffer = io.BytesIO()
         with wds.TarWriter(buffer, encoder=False) as sink:
+            if text is not None:
+                sink.write({"__key__": "empty", "text.safetensors": save_safetensors(
+                    {"embedding": text.empty_embedding()[0].contiguous()})})
             for position in range(start, min(start + per_shard, len(cache))):
                 index = int(cache.indices[position])
                 # the cache's own row accessor: (C, h, w) of the row's bucket, not the zero-padded flat row
@@ -57,12 +69,16 @@ def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_00
                 info = {"index": index, **meta}
                 if bucket_ids is not None:
                     info["bucket"] = list(cache.buckets[bucket_ids[position]])  # [W, H] pixels
-                sink.write({
+                sample = {
                     "__key__": f"{index:09d}",
                     "latents.safetensors": save_safetensors(tensors, metadata={k: str(v) for k, v in meta.items()}),
                     "txt": cache.captions[position].encode("utf-8"),
                     "json": json.dumps(info).encode("utf-8"),
-                })
+                }
+                if text is not None:
+                    caption = cache.captions[position]
+                    sample["text.safetensors"] = save_safetensors({"embedding": text.encode([caption])[0].contiguous()})
+                sink.write(sample)
         path = Path(pattern % k)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
