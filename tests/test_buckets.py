@@ -150,6 +150,8 @@ def test_batches_are_one_bucket_disjoint_across_processes_and_resume_exactly():
         assert list(itertools.islice(iter(resumed), 5)) == streams[1][start : start + 5]
     with pytest.raises(UserError, match="no aspect-ratio bucket holds one step's 60 images"):
         BucketBatchSampler(ids, 30, seed=0, world_size=2)
+    with pytest.raises(ValueError, match="start_batch must be >= 0, got -1"):  # the checks the plain sampler makes
+        BucketBatchSampler(ids, 3, seed=0, start_batch=-1)
 
 
 # ------------------------------------------------------------------------------------------------ the cache
