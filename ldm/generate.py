@@ -5,6 +5,8 @@
     ldm-generate "a red car at night" --model DIR --init-image car.png --strength 0.6
     ldm-generate "a blue door" --model DIR --init-image house.png --mask door-mask.png
     ldm-generate --from-png outputs/00012-42-a-red-car.png --model DIR      # replay an image's settings
+    ldm-generate "a red car" --model DIR --hires-scale 2 --hires-strength 0.5   # hires fix: 512 -> 1024 px
+    ldm-generate --prompts-file prompts.txt --model DIR --outdir out      # many prompts; a rerun resumes
 
 stdout carries only the paths of the written PNGs, one a line (so `ldm-generate ... | xargs ...` works); logs,
 warnings and the progress bar go to stderr. Every bad input is found before any work is done and reported in one
@@ -31,6 +33,7 @@ log = logging.getLogger("ldm.generate")
 DEFAULTS: dict[str, Any] = {
     "negative": "", "steps": 25, "cfg": 7.5, "sampler": "euler_a", "karras": False, "seed": None,
     "height": None, "width": None, "strength": None, "mask_blur": 4, "guidance_rescale": 0.0, "model": None,
+    "hires_scale": None, "hires_strength": None, "hires_steps": None, "hires_upscaler": None,
     "lora_hashes": None,
     "clip_skip": 1,
 }
@@ -40,6 +43,8 @@ PNG_TO_ARGS = {
     "cfg": "cfg", "seed": "seed", "width": "width", "height": "height", "model": "model", "strength": "strength",
     "mask_blur": "mask_blur", "guidance_rescale": "guidance_rescale", "lora_hashes": "lora_hashes",
     "clip_skip": "clip_skip",
+    "hires_scale": "hires_scale", "hires_strength": "hires_strength", "hires_steps": "hires_steps",
+    "hires_upscaler": "hires_upscaler",
 }
 
 
@@ -49,6 +54,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ldm import prompts_file
+    from ldm.pipeline import hires
     from ldm.pipeline.samplers import SAMPLERS
     from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE
 
@@ -82,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale w >= 0 (default 7.5); 1 = no guidance (one U-Net branch)")
     g.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2023; helps v-prediction models) (default 0)")
-    g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default euler_a)")
+    g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default euler_a), or "
+                   "AUTOMATIC1111's name for one, case-insensitive: 'Euler a', 'DPM++ 2M Karras', 'DDIM', 'PLMS', ...")
     g.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                    help="Karras sigma spacing (euler, dpmpp_2m, unipc, lms, heun); --no-karras overrides a --from-png")
     g.add_argument("--clip-skip", type=int, default=None,
@@ -96,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pixels, a multiple of the VAE factor (8 for SD), {MIN_SIZE}..{MAX_SIZE} (default: the init "
                    "image's size rounded down to that multiple, else the model's native size, 512 for SD 1.x)")
     g.add_argument("--width", type=int, default=None, help="as --height")
+    hires.add_arguments(p)
     i = p.add_argument_group("img2img and inpainting")
     i.add_argument("--init-image", default=None, help="start from this image (img2img); with --mask: inpainting")
     i.add_argument("--strength", type=float, default=None,
@@ -121,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default) = fp16 on a GPU, fp32 on the CPU; fp16 on the CPU falls back to fp32 with a warning. "
                    "An fp16 VAE decode that gives NaN is redone in fp32")
     d.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images in less memory)")
-    d.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first image)")
+    d.add_argument("--compile", nargs="?", const="regional", default=None, choices=["regional", "full"],
+                   help="torch.compile the U-Net: regional (the default for a bare --compile: each transformer block "
+                   "compiled once, seconds of warm-up) or full (the whole U-Net, a longer warm-up)")
     o = p.add_argument_group("output")
     o.add_argument("--outdir", default="outputs",
                    help="PNGs go here as NNNNN-<seed>-<prompt>.png, numbered after the highest existing one, never "
@@ -129,14 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--from-png", default=None,
                    help="replay a PNG's 'parameters' (prompt, seed, sampler, ...); options given here override them")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info logs (warnings still shown)")
+    prompts_file.add_arguments(p)
     return p
 
 
 def resolve_args(args: argparse.Namespace) -> dict[str, Any]:
     """Merge explicit options > --from-png values > defaults, into one dict of option values."""
+    from ldm.pipeline.samplers import sampler_from_label
+
     values = dict(DEFAULTS)
+    given = {k for k, v in vars(args).items() if v is not None}
     if args.from_png:
-        from_png = read_png_parameters(args.from_png)
+        from ldm.pipeline.a1111 import replay_values
+
+        from_png = replay_values(args.from_png, given)
         if from_png.get("strength") is not None and not args.init_image:
             raise UserError(
                 f"'{args.from_png}' was made from an init image (Denoising strength: {from_png['strength']}): pass "
@@ -146,33 +163,20 @@ def resolve_args(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"'{args.from_png}' was inpainted (it has a Mask blur): pass --mask FILE to replay it")
         values.update({PNG_TO_ARGS[k]: v for k, v in from_png.items() if k in PNG_TO_ARGS})
     values.update({k: v for k, v in vars(args).items() if v is not None or k not in values})
-    if values.get("prompt") is None:
+    # A1111's sampler names ('DPM++ 2M Karras') -> ours; an explicit --sampler brings its own Karras choice
+    values["sampler"], karras = sampler_from_label(values["sampler"])
+    values["karras"] = karras or bool(values["karras"])
+    for side in ("height", "width"):
+        if values[side] is not None and values[side] <= 0:
+            raise UserError(f"--{side} {values[side]} is not a size: give pixels (a multiple of the VAE factor), or "
+                            "leave it out for the init image's or the model's size")
+    if values.get("prompt") is None and not getattr(args, "prompts_file", None):
         raise UserError('no prompt given: ldm-generate "a red car" --model DIR (or --from-png FILE)')
     if values["seed"] is None or values["seed"] == -1:
         from ldm.pipeline.seeds import random_seed
 
         values["seed"] = random_seed()
     return values
-
-
-def read_png_parameters(path: str) -> dict[str, Any]:
-    from PIL import Image, UnidentifiedImageError
-
-    from ldm.pipeline.metadata import PNG_KEY, parse_parameters
-
-    try:
-        with Image.open(path) as image:
-            text = image.info.get(PNG_KEY)
-    except FileNotFoundError:
-        raise UserError(f"--from-png '{path}' does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read --from-png '{path}': {e}") from None
-    if not text:
-        raise UserError(f"'{path}' has no '{PNG_KEY}' text chunk to replay")
-    try:
-        return parse_parameters(text)
-    except (ValueError, UserError) as e:
-        raise UserError(f"cannot parse the parameters in '{path}': {e}") from None
 
 
 def _setup_logging(quiet: bool) -> Callable[[], None]:
@@ -224,12 +228,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Validate everything, then load the model, generate and save. Returns the written paths."""
+    if args.prompts_file:
+        from ldm.prompts_file import run_prompts_file
+
+        return run_prompts_file(args)
     import torch
 
     from ldm.demo import NAME as DEMO_NAME
     from ldm.demo import NOTICE as DEMO_NOTICE
     from ldm.lora.prompt_tags import check_lora_inputs, parse_lora_hashes
     from ldm.pipeline import images as im
+    from ldm.pipeline import hires as hr
     from ldm.pipeline.device import dtype_name, pick_device, pick_dtype
     from ldm.pipeline.loading import (
         DEFAULT_MODEL,
@@ -258,6 +267,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UserError("--strength only applies with --init-image")
     strength = v["strength"] if v["strength"] is not None else (
         None if not args.init_image else 1.0 if args.mask else DEFAULT_STRENGTH)
+    hires = hr.from_values(v)
+    if hires is not None:
+        if args.init_image:
+            raise UserError("the hires fix is for txt2img: drop --hires-scale or --init-image")
+        hires.check(v["steps"], v["height"] or 8, v["width"] or 8, 1)  # again below, at the real size
     check_request(  # sizes checked again below, against the model's VAE factor
         steps=v["steps"], cfg=v["cfg"], height=v["height"] or 512, width=v["width"] or 512, vae_factor=1,
         strength=strength, sampler=v["sampler"], karras=bool(v["karras"]), num_images=args.num_images,
@@ -271,8 +285,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     lora_hashes = parse_lora_hashes(v["lora_hashes"] or "")
     loras = check_lora_inputs(args.lora, v["prompt"], args.lora_dir, lora_hashes)
     v["model"] = v["model"] or DEFAULT_MODEL
-    root = resolve_model(v["model"])
-    check_model(root)
+    try:
+        root = resolve_model(v["model"])
+        check_model(root)
+    except UserError as e:
+        if args.from_png and args.model is None and v["model"] != DEFAULT_MODEL:
+            from ldm.pipeline.a1111 import model_hint
+
+            raise model_hint(e, args.from_png, v["model"]) from None
+        raise
     if args.vae:
         from ldm.singlefile.load import check_vae_source
 
@@ -285,6 +306,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     check_request(steps=v["steps"], cfg=v["cfg"], height=height, width=width, vae_factor=factor, strength=strength,
                   sampler=v["sampler"], karras=bool(v["karras"]), num_images=args.num_images,
                   batch_size=args.batch_size, seed=v["seed"])
+    if hires is not None:
+        hires.check(v["steps"], height, width, factor)
     dtype = pick_dtype(args.dtype, device)
 
     # 3. the work
@@ -310,8 +333,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             v["prompt"], v["negative"], steps=v["steps"], cfg=v["cfg"], sampler=v["sampler"], karras=bool(v["karras"]),
             seed=v["seed"], num_images=args.num_images, batch_size=args.batch_size, height=height, width=width,
             init_image=init, mask=mask, strength=strength, mask_blur=v["mask_blur"],
-            guidance_rescale=v["guidance_rescale"], clip_skip=v["clip_skip"], show_progress=not args.quiet,
-            on_image=save, lora_dir=args.lora_dir, lora_hashes=lora_hashes,
+            guidance_rescale=v["guidance_rescale"], clip_skip=v["clip_skip"], hires=hires,
+            show_progress=not args.quiet, on_image=save, lora_dir=args.lora_dir, lora_hashes=lora_hashes,
         )
     seconds = time.perf_counter() - start
     log.info("%d image(s) in %.1fs (%.2f s/image)", len(written), seconds, seconds / max(1, len(written)))

@@ -227,7 +227,7 @@ BAD_INPUTS = {
     "steps zero": (["--steps", "0"], "steps must be at least 1, got 0"),
     "steps not a number": (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     "negative cfg": (["--cfg", "-1"], "cfg (guidance scale) must be a finite number >= 0, got -1.0"),
-    "unknown sampler": (["--sampler", "k_euler"], "unknown sampler 'k_euler'; known samplers: ddim, ddpm, euler, euler_a"),
+    "unknown sampler": (["--sampler", "DPM++ SDE"], "unknown sampler 'DPM++ SDE'; known samplers: ddim, ddpm, euler, euler_a"),
     "karras on euler_a": (["--sampler", "euler_a", "--karras"], "sampler 'euler_a' has no Karras sigmas option"),
     "num images zero": (["--num-images", "0"], "num-images must be at least 1"),
     "negative seed": (["--seed", "-5"], "seed must be in 0.."),

@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ldm"
 NEUTRAL = {"ldm.errors", "ldm.config", "ldm.files", "ldm.hub", "ldm.pixels", "ldm.weights", "ldm.progress"}
-INFERENCE = ("ldm.pipeline", "ldm.generate", "ldm.eval", "ldm.demo", "ldm.serve")
+INFERENCE = ("ldm.pipeline", "ldm.generate", "ldm.prompts_file", "ldm.eval", "ldm.demo", "ldm.serve")
 MAY_CALL_THE_PIPELINE = {"ldm.unet.samples"}
 
 

@@ -28,6 +28,8 @@ from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.latents.text_cache import ensure_text_cache
+from ldm.lora.export import export_lora, require_lora_backend
+from ldm.lora.train import AdapterWeights, add_lora
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
@@ -86,9 +88,14 @@ def main(argv: list[str] | None = None) -> None:
         check_unet_takes_buckets(cache.buckets, cfg.data.resolution // cache.latent_shape[-1], unet)
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.lora.enabled:  # a frozen base (in the run's dtype) with fp32 adapters, the only parameters trained
+        require_lora_backend(backend)
+        trained = add_lora(unet, cfg.lora, base_dtype=weight_dtype)
+    else:
+        trained = list(unet.parameters())
     set_seed(cfg.train.seed + accelerator.process_index)  # per-process noise, timesteps and caption dropout
     noise_scheduler = build_noise_scheduler(cfg.noise)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+    optimizer = torch.optim.AdamW(trained, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
     # counts optimizer steps and is stepped by hand (accelerate would step it once per process)
     lr_schedule = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
@@ -96,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     unet, optimizer = accelerator.prepare(unet, optimizer)
     raw = accelerator.unwrap_model(unet)
     ema = None  # made after `prepare`, so under FSDP it holds (and updates) each process's shard only
-    if cfg.train.ema_decay > 0:  # it follows the fp32 master weights under DeepSpeed with mixed precision
+    if cfg.train.ema_decay > 0 and cfg.lora.enabled:
+        ema = EMAModel(trained, decay=cfg.train.ema_decay)
+    elif cfg.train.ema_decay > 0:  # it follows the fp32 master weights under DeepSpeed with mixed precision
         ema = EMAModel(backend.ema_source(unet), decay=cfg.train.ema_decay, model_cls=UNet2DConditionModel,
                        model_config=raw.config)
     if (setup := backend.describe("the U-Net")) is not None:
@@ -107,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     step, batches_done = 0, 0
     ckpt = dict(models={"unet": unet}, optimizers={"unet": optimizer}, schedulers={"lr": lr_schedule},
                 emas={"unet": ema} if ema is not None else {})
+    if cfg.lora.enabled:  # the adapters, their optimizer and EMA: the frozen base comes from model.pretrained again
+        ckpt = dict(ckpt, models={"lora": AdapterWeights(raw)}, optimizers={"lora": optimizer},
+                    emas={"lora": ema} if ema is not None else {})
     resume_path = resolve_resume(resume, ckpt_root)
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, **ckpt)
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                                state={"step": step, "batches_consumed": consumed}, **ckpt)
 
     def sample(step: int) -> None:
-        with ema_weights(ema, raw.parameters()):
+        with ema_weights(ema, trained if cfg.lora.enabled else raw.parameters()):
             grid = sample_grid(accelerator, raw, vae, text_encoder, noise_scheduler, cfg.sample)
         if grid is not None:
             log_image(accelerator, "samples", grid, step)
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(backend.ema_source(unet))
+            ema.step(trained if cfg.lora.enabled else backend.ema_source(unet))
         step += 1
         progress.update(1)
 
@@ -190,13 +202,18 @@ def main(argv: list[str] | None = None) -> None:
         log.info("replicas identical across %d processes (checked at every checkpoint)", accelerator.num_processes)
 
     # ---- a complete diffusers model directory with the EMA weights (whole fp32 tensors, gathered when sharded)
-    weights = backend.whole_weights(unet, ema)  # collective; complete on the main process
-    if accelerator.is_main_process:
-        final = UNet2DConditionModel.from_config(raw.config)
-        final.load_state_dict(weights)
-        export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder,
-                     noise_scheduler=noise_scheduler, text_cfg=cfg.text_encoder)
-        log.info("saved the model to %s", out / "model")
+    if cfg.lora.enabled:  # the adapter (its EMA weights) in diffusers' and kohya's formats, in lora/
+        if accelerator.is_main_process:
+            with ema_weights(ema, trained):
+                export_lora(out, raw, cfg, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler)
+    else:
+        weights = backend.whole_weights(unet, ema)  # collective; complete on the main process
+        if accelerator.is_main_process:
+            final = UNet2DConditionModel.from_config(raw.config)
+            final.load_state_dict(weights)
+            export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder,
+                         noise_scheduler=noise_scheduler, text_cfg=cfg.text_encoder)
+            log.info("saved the model to %s", out / "model")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -70,6 +70,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 200),
 }
 
+# Colours outside the spec above: never in the demo model's data (no combination, split or caption uses them). The
+# LoRA demo teaches one to the bundled model (README, "LoRA: training and using adapters"); `render` draws them.
+NEW_COLORS: dict[str, tuple[int, int, int]] = {
+    "pink": (240, 100, 180),
+}
+
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
     "white": (240, 240, 240),
@@ -147,6 +153,22 @@ def train_combinations() -> list[Attributes]:
     """The 567 combinations used for training: all combinations minus the held-out ones."""
     heldout = set(heldout_combinations())
     return [a for a in all_combinations() if a not in heldout]
+
+
+def new_color_combinations(color: str, split: str = "all") -> list[Attributes]:
+    """The 90 combinations in a colour of `NEW_COLORS` ("all"), with the held-out rule applied per
+    (shape, colour, background) triple: 9 "heldout", 81 "train"."""
+    if color not in NEW_COLORS:
+        raise UserError(f"unknown new colour {color!r}; use one of: {', '.join(NEW_COLORS)}")
+    combos = [Attributes(shape, color, background, size, position)
+              for shape, background, size, position in itertools.product(SHAPES, BACKGROUNDS, SIZES, POSITIONS)]
+    heldout = {min([a for a in combos if (a.shape, a.background) == (shape, background)], key=_caption_digest)
+               for shape, background in itertools.product(SHAPES, BACKGROUNDS)}
+    if split == "all":
+        return combos
+    if split in ("train", "heldout"):
+        return [a for a in combos if (a in heldout) == (split == "heldout")]
+    raise UserError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
 
 
 def split_combinations(split: str) -> list[Attributes]:
@@ -238,7 +260,7 @@ def sample_caption_and_mentions(a: Attributes, rng: random.Random) -> tuple[str,
 def _check_attributes(a: Attributes) -> None:
     for name, allowed in (
         ("shape", SHAPES),
-        ("color", COLORS),
+        ("color", {**COLORS, **NEW_COLORS}),
         ("background", BACKGROUNDS),
         ("size", SIZES),
         ("position", POSITIONS),
@@ -264,7 +286,7 @@ def shape_box(a: Attributes, size: int, rng: random.Random | None = None) -> tup
 
 def shape_color(a: Attributes, rng: random.Random | None = None) -> tuple[int, int, int]:
     """The palette colour of `a`, with per-channel jitter drawn from `rng` if given."""
-    base = COLORS[a.color]
+    base = COLORS[a.color] if a.color in COLORS else NEW_COLORS[a.color]
     if rng is None:
         return base
     r, g, b = (min(255, max(0, c + rng.randint(-COLOR_JITTER, COLOR_JITTER))) for c in base)
@@ -329,10 +351,11 @@ def _metadata_line(file_name: str, caption: str, a: Attributes) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
-def _fill_directory(directory: Path, num_images: int, seed: int, size: int, split: str) -> None:
+def _fill_directory(directory: Path, num_images: int, seed: int, size: int, split: str,
+                    combinations: list[Attributes] | None = None) -> None:
     """Write the images and metadata.jsonl into an (empty) directory."""
     rng = random.Random(seed)
-    combos = _combination_stream(split_combinations(split), num_images, rng)
+    combos = _combination_stream(combinations or split_combinations(split), num_images, rng)
     width = max(5, len(str(num_images - 1)))
     lines: list[str] = []
     for index, a in enumerate(combos):
@@ -362,9 +385,11 @@ def write_dataset(
     size: int = 32,
     split: str = "train",
     overwrite: bool = False,
+    combinations: list[Attributes] | None = None,
 ) -> Path:
     """Write `num_images` captioned images of `split` ("train", "heldout" or "all") to `out_dir`.
 
+    `combinations`, if given, replaces the split's (e.g. `new_color_combinations("pink", "train")` plus known ones).
     The files are written into a temporary sibling directory that is renamed into place at the end, so an
     interrupted run never leaves a half-written dataset at `out_dir`. Returns the output path.
     """
@@ -374,7 +399,7 @@ def write_dataset(
     tmp = _unique_sibling(out, "tmp")
     tmp.mkdir()
     try:
-        _fill_directory(tmp, num_images, seed, size, split)
+        _fill_directory(tmp, num_images, seed, size, split, combinations)
         _replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -46,6 +46,7 @@ class Settings:
     sampler: str | None = None  # None: the pipeline's default
     size: int = 32  # the model's native image side: init images and masks are rendered at it
     progress: bool = False  # one bar per test
+    new_colors: tuple[str, ...] = ()  # colours outside the spec the reader also knows (ldm-eval --new-color)
 
 
 def generate(
@@ -73,7 +74,8 @@ def prompt_adherence(
     """Per-attribute and all-five accuracy of images generated from the canonical captions of `combos`."""
     pairs = []
     for a in _bar(combos, desc, s):
-        pairs += [(a, read_attributes(image)) for image in generate(pipe, canonical_caption(a), s, cfg=cfg)]
+        images = generate(pipe, canonical_caption(a), s, cfg=cfg)
+        pairs += [(a, read_attributes(image, s.new_colors)) for image in images]
     return {"cfg": cfg, "prompts": len(combos), "images": len(pairs), "accuracy": attribute_accuracy(pairs)}
 
 
@@ -91,7 +93,8 @@ def negative_prompt_test(pipe: ImageGenerator, combos: list[Attributes], s: Sett
     reads: dict[str, list[tuple[Attributes, Attributes]]] = {"": [], NEGATIVE_COLOR: []}
     for a in _bar(combos, "negative prompt", s):
         for negative, pairs in reads.items():
-            pairs += [(a, read_attributes(image)) for image in generate(pipe, colorless_caption(a), s, negative)]
+            images = generate(pipe, colorless_caption(a), s, negative)
+            pairs += [(a, read_attributes(image, s.new_colors)) for image in images]
     return {
         "negative": NEGATIVE_COLOR,
         "cfg": s.cfg,
@@ -109,7 +112,7 @@ def img2img_test(pipe: ImageGenerator, cases: list[Recolor], s: Settings) -> dic
     for case in _bar(cases, "img2img", s):
         init = render(case.source, s.size)
         images = generate(pipe, canonical_caption(case.target), s, init_image=init, strength=IMG2IMG_STRENGTH)
-        pairs += [(case.target, read_attributes(image)) for image in images]
+        pairs += [(case.target, read_attributes(image, s.new_colors)) for image in images]
     return {
         "strength": IMG2IMG_STRENGTH,
         "cfg": s.cfg,
@@ -143,7 +146,7 @@ def inpaint_test(pipe: ImageGenerator, cases: list[Recolor], s: Settings) -> dic
         for image in images:
             out = np.asarray(image.convert("RGB"), dtype=np.int16)[:, s.size // 2 :]
             max_diff = max(max_diff, int(np.abs(out - kept).max()))
-            pairs.append((case.target, read_attributes(image)))
+            pairs.append((case.target, read_attributes(image, s.new_colors)))
     return {
         "mask": "left half",
         "strength": INPAINT_STRENGTH,

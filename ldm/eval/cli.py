@@ -2,6 +2,7 @@
 
     ldm-eval --model runs/demo/model --json eval.json
     ldm-eval --model runs/demo/model --quick            # a smoke test in a minute, clearly labelled as such
+    ldm-eval --lora runs/demo/lora-pink/lora/pink.safetensors --new-color pink   # with a LoRA; a new colour too
 
 Sections: the attribute reader on rendered ground truth (is the judge right?), the model's VAE reconstructions (the
 ceiling for generation), prompt adherence on held-out and training combinations at the guidance scale and at the
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's default)")
     p.add_argument("--device", default="auto", help="auto (the default), cpu, cuda, cuda:N or mps")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA to the model under test (as ldm-generate --lora); repeatable")
+    p.add_argument("--new-color", action="append", default=[], metavar="NAME",
+                   help="a colour outside the training spec (ldm.data.shapes.NEW_COLORS, e.g. pink) that the reader "
+                        "also knows, with its own prompt section; repeatable")
     p.add_argument("--quick", action="store_true",
                    help="a few prompts per test, 1 seed, fewer steps: a smoke test, labelled as one")
     return p
@@ -67,6 +73,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("cfg", "baseline_cfg"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    from ldm.data.shapes import NEW_COLORS
+
+    for name in args.new_color:
+        if name not in NEW_COLORS:
+            raise UserError(f"--new-color {name!r} is not one of {', '.join(NEW_COLORS)} (ldm.data.shapes.NEW_COLORS)")
     if args.json is not None and not Path(args.json).absolute().parent.is_dir():
         raise UserError(f"--json '{args.json}': directory '{Path(args.json).absolute().parent}' does not exist")
 
@@ -80,25 +91,30 @@ def _timed(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _reader_check(size: int) -> dict[str, Any]:
-    """The judge on ground truth: jittered renders of all 630 combinations, which it should read ~100% right."""
-    from ldm.data.shapes import all_combinations, render
+def _reader_check(size: int, new_colors: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The judge on ground truth: jittered renders of all 630 combinations (and the 90 of each new colour), which it
+    should read ~100% right."""
+    from ldm.data.shapes import all_combinations, new_color_combinations, render
     from ldm.eval.reader import attribute_accuracy, read_attributes
 
     rng = random.Random(READER_SEED)
-    pairs = [(a, read_attributes(render(a, size, rng))) for a in all_combinations()]
+    combos = all_combinations() + [a for name in new_colors for a in new_color_combinations(name)]
+    pairs = [(a, read_attributes(render(a, size, rng), new_colors)) for a in combos]
     return {"images": len(pairs), "accuracy": attribute_accuracy(pairs)}
 
 
-def _vae_check(vae, size: int, quick: bool) -> dict[str, Any]:
-    """The VAE's reconstructions of 2 jittered renders of each of the 630 combinations (--quick: 63 of them, once)."""
-    from ldm.data.shapes import all_combinations
+def _vae_check(vae, size: int, quick: bool, new_colors: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The VAE's reconstructions of 2 jittered renders of each of the 630 combinations (and the 90 of each new
+    colour; --quick: 63 of them, once)."""
+    from ldm.data.shapes import all_combinations, new_color_combinations
     from ldm.eval.prompts import spread
     from ldm.eval.vae import reconstruction_accuracy
 
-    combos = spread(all_combinations(), QUICK_VAE_IMAGES) if quick else all_combinations()
+    combos = all_combinations() + [a for name in new_colors for a in new_color_combinations(name)]
+    combos = spread(combos, QUICK_VAE_IMAGES) if quick else combos
     repeats = 1 if quick else 2
-    return {"images": repeats * len(combos), "accuracy": reconstruction_accuracy(vae, combos, size=size, repeats=repeats)}
+    accuracy = reconstruction_accuracy(vae, combos, size=size, repeats=repeats, new_colors=new_colors)
+    return {"images": repeats * len(combos), "accuracy": accuracy}
 
 
 def _adherence(pipe, sets, s, baseline_cfg: float) -> dict[str, Any]:
@@ -114,10 +130,27 @@ def _adherence(pipe, sets, s, baseline_cfg: float) -> dict[str, Any]:
     return {"rows": rows, "guidance_gain_points": gains}
 
 
+def _new_colors(pipe, s, quick: bool) -> dict[str, Any]:
+    """Per new colour: prompts of its 9 held-out combinations and of 27 of its training ones (for a LoRA that taught
+    it, ldm.data.new_color), at the guidance scale."""
+    from ldm.data.shapes import new_color_combinations
+    from ldm.eval.adherence import prompt_adherence
+    from ldm.eval.prompts import QUICK_PROMPTS, spread
+
+    rows = []
+    for name in s.new_colors:
+        for split, n in (("heldout", 9), ("train", 27)):
+            combos = spread(new_color_combinations(name, split), QUICK_PROMPTS if quick else n)
+            row = prompt_adherence(pipe, combos, s, s.cfg, desc=f"{name} {split} @ cfg {s.cfg:g}")
+            rows.append({"set": f"{name} {split}", **row})
+    return {"rows": rows}
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Validate, load the model, run every section; returns the report (see `ldm.eval.report`)."""
     from ldm.eval import adherence as ad
     from ldm.eval.prompts import FIRST_SEED, prompt_sets
+    from ldm.lora.prompt_tags import parse_lora_option
     from ldm.pipeline.device import dtype_name, pick_device
     from ldm.pipeline.loading import check_model, resolve_model
     from ldm.pipeline.pipeline import Pipeline
@@ -129,23 +162,28 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     check_model(root)
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(root, device=device)
+    for path, scale in map(parse_lora_option, args.lora):
+        pipe.load_lora(path, scale)
     log.info("loaded %s on %s in %.1fs", root, device, time.perf_counter() - start)
 
     s = ad.Settings(
         steps=args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS), cfg=args.cfg,
         seeds=args.seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS), sampler=args.sampler,
-        size=pipe.default_size, progress=True,
+        size=pipe.default_size, progress=True, new_colors=tuple(args.new_color),
     )
     sets = prompt_sets(quick=args.quick)
     report: dict[str, Any] = {
-        "quick": args.quick, "model": str(root), "device": str(device), "dtype": dtype_name(pipe.dtype),
+        "quick": args.quick, "model": str(root) + "".join(f" + LoRA {spec}" for spec in args.lora),
+        "device": str(device), "dtype": dtype_name(pipe.dtype),
         "settings": {"steps": s.steps, "cfg": s.cfg, "baseline_cfg": args.baseline_cfg, "seeds": s.seeds,
                      "first_seed": FIRST_SEED, "sampler": s.sampler or DEFAULT_SAMPLER, "size": s.size},
     }
     start = time.perf_counter()
-    report["reader"] = _timed("reader check", lambda: _reader_check(s.size))
-    report["vae"] = _timed("VAE reconstruction", lambda: _vae_check(pipe.vae, s.size, args.quick))
+    report["reader"] = _timed("reader check", lambda: _reader_check(s.size, s.new_colors))
+    report["vae"] = _timed("VAE reconstruction", lambda: _vae_check(pipe.vae, s.size, args.quick, s.new_colors))
     report["adherence"] = _timed("prompt adherence", lambda: _adherence(pipe, sets, s, args.baseline_cfg))
+    if s.new_colors:
+        report["new_colors"] = _timed("new colours", lambda: _new_colors(pipe, s, args.quick))
     report["negative"] = _timed("negative prompt", lambda: ad.negative_prompt_test(pipe, sets.negative, s))
     report["img2img"] = _timed("img2img", lambda: ad.img2img_test(pipe, sets.img2img, s))
     report["inpaint"] = _timed("inpainting", lambda: ad.inpaint_test(pipe, sets.inpaint, s))

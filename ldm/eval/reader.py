@@ -25,12 +25,12 @@ mild blur/noise. The pipeline, and why each step is robust:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ldm.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SIZES, Attributes
+from ldm.data.shapes import BACKGROUNDS, COLORS, NEW_COLORS, POSITIONS, SIZES, Attributes
 
 ATTRIBUTE_NAMES: tuple[str, ...] = ("shape", "color", "background", "size", "position")
 
@@ -134,9 +134,14 @@ def _blank_guess(rgb: np.ndarray, background: str) -> Attributes:
     return Attributes(shape="circle", color=color, background=background, size="small", position="center")
 
 
-def read_attributes(image: Image.Image | np.ndarray) -> Attributes:
-    """Read shape, colour, background, size and position from a shapes-domain image."""
+def read_attributes(image: Image.Image | np.ndarray, new_colors: Sequence[str] = ()) -> Attributes:
+    """Read shape, colour, background, size and position from a shapes-domain image.
+
+    `new_colors`: names from `NEW_COLORS` (e.g. "pink") that join the palette the colour is snapped to.
+    """
     rgb = _to_rgb_array(image)
+    color_names = _COLOR_NAMES + list(new_colors)
+    color_rgb = np.concatenate([_COLOR_RGB, np.array([NEW_COLORS[n] for n in new_colors], np.float64).reshape(-1, 3)])
     height_px, width_px = rgb.shape[:2]
 
     bg_index = _nearest(_BG_RGB, np.median(_border_pixels(rgb), axis=0))
@@ -149,7 +154,7 @@ def read_attributes(image: Image.Image | np.ndarray) -> Attributes:
         return _blank_guess(rgb, background_name)
     interior = candidates & (distance >= np.median(distance[candidates]))
     foreground = np.median(rgb[interior], axis=0)
-    color_name = _COLOR_NAMES[_nearest(_COLOR_RGB, foreground)]
+    color_name = color_names[_nearest(color_rgb, foreground)]
 
     alpha = _coverage(rgb, background, foreground)
     if alpha.sum() < 1.0:

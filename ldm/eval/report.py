@@ -36,6 +36,8 @@ def format_report(r: dict[str, Any]) -> str:
     out = [f"## Prompt adherence{quick}", "", intro, ""]
     rows = [_accuracy_row("reader on jittered renders", r["reader"]), _accuracy_row("VAE reconstructions", r["vae"])]
     rows += [_accuracy_row(f"{row['set']} prompts @ cfg {float(row['cfg'])}", row) for row in r["adherence"]["rows"]]
+    rows += [_accuracy_row(f"{row['set']} prompts @ cfg {float(row['cfg'])}", row)
+             for row in r.get("new_colors", {}).get("rows", [])]
     out += _table(["check", "images", *ATTRIBUTE_NAMES, "all five"], rows)
     gains = ", ".join(f"{name} {pts:+.1f}" for name, pts in r["adherence"]["guidance_gain_points"].items())
     gain = f"cfg {float(s['cfg'])} minus cfg {float(s['baseline_cfg'])}"
@@ -64,8 +66,8 @@ def format_report(r: dict[str, Any]) -> str:
         [["recolour", str(p["images"]), str(p["max_outside_diff"]), _pct(p["target_color"]),
           _pct(p["others_match"])]],
     )
-    times = ", ".join(f"{k} {r[k]['seconds']:.1f}s" for k in ("reader", "vae", "adherence", "negative", "img2img",
-                                                               "inpaint"))
+    times = ", ".join(f"{k} {r[k]['seconds']:.1f}s" for k in ("reader", "vae", "adherence", "new_colors", "negative",
+                                                               "img2img", "inpaint") if k in r)
     out += ["", f"Wall time: {times}; total {r['total_seconds']:.1f}s."]
     return "\n".join(out)
 

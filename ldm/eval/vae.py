@@ -31,9 +31,10 @@ def reconstruction_accuracy(
     repeats: int = 2,
     seed: int = 0,
     batch_size: int = 128,
+    new_colors: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """Attribute accuracy of `vae`'s reconstructions (posterior mean) of `repeats` jittered renders of each of
-    `combos` (default: all 630 combinations)."""
+    `combos` (default: all 630 combinations); `new_colors` join the reader's palette."""
     combos = [a for _ in range(repeats) for a in (combos or all_combinations())]
     pixels = render_pixels(combos, size, seed)
     device, dtype = vae.device, vae.dtype
@@ -42,5 +43,5 @@ def reconstruction_accuracy(
         x = pixels[start : start + batch_size].to(device, dtype)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
         for a, image in zip(combos[start : start + batch_size], float_to_uint8(tensor_to_float_images(recon))):
-            pairs.append((a, read_attributes(image)))
+            pairs.append((a, read_attributes(image, new_colors)))
     return attribute_accuracy(pairs)

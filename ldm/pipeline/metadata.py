@@ -5,6 +5,9 @@
     Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, Denoising strength: 0.6
 
 Other tools (A1111, ComfyUI readers, image browsers) read this chunk; `--from-png` parses it back into arguments.
+A hires-fix image is written as A1111 writes one: `Size` is the first pass's size, `Denoising strength` the second
+pass's strength, then `Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent` (`Hires steps` only when it is not
+the first pass's number of steps).
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class GenerationParams:
     strength: float | None = None  # img2img and inpainting only
     guidance_rescale: float = 0.0
     mask_blur: int | None = None  # inpainting only
+    # hires fix (txt2img only): width x height is the first pass; the image is scaled by hires_scale
+    hires_scale: float | None = None
+    hires_strength: float | None = None  # the second (img2img) pass's strength
+    hires_steps: int = 0  # the second pass's schedule length; 0 = `steps` (A1111's convention)
+    hires_upscaler: str | None = None  # 'latent' | 'lanczos' (ldm.pipeline.hires.UPSCALERS)
     lora_hashes: str = ""  # A1111's 'Lora hashes': "name: short hash, ..." of the LoRAs merged (ldm/lora/)
     clip_skip: int = 1  # A1111's "Clip skip"; 1 = the text encoder's own layer, not written (as A1111 does)
 
@@ -57,10 +65,17 @@ def format_parameters(p: GenerationParams) -> str:
     ]
     if p.strength is not None:
         fields.append(("Denoising strength", _num(p.strength)))
+    if p.hires_strength is not None:
+        fields.append(("Denoising strength", _num(p.hires_strength)))
     if p.mask_blur is not None:
         fields.append(("Mask blur", p.mask_blur))
     if p.guidance_rescale:
         fields.append(("CFG rescale", _num(p.guidance_rescale)))
+    if p.hires_scale is not None:
+        fields.append(("Hires upscale", _num(p.hires_scale)))
+        if p.hires_steps:
+            fields.append(("Hires steps", p.hires_steps))
+        fields.append(("Hires upscaler", HIRES_UPSCALER_LABELS.get(p.hires_upscaler or "", p.hires_upscaler)))
     if p.lora_hashes:
         fields.append(("Lora hashes", p.lora_hashes))
     if p.clip_skip != 1:
@@ -73,14 +88,37 @@ def format_parameters(p: GenerationParams) -> str:
 _FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
-def parse_parameters(text: str) -> dict[str, Any]:
+# the fields `parse_parameters` reads; `unread_fields` names the others (A1111 writes many: Model hash, Version, ...)
+READ_FIELDS = (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Denoising strength", "Mask blur",
+    "CFG rescale", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Clip skip",
+)
+HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> A1111's names
+
+
+def parameter_fields(text: str) -> dict[str, str]:
+    """The `Key: value` pairs of the last line (unquoted), as written; {} when there is no such line."""
+    lines = text.strip("\n").split("\n")
+    fields_line = lines[-1] if lines and "Steps:" in lines[-1] else ""
+    return {k.strip(): _unquote(v.strip()) for k, v in _FIELD.findall(fields_line)}
+
+
+def unread_fields(text: str) -> list[str]:
+    """The field names in `text` that `parse_parameters` drops, in their order."""
+    return [k for k in parameter_fields(text) if k not in READ_FIELDS]
+
+
+def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Inverse of `format_parameters` -> a dict of GenerationParams field names; keys it does not know are dropped.
 
     The last line holds the `Key: value` list; the lines before it are the prompt, up to a line starting with
-    'Negative prompt:' (the rest up to the last line is the negative prompt), as A1111 writes it.
+    'Negative prompt:' (the rest up to the last line is the negative prompt), as A1111 writes it
+    (modules/infotext_utils.py, parse_generation_parameters). Fields named in `skip` are not read (the CLI skips
+    those the user overrides, so that e.g. a sampler we lack does not stop a replay with `--sampler`).
     """
     lines = text.strip("\n").split("\n")
-    fields_line = lines.pop() if lines and "Steps:" in lines[-1] else ""
+    if lines and "Steps:" in lines[-1]:
+        lines.pop()
     prompt_lines: list[str] = []
     negative_lines: list[str] | None = None
     for line in lines:
@@ -94,7 +132,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
     if negative_lines is not None:
         out["negative_prompt"] = "\n".join(negative_lines)
 
-    raw = {k.strip(): _unquote(v.strip()) for k, v in _FIELD.findall(fields_line)}
+    raw = {k: v for k, v in parameter_fields(text).items() if k not in skip}
     if "Steps" in raw:
         out["steps"] = int(raw["Steps"])
     if "Sampler" in raw:
@@ -110,8 +148,15 @@ def parse_parameters(text: str) -> dict[str, Any]:
         out["width"], out["height"] = int(width), int(height)
     if "Model" in raw:
         out["model"] = raw["Model"]
-    if "Denoising strength" in raw:
-        out["strength"] = float(raw["Denoising strength"])
+    hires = "Hires upscale" in raw
+    if "Denoising strength" in raw:  # with a hires fix, the second pass's strength (the image is txt2img)
+        out["hires_strength" if hires else "strength"] = float(raw["Denoising strength"])
+    if hires:
+        out["hires_scale"] = float(raw["Hires upscale"])
+        out["hires_steps"] = int(raw.get("Hires steps", 0))
+        upscaler = raw.get("Hires upscaler", "Latent")  # A1111's default (its latent_upscale_default_mode)
+        labels = {v.lower(): k for k, v in HIRES_UPSCALER_LABELS.items()}
+        out["hires_upscaler"] = labels.get(upscaler.lower(), upscaler)  # another name is refused where it is used
     if "Mask blur" in raw:
         out["mask_blur"] = int(raw["Mask blur"])
     if "CFG rescale" in raw:

@@ -24,6 +24,7 @@ from ldm.lora.apply import AppliedLora, LoraStack
 from ldm.pipeline import images as im
 from ldm.pipeline.denoise import Inpaint, denoise
 from ldm.pipeline.device import pick_device, pick_dtype
+from ldm.pipeline.hires import HiresFix
 from ldm.pipeline.loading import Components, load_components, resolve_model
 from ldm.pipeline.metadata import GenerationParams
 from ldm.pipeline.samplers import DEFAULT_SAMPLER, make_scheduler
@@ -70,7 +71,7 @@ class Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         vae_tiling: bool = False,
-        compile_unet: bool = False,
+        compile_unet: bool | str = False,
     ) -> None:
         self.unet = components.unet
         self.vae: AutoencoderKL = components.vae
@@ -87,7 +88,13 @@ class Pipeline:
         if vae_tiling:
             self.vae.enable_tiling()  # decode (and encode) in overlapping tiles: memory grows with tile, not image
         # diffusers' default attention processor is already AttnProcessor2_0 (torch SDPA); nothing to set here
-        self._unet_fn = torch.compile(self.unet) if compile_unet else self.unet
+        # compile_unet True/"regional": diffusers' regional compilation (`compile_repeated_blocks`, in place): the
+        # transformer blocks' code is compiled once and reused by every block, with dynamic shapes so that a new
+        # image size (a hires pass, a prompts file's sizes) does not compile again; same pixels to ~1e-6, a fraction
+        # of the whole U-Net's warm-up (bench/RESULTS.md). "full": torch.compile of the whole U-Net.
+        self._unet_fn = torch.compile(self.unet) if compile_unet == "full" else self.unet
+        if compile_unet and compile_unet != "full":
+            self.unet.compile_repeated_blocks(dynamic=True)
         self.loras = LoraStack(self.unet, self.text_encoder)  # merged LoRAs (ldm/lora/apply.py)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> AppliedLora:
@@ -119,7 +126,7 @@ class Pipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         vae_tiling: bool = False,
-        compile_unet: bool = False,
+        compile_unet: bool | str = False,
         vae: str | Path | None = None,
         prediction_type: str | None = None,
     ) -> Pipeline:
@@ -152,6 +159,7 @@ class Pipeline:
         strength: float | None = None,
         mask_blur: int = DEFAULT_MASK_BLUR,
         guidance_rescale: float = 0.0,
+        hires: HiresFix | None = None,
         clip_skip: int = 1,
         show_progress: bool = True,
         on_image: Callable[[Image.Image, GenerationParams], None] | None = None,
@@ -163,7 +171,8 @@ class Pipeline:
 
         txt2img without `init_image`; img2img with it (`strength` in (0, 1], default 0.75: the share of the schedule
         re-noised, diffusers' convention); inpainting with `init_image` and `mask` (white = repaint, default
-        strength 1.0). `on_image(image, params)` is called as each image is finished (the CLI saves there);
+        strength 1.0). `hires` adds a hires-fix pass to txt2img (`ldm.pipeline.hires`). `on_image(image, params)`
+        is called as each image is finished (the CLI saves there);
         `on_step(done, total)` after each U-Net evaluation, counted over the whole run (the server reports progress
         there, and stops a job at the next step by raising from it).
         A1111 LoRA tags in the prompt (`<lora:name:0.8>`) are taken out of the encoded text and merged from
@@ -171,6 +180,8 @@ class Pipeline:
         Prompts use A1111's emphasis syntax and may be longer than 77 tokens (ldm/text/prompt_encoding.py);
         `clip_skip` is A1111's "Clip skip" (1 = the text encoder's configured layer).
         """
+        if hires is not None and init_image is not None:
+            raise UserError("the hires fix is for txt2img: drop --hires-scale or --init-image")
         if mask is not None and init_image is None:
             raise UserError("a mask needs an init image (--init-image) to inpaint")
         if init_image is not None and strength is None:
@@ -194,6 +205,9 @@ class Pipeline:
             guidance_rescale=guidance_rescale, mask_blur=mask_blur if job.mask is not None else None,
             lora_hashes=used_loras, clip_skip=clip_skip,
         )
+        if hires is not None:
+            hires.check(steps, job.height, job.width, self.vae_factor)
+            base = hires.record(base)
 
         # (1, 77 * chunks, D) each, A1111 prompt syntax (ldm/text/prompt_encoding.py) on the text without its LoRA
         # tags; the unconditional branch is only computed when guidance uses it
@@ -213,6 +227,9 @@ class Pipeline:
         probe = make_scheduler(sampler, self.scheduler_config, karras)
         probe.set_timesteps(steps)
         per_batch = len(probe.timesteps) - (steps - steps_run) * probe.order
+        if hires is not None:
+            probe.set_timesteps(hires.steps or steps)
+            per_batch += hires.unet_calls(probe, base)
         num_batches = -(-num_images // batch_size)
         progress = progress_bar(total=num_batches * per_batch, disable=not show_progress, desc="denoising",
                                 unit="step", file=sys.stderr, leave=False)
@@ -228,6 +245,11 @@ class Pipeline:
         for start in range(0, num_images, batch_size):
             seeds = [seed + i for i in range(start, min(start + batch_size, num_images))]
             latents = self._sample(seeds, cond, uncond, image_latents, job, base, step)
+            if hires is not None:  # img2img of the upscaled first pass, same seeds
+                second = hires.second_pass(base, self.vae_factor)
+                upscaled = hires.upscale(self, latents, (second.height, second.width))
+                latents = self._sample(seeds, cond, uncond, upscaled, _Job(second.height, second.width), second,
+                                       step)
             decoded = tensor_to_float_images(self._decode(latents))  # (b, H, W, 3) in [0, 1]
             decoded_all.append(decoded)
             for s, pixels in zip(seeds, float_to_uint8(decoded)):
@@ -268,7 +290,7 @@ class Pipeline:
         seeds: list[int],
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
-        image_latents: tuple[torch.Tensor, torch.Tensor] | None,
+        image_latents: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,  # posterior, or latents as they are
         job: _Job,
         p: GenerationParams,
         on_step: Callable[[], None],
@@ -292,7 +314,8 @@ class Pipeline:
             timesteps = timesteps[t_start:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(t_start)  # sigma-based samplers look their noise level up by index
-            known = self._sample_posterior(image_latents, gens)  # (b, C, h, w): draw 1 of each generator
+            known = (image_latents if isinstance(image_latents, torch.Tensor)
+                     else self._sample_posterior(image_latents, gens))  # (b, C, h, w): draw 1 of each generator
             noise = self._to_device(per_image_noise(gens, shape))  # draw 2
             if job.mask is not None and p.strength == 1.0:
                 # inpainting from scratch starts from pure noise, as StableDiffusionInpaintPipeline does

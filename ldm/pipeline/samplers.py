@@ -69,17 +69,33 @@ def sampler_label(name: str, karras: bool = False) -> str:
     return s.label + (" Karras" if karras or s.karras else "")
 
 
+# AUTOMATIC1111's other spellings of the samplers we have (its `aliases`, from modules/sd_samplers_kdiffusion.py):
+# alias -> (our name, karras). Its labels themselves ("Euler a", "DPM++ 2M", "PLMS", ...) are in SAMPLERS.
+A1111_ALIASES: dict[str, tuple[str, bool]] = {
+    "k_euler_a": ("euler_a", False), "k_euler_ancestral": ("euler_a", False), "k_euler": ("euler", False),
+    "k_lms": ("lms", False), "k_lms_ka": ("lms", True), "k_heun": ("heun", False),
+    "k_dpmpp_2m": ("dpmpp_2m", False), "k_dpmpp_2m_ka": ("dpmpp_2m", True),
+}
+
+
 def sampler_from_label(label: str) -> tuple[str, bool]:
-    """Inverse of `sampler_label`, also accepting our own names: 'DPM++ 2M Karras' -> ('dpmpp_2m', True)."""
-    text = label.strip()
-    karras = text.lower().endswith(" karras")
+    """A sampler as a user or a PNG names it -> (our name, karras), case-insensitive: our names ('dpmpp_2m'),
+    AUTOMATIC1111's labels with or without ' Karras' ('DPM++ 2M Karras' -> ('dpmpp_2m', True), 'Euler a', 'DDIM',
+    'PLMS') and its k_ aliases ('k_dpmpp_2m_ka'). The inverse of `sampler_label`."""
+    text = " ".join(label.split()).lower()
+    if text in SAMPLERS:
+        return text, False  # dpmpp_2m_karras carries its Karras spacing itself
+    if text in A1111_ALIASES:
+        return A1111_ALIASES[text]
+    karras = text.endswith(" karras")
     base = text[: -len(" karras")] if karras else text
     for name, s in SAMPLERS.items():
-        if not s.karras and base.lower() in (name, s.label.lower()):
+        if not s.karras and base in (name, s.label.lower()):
             return name, karras
-    if text in SAMPLERS:
-        return text, False
-    raise UserError(f"unknown sampler '{label}'; known samplers: {', '.join(SAMPLERS)}")
+    raise UserError(
+        f"unknown sampler '{label}'; known samplers: {', '.join(SAMPLERS)} (or AUTOMATIC1111's names for them: "
+        f"{', '.join(dict.fromkeys(s.label for s in SAMPLERS.values()))}, with ' Karras' where it applies)"
+    )
 
 
 def make_scheduler(name: str, model_config: Mapping[str, Any], karras: bool = False) -> SchedulerMixin:

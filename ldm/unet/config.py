@@ -10,6 +10,7 @@ from typing import Literal
 from ldm.config import check
 from ldm.data.config import DataConfig
 from ldm.latents.config import LatentCacheConfig
+from ldm.lora.config import LoRAConfig
 from ldm.text.config import TextEncoderConfig
 from ldm.text.prompt_syntax import check_prompt
 from ldm.unet.objective import NoiseConfig
@@ -106,6 +107,7 @@ class LDMConfig:
     optim: LDMOptimConfig = field(default_factory=LDMOptimConfig)
     train: LDMTrainLoopConfig = field(default_factory=LDMTrainLoopConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # train adapters only (ldm/lora/); off by default
 
     def latent_cache(self) -> LatentCacheConfig:
         """The cache section, encoding with the fine-tuned model's own VAE when `model.pretrained_vae` is set."""

@@ -1,0 +1,61 @@
+"""A trained adapter on disk, in the two formats the ecosystem loads; both in one directory, written atomically:
+
+    lora/pytorch_lora_weights.safetensors   diffusers/peft: `unet.<module path>.lora_A.weight` (rank x in) and
+                                            `.lora_B.weight` (out x rank); rank and alpha as diffusers' adapter
+                                            metadata. Loads with `StableDiffusionPipeline.load_lora_weights(dir)`.
+    lora/<name>.safetensors                 kohya (A1111, ComfyUI): `lora_unet_<module path, dots as _>.lora_down.weight`,
+                                            `.lora_up.weight` and `.alpha`; the update is up @ down * alpha / rank.
+                                            `ss_network_dim` / `ss_network_alpha` in the metadata, as kohya writes.
+
+Keys come from peft's `get_peft_model_state_dict`. The diffusers file keeps peft's key names, as diffusers'
+`save_lora_adapter` does: `convert_state_dict_to_diffusers` (what its older SD scripts call) renames only the
+attention projections (to `.lora.down`), so a file with feed-forward targets would mix two spellings. The kohya file
+comes from diffusers' `convert_state_dict_to_kohya`, with two corrections: it writes alpha = rank whatever the
+adapter's alpha was (a file trained with alpha != rank would load at the wrong strength), and it names the text
+encoder `lora_te1_` (SDXL's spelling; SD 1.x/2.x files use `lora_te_`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+
+from ldm.files import atomic_directory
+from ldm.lora.config import LoRAConfig
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def peft_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, `unet.<module path>.lora_A.weight` / `.lora_B.weight`, as fp32 CPU copies."""
+    return {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def kohya_state_dict(peft: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft keys (with the `unet.` / `text_encoder.` prefix) -> kohya keys, with the adapter's own alpha."""
+    kohya = {}
+    for key, value in convert_state_dict_to_kohya(peft).items():
+        key = key.replace("lora_te1_", "lora_te_", 1)
+        kohya[key] = torch.tensor(float(alpha)) if key.endswith(".alpha") else value
+    return kohya
+
+
+def save_lora(directory: str | Path, unet: nn.Module, cfg: LoRAConfig, base_model: str = "") -> Path:
+    """Write both files for the adapter in `unet` into `directory` (replaced as a whole, never half-written)."""
+    peft = peft_state_dict(unet)
+    config = unet.peft_config["default"].to_dict()
+    kohya_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
+                  "ss_network_alpha": f"{cfg.alpha:g}", "ss_sd_model_name": base_model, "ldm_targets": ",".join(cfg.targets)}
+    with atomic_directory(directory) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers={k.removeprefix("unet."): v for k, v in peft.items()},
+            unet_lora_adapter_metadata=config, weight_name=DIFFUSERS_FILE, safe_serialization=True)
+        save_file(kohya_state_dict(peft, cfg.alpha), str(tmp / f"{cfg.name}.safetensors"), metadata=kohya_meta)
+    return Path(directory)
