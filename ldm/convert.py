@@ -5,7 +5,8 @@ or such a file -> a diffusers directory. The direction follows from SRC.
     ldm-convert runs/ldm-tiny/model model-fp16.safetensors --half
     ldm-convert v1-5-pruned-emaonly.safetensors sd15/            # single file -> diffusers directory
 
-The output is written atomically (never half a file or directory) and never over an existing one. A file written
+The output is written atomically (never half a file or directory) and never over an existing one (checked before
+the work and again when the output is put in place). A file written
 here reads back in diffusers' `StableDiffusionPipeline.from_single_file(DST, config=SRC)`; its header also holds
 the component configs, so `ldm-generate --model DST` rebuilds the model exactly (ldm/singlefile/__init__.py).
 """
@@ -66,6 +67,9 @@ def run(src: Path, dst: Path, half: bool = False, prediction_type: str | None = 
         print(f"{dst}: {', '.join(f'{n} {k} tensors' for k, n in parts.items())}"
               f"{' (fp16)' if half else ''}", file=sys.stderr)
     else:
+        if dst.suffix.lower() == ".safetensors":
+            raise UserError(f"'{src}' is a single file, so DST is the diffusers directory to write, but '{dst}' ends in "
+                            ".safetensors: name a directory (file -> file is not a conversion)")
         file_to_directory(src, dst, half=half, prediction_type=prediction_type)
 
 

@@ -8,6 +8,8 @@ directory (the rename itself is only durable once the directory is).
 - `atomic_write_bytes` / `atomic_write_text`: one file (a latent shard, a manifest, a tokenizer file, a report).
 - `atomic_directory`: a directory filled in a block (an exported model): every file and directory in it is fsynced
   before the rename; an existing directory is replaced only once the new one is complete (`replace_directory`).
+- `atomic_write_safetensors`: one safetensors file written by path (safetensors' own writer, no copy of the whole
+  file in memory), so a multi-GB model is never held twice.
 - `write_synced`, `fsync_file`, `fsync_dir`, `fsync_tree`: the steps, for callers that publish by other means
   (a checkpoint sealed by its manifest, a PNG that must never overwrite an existing name).
 """
@@ -64,15 +66,55 @@ def atomic_write_bytes(path: str | Path, content: Content) -> None:
     fsync_dir(path.parent)
 
 
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` by path, then fsync. I/O failures surface as `OSError` (safetensors reports
+    them as its own error type, "... os error 28"), so a full disk is handled like any other write failure."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        message = str(e)
+        if "I/O error" in message or "os error" in message:
+            code = re.search(r"os error (\d+)", message)
+            raise OSError(int(code.group(1)) if code else errno.EIO, message, str(path)) from e
+        raise
+    fsync_file(path)
+
+
+def atomic_write_safetensors(
+    path: str | Path, tensors: dict, metadata: dict[str, str] | None = None, *, replace: bool = True
+) -> None:
+    """`atomic_write_bytes` for a safetensors file, written by path (`write_safetensors`) rather than from a bytes
+    copy of it. With `replace=False` an existing `path` is never replaced, even one created while this wrote:
+    the temporary is hard-linked into place (which fails with `FileExistsError`), then unlinked."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        write_safetensors(tmp, tensors, metadata)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """`atomic_write_bytes` of UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager
-def atomic_directory(directory: str | Path) -> Iterator[Path]:
+def atomic_directory(directory: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling (not yet created) to fill; when the block succeeds, its contents are fsynced and it
-    takes `directory`'s place (`replace_directory`).
+    takes `directory`'s place (`replace_directory`). With `replace=False` an existing `directory` raises
+    `FileExistsError` instead: checked right before the rename (POSIX has no portable no-replace rename of a
+    directory), so only a directory created in that instant could be lost, and the temporary is removed.
 
     An interrupted or failed write leaves the previous `directory` (if any) untouched and the temporary behind, to
     be cleared by the next attempt. Not for concurrent writers of the same directory: they share the temporary.
@@ -83,6 +125,9 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     yield tmp
     fsync_tree(tmp)
+    if not replace and (directory.exists() or directory.is_symlink()):
+        remove_tree(tmp)
+        raise FileExistsError(errno.EEXIST, "File exists", str(directory))
     replace_directory(tmp, directory)
 
 
@@ -160,9 +205,11 @@ def os_reason(error: OSError) -> str:
     return f"{reason} ({error.filename})" if error.filename else reason
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, offset: int = 0) -> str:
+    """Hex sha256 of a file's bytes from `offset` on (e.g. a safetensors file's data after its header)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(offset)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -311,7 +311,7 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
     written: list[Path] = []
     loaded = time.perf_counter()
 
-    def work() -> int:
+    def work() -> list[str]:
         for index, seed, n in mine:
             line = lines[index]
             named = line_params(line, **settings)
@@ -320,7 +320,8 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
                 path = outdir / f"{number:05d}-{image_name(named.with_seed(params.seed))}"
                 write_png(image, params, path)
                 written.append(path)
-                print(path, flush=True)  # the only thing on stdout
+                if world == 1:
+                    print(path, flush=True)  # the only thing on stdout: as each image is written
 
             with torch.inference_mode():
                 pipe(line.prompt, line.negative, steps=line.steps, cfg=line.cfg, sampler=line.sampler,
@@ -328,13 +329,17 @@ def run_prompts_file(args: argparse.Namespace) -> list[Path]:
                      width=line.width, guidance_rescale=v["guidance_rescale"], hires=hires,
                      clip_skip=v["clip_skip"], lora_dir=args.lora_dir,
                      show_progress=not args.quiet and accelerator.is_main_process, on_image=save)
-        return len(written)
+        return [str(path) for path in written]
 
-    counts = run_on_all(accelerator, work, what="generating from the prompts file",
+    per_process = run_on_all(accelerator, work, what="generating from the prompts file",
                         describe_os_error=lambda reason: f"cannot write a PNG to '{outdir}': {reason}")
     seconds = time.perf_counter() - loaded
     if accelerator.is_main_process:
-        made = sum(counts)
+        if world > 1:  # one writer on stdout: the main process prints every process's paths, by rank
+            for paths in per_process:
+                if paths:
+                    print("\n".join(paths), flush=True)
+        made = sum(len(paths) for paths in per_process)
         timing = (f"model loaded in {loaded - start:.1f} s, images in {seconds:.1f} s ({made / seconds:.2f} images/s)"
                   if total else "nothing to generate")
         print(f"prompts file '{args.prompts_file}': {made} image(s) written, {done} already there (skipped), "

@@ -8,6 +8,7 @@ would be unpickled, which can run arbitrary code. Only safetensors weights are a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ldm.errors import UserError
@@ -88,3 +89,40 @@ def check_safetensors_file(path: Path) -> dict:
     if needed > size:
         raise UserError(f"'{path}' is truncated: it has {size} bytes, its header needs {needed}; download it again")
     return header
+
+
+def safetensors_data_offset(path: Path) -> int:
+    """Where a safetensors file's tensor data starts: after the 8-byte header length and the JSON header (the file
+    is not checked: `check_safetensors_file` does that)."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def read_safetensors(
+    path: Path,
+    keep: Callable[[str], bool] | None = None,
+    *,
+    header_only: bool = False,
+    problem: Callable[[str], str] | None = None,
+) -> tuple[dict, dict[str, str]]:
+    """The tensors (those whose name `keep` accepts; or, with `header_only`, their shapes) and the metadata of a
+    safetensors file. A damaged or unreadable file is a `UserError`: `problem(reason)` words it (default: "cannot
+    read '<path>': <reason>; download it again")."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            names = [k for k in f.keys() if keep is None or keep(k)]
+            if header_only:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in names}, metadata
+            return {k: f.get_tensor(k) for k in names}, metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        # SafetensorError: a damaged header or data; OSError: unreadable; ValueError/RuntimeError: torch cannot
+        # make a tensor of a dtype or shape the header claims
+        reason = _first_line(e)
+        raise UserError(problem(reason) if problem else f"cannot read '{path}': {reason}; download it again") from None

@@ -56,6 +56,7 @@ class Server:
     log: Path
     headers: dict[str, str]  # sent with every request (credentials)
     second_model: str = ""  # shared_server(): the second listed model's --model value
+    file_model: str = ""  # shared_server(): the third, a single-file checkpoint found by --models-dir
 
     @property
     def url(self) -> str:
@@ -118,13 +119,20 @@ def running_server(*args: str, headers: dict[str, str] | None = None, startup_s:
 
 @contextmanager
 def shared_server():
-    """The server of tests/conftest.py's `serve_server`: the demo model listed twice, the second time as a directory
-    of another name (`second_model`), so that switching between listed models is tested too."""
+    """The server of tests/conftest.py's `serve_server`: the demo model listed three times, the second time as a
+    directory of another name (`second_model`), the third as a single-file checkpoint in --models-dir (`file_model`,
+    written by ldm-convert's function), so that switching between listed models and single files are tested too."""
     from ldm.demo import MODEL_DIR
+    from ldm.singlefile.save import directory_to_file
 
     with tempfile.TemporaryDirectory() as tmp:
         second = Path(tmp) / "shapes-copy"
         second.symlink_to(MODEL_DIR, target_is_directory=True)
-        with running_server(*ARGS, "--model", "shapes-32px-demo", "--model", str(second), headers=AUTH) as server:
+        models_dir = Path(tmp) / "models"
+        models_dir.mkdir()
+        directory_to_file(MODEL_DIR, models_dir / "shapes-file.safetensors")
+        with running_server(*ARGS, "--model", "shapes-32px-demo", "--model", str(second), "--models-dir",
+                            str(models_dir), headers=AUTH) as server:
             server.second_model = str(second)
+            server.file_model = str(models_dir / "shapes-file.safetensors")
             yield server

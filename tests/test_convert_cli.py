@@ -103,3 +103,26 @@ def test_bad_input_is_one_line_and_exit_2(demo_file, tmp_path, capsys):
         assert code == 2 and len(errors) == 1 and message in errors[0], (argv, err)
         assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.safetensors", "model.ckpt"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(demo_file, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")  # what a real full disk leaves: part of the file
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    for argv in ([str(MODEL_DIR), str(out / "m.safetensors")], [str(demo_file), str(out / "m")]):
+        code, _, err = run(convert, argv, capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1, err
+        assert errors[0].startswith(f"error: cannot write {argv[1]}: No space left on device") and "Traceback" not in err
+        assert list(out.iterdir()) == []  # no partial output, no temporary
+    code, _, err = run(convert, [str(demo_file), str(out / "copy.safetensors")], capsys)  # file -> file
+    assert code == 2 and "is a single file, so DST is the diffusers directory to write" in err
+    assert list(out.iterdir()) == []

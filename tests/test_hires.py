@@ -40,11 +40,15 @@ def generate(argv, capsys):
 
 def test_lanczos_hires_is_img2img_of_the_resized_first_pass(pipe):
     hires = HiresFix(scale=2.0, strength=0.5, steps=6, upscaler="lanczos")
-    result = pipe("a red car", **BASE, hires=hires)
+    calls = []
+    result = pipe("a red car", **BASE, hires=hires, on_step=lambda done, total: calls.append((done, total)))
     assert result.images[0].size == (32, 32)
-    # by hand: the first pass, Lanczos-resized, then img2img at the target size with the same seed and sampler
+    # A1111's hires steps: the second pass runs all 6 (of a 12-step schedule, re-noised to half of it), after the 4
+    assert calls[-1] == (4 + 6, 4 + 6) and len(calls) == 10
+    # by hand: the first pass, Lanczos-resized, then img2img at the target size with the same seed and sampler, on
+    # A1111's stretched schedule: int(6 / 0.5) = 12 steps, of which the last 6 run
     first = pipe("a red car", **BASE).images[0]
-    by_hand = pipe("a red car", **{**BASE, "height": 32, "width": 32, "steps": 6},
+    by_hand = pipe("a red car", **{**BASE, "height": 32, "width": 32, "steps": 12},
                    init_image=first.resize((32, 32), Image.LANCZOS), strength=0.5)
     np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(by_hand.images[0]))
     p = result.params[0]
@@ -92,8 +96,6 @@ BAD = {
     "strength zero": (["--hires-scale", "2", "--hires-strength", "0"], "--hires-strength must be in (0, 1], got 0.0"),
     "strength above one": (["--hires-scale", "2", "--hires-strength", "1.5"], "--hires-strength must be in (0, 1]"),
     "negative steps": (["--hires-scale", "2", "--hires-steps", "-1"], "--hires-steps must be >= 0"),
-    "no step runs": (["--hires-scale", "2", "--hires-strength", "0.1", "--hires-steps", "5"],
-                     "--hires-strength 0.1 with 5 hires steps runs no denoising step"),
     "unknown upscaler": (["--hires-scale", "2", "--hires-upscaler", "R-ESRGAN 4x+"],
                          "hires upscaler 'R-ESRGAN 4x+' is not available; use --hires-upscaler latent or lanczos"),
     "options without a scale": (["--hires-strength", "0.5", "--hires-steps", "3"],

@@ -210,11 +210,13 @@ def test_bad_targets_are_named():
     ("lora.dropout=1", "config key 'lora.dropout': must be in [0, 1)"),
     ("lora.targets=[]", "config key 'lora.targets': is empty"),
     ("lora.rnak=4", "unknown config key 'lora.rnak' (did you mean 'lora.rank'?)"),
+    ("lora.name=pytorch_lora_weights", "config key 'lora.name': 'pytorch_lora_weights' would clash"),
+    ("model.pretrained=", "config key 'lora.enabled': needs model.pretrained"),
 ])
 def test_bad_lora_config_values_stop_the_run_with_one_line(tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as e:
         train_ldm.main(["--config", str(ROOT / "configs/ldm/tiny.yaml"), f"train.output_dir={tmp_path}",
-                        "lora.enabled=true", override])
+                        "lora.enabled=true", f"model.pretrained={tmp_path / 'base'}", override])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

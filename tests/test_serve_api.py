@@ -90,7 +90,7 @@ def test_a1111_listing_endpoints(server):
     assert {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {"scheduler": "karras"}} in samplers
     models = server.get("/sdapi/v1/sd-models").json()
     assert all(set(m) == {"title", "model_name", "hash", "sha256", "filename", "config"} for m in models)
-    assert [m["title"] for m in models] == [m["model_name"] for m in models] == [NAME, "shapes-copy"]
+    assert [m["title"] for m in models] == [m["model_name"] for m in models] == [NAME, "shapes-copy", "shapes-file"]
     assert server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == NAME
     assert server.post("/sdapi/v1/options", {"sd_model_checkpoint": NAME, "show_progressbar": False}).status == 200
     progress = server.get("/sdapi/v1/progress").json()
@@ -119,7 +119,28 @@ def test_switching_among_the_listed_models(server):
     assert server.post("/sdapi/v1/options", {"sd_model_checkpoint": NAME}).status == 200
     assert model(server.post("/sdapi/v1/txt2img", body)) == NAME
     r = server.post("/sdapi/v1/options", {"sd_model_checkpoint": str(server.second_model)})  # a path is not a name
-    assert r.status == 404 and "listed models: shapes-32px-demo, shapes-copy" in r.json()["detail"]
+    assert r.status == 404 and "listed models: shapes-32px-demo, shapes-copy, shapes-file" in r.json()["detail"]
+
+
+def test_a_single_file_checkpoint_in_models_dir_serves_the_same_images(server):
+    """--models-dir lists `shapes-file.safetensors` (the demo model converted to one file) by its stem; a request
+    on it gives the demo directory's pixels. Clip skip over its text encoder's layers: found in the job while the
+    model was never loaded (the same one-line 422), refused before the queue once it was."""
+    body = {"prompt": "a large red circle", "steps": 2, "seed": 7}
+    on_file = {**body, "override_settings": {"sd_model_checkpoint": "shapes-file"}}
+    too_deep = {**body, "override_settings": {"sd_model_checkpoint": "shapes-file", "CLIP_stop_at_last_layers": 99}}
+    details = []
+    for _ in range(2):  # the first loads the file in the worker, whose text encoder refuses; the second never queues
+        r = server.post("/sdapi/v1/txt2img", too_deep)
+        assert r.status == 422 and r.json()["error"] == "UserError" and "\n" not in r.json()["detail"], r.body
+        details.append(r.json()["detail"])
+    assert details[0].startswith("clip skip 99 is out of range: this text encoder allows 1.."), details
+    assert details[1].startswith("clip skip 99 is out of range: model 'shapes-file' allows 1.."), details
+    r = server.post("/sdapi/v1/txt2img", on_file)
+    assert r.status == 200, r.body
+    assert json.loads(r.json()["info"])["infotexts"][0].endswith(f"Model: {server.file_model}")
+    plain = server.post("/sdapi/v1/txt2img", body).json()  # back on the demo directory
+    assert np.array_equal(np.asarray(decode_png(r.json()["images"][0])), np.asarray(decode_png(plain["images"][0])))
 
 
 def test_img2img_and_inpainting_keep_the_unmasked_pixels(server):

@@ -253,3 +253,38 @@ def test_a_resumed_loader_restarts_at_the_same_shard_and_sample(shards):
     records = dataset._records
     first = int(resumed[0]["indices"][0])
     assert (records.shard_of(first), first - records.shard_starts[records.shard_of(first)]) == divmod(first, PER_SHARD)
+
+
+def test_a_bucketed_cache_exports_each_row_at_its_bucket_and_an_empty_one_is_refused(shards, cached, tmp_path):
+    wide = tmp_path / "wide" / "00000.tar"  # 3:1 and 1:2 images: two non-square buckets
+    wide.parent.mkdir()
+    with wds.TarWriter(str(wide), encoder=False) as sink:
+        for j, size in enumerate([(48, 16), (16, 32), (48, 16)]):
+            sink.write({"__key__": f"{j:09d}", "png": png_bytes(COLOURS[j], size), "txt": f"wide {j}".encode()})
+    cache_dir = tmp_path / "bucketed"
+    argv = cache_argv(SimpleNamespace(pattern=str(wide)), cached.vae, cache_dir)
+    cache_latents.main([a for a in argv if not a.startswith("data.caption_column")]
+                       + ["data.buckets=true", "data.bucket_step=8", "data.caption_column=txt"])
+    cache = LatentCache.read(cache_dir)
+    written = write_latent_shards(cache, str(tmp_path / "out" / "b-%05d.tar"), 100)
+    samples = list(wds.WebDataset([str(p) for p in written], shardshuffle=False).decode())
+    assert len(samples) == len(cache) == 3
+    buckets = []
+    for position, sample in enumerate(samples):
+        row, tensors = cache.row(position), load_safetensors(sample["latents.safetensors"])
+        width, height = sample["json"]["bucket"]
+        buckets.append((width, height))
+        assert (width, height) == tuple(cache.buckets[cache.bucket_ids([position])[0]])
+        assert tensors["mean"].shape == row["mean"].shape
+        assert tensors["mean"].shape[2] * height == tensors["mean"].shape[1] * width  # (C, H/f, W/f)
+        assert torch.equal(tensors["mean"].float(), row["mean"]) and torch.equal(tensors["std"].float(), row["std"])
+    assert buckets[0] == buckets[2] and buckets[0][0] > buckets[0][1] and buckets[1][0] < buckets[1][1]
+
+    class Empty:
+        directory = cache_dir
+
+        def __len__(self) -> int:
+            return 0
+
+    with pytest.raises(UserError, match="has no rows .*nothing to export"):
+        write_latent_shards(Empty(), str(tmp_path / "e-%05d.tar"))

@@ -225,6 +225,9 @@ def test_prediction_type_comes_from_the_flag_then_the_yaml_then_the_family(tmp_p
     (tmp_path / "sd21.yaml").write_text("just text")
     with pytest.raises(UserError, match="cannot read .*sd21.yaml"):
         choose_prediction(d, None)
+    (tmp_path / "sd21.yaml").write_text("model:\n  params: [1, 2]\n")  # not a mapping: no AttributeError
+    with pytest.raises(UserError, match="cannot read .*sd21.yaml.*model.params is a list, not a mapping"):
+        choose_prediction(d, None)
 
 
 # ------------------------------------------------------------------------------------------------------------ --vae
@@ -257,6 +260,8 @@ def test_bad_files_are_one_clear_line(tiny_file, tmp_path):
     pickle.write_bytes(b"\x80\x02}q\x00.")
     with pytest.raises(UserError, match="pickle checkpoint, which is never loaded"):
         detect(pickle)
+    with pytest.raises(UserError, match="pickle checkpoint, which is never loaded"):
+        detect(tmp_path / "MODEL.CKPT")  # suffixes compare case-insensitively
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(tiny_file.read_bytes()[: tiny_file.stat().st_size // 2])
     with pytest.raises(UserError, match="is truncated: it has"):

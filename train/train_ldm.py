@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
     accelerator = start_run(cfg, cfg.train, sharding=True)  # DDP, FSDP2 or DeepSpeed ZeRO-1/2 (configs/accelerate/)
     backend = backend_for(accelerator)  # all that differs between them, chosen once
+    if cfg.lora.enabled:
+        require_lora_backend(backend)  # before any latent is cached
     backend.configure(micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,  # DeepSpeed: before `prepare`
                       max_grad_norm=cfg.optim.max_grad_norm, mixed_precision=cfg.train.mixed_precision)
     vae.to(accelerator.device)  # decodes the validation samples
@@ -89,7 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.lora.enabled:  # a frozen base (in the run's dtype) with fp32 adapters, the only parameters trained
-        require_lora_backend(backend)
         trained = add_lora(unet, cfg.lora, base_dtype=weight_dtype)
     else:
         trained = list(unet.parameters())

@@ -39,7 +39,8 @@ from ldm.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
-# Lower-case extensions we read as the sample's image, in order of preference (img2dataset writes jpg by default).
+# Lower-case extensions we read as the sample's image (img2dataset writes jpg by default); a sample with several
+# images uses the first one in tar order.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:", "hf://")
 

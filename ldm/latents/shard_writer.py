@@ -7,10 +7,12 @@ One sample per cached image, keyed by its zero-padded dataset index (`000000017`
     <key>.latents.safetensors   mean, std (C, h, w), and flip_mean, flip_std when built with flips; unscaled,
                                 in the cache's dtype, with the VAE's scaling/shift factor in the metadata
     <key>.txt                   the caption the latents were cached with
-    <key>.json                  {"index", "scaling_factor", "shift_factor", "build"}
+    <key>.json                  {"index", "scaling_factor", "shift_factor", "build"}, and "bucket": [W, H] pixels
+                                for a cache built with aspect-ratio buckets (the latents are then (C, H/f, W/f))
 
-Safetensors rather than webdataset's `.pth` (a pickle) so reading a shard never runs code. Each tar is written
-through `ldm.files.atomic_write_bytes`, so a shard on disk is always complete; the cache itself (verified by
+Safetensors rather than webdataset's `.pth` (a pickle) so reading a shard never runs code. Each tar (one shard of
+small latents) is built in memory and written through `ldm.files.atomic_write_bytes`, so a shard on disk is always
+complete; the cache itself (verified by
 `LatentCache.read`) stays the source of truth: our trainer reads the cache directory, not these shards.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from safetensors.torch import save as save_safetensors
 
 from ldm.errors import UserError, exit_on_user_error
-from ldm.files import atomic_write_bytes
+from ldm.files import atomic_write_bytes, os_reason
 from ldm.latents.cache import LatentCache
 
 
@@ -36,24 +38,37 @@ def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_00
         raise UserError(f"shard pattern '{pattern}' has no %-placeholder for the shard number: use e.g. latents-%05d.tar")
     if per_shard < 1:
         raise UserError(f"--per-shard must be at least 1, got {per_shard}")
-    names = ["mean", "std"] + (["flip_mean", "flip_std"] if cache.has_flips else [])
+    if len(cache) == 0:
+        raise UserError(f"latent cache {cache.directory} has no rows (every image was skipped): nothing to export")
+    dtype = cache.tensors["mean"].dtype
     meta = {"scaling_factor": cache.scaling_factor, "shift_factor": cache.shift_factor, "build": cache.manifest["build"]}
+    bucket_ids = cache.bucket_ids(range(len(cache)))
     written = []
     for k, start in enumerate(range(0, len(cache), per_shard)):
         buffer = io.BytesIO()
         with wds.TarWriter(buffer, encoder=False) as sink:
             for position in range(start, min(start + per_shard, len(cache))):
                 index = int(cache.indices[position])
-                tensors = {name: cache.tensors[name][position].contiguous() for name in names}
+                # the cache's own row accessor: (C, h, w) of the row's bucket, not the zero-padded flat row
+                rows = [("", cache.row(position))] + ([("flip_", cache.row(position, flipped=True))]
+                                                     if cache.has_flips else [])
+                tensors = {prefix + name: row[name].to(dtype).contiguous() for prefix, row in rows
+                           for name in ("mean", "std")}
+                info = {"index": index, **meta}
+                if bucket_ids is not None:
+                    info["bucket"] = list(cache.buckets[bucket_ids[position]])  # [W, H] pixels
                 sink.write({
                     "__key__": f"{index:09d}",
                     "latents.safetensors": save_safetensors(tensors, metadata={k: str(v) for k, v in meta.items()}),
                     "txt": cache.captions[position].encode("utf-8"),
-                    "json": json.dumps({"index": index, **meta}).encode("utf-8"),
+                    "json": json.dumps(info).encode("utf-8"),
                 })
         path = Path(pattern % k)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buffer.getvalue())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {os_reason(e)}") from None
         written.append(path)
     return written
 

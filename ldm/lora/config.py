@@ -34,3 +34,6 @@ class LoRAConfig:
         check(len(set(self.targets)) == len(self.targets), "lora.targets", f"names a module twice: {self.targets}")
         check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) is not None, "lora.name",
               f"'{self.name}' is not a plain file name (letters, digits, '_', '.', '-')")
+        check(self.name != "pytorch_lora_weights" and not self.name.endswith(".safetensors"), "lora.name",
+              f"'{self.name}' would clash with the diffusers file or double the suffix: name it without "
+              "'.safetensors', other than 'pytorch_lora_weights'")

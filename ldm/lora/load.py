@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ldm.errors import UserError
-from ldm.weights import PICKLE_SUFFIXES, check_safetensors_file
+from ldm.weights import PICKLE_SUFFIXES, check_safetensors_file, read_safetensors
 
 DIFFUSERS, KOHYA = "diffusers", "kohya"
 UNET, TEXT = "unet", "text_encoder"
@@ -90,14 +90,7 @@ def read_lora(path: str | Path) -> LoraFile:
     """Read `path` (a .safetensors file, or a directory holding pytorch_lora_weights.safetensors) and sort its keys."""
     path = find_lora_file(path)
     check_safetensors_file(path)
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"cannot read LoRA '{path}': {e}") from None
+    tensors, metadata = read_safetensors(path, problem=lambda reason: f"cannot read LoRA '{path}': {reason}")
     if any(k.startswith(tuple(_KOHYA_PREFIXES) + ("lora_te2_",)) for k in tensors):
         return _read_kohya(path, tensors)
     if any(_is_diffusers_key(k) for k in tensors):

@@ -14,7 +14,6 @@ On replay A1111 uses the hashes to find a LoRA that was renamed; so do we.
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import math
 import re
@@ -22,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.errors import UserError
-from ldm.weights import PICKLE_SUFFIXES
+from ldm.files import sha256_file
+from ldm.weights import PICKLE_SUFFIXES, safetensors_data_offset
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def find_in_dir(name: str, lora_dir: str | Path | None, tag: str, expected_hash:
             if lora_hash(path) == expected_hash:
                 _say_once(logging.INFO, "LoRA '%s' found by its hash %s: %s", name, expected_hash, path)
                 return path
-    pickles = [p for p in root.rglob(f"{name}.*") if p.suffix.lower() in PICKLE_SUFFIXES]
+    pickles = [p for p in root.rglob(f"{pattern}.*") if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
         raise UserError(f"LoRA '{name}' ({tag}) is only in --lora-dir as the pickle file '{pickles[0]}'; only "
                         ".safetensors LoRAs are loaded")
@@ -170,13 +170,7 @@ def lora_hash(path: str | Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _hash_cache:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            header_length = int.from_bytes(f.read(8), "little")
-            f.seek(8 + header_length)
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _hash_cache[key] = digest.hexdigest()[:SHORT_HASH_LENGTH]
+        _hash_cache[key] = sha256_file(path, offset=safetensors_data_offset(path))[:SHORT_HASH_LENGTH]
     return _hash_cache[key]
 
 

@@ -4,9 +4,11 @@ target size with the same prompt, seeds, sampler and guidance.
     ldm-generate "a red car" --width 512 --height 512 --hires-scale 2 --hires-strength 0.5   # -> 1024x1024
 
 The upscale is either of the latents (`latent`: bilinear, A1111's "Latent") or of the decoded pixels (`lanczos`:
-PIL Lanczos, then encoded again with the VAE, A1111's "Lanczos"). The second pass re-noises the upscaled latents to
-`strength` of its schedule and runs int(steps x strength) steps (diffusers' and A1111's convention), drawing its
-noise from fresh generators of the same seeds, so an image is a function of its seed whatever the batch size.
+PIL Lanczos, then encoded again with the VAE, A1111's "Lanczos"). The second pass runs exactly N steps (N =
+`--hires-steps`, or `--steps` when it is 0) as A1111 does: a schedule of int(N / min(strength, 0.999)) steps whose
+last N are run, i.e. re-noised to `strength` of it (A1111's `sample_hr_pass` passes `steps` to `sample_img2img`, so
+`setup_img2img_steps` stretches the schedule; plain img2img here keeps diffusers' int(steps x strength) instead). Its
+noise comes from fresh generators of the same seeds, so an image is a function of its seed whatever the batch size.
 The target side is int(side x scale) rounded down to a multiple of the VAE factor (A1111 rounds it the same way, by
 its latent size); metadata keeps the base `Size` and adds `Hires upscale`, `Hires steps`, `Hires upscaler` and
 `Denoising strength` as A1111 writes them.
@@ -41,7 +43,7 @@ MAX_SCALE = 8.0  # a 512-px base at 8x is 4096 px: beyond that an SD U-Net's att
 class HiresFix:
     scale: float
     strength: float = DEFAULT_STRENGTH
-    steps: int = 0  # the second pass's schedule length; 0 = the first pass's steps
+    steps: int = 0  # steps the second pass runs (A1111's 'Hires steps'); 0 = the first pass's steps
     upscaler: str = "latent"
 
     def check(self, steps: int, height: int, width: int, vae_factor: int) -> None:
@@ -55,12 +57,6 @@ class HiresFix:
         if self.upscaler not in UPSCALERS:
             raise UserError(
                 f"hires upscaler '{self.upscaler}' is not available; use --hires-upscaler {' or '.join(UPSCALERS)}"
-            )
-        second = self.steps or steps
-        if steps_to_run(second, self.strength) < 1:
-            raise UserError(
-                f"--hires-strength {self.strength} with {second} hires steps runs no denoising step "
-                f"(int({second} x {self.strength}) = 0); raise --hires-strength or --hires-steps"
             )
         target_h, target_w = self.target_size(height, width, vae_factor)
         if max(target_h, target_w) > MAX_SIZE:
@@ -79,16 +75,21 @@ class HiresFix:
                                    hires_steps=self.steps, hires_upscaler=self.upscaler)
 
     def second_pass(self, params: GenerationParams, vae_factor: int) -> GenerationParams:
-        """The settings the img2img pass runs with: target size, its steps and strength."""
+        """The settings the img2img pass runs with: target size, and a schedule of int(N / min(strength, 0.999))
+        steps with the strength that makes `steps_to_run` run exactly its last N (A1111's hires steps)."""
         height, width = self.target_size(params.height, params.width, vae_factor)
-        return dataclasses.replace(params, height=height, width=width, steps=self.steps or params.steps,
-                                   strength=self.strength)
+        run = self.steps or params.steps
+        total = max(run, int(run / min(self.strength, 0.999)))
+        # (run + 0.5) / total: int(total x it) is `run` whatever the float rounding of run / total
+        strength = min(1.0, (run + 0.5) / total)
+        assert steps_to_run(total, strength) == run
+        return dataclasses.replace(params, height=height, width=width, steps=total, strength=strength)
 
-    def unet_calls(self, scheduler, params: GenerationParams) -> int:
-        """U-Net evaluations of the second pass for one batch (for the progress bar); `scheduler` is set to the
-        second pass's number of steps by the caller."""
-        steps = self.steps or params.steps
-        return len(scheduler.timesteps) - (steps - steps_to_run(steps, self.strength)) * scheduler.order
+    def unet_calls(self, scheduler, second: GenerationParams) -> int:
+        """U-Net evaluations of the second pass for one batch (for the progress bar); `scheduler` is set to
+        `second.steps` (the stretched schedule of `second_pass`) by the caller."""
+        return len(scheduler.timesteps) - (second.steps - steps_to_run(second.steps, second.strength)) * \
+            scheduler.order
 
     def upscale(self, pipe: Pipeline, latents: torch.Tensor, size: tuple[int, int]) -> Any:
         """First-pass latents (b, C, h, w) -> the second pass's start: upscaled latents (b, C, H/f, W/f) for
@@ -129,6 +130,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--hires-strength", type=float, default=None,
                    help=f"the second pass's denoising strength in (0, 1] (default {DEFAULT_STRENGTH})")
     h.add_argument("--hires-steps", type=int, default=None,
-                   help="the second pass's schedule length; it runs int(N x strength) of them (default 0 = --steps)")
+                   help="steps the second pass runs, as A1111's Hires steps (default 0 = --steps)")
     h.add_argument("--hires-upscaler", default=None,
                    help="latent (default: bilinear on the latents) or lanczos (decode, resize, encode again)")

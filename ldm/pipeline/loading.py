@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldm import hub
+from ldm.components import Components  # noqa: F401 - imported from here by the pipeline and stage 2
 from ldm.demo import MODEL_DIR as DEMO_MODEL_DIR
 from ldm.demo import NAME as DEMO_NAME
 from ldm.errors import UserError
@@ -33,15 +33,6 @@ _HUB_FILES = [
 ]
 
 
-@dataclass
-class Components:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: Any  # ldm.text.encoder.FrozenTextEncoder
-    scheduler_config: dict[str, Any]
-    name: str  # how the model is named in PNG metadata: what the user passed to --model
-
-
 def resolve_model(model: str | None) -> Path:
     """--model value -> a local directory (downloading a hub id into the HF cache when online)."""
     model = model if model is not None else DEFAULT_MODEL
@@ -53,14 +44,15 @@ def resolve_model(model: str | None) -> Path:
     if path.is_dir():
         return path
     if path.is_file():
-        if path.suffix == ".safetensors":  # a single-file checkpoint (ldm/singlefile)
+        if path.suffix.lower() == ".safetensors":  # a single-file checkpoint (ldm/singlefile)
             return path
-        kind = "a pickle checkpoint, which is never loaded" if path.suffix in (".ckpt", ".bin", ".pt", ".pth") else "a file"
+        pickle = path.suffix.lower() in (".ckpt", ".bin", ".pt", ".pth")
+        kind = "a pickle checkpoint, which is never loaded" if pickle else "a file"
         raise UserError(
             f"--model '{model}' is {kind}; pass a .safetensors single file or a diffusers-format directory "
             "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         raise UserError(f"model file '{model}' does not exist")
     if hub.is_hub_id(model):
         return _from_hub(model)
@@ -116,7 +108,8 @@ def load_components(
         from ldm.singlefile.load import load_single_file
 
         f = load_single_file(root, device, dtype, vae=vae, prediction_type=prediction_type)
-        return Components(f.unet, f.vae, f.text_encoder, f.scheduler_config, name)
+        f.name = name
+        return f
     components = _load_directory(root, name, device, dtype)
     if vae is not None:
         from ldm.singlefile.load import load_vae_override

@@ -228,8 +228,9 @@ class Pipeline:
         probe.set_timesteps(steps)
         per_batch = len(probe.timesteps) - (steps - steps_run) * probe.order
         if hires is not None:
-            probe.set_timesteps(hires.steps or steps)
-            per_batch += hires.unet_calls(probe, base)
+            second = hires.second_pass(base, self.vae_factor)
+            probe.set_timesteps(second.steps)
+            per_batch += hires.unet_calls(probe, second)
         num_batches = -(-num_images // batch_size)
         progress = progress_bar(total=num_batches * per_batch, disable=not show_progress, desc="denoising",
                                 unit="step", file=sys.stderr, leave=False)

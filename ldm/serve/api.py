@@ -1,7 +1,13 @@
 """The `/sdapi/v1/...` routes: A1111 requests -> `Pipeline` arguments -> a worker job -> A1111 responses.
 
 Every argument is checked here, before the job is queued, with the same `check_request` the CLI runs (plus the
-server's limits), so a bad request is answered at once with 422 and never takes a place in the queue.
+server's limits), so a bad request is answered at once with 422 and never takes a place in the queue. Two checks
+need the model's weights and happen in the job instead, answered the same way (422, one line): a LoRA that does not
+fit the model, and clip skip over the text encoder's layers on a model the worker has not loaded yet (once loaded,
+its limit is known here).
+
+The checks read files (LoRA tags are looked up in --lora-dir, init images are decoded), so they run in a worker
+thread of the event loop's pool, never on the loop itself: `/progress` and `/interrupt` answer while they run.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from ldm.errors import UserError
 from ldm.lora.prompt_tags import check_lora_inputs
@@ -49,28 +57,23 @@ def build_router(models: dict[str, ModelEntry], worker: Worker, limits: Limits,
     # the model and clip skip chosen with POST /options; a request's override_settings change them for that request
     # only, as A1111 restores overridden settings afterwards (the worker loads whichever model the next job needs)
     selected: dict[str, Any] = {"name": worker.model_name, "clip_skip": 1}
+    # model name -> the largest clip skip its text encoder allows, known once the worker has loaded the model
+    clip_limits: dict[str, int] = {}
+    _note_clip_limit(clip_limits, worker.model_name, worker.pipeline)
 
     @router.post("/txt2img", response_model=ImagesResponse)
     async def txt2img(req: Txt2ImgRequest, request: Request):
         entry = _model_for(req, models, selected["name"])
-        args = _pipeline_args(req, entry, limits, init=None, mask=None, lora_dir=lora_dir,
-                              clip_skip=selected["clip_skip"])
-        return await _run(request, worker, entry, req, args, "txt2img")
+        args = await run_in_threadpool(_pipeline_args, req, entry, limits, init=None, mask=None, lora_dir=lora_dir,
+                                       clip_skip=selected["clip_skip"], clip_limit=clip_limits.get(entry.name))
+        return await _run(request, worker, entry, req, args, "txt2img", clip_limits)
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(req: Img2ImgRequest, request: Request):
         entry = _model_for(req, models, selected["name"])
-        if not req.init_images:
-            raise UserError("init_images is empty: send the init image as a base64 PNG or JPEG")
-        init = decode_image(req.init_images[0], "init_images[0]", limits)
-        mask = None
-        if req.mask:
-            mask = decode_image(req.mask, "mask", limits).convert("L")
-            if req.inpainting_mask_invert:
-                mask = ImageOps.invert(mask)
-        args = _pipeline_args(req, entry, limits, init=init, mask=mask, lora_dir=lora_dir,
-                              clip_skip=selected["clip_skip"])
-        return await _run(request, worker, entry, req, args, "img2img")
+        args = await run_in_threadpool(_img2img_args, req, entry, limits, lora_dir, selected["clip_skip"],
+                                       clip_limits.get(entry.name))
+        return await _run(request, worker, entry, req, args, "img2img", clip_limits)
 
     @router.get("/samplers", response_model=list[SamplerItem])
     def samplers():
@@ -89,15 +92,20 @@ def build_router(models: dict[str, ModelEntry], worker: Worker, limits: Limits,
 
     @router.post("/options")
     async def set_options(options: dict[str, Any]):
-        if "CLIP_stop_at_last_layers" in options:
-            selected["clip_skip"] = _clip_skip(options["CLIP_stop_at_last_layers"])
         name = options.get("sd_model_checkpoint")
+        entry = _listed(name, models) if name is not None else models[selected["name"]]
+        clip_skip = None
+        if "CLIP_stop_at_last_layers" in options:
+            clip_skip = _clip_skip(options["CLIP_stop_at_last_layers"], entry.name, clip_limits.get(entry.name))
         if name is not None:  # other options are accepted and ignored, as unknown request fields are
-            entry = _listed(name, models)
             if entry.name != worker.model_name:  # load it now, so the next generation does not wait for it
-                job = worker.submit(Job(entry.name, lambda pipe, on_step: None, description="load model"))
+                job = worker.submit(Job(entry.name, lambda pipe, on_step: _note_clip_limit(clip_limits, entry.name,
+                                                                                           pipe),
+                                        description="load model"))
                 await asyncio.wrap_future(job.future)
             selected["name"] = entry.name
+        if clip_skip is not None:
+            selected["clip_skip"] = clip_skip
         return None
 
     @router.get("/progress", response_model=ProgressResponse)
@@ -143,22 +151,52 @@ def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
         raise UserError(f"{what} is not an image PIL can read: {e}") from None
 
 
-def _clip_skip(value: Any) -> int:
-    """A1111's option `CLIP_stop_at_last_layers` (its "Clip skip"), 1 = the text encoder's own layer."""
+def _note_clip_limit(clip_limits: dict[str, int], name: str | None, pipeline: Any) -> None:
+    """Remember the loaded model's clip-skip limit (`FrozenTextEncoder.max_clip_skip`), so that requests over it are
+    refused before they are queued. Runs in the worker thread; one dict assignment."""
+    max_clip_skip = getattr(getattr(pipeline, "text_encoder", None), "max_clip_skip", None)
+    if name is not None and callable(max_clip_skip):
+        clip_limits[name] = int(max_clip_skip())
+
+
+def _clip_skip(value: Any, model: str, limit: int | None = None) -> int:
+    """A1111's option `CLIP_stop_at_last_layers` (its "Clip skip"), 1 = the text encoder's own layer; `limit` is the
+    model's largest, when it has been loaded (otherwise the text encoder checks it in the job)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"CLIP_stop_at_last_layers must be an integer of at least 1 (1 = no clip skip), got {value!r}")
+    if limit is not None and value != 1 and value > limit:
+        raise UserError(f"clip skip {value} is out of range: model '{model}' allows 1..{limit} "
+                        "(CLIP_stop_at_last_layers)")
     return value
 
 
+def _img2img_args(req: Img2ImgRequest, entry: ModelEntry, limits: Limits, lora_dir: str | None, clip_skip: int,
+                  clip_limit: int | None) -> dict[str, Any]:
+    """The init image and mask decoded, then `_pipeline_args` (in the thread pool: decoding is slow work)."""
+    if not req.init_images:
+        raise UserError("init_images is empty: send the init image as a base64 PNG or JPEG")
+    init = decode_image(req.init_images[0], "init_images[0]", limits)
+    mask = None
+    if req.mask:
+        mask = decode_image(req.mask, "mask", limits).convert("L")
+        if req.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+    return _pipeline_args(req, entry, limits, init=init, mask=mask, lora_dir=lora_dir, clip_skip=clip_skip,
+                          clip_limit=clip_limit)
+
+
 def _pipeline_args(req: Txt2ImgRequest, entry: ModelEntry, limits: Limits, init: Image.Image | None,
-                   mask: Image.Image | None, lora_dir: str | None = None, clip_skip: int = 1) -> dict[str, Any]:
+                   mask: Image.Image | None, lora_dir: str | None = None, clip_skip: int = 1,
+                   clip_limit: int | None = None) -> dict[str, Any]:
     """The request as `Pipeline.__call__` keyword arguments, every value checked as the CLI checks it: prompt
-    syntax, LoRA tags (names in the server's --lora-dir only), sizes, steps and the server's limits."""
+    syntax, LoRA tags (names in the server's --lora-dir only), sizes, steps, clip skip (when `clip_limit`, the
+    model's, is known) and the server's limits. Blocking (file reads): call it from the thread pool."""
     check_prompt(req.prompt, "prompt")
     check_prompt(req.negative_prompt, "negative prompt")
     check_lora_inputs([], req.prompt, lora_dir)
     if "CLIP_stop_at_last_layers" in req.override_settings:
-        clip_skip = _clip_skip(req.override_settings["CLIP_stop_at_last_layers"])
+        clip_skip = req.override_settings["CLIP_stop_at_last_layers"]
+    clip_skip = _clip_skip(clip_skip, entry.name, clip_limit)  # the server-wide one too: it may be another model's
     name = req.sampler_name or req.sampler_index or DEFAULT_SAMPLER
     try:
         sampler, karras = sampler_from_label(name)  # A1111's names ("DPM++ 2M Karras") and ours ("dpmpp_2m")
@@ -213,10 +251,12 @@ def png_bytes(image: Image.Image, params: GenerationParams) -> bytes:
     return out.getvalue()
 
 
-def _generate(args: dict[str, Any]):
-    """The job: run the pipeline, keeping each image as it is finished; an interrupt keeps those finished so far."""
+def _generate(args: dict[str, Any], note_limit: Callable[[Any], None]):
+    """The job: run the pipeline, keeping each image as it is finished; an interrupt keeps those finished so far.
+    `note_limit(pipe)` first records the model's clip-skip limit for the requests that follow."""
 
     def run(pipe, on_step):
+        note_limit(pipe)
         done: list[tuple[Image.Image, GenerationParams]] = []
         try:
             pipe(**args, show_progress=False, on_image=lambda image, p: done.append((image, p)), on_step=on_step)
@@ -229,8 +269,9 @@ def _generate(args: dict[str, Any]):
 
 
 async def _run(request: Request, worker: Worker, entry: ModelEntry, req: Txt2ImgRequest, args: dict[str, Any],
-               mode: str):
-    job = worker.submit(Job(entry.name, _generate(args), description=mode))
+               mode: str, clip_limits: dict[str, int]):
+    note = lambda pipe: _note_clip_limit(clip_limits, entry.name, pipe)  # noqa: E731
+    job = worker.submit(Job(entry.name, _generate(args, note), description=mode))
     waiting = asyncio.wrap_future(job.future)
     while not waiting.done():
         await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)

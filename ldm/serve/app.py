@@ -20,7 +20,7 @@ from ldm.serve.api import Limits, build_router
 from ldm.serve.auth import BasicAuth
 from ldm.serve.models import ModelEntry
 from ldm.serve.page import mount_page
-from ldm.serve.worker import QueueFull, Worker
+from ldm.serve.worker import ModelUnavailable, QueueFull, ServerStopping, Worker, first_line
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,13 @@ def create_app(models: dict[str, ModelEntry], worker: Worker, limits: Limits,
         return _error(422, "RequestValidationError", _one_line(e))
 
     @app.exception_handler(UserError)
-    async def user_error(request: Request, e: UserError):
-        return _error(422, "UserError", str(e))
+    async def user_error(request: Request, e: UserError):  # also those raised inside a job (a LoRA that does not fit)
+        return _error(422, "UserError", first_line(e))
+
+    @app.exception_handler(ModelUnavailable)
+    @app.exception_handler(ServerStopping)
+    async def unavailable(request: Request, e: Exception):
+        return _error(503, type(e).__name__, first_line(e))
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, e: QueueFull):
@@ -51,7 +56,7 @@ def create_app(models: dict[str, ModelEntry], worker: Worker, limits: Limits,
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
         log.exception("error in %s %s", request.method, request.url.path)
-        return _error(500, type(e).__name__, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _error(500, type(e).__name__, first_line(e))
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # added last = outermost but auth
     if credentials:

@@ -2,6 +2,7 @@
 
     ldm-serve                                     # the bundled demo model on http://127.0.0.1:7860
     ldm-serve --model DIR --model DIR2 --api-auth me:secret --listen
+    ldm-serve --models-dir models/                # each model directory and *.safetensors file in it
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="examples:\n" + "\n".join(l for l in __doc__.splitlines() if l.startswith("    ldm-serve")),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=None,
-                   help="a diffusers-format model directory (as ldm-generate --model); repeat to list several, "
-                   "which clients choose among by name (sd_model_checkpoint). Default: the bundled demo model")
-    p.add_argument("--models-dir", default=None, help="also list every model directory directly under this one")
+                   help="a diffusers-format model directory or a single .safetensors checkpoint (as ldm-generate "
+                   "--model); repeat to list several, which clients choose among by name (sd_model_checkpoint: the "
+                   "directory's name, the file's stem). Default: the bundled demo model")
+    p.add_argument("--models-dir", default=None,
+                   help="also list every model directory and every .safetensors single file directly under this one")
     p.add_argument("--lora-dir", default=None,
                    help="LoRA files that prompts may name as <lora:NAME:WEIGHT> (NAME.safetensors in this directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -8,6 +8,10 @@ loaded, switching only when a job asks for another of the listed models.
 Interrupting (`POST /sdapi/v1/interrupt`, or a client that went away) sets the job's `cancel` event; the pipeline
 calls `on_step` after every U-Net evaluation and that raises `Interrupted` there, so the device is free after the
 current step. The same hook feeds `/sdapi/v1/progress`.
+
+Stopping fails every job still waiting (`ServerStopping`) instead of running it. A model that fails to load leaves
+the previous one loaded; if reloading that fails too, no model is loaded and each job tries to load its own again,
+answering `ModelUnavailable` (503, naming the model) while that fails.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ class Interrupted(Exception):
     """Raised from the step hook to stop the running job at the next step."""
 
 
+class ServerStopping(Exception):
+    """The server is shutting down: a job that was still waiting never ran, and no new job is taken."""
+
+
+class ModelUnavailable(Exception):
+    """No model is loaded: the job's model failed to load, and so did the one before it."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @dataclass
 class Job:
     model: str  # one of the listed models' names
@@ -62,7 +79,8 @@ class Worker:
         self._lock = threading.Lock()
         self._state = _State()
         self._current: Job | None = None
-        self.model_name = first_model
+        self._stopping = False
+        self.model_name: str | None = first_model  # None only after a failed switch whose reload failed too
         self.pipeline = load(first_model)  # at start-up, so the first request does not wait for it
         self._thread = threading.Thread(target=self._loop, name="ldm-serve-worker", daemon=True)
 
@@ -70,11 +88,31 @@ class Worker:
         self._thread.start()
 
     def stop(self) -> None:
+        """Refuse new jobs, fail the waiting ones, stop the running one at its next step, end the thread."""
+        self._stopping = True
         self.interrupt()
-        self._queue.put(None)  # may block briefly behind a full queue; the worker drains it
-        self._thread.join(timeout=30)
+        while True:
+            self._fail_waiting()
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:  # a submit that raced with _stopping took the freed place: drain again
+                continue
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and not job.future.done():
+                job.future.set_exception(ServerStopping("the server is shutting down; this job did not run"))
 
     def submit(self, job: Job) -> Job:
+        if self._stopping:
+            raise ServerStopping("the server is shutting down; no new job is taken")
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -117,9 +155,11 @@ class Worker:
                 self._state = _State(job=job.description, job_timestamp=time.strftime("%Y%m%d%H%M%S"),
                                      started=time.time())
             try:
+                if self._stopping:  # taken between stop()'s drain and its sentinel
+                    raise ServerStopping("the server is shutting down; this job did not run")
                 if job.cancel.is_set():  # cancelled while it waited (its client went away)
                     raise Interrupted()
-                if job.model != self.model_name:
+                if self.pipeline is None or job.model != self.model_name:
                     self._switch(job.model)
                 job.future.set_result(job.run(self.pipeline, self._hook(job)))
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the waiting request
@@ -133,13 +173,26 @@ class Worker:
 
     def _switch(self, name: str) -> None:
         log.info("switching model to %s", name)
-        old, self.pipeline = self.model_name, None  # free the old model's memory before loading the new one
+        # free the old model's memory before loading the new one; None: no model is loaded (see ModelUnavailable)
+        old = self.model_name if self.pipeline is not None else None
+        self.pipeline = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         try:
             self.pipeline = self._load(name)
-        except BaseException:
-            self.pipeline = self._load(old)  # keep serving the model that worked
+        except Exception as e:
+            if old is None:
+                self.model_name = None
+                raise ModelUnavailable(f"model '{name}' failed to load ({first_line(e)}); no model is loaded, "
+                                       "the next request tries again") from e
+            try:
+                self.pipeline = self._load(old)  # keep serving the model that worked
+            except Exception as e2:
+                self.model_name = None
+                log.exception("reloading %s failed", old)
+                raise ModelUnavailable(f"model '{name}' failed to load ({first_line(e)}) and reloading '{old}' "
+                                       f"failed too ({first_line(e2)}); no model is loaded, the next request "
+                                       "tries again") from e
             raise
         self.model_name = name
 

@@ -69,10 +69,10 @@ class Detected:
 
 def read_header(path: Path) -> tuple[Shapes, dict[str, str]]:
     """Names -> shapes, and the `__metadata__` strings; a pickle, a truncated file or a git-lfs pointer is refused."""
-    if path.suffix in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(f"'{path}' is a pickle checkpoint, which is never loaded (unpickling can run arbitrary "
                         "code); use the model's .safetensors file, or convert it once where you trust it")
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise UserError(f"'{path}' is not a .safetensors file; pass a .safetensors single file or a diffusers "
                         "directory")
     header = check_safetensors_file(path)
@@ -267,6 +267,8 @@ def read_yaml_prediction(path: Path) -> str | None:
     try:
         config = yaml.safe_load(yaml_path.read_text())
         params = config["model"]["params"]
+        if not isinstance(params, dict):
+            raise TypeError(f"model.params is a {type(params).__name__}, not a mapping")
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise UserError(f"cannot read '{yaml_path}' (an original LDM config with model.params): {e}; fix or remove "
                         "it, or pass --prediction-type") from None

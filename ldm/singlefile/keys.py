@@ -2,9 +2,10 @@
 
 diffusers reads the original layout (`diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint`,
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`); this module is their
-inverse and nothing more. `to_original` then runs diffusers' own converters on what it wrote and checks that they
-give back exactly the state dict it started from, so a file written here is, by construction, one diffusers (and
-therefore A1111 and ComfyUI, which use the same names) reads back as the same model.
+inverse and nothing more. The writer (`ldm.singlefile.save.directory_to_file`) then runs diffusers' own converters
+on what each `*_to_original` gave and checks (`check_inverse`) that they give back exactly the state dict it started
+from, so a file written here is, by construction, one diffusers (and therefore A1111 and ComfyUI, which use the same
+names) reads back as the same model.
 
 Shapes that differ between the layouts: the VAE's mid-block attention is 1x1 convolutions in the original
 ((C, C, 1, 1)) and linear layers in diffusers ((C, C)); OpenCLIP keeps q, k and v in one `in_proj` ((3D, D)) where

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from ldm.components import Components
 from ldm.errors import UserError
 from ldm.singlefile import keys
 from ldm.singlefile.detect import SD_SCALING_FACTOR, Detected, choose_prediction, detect, read_header
 from ldm.singlefile.detect import vae_config_from_shapes
+from ldm.weights import read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +31,13 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end
 
 
 @dataclass
-class LoadedFile:
-    unet: Any
-    vae: Any
-    text_encoder: Any  # ldm.text.encoder.FrozenTextEncoder
-    scheduler_config: dict[str, Any]
-    detected: Detected
+class LoadedFile(Components):
+    detected: Detected | None = None  # what `detect` found in the file
 
 
 def read_tensors(path: Path, prefixes: tuple[str, ...]) -> keys.State:
     """The tensors whose names start with one of `prefixes` (others, e.g. model_ema.*, are never read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise UserError(f"cannot read '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                        "download it again") from None
+    return read_safetensors(path, lambda name: name.startswith(prefixes))[0]
 
 
 def _strict(model: torch.nn.Module, state: keys.State, what: str, path: Path) -> torch.nn.Module:
@@ -150,7 +141,7 @@ def load_single_file(
     scheduler["prediction_type"] = prediction
     for module in (unet, model_vae, text):
         module.to(device).eval().requires_grad_(False)
-    return LoadedFile(unet, model_vae, text, scheduler, d)
+    return LoadedFile(unet, model_vae, text, scheduler, str(path), d)
 
 
 def _unet_config(d: Detected, prediction: str) -> dict[str, Any]:

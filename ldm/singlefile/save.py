@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ldm.errors import UserError
-from ldm.files import atomic_directory, atomic_write_bytes
+from ldm.files import atomic_directory, atomic_write_safetensors, os_reason, remove_tree
 from ldm.singlefile import keys
 from ldm.singlefile.detect import FORMAT, META_KEY
 from ldm.weights import check_model_dir
@@ -52,7 +52,7 @@ def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int
     """Write `src` (a diffusers SD directory) as one original-layout safetensors file; returns tensors per part."""
     from ldm.text.tokenizer import offline_clip_tokenizer
 
-    if dst.suffix != ".safetensors":
+    if dst.suffix.lower() != ".safetensors":
         raise UserError(f"'{dst}': the single file must end in .safetensors")
     info_path = src / "ldm_model.json"
     info = _read_json(info_path).get("text_encoder") if info_path.is_file() else None
@@ -63,26 +63,30 @@ def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int
     unet_cfg, vae_cfg = _config(src / "unet" / "config.json"), _config(src / "vae" / "config.json")
     text_cfg = _config(src / "text_encoder" / "config.json")
     tokenizer = _check_tokenizer(src / "tokenizer", offline_clip_tokenizer())
-    unet = _weights(src / "unet", variants["unet"])
-    vae = _weights(src / "vae", variants["vae"])
-    text = _weights(src / "text_encoder", variants["text_encoder"])
-
     open_clip = text_cfg.get("hidden_act") == "gelu"  # OpenAI CLIP uses quick_gelu, OpenCLIP (SD 2.x) gelu
+    # one part at a time, so at most the converted parts plus one part's source are in memory: renaming keeps the
+    # tensors (no copy), and each part's own state dict is dropped once converted and checked
     out: keys.State = {}
     parts = {}
-    for name, converted, back in (
-        ("U-Net", keys.unet_to_original(unet, unet_cfg), lambda s: keys.unet_from_original(s, unet_cfg)),
-        ("VAE", keys.vae_to_original(vae, vae_cfg), lambda s: keys.vae_from_original(s, vae_cfg)),
-        ("text encoder", keys.open_clip_to_original(text) if open_clip else keys.clip_to_original(text),
+    for name, sub, to, back in (
+        ("U-Net", "unet", lambda s: keys.unet_to_original(s, unet_cfg), lambda s: keys.unet_from_original(s, unet_cfg)),
+        ("VAE", "vae", lambda s: keys.vae_to_original(s, vae_cfg), lambda s: keys.vae_from_original(s, vae_cfg)),
+        ("text encoder", "text_encoder", keys.open_clip_to_original if open_clip else keys.clip_to_original,
          (lambda s: keys.open_clip_from_original(s, text_cfg["hidden_size"])) if open_clip else keys.clip_from_original),
     ):
-        source = {"U-Net": unet, "VAE": vae, "text encoder": text}[name]
-        expected = {k.removeprefix("text_model."): v for k, v in source.items()} if name == "text encoder" else source
-        keys.check_inverse(expected, back(converted), name)  # diffusers reads back exactly what we started from
-        out.update(converted)
+        source = _weights(src / sub, variants[sub])
+        converted = to(source)
+        if sub == "text_encoder":
+            source = {k.removeprefix("text_model."): v for k, v in source.items()}
+        keys.check_inverse(source, back(converted), name)  # diffusers reads back exactly what we started from
+        del source
         parts[name] = len(converted)
-    if half:
-        out = {k: v.half() if v.is_floating_point() else v for k, v in out.items()}
+        out.update(converted)
+        del converted
+    for key in list(out):  # in place, one tensor at a time: never a second full copy of the weights
+        value = out[key]
+        out[key] = (value.half() if half and value.is_floating_point() else value).contiguous()
+        del value
     meta = {
         "format": FORMAT, "unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg,
         "text_layout": "open_clip" if open_clip else "clip", "tokenizer": tokenizer,
@@ -107,11 +111,15 @@ def _check_tokenizer(directory: Path, offline) -> dict[str, Any]:
 
 
 def _write(dst: Path, tensors: keys.State, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(dst, save(contiguous, metadata=metadata))
+    """Written by path (safetensors' writer streams the tensors; no bytes copy of the file) and never over an
+    existing file, even one created while converting."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_safetensors(dst, tensors, metadata, replace=False)
+    except FileExistsError:
+        raise UserError(f"'{dst}' already exists; choose a new name (ldm-convert never overwrites)") from None
+    except OSError as e:
+        raise UserError(f"cannot write {dst}: {os_reason(e)}") from None
 
 
 def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type: str | None = None) -> None:
@@ -134,10 +142,18 @@ def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type:
     pipe = StableDiffusionPipeline(vae=loaded.vae, text_encoder=text.model, tokenizer=tokenizer,
                                    unet=loaded.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    with atomic_directory(dst) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if loaded.detected.text_info is not None:  # e.g. layer: penultimate, which diffusers' layout cannot say
-            (tmp / "ldm_model.json").write_text(json.dumps({"text_encoder": loaded.detected.text_info}, indent=1))
+    tmp = None
+    try:
+        with atomic_directory(dst, replace=False) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if loaded.detected.text_info is not None:  # e.g. layer: penultimate, which diffusers' layout cannot say
+                (tmp / "ldm_model.json").write_text(json.dumps({"text_encoder": loaded.detected.text_info}, indent=1))
+    except FileExistsError:
+        raise UserError(f"'{dst}' already exists; choose a new name (ldm-convert never overwrites)") from None
+    except OSError as e:
+        if tmp is not None:
+            remove_tree(tmp)  # nothing half-written is left behind
+        raise UserError(f"cannot write {dst}: {os_reason(e)}") from None
 
 
 def _file_dtype(path: Path) -> torch.dtype:

@@ -117,6 +117,8 @@ class LDMConfig:
 
     def validate(self) -> None:
         check(self.data.caption_column is not None, "data.caption_column", "stage 2 needs captions: name the column")
+        check(not self.lora.enabled or bool(self.model.pretrained), "lora.enabled",
+              "needs model.pretrained: the base model (directory or .safetensors file) the adapter is trained for")
         check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only (a cached random "
               "crop would be the same crop every epoch): set it to true")
         check(not self.data.random_flip or "left" not in " ".join(self.sample.prompts), "data.random_flip",
