@@ -29,6 +29,17 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def run(main, argv: list[str], capsys) -> tuple[int, list[str], str]:
+    """Run a CLI's main(argv) in-process -> (exit code, stdout lines, stderr); `capsys` is pytest's fixture."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
 def reset_accelerate_state() -> None:
     """Forget accelerate's process-wide state, so the next in-process training run creates its own Accelerator."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

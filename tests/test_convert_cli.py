@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import run
 from ldm.convert import main as convert
 from ldm.demo import MODEL_DIR
 from ldm.generate import main as generate
@@ -20,16 +21,6 @@ from ldm.singlefile import keys
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = "a large red circle in the center on a black background"
-
-
-def run(main, argv: list[str], capsys) -> tuple[int, list[str], str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err
 
 
 @pytest.fixture(scope="module")

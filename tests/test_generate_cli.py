@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run
 from ldm.generate import main
 from ldm.pipeline.tiny import save_tiny_model
 from ldm.text.tiny import tiny_clip_text_model
@@ -43,15 +45,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return {p.stem: p for p in d.iterdir()}
 
 
-def generate(argv: list[str], capsys) -> tuple[int, list[str], str]:
-    """Run main(argv) in-process -> (exit code, stdout lines, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err
+generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
 
 
 def pixels(path: str | Path) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from conftest import run
 from ldm.errors import UserError
 from ldm.generate import main
 from ldm.lora.apply import LoraStack
@@ -298,14 +300,7 @@ def test_read_detects_layouts_and_alphas(loras):
 
 # ---------------------------------------------------------------------------------------------------------- the CLI
 
-def generate(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err
+generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
 
 
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "5", "--sampler", "ddim", "-q"]

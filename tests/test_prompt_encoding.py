@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import run
 from ldm.errors import UserError
 from ldm.generate import main
 from ldm.pipeline.metadata import GenerationParams, format_parameters, parse_parameters
@@ -17,12 +19,14 @@ from ldm.pipeline.tiny import save_tiny_model
 from ldm.text import CLIPTextEncoder, tiny_clip_text_encoder
 from ldm.text.openclip import OpenCLIPTextEncoder
 from ldm.text.prompt_encoding import (
+    ClipSkipIgnoredWarning,
     PromptSyntaxWarning,
     apply_weights,
     chunk_input_ids,
     chunk_tokens,
     encode_prompt,
     encode_prompt_pair,
+    uses_open_clip_padding,
 )
 from ldm.text.prompt_syntax import parse_prompt
 from ldm.text.tiny import tiny_open_clip_model
@@ -202,6 +206,30 @@ def test_clip_skip_is_the_earlier_hidden_state_then_the_final_layer_norm(clip, o
     assert torch.equal(encode_prompt(clip, "a red car", clip_skip=2), penultimate.encode(["a red car"]))
 
 
+def test_clip_skip_is_ignored_for_open_clip_encoders_as_in_a1111(clip, open_clip_model):
+    # A1111's FrozenOpenCLIPEmbedderWithCustomWords (modules/sd_hijack_open_clip.py) never reads
+    # CLIP_stop_at_last_layers: an SD 2.x "Clip skip: 2" PNG was conditioned as with clip skip 1
+    open_clip = OpenCLIPTextEncoder(open_clip_model, "last")
+    converted = CLIPTextEncoder(clip.tokenizer, clip.model, pad_id=0)  # an SD 2.x tower as a CLIPTextModel
+    message = ("clip skip {} is ignored: this text encoder is an OpenCLIP one (SD 2.x), for which A1111 ignores Clip "
+               "skip too; the prompt is encoded as with clip skip 1")
+    for encoder in (open_clip, converted):
+        assert uses_open_clip_padding(encoder)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cond, uncond = encode_prompt_pair(encoder, "a (red:1.2) car", "blurry", clip_skip=2)
+            plain, plain_uncond = encode_prompt_pair(encoder, "a (red:1.2) car", "blurry")
+            assert torch.equal(encode_prompt(encoder, "a car", clip_skip=5), encode_prompt(encoder, "a car"))
+        # one line, once for the prompt and the negative prompt together
+        assert [(w.category, str(w.message)) for w in caught] == [
+            (ClipSkipIgnoredWarning, message.format(2)), (ClipSkipIgnoredWarning, message.format(5))]
+        assert torch.equal(cond, plain) and torch.equal(uncond, plain_uncond)
+    assert not uses_open_clip_padding(clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CLIP (SD 1.x) applies it, without a warning
+        assert not torch.equal(encode_prompt(clip, "a car", clip_skip=2), encode_prompt(clip, "a car"))
+
+
 def test_clip_skip_in_png_metadata():
     one = format_parameters(GenerationParams(prompt="a cat", seed=1))
     assert "Clip skip" not in one and "clip_skip" not in parse_parameters(one)  # 1 is not written, as A1111 does
@@ -278,14 +306,7 @@ def test_stage2_validation_samples_use_prompt_syntax(pipe, fresh_accelerate):
         SampleConfig(prompts=["a (b:x)"]).validate()
 
 
-def _generate(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err
+_generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
 
 
 CLI_FAST = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "5", "-q"]
@@ -306,7 +327,6 @@ def test_cli_clip_skip_is_recorded_and_replayed(model_dir, tmp_path, capsys):
     pytest.param(["(red:abc) car"], "error: prompt: '(red:abc)' is not a weight", id="malformed weight"),
     pytest.param(["car", "--negative", "(ugly:20)"], "error: negative prompt: weight 20 in '(ugly:20)' is out of range",
                  id="weight out of range"),
-    pytest.param(["(red: 1.2) car"], "error: prompt: the weight in '(red: 1.2)' has spaces", id="spaced weight"),
     pytest.param(["[cat:dog:5]"], "error: prompt: '[cat:dog:5]' is A1111 prompt editing", id="prompt editing"),
     pytest.param(["a BREAK BREAK b"], "error: prompt has an empty chunk", id="empty chunk"),
     pytest.param(["car", "--clip-skip", "0"], "error: --clip-skip must be at least 1", id="clip skip 0"),

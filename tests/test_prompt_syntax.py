@@ -47,6 +47,17 @@ def test_emphasis_forms():
     assert pairs("(word:2.)") == [["word", 2.0]] and pairs("(word:+2)") == [["word", 2.0]]
     assert pairs("(a, b:1.2), c") == [["a, b", 1.2], [", c", 1.0]]
     assert pairs("(style: anime:1.2)") == [["style: anime", 1.2]]  # a colon followed by a space is text
+    assert pairs("(style: 1.5 anime)") == [["style: 1.5 anime", 1.1]]  # no ')' right after the number: text too
+
+
+def test_spaces_around_a_weight_are_allowed_as_in_a1111():
+    # A1111's re_attention (modules/prompt_parser.py) reads a weight as :\s*([+-]?[.\d]+)\s*\)
+    assert pairs("(word: 1.5)") == [["word", 1.5]]
+    assert pairs("(word:1.5 )") == [["word", 1.5]]
+    assert pairs("a (red car:\n 0.8\t) b") == [["a ", 1.0], ["red car", 0.8], [" b", 1.0]]
+    assert pairs("((word: 1.5))") == [["word", 1.5 * 1.1]]
+    # as in A1111, a weight closes the innermost open '(', even from inside a '[' opened after it
+    assert pairs("(a [b:1.5)] c") == [["a ", 1.5], ["b", 1.5 * (1 / 1.1)], [" c", 1.0]]
     assert not parse_prompt("plain words, commas: colons").weighted
     assert parse_prompt("(x)").weighted
 
@@ -91,14 +102,13 @@ def test_unbalanced_brackets_are_read_as_a1111_reads_them_with_a_warning():
 
 
 REFUSED = {
-    "(word:abc)": "prompt: '(word:abc)' is not a weight: write a number right after the colon and then ')', like "
+    "(word:abc)": "prompt: '(word:abc)' is not a weight: write a number after the colon and then ')', like "
                   "(word:1.2), or \\: for a literal colon",
-    "(word:1.2.3)": "prompt: '(word:1.2.3)' is not a weight",
+    "(word:1.2.3)": "prompt: '(word:1.2.3)' is not a weight: write one number after the colon, like (word:1.2)",
+    "(word: 1.2.3 )": "prompt: '(word: 1.2.3 )' is not a weight",  # A1111's pattern takes it; float() fails there
     "(word:)": "prompt: '(word:)' is not a weight",
-    "a (12:30) b": "prompt: weight 30 in '(12:30)' is out of range",
-    "(word: 1.5)": "prompt: the weight in '(word: 1.5)' has spaces around it: write it right after the colon, like "
-                   "(word:1.5) (A1111 would read it as text, ComfyUI as a weight)",
-    "(word:1.5 )": "has spaces around it",
+    "(word:1.5x)": "prompt: '(word:1.5x)' is not a weight",
+    "a (12:30) b": "prompt: weight 30 in '(12:30)' is out of range",  # A1111 reads weight 30
     "(word:15)": f"prompt: weight 15 in '(word:15)' is out of range: use -10..{MAX_WEIGHT:g} (1 = unchanged, 1.1-1.5 "
                  "is the usual emphasis)",
     "(word:-11)": "weight -11 in '(word:-11)' is out of range",

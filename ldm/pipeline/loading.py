@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldm import hub
-from ldm.components import Components  # noqa: F401 - imported from here by the pipeline and stage 2
+from ldm.components import Components
 from ldm.demo import MODEL_DIR as DEMO_MODEL_DIR
 from ldm.demo import NAME as DEMO_NAME
 from ldm.errors import UserError

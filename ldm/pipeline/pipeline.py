@@ -25,7 +25,8 @@ from ldm.pipeline import images as im
 from ldm.pipeline.denoise import Inpaint, denoise
 from ldm.pipeline.device import pick_device, pick_dtype
 from ldm.pipeline.hires import HiresFix
-from ldm.pipeline.loading import Components, load_components, resolve_model
+from ldm.components import Components
+from ldm.pipeline.loading import load_components, resolve_model
 from ldm.pipeline.metadata import GenerationParams
 from ldm.pipeline.samplers import DEFAULT_SAMPLER, make_scheduler
 from ldm.pipeline.seeds import generators, per_image_noise, random_seed

@@ -21,6 +21,14 @@ How a prompt becomes a context, as A1111 does it (modules/sd_hijack_clip.py, sd_
    by default there: it then runs the two branches separately, each at its own length, and a prompt and negative
    prompt of different chunk counts give a (slightly) different image than here.
 
+Clip skip follows A1111 (modules/sd_hijack_clip.py and sd_hijack_open_clip.py): it is applied to CLIP text encoders
+(SD 1.x) only. A1111's SD 2.x encoder, `FrozenOpenCLIPEmbedderWithCustomWords`, ignores `CLIP_stop_at_last_layers`
+(its `encode_with_transformers` has only a comment about it), yet A1111 still writes "Clip skip: N" into the PNG. So
+for an OpenCLIP text tower (SD 2.x: an open_clip model, or one converted to a `CLIPTextModel`; they pad with id 0,
+as open_clip does, `uses_open_clip_padding`), `encode_prompt`/`encode_prompt_pair` ignore a clip skip other than 1
+with one `ClipSkipIgnoredWarning` line, and an A1111 SD 2.x PNG replays with the conditioning it was made with.
+`FrozenTextEncoder.__call__(ids, clip_skip=N)` itself still honours N for every encoder (library use).
+
 No truncation warning: nothing is dropped. Training captions never come here: the training loop calls
 `FrozenTextEncoder.encode`, which reads brackets as plain text and truncates at 77 tokens (with a warning).
 """
@@ -40,6 +48,29 @@ COMMA_BACKTRACK = 20  # tokens; A1111's comma_padding_backtrack default ("Prompt
 
 class PromptSyntaxWarning(UserWarning):
     """Something A1111 tolerates was found (unbalanced brackets): the message says how it was read."""
+
+
+class ClipSkipIgnoredWarning(UserWarning):
+    """A clip skip was given for an OpenCLIP (SD 2.x) text encoder, for which A1111 ignores it; so do we."""
+
+
+def uses_open_clip_padding(encoder: FrozenTextEncoder) -> bool:
+    """An OpenCLIP text tower (SD 2.x), run by open_clip or converted to a CLIPTextModel: it pads with id 0, as
+    open_clip does (diffusers' SD 2.x tokenizers say pad_token '!', id 0); CLIP's own (SD 1.x) pads with <end>."""
+    return encoder.pad_token_id == 0  # ldm.text.openclip.OPEN_CLIP_PAD_ID (importing it would import open_clip)
+
+
+def a1111_clip_skip(encoder: FrozenTextEncoder, clip_skip: int) -> int:
+    """The clip skip A1111 would use: `clip_skip` for a CLIP encoder, 1 (with a warning) for an OpenCLIP one."""
+    if clip_skip == 1 or not uses_open_clip_padding(encoder):
+        return clip_skip
+    warnings.warn(
+        f"clip skip {clip_skip} is ignored: this text encoder is an OpenCLIP one (SD 2.x), for which A1111 ignores "
+        "Clip skip too; the prompt is encoded as with clip skip 1",
+        ClipSkipIgnoredWarning,
+        stacklevel=3,
+    )
+    return 1
 
 
 @dataclass
@@ -121,21 +152,28 @@ def encode_chunks(encoder: FrozenTextEncoder, chunks: list[TokenChunk], clip_ski
 
 
 def encode_prompt(encoder: FrozenTextEncoder, prompt: str, clip_skip: int = 1, what: str = "prompt") -> torch.Tensor:
-    """One prompt -> (1, 77 * chunks, D). Warns (`PromptSyntaxWarning`) about unbalanced brackets."""
+    """One prompt -> (1, 77 * chunks, D). Warns (`PromptSyntaxWarning`) about unbalanced brackets, and
+    (`ClipSkipIgnoredWarning`) when a clip skip is ignored, as A1111 ignores it for OpenCLIP encoders."""
+    return _encode_prompt(encoder, prompt, a1111_clip_skip(encoder, clip_skip), what)
+
+
+def _encode_prompt(encoder: FrozenTextEncoder, prompt: str, clip_skip: int, what: str) -> torch.Tensor:
     parsed = parse_prompt(prompt, what)
     for message in parsed.warnings:
-        warnings.warn(message, PromptSyntaxWarning, stacklevel=3)
+        warnings.warn(message, PromptSyntaxWarning, stacklevel=4)
     return encode_chunks(encoder, chunk_tokens(encoder, parsed), clip_skip)
 
 
 def encode_prompt_pair(
     encoder: FrozenTextEncoder, prompt: str, negative_prompt: str | None, clip_skip: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond, uncond), each (1, 77 * n, D) with the same n; uncond is None when `negative_prompt` is None."""
-    cond = encode_prompt(encoder, prompt, clip_skip, "prompt")
+    """(cond, uncond), each (1, 77 * n, D) with the same n; uncond is None when `negative_prompt` is None.
+    Warns as `encode_prompt` does, an ignored clip skip once."""
+    clip_skip = a1111_clip_skip(encoder, clip_skip)
+    cond = _encode_prompt(encoder, prompt, clip_skip, "prompt")
     if negative_prompt is None:
         return cond, None
-    uncond = encode_prompt(encoder, negative_prompt, clip_skip, "negative prompt")
+    uncond = _encode_prompt(encoder, negative_prompt, clip_skip, "negative prompt")
     if cond.shape[1] == uncond.shape[1]:
         return cond, uncond
     n = max(cond.shape[1], uncond.shape[1])

@@ -2,31 +2,34 @@
 
     (word)        weight x 1.1        ((word)) x 1.21, and so on: nested brackets multiply
     [word]        weight x 1 / 1.1
-    (word:1.5)    weight x 1.5        a number right after the colon, then ')'
+    (word:1.5)    weight x 1.5        a number after the colon, then ')'; spaces around the number are allowed,
+                                      `(word: 1.5 )`, as in A1111
     \\( \\) \\[ \\] \\:  the literal character (a backslash makes any character literal; a lone one at the end
                   is dropped)
     BREAK         ends the current 75-token chunk and starts the next one
 
-The weights and the way they combine are those of AUTOMATIC1111's `parse_prompt_attention` (its documented examples
-are tests here, `tests/test_prompt_syntax.py`); the float products are taken in the same order, so the weights are
-equal, not just close. Adjacent fragments of equal weight are merged, as A1111 does, because that changes how the
-text is tokenized.
+The weights and the way they combine are those of AUTOMATIC1111's `parse_prompt_attention` (modules/prompt_parser.py;
+its documented examples are tests here, `tests/test_prompt_syntax.py`); the float products are taken in the same
+order, so the weights are equal, not just close. A weight is what A1111's pattern `:\\s*([+-]?[.\\d]+)\\s*\\)` reads,
+and, as there, it closes the innermost open `(` even when a `[` was opened after it. Adjacent fragments of equal
+weight are merged, as A1111 does, because that changes how the text is tokenized.
 
 What A1111 tolerates, we tolerate, with a warning naming it:
 - an unclosed `(` or `[` weights everything after it (x 1.1 or / 1.1);
 - a `)` or `]` with nothing to close is plain text.
 
 What A1111 reads silently in a way the user rarely meant, we refuse (`UserError`, one line):
-- a colon directly inside `( )` followed by something that is not a weight and `)`: `(word:abc)`, `(word:1.2.3)`,
-  `(word:)`, `(12:30)`. A1111 reads these as text at x 1.1 (or, for `1.2.3`, fails). Write `\\:` for a literal
-  colon. A colon followed by a space, `(style: anime)`, stays text, as in A1111;
-- a weight with spaces, `(word: 1.5)` or `(word:1.5 )`: A1111 reads it as text at x 1.1, ComfyUI as weight 1.5;
-- a weight outside [-10, 10] (MIN_WEIGHT, MAX_WEIGHT) or not finite: almost surely a typo (15 for 1.5). Only the
-  numbers written in the prompt are checked, not the products of nested brackets;
+- a colon directly inside `( )` followed at once by something that is not a weight and `)`: `(word:abc)`,
+  `(word:1.2.3)`, `(word:)`, `(word:1.5x)`. A1111 reads `(word:abc)` and `(word:)` as text at x 1.1 and fails on
+  `(word:1.2.3)` (float() of "1.2.3"). Write `\\:` for a literal colon. A colon followed by whitespace and then no
+  weight, `(style: anime)`, stays text, as in A1111;
+- a weight outside [-10, 10] (MIN_WEIGHT, MAX_WEIGHT) or not finite: almost surely a typo (15 for 1.5), or a time
+  like `(12:30)`, which A1111 reads as weight 30. Only the numbers written in the prompt are checked, not the
+  products of nested brackets;
 - A1111's prompt editing `[from:to:when]` / `[to:when]` and alternation `[a|b]`, which we do not implement: using
   the text as is would condition on something else than A1111 does;
-- an empty chunk: a BREAK at the start, or two BREAKs with nothing but spaces between them. A trailing BREAK is
-  accepted and makes no chunk, as in A1111.
+- an empty chunk: a BREAK at the start, or two BREAKs with nothing but spaces between them (A1111 encodes an empty,
+  all-padding chunk there). A trailing BREAK is accepted and makes no chunk, as in A1111.
 
 Differences from A1111, on purpose: BREAK inside brackets still starts a chunk (A1111 then multiplies its internal
 marker and tokenizes the word "BREAK"); `\\:` is a literal colon (A1111 drops the backslash and may then read the colon
@@ -59,8 +62,9 @@ _LEXEME = re.compile(
     """,
     re.VERBOSE | re.DOTALL,
 )
-_WEIGHT = re.compile(rf":({_NUMBER})\)")  # at a colon directly inside ( ): the weight and its closing bracket
-_SPACED_WEIGHT = re.compile(rf":\s*({_NUMBER})\s*\)")
+# at a colon: a weight and its closing bracket, A1111's pattern (re_attention in modules/prompt_parser.py,
+# github.com/AUTOMATIC1111/stable-diffusion-webui); what it matches but float() refuses ("1.2.3") is refused
+_WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _EDIT_WHEN = re.compile(rf":\s*{_NUMBER}(?:[eE][+-]?\d+)?\s*\]")  # [from:to:when]: a step number before ']'
 
 
@@ -126,14 +130,18 @@ def parse_prompt(text: str, what: str = "prompt") -> ParsedPrompt:
             else:
                 stray.append(lexeme)
                 out.append([lexeme, 1.0])
+        elif kind == "colon" and round_open and (weight := _WEIGHT.match(text, pos)):
+            # A1111 closes the innermost open '(' with it, even from inside a '[' opened after that '('
+            multiply(round_open.pop(), _weight_value(weight, text, pos, what))
+            close("(")
+            end = weight.end()
         elif kind == "colon" and innermost and innermost[-1] == "(":
-            weight = _read_weight(text, pos, what)
-            if weight is None:  # a colon followed by a space: text, as in A1111
-                out.append([":", 1.0])
-            else:
-                value, end = weight
-                multiply(round_open.pop(), value)
-                close("(")
+            if not text[pos + 1 : pos + 2].isspace():
+                raise UserError(
+                    f"{what}: {_excerpt(text, pos)!r} is not a weight: write a number after the colon and then ')', "
+                    "like (word:1.2), or \\: for a literal colon"
+                )
+            out.append([":", 1.0])  # a colon, whitespace and no weight, (style: anime): text, as in A1111
         elif kind in ("colon", "pipe") and innermost and innermost[-1] == "[":
             if kind == "pipe" or _EDIT_WHEN.match(text, pos):
                 raise UserError(
@@ -157,29 +165,20 @@ def check_prompt(text: str, what: str = "prompt") -> None:
     parse_prompt(text, what)
 
 
-def _read_weight(text: str, pos: int, what: str) -> tuple[float, int] | None:
-    """At a colon directly inside ( ): (weight, position after its ')'), None for text, or raise for a bad weight."""
-    m = _WEIGHT.match(text, pos)
-    if m is not None:
+def _weight_value(m: re.Match, text: str, pos: int, what: str) -> float:
+    """The weight `_WEIGHT` matched at the colon `pos`, or raise: not a number (1.2.3), out of range, not finite."""
+    try:
         value = float(m.group(1))
-        if not (math.isfinite(value) and MIN_WEIGHT <= value <= MAX_WEIGHT):
-            raise UserError(
-                f"{what}: weight {m.group(1)} in {_excerpt(text, pos)!r} is out of range: use "
-                f"{MIN_WEIGHT:g}..{MAX_WEIGHT:g} (1 = unchanged, 1.1-1.5 is the usual emphasis)"
-            )
-        return value, m.end()
-    spaced = _SPACED_WEIGHT.match(text, pos)
-    if spaced is not None:
+    except ValueError:  # A1111's pattern takes any run of digits and dots; float() then fails there too
         raise UserError(
-            f"{what}: the weight in {_excerpt(text, pos)!r} has spaces around it: write it right after the colon, "
-            f"like (word:{spaced.group(1)}) (A1111 would read it as text, ComfyUI as a weight)"
+            f"{what}: {_excerpt(text, pos)!r} is not a weight: write one number after the colon, like (word:1.2)"
+        ) from None
+    if not (math.isfinite(value) and MIN_WEIGHT <= value <= MAX_WEIGHT):
+        raise UserError(
+            f"{what}: weight {m.group(1)} in {_excerpt(text, pos)!r} is out of range: use "
+            f"{MIN_WEIGHT:g}..{MAX_WEIGHT:g} (1 = unchanged, 1.1-1.5 is the usual emphasis)"
         )
-    if pos + 1 < len(text) and text[pos + 1].isspace():
-        return None
-    raise UserError(
-        f"{what}: {_excerpt(text, pos)!r} is not a weight: write a number right after the colon and then ')', like "
-        "(word:1.2), or \\: for a literal colon"
-    )
+    return value
 
 
 def _excerpt(text: str, colon: int) -> str:
