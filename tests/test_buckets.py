@@ -40,6 +40,9 @@ SIZES = [(32, 32), (48, 32), (32, 48), (64, 36), (128, 16), (16, 96), (40, 40)]
 TABLE_32 = [(16, 56), (16, 64), (24, 40), (24, 48), (32, 32), (40, 24), (48, 24), (56, 16), (64, 16)]
 BUCKETS = ["data.buckets=true", "data.bucket_step=8"]
 
+# tiny kernels on shared cores: OpenMP threads only spin-wait (the killed run needs it anyway, for the same kernels)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def write_mixed(root: Path, per_size: int = 4) -> Path:
     """Images of SIZES, each a random background with a red ellipse inscribed in its central half."""
@@ -150,6 +153,8 @@ def test_batches_are_one_bucket_disjoint_across_processes_and_resume_exactly():
         assert list(itertools.islice(iter(resumed), 5)) == streams[1][start : start + 5]
     with pytest.raises(UserError, match="no aspect-ratio bucket holds one step's 60 images"):
         BucketBatchSampler(ids, 30, seed=0, world_size=2)
+    with pytest.raises(ValueError, match="start_batch must be >= 0, got -1"):  # the checks the plain sampler makes
+        BucketBatchSampler(ids, 3, seed=0, start_batch=-1)
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -217,8 +222,7 @@ HARD = ["train.batch_size=2", "train.checkpoint_every=2", "data.random_flip=true
         "cache.text_embeddings=true", "optim.warmup_steps=2", "train.ema_decay=0.9"]
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")  # as the killed process (OMP_NUM_THREADS=1): the same kernels
+@pytest.mark.slow  # one torch thread (pytestmark), as the killed process (OMP_NUM_THREADS=1): the same kernels
 def test_mixed_aspect_training_killed_and_resumed_is_bit_exact(tmp_path, parts, monkeypatch):
     from conftest import reset_accelerate_state
     from test_faults import Run, kill_after_step

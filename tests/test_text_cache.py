@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ldm.latents.cache import CorruptCacheError, StaleCacheError
-from ldm.latents.text_cache import FILE_NAME, TextEmbeddingCache, build_text_cache, encoder_key
+from ldm.latents.text_cache import (
+    FILE_NAME, TextEmbeddingCache, _content_sha256, build_text_cache, encoder_key, ensure_text_cache,
+)
 from ldm.text.tiny import tiny_clip_text_encoder
 from ldm.unet.tiny import write_tiny_stage2_inputs
 
@@ -82,29 +86,62 @@ def test_a_corrupt_file_is_refused(tmp_path, built, encoder, damage, problem):
     assert "\n" not in message
 
 
+def test_a_corrupt_file_is_rebuilt_with_rebuild_and_the_main_process_opens_it_once(tmp_path, built, encoder,
+                                                                                     monkeypatch, caplog):
+    path = tmp_path / FILE_NAME
+    path.write_bytes(built.read_bytes()[:-100])
+    main = SimpleNamespace(num_processes=1, is_main_process=True, device=torch.device("cpu"))
+    with pytest.raises(CorruptCacheError):
+        ensure_text_cache(main, encoder, CAPTIONS, tmp_path)
+    opens = []
+    real = TextEmbeddingCache.open.__func__
+    counted = classmethod(lambda cls, *args, **kwargs: opens.append(args[0]) or real(cls, *args, **kwargs))
+    monkeypatch.setattr(TextEmbeddingCache, "open", counted)
+    cache = ensure_text_cache(main, encoder, CAPTIONS, tmp_path, rebuild=True)
+    assert "rebuilding the text-embedding cache (cache.rebuild=true)" in caplog.text
+    assert opens == [path, path]  # the corrupt file, then the rebuilt one: each read and verified once
+    torch.testing.assert_close(cache.encode(CAPTIONS), encoder.encode(CAPTIONS), rtol=0, atol=1e-6)
+    opens.clear()
+    ensure_text_cache(main, encoder, CAPTIONS, tmp_path)
+    assert opens == [path]  # a good file: opened once, by the check, and that cache is the one returned
+
+
+def tolerance_excess(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float) -> float:
+    """max |a - b| / (atol + rtol |b|) over all weights: <= 1 is within `assert_close`'s tolerance."""
+    return max(float(((a[n] - b[n]).abs() / (atol + rtol * b[n].abs())).max()) for n in b)
+
+
 @pytest.mark.slow
-@pytest.mark.usefixtures("fresh_accelerate")
+@pytest.mark.usefixtures("fresh_accelerate", "one_torch_thread")  # tiny kernels: threads only spin-wait
 def test_training_with_the_cache_equals_training_without_it_and_a_corrupt_one_stops_the_run(tmp_path, capsys):
     from conftest import reset_accelerate_state
 
     parts = write_tiny_stage2_inputs(tmp_path / "parts", num_images=8)
 
-    def train(out: Path, *overrides: str) -> None:
+    def train(out: Path, *overrides: str) -> dict[str, torch.Tensor]:
         train_ldm.main(["--config", str(ROOT / "configs/ldm/tiny.yaml"), f"train.output_dir={out}",
                         f"data.path={parts['data']}", f"cache.vae={parts['vae']}", f"text_encoder.path={parts['text']}",
                         "train.report_to=none", "sample.every=0", "train.max_steps=2", "train.batch_size=4",
                         "train.caption_dropout=0.5", f"cache.dir={tmp_path / 'latents'}", *overrides])
         reset_accelerate_state()
+        return load_file(out / "model/unet/diffusion_pytorch_model.safetensors")
 
-    train(tmp_path / "plain")
-    train(tmp_path / "cached", "cache.text_embeddings=true")
-    plain = load_file(tmp_path / "plain/model/unet/diffusion_pytorch_model.safetensors")
-    cached = load_file(tmp_path / "cached/model/unet/diffusion_pytorch_model.safetensors")
+    plain = train(tmp_path / "plain")
+    cached = train(tmp_path / "cached", "cache.text_embeddings=true")
     assert plain.keys() == cached.keys()
-    for name in plain:  # the same embeddings up to the last bits of a batched matmul, hence the same training
-        torch.testing.assert_close(cached[name], plain[name], rtol=1e-4, atol=1e-6)
+    # the same embeddings up to the last bits of a batched matmul, hence the same training
+    assert tolerance_excess(cached, plain, rtol=1e-4, atol=1e-6) <= 1
 
+    # The negative control: a valid cache whose rows are shifted by one (every caption gets another's embedding,
+    # "" included) must train measurably differently, or the comparison above could not catch wrong embeddings.
     text_file = tmp_path / "latents" / FILE_NAME
+    with safe_open(text_file, framework="pt") as file:
+        metadata, embeddings = file.metadata(), file.get_tensor("embeddings").roll(1, dims=0).contiguous()
+    save_file({"embeddings": embeddings}, text_file, metadata={
+        **metadata, "content_sha256": _content_sha256(embeddings, metadata["captions"], metadata["key"])})
+    shuffled = train(tmp_path / "shuffled", "cache.text_embeddings=true")
+    assert tolerance_excess(shuffled, plain, rtol=1e-4, atol=1e-6) > 10
+
     data = bytearray(text_file.read_bytes())
     data[-7] ^= 0xFF
     text_file.write_bytes(bytes(data))
@@ -115,5 +152,3 @@ def test_training_with_the_cache_equals_training_without_it_and_a_corrupt_one_st
     assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1] == (f"error: text-embedding cache {text_file} does not match its own content hash (corrupted): "
                        "delete it or set cache.rebuild=true")
-    train(tmp_path / "rebuilt", "cache.text_embeddings=true", "cache.rebuild=true")
-    assert "rebuilding the text-embedding cache (cache.rebuild=true)" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import PIL.Image
 import torch
 
+from ldm.data.sampler import check_sampler_arguments
 from ldm.data.transforms import to_rgb
 from ldm.errors import UserError
 from ldm.pixels import pil_to_tensor
@@ -141,10 +142,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __init__(self, bucket_ids: Sequence[int], batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, start_batch: int = 0) -> None:
-        if batch_size < 1:
-            raise UserError(f"batch size must be at least 1, got {batch_size}: fix train.batch_size")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        check_sampler_arguments(batch_size, rank, world_size, start_batch)
         super().__init__()
         self.bucket_ids = list(bucket_ids)
         self.num_items = len(self.bucket_ids)

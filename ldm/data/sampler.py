@@ -14,6 +14,16 @@ import torch
 from ldm.errors import UserError
 
 
+def check_sampler_arguments(batch_size: int, rank: int, world_size: int, start_batch: int) -> None:
+    """The checks every batch sampler of the training loop makes (this one and `ldm.data.buckets`')."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}: fix train.batch_size")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+
+
 class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields lists of dataset keys (key = epoch * num_items + index) forever, epoch after epoch.
 
@@ -37,12 +47,7 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: bool = True,
         start_batch: int = 0,
     ) -> None:
-        if batch_size < 1:
-            raise UserError(f"batch size must be at least 1, got {batch_size}: fix train.batch_size")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        check_sampler_arguments(batch_size, rank, world_size, start_batch)
         super().__init__()
         step_items = batch_size * world_size
         if num_items < step_items:

@@ -238,13 +238,20 @@ def shard_name(rank: int, k: int) -> str:
 
 def content_sha256(tensors: dict[str, torch.Tensor], captions_json: str, skipped_json: str, build: str) -> str:
     """Hash of a shard's payload; stored in its metadata so the file can be verified without a manifest."""
+    return tensors_sha256(tensors, build, captions_json, skipped_json)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor], *texts: str) -> str:
+    """sha256 of `texts` (each NUL-terminated), then of each tensor's name, dtype, shape and bytes, in name order.
+    The bytes are hashed in place (no copy), so a memory-mapped tensor is read once, page by page."""
     digest = hashlib.sha256()
-    for text in (build, captions_json, skipped_json):
+    for text in texts:
         digest.update(text.encode("utf-8") + b"\0")
     for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
+        tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\0".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

@@ -12,7 +12,9 @@ and, in the safetensors metadata: "format", "version", "key" (JSON: what the emb
 `encoder_key`), "captions" (JSON list, row order) and "content_sha256" (of the tensor, the captions and the key), so
 the file verifies itself. A file built for another encoder, layer, tokenizer, dtype or caption set is stale: it is
 refused naming the difference (rebuilt with `cache.rebuild=true`); a file that does not verify is corrupt, likewise.
-The embeddings are held in CPU memory; a batch's rows are gathered there and moved to the device.
+The embeddings stay in CPU memory, memory-mapped from the file (clean page-cache pages, shared by the processes of
+one machine); a batch's rows are gathered there and moved to the device. Each process reads and verifies the file
+once.
 """
 
 from __future__ import annotations
@@ -20,19 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from ldm.errors import UserError
 from ldm.files import atomic_write_bytes
-from ldm.latents.cache import CorruptCacheError, StaleCacheError
+from ldm.latents.cache import CorruptCacheError, StaleCacheError, tensors_sha256
 from ldm.parallel.collective import run_on_all
 
 if TYPE_CHECKING:
@@ -50,11 +50,6 @@ HINT = "delete it or set cache.rebuild=true"
 
 def encoder_key(encoder: FrozenTextEncoder) -> dict[str, Any]:
     """What a caption's embedding depends on: sha256 of the weights as loaded, the layer, the tokenizer, the dtype."""
-    weights = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        weights.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\0".encode())
-        weights.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     tokenizer = encoder.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: vocab, merges, normaliser in one JSON
     described = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
@@ -62,7 +57,7 @@ def encoder_key(encoder: FrozenTextEncoder) -> dict[str, Any]:
                   getattr(encoder._clean, "__qualname__", None)]
     return {
         "encoder": type(encoder).__name__,
-        "weights_sha256": weights.hexdigest(),
+        "weights_sha256": tensors_sha256(encoder.state_dict()),
         "layer": encoder.layer,
         "tokenizer_sha256": hashlib.sha256(json.dumps(tokenizing).encode()).hexdigest(),
         "dtype": str(encoder.dtype).removeprefix("torch."),
@@ -74,10 +69,7 @@ def _captions_sha256(captions: Sequence[str]) -> str:
 
 
 def _content_sha256(embeddings: torch.Tensor, captions_json: str, key_json: str) -> str:
-    digest = hashlib.sha256(key_json.encode() + b"\0" + captions_json.encode() + b"\0")
-    digest.update(f"{embeddings.dtype}|{list(embeddings.shape)}\0".encode())
-    digest.update(embeddings.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256({"embeddings": embeddings}, key_json, captions_json)
 
 
 class TextEmbeddingCache:
@@ -104,19 +96,20 @@ class TextEmbeddingCache:
              ) -> TextEmbeddingCache:
         """Load the file after checking it verifies (else `CorruptCacheError`) and was built for this encoder and
         these captions (else `StaleCacheError` naming the difference). Missing file: `FileNotFoundError`."""
-        data = path.read_bytes()
+        if not path.is_file():
+            raise FileNotFoundError(path)
         try:
-            try:
-                tensors = load_safetensors(data)
+            try:  # memory-mapped: the file is not copied into this process (verifying reads it once, page by page)
+                with safe_open(path, framework="pt") as file:
+                    metadata = file.metadata() or {}
+                    names = set(file.keys())
+                    embeddings = file.get_tensor("embeddings") if "embeddings" in names else None
             except SafetensorError as error:
                 raise ValueError(f"is not a valid safetensors file ({str(error).splitlines()[0]})") from error
-            (length,) = struct.unpack("<Q", data[:8])  # the safetensors header: its length, then JSON
-            metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
-            if metadata.get("format") != FORMAT_NAME or "embeddings" not in tensors:
+            if metadata.get("format") != FORMAT_NAME or embeddings is None:
                 raise ValueError("is not a text-embedding cache")
             if int(metadata.get("version", 0)) > FORMAT_VERSION:
                 raise ValueError(f"has format version {metadata['version']}, newer than this code")
-            embeddings = tensors["embeddings"]
             if _content_sha256(embeddings, metadata["captions"], metadata["key"]) != metadata.get("content_sha256"):
                 raise ValueError("does not match its own content hash (corrupted)")
             built_key, built_captions = json.loads(metadata["key"]), json.loads(metadata["captions"])
@@ -166,9 +159,11 @@ def ensure_text_cache(accelerator: Accelerator, encoder: FrozenTextEncoder, capt
     path = Path(directory) / FILE_NAME
     key = encoder_key(encoder)
 
+    opened: list[TextEmbeddingCache] = []  # the main process's, when the file it checked was good
+
     def check_or_build() -> None:
         try:
-            TextEmbeddingCache.open(path, key, captions)
+            opened.append(TextEmbeddingCache.open(path, key, captions, device=accelerator.device))
             return
         except FileNotFoundError:
             pass
@@ -180,4 +175,5 @@ def ensure_text_cache(accelerator: Accelerator, encoder: FrozenTextEncoder, capt
 
     run_on_all(accelerator, check_or_build if accelerator.is_main_process else None, what="text-embedding caching",
                describe_os_error=lambda reason: f"could not write the text-embedding cache {path}: {reason}")
-    return TextEmbeddingCache.open(path, key, captions, device=accelerator.device)
+    # once per process: the main process's checked file, else the file (just built) as every other process reads it
+    return opened[0] if opened else TextEmbeddingCache.open(path, key, captions, device=accelerator.device)
