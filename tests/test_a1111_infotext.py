@@ -3,6 +3,7 @@ by --model, the fields we do not use named once; and `--width 0` refused."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from ldm.generate import main
 from ldm.pipeline.metadata import GenerationParams, format_parameters, parse_parameters, unread_fields
 from ldm.pipeline.samplers import sampler_from_label
 from ldm.pipeline.tiny import save_tiny_model
+from conftest import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,14 +41,7 @@ def model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
 
 
-def generate(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err
+generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
 
 
 def a1111_png(path: Path, text: str) -> Path:

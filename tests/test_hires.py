@@ -3,6 +3,7 @@ what A1111 writes and replays, and bad hires values are one line each."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from ldm.generate import main
 from ldm.pipeline.hires import HiresFix
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.tiny import save_tiny_model
+from conftest import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BASE = dict(steps=4, cfg=7.5, sampler="euler_a", seed=5, height=16, width=16, show_progress=False)
@@ -28,14 +30,7 @@ def pipe(model) -> Pipeline:
     return Pipeline.from_pretrained(model, device="cpu", dtype="fp32")
 
 
-def generate(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err
+generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
 
 
 def test_lanczos_hires_is_img2img_of_the_resized_first_pass(pipe):

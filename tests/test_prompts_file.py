@@ -6,13 +6,14 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, run
 from ldm.errors import UserError
 from ldm.generate import DEFAULTS, main
 from ldm.pipeline.tiny import save_tiny_model
@@ -34,14 +35,7 @@ def model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
 
 
-def generate(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out.splitlines(), err
+generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
 
 
 def read(text: str, tmp_path: Path, **defaults):
