@@ -1,9 +1,12 @@
 """LoRA training (ldm/lora/, train/train_ldm.py with lora.enabled): only the adapter trains and is saved, exact resume,
-2 processes, fp32 adapters under fp16 autocast, and both saved formats load in diffusers with the same U-Net output."""
+2 processes, fp32 adapters under fp16 autocast, and both saved formats load in diffusers with the same U-Net output;
+text-encoder adapters (lora.text_encoder_targets) train, load in diffusers and in our pipeline with the same text
+states; a resume under other LoRA settings or another base, and a bad target, stop with one line."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +21,13 @@ from conftest import accelerate_launch
 from ldm.data.shapes import NEW_COLORS, new_color_combinations, render
 from ldm.errors import UserError
 from ldm.eval.reader import read_attributes
-from ldm.lora.config import LoRAConfig
+from ldm.lora.config import CLIP_TEXT_TARGETS, LoRAConfig
 from ldm.lora.export import require_lora_backend
-from ldm.lora.train import AdapterWeights, add_lora, check_targets
+from ldm.lora.train import AdapterWeights, add_lora, add_text_encoder_lora, check_targets
+from ldm.pipeline.pipeline import Pipeline
+from ldm.text.config import TextEncoderConfig
+from ldm.text.encoder import CLIPTextEncoder
+from ldm.text.loading import load_text_encoder
 from ldm.unet.presets import build_unet
 from ldm.unet.tiny import write_tiny_stage2_inputs
 
@@ -31,6 +38,8 @@ import train_ldm  # noqa: E402
 # rank != alpha: a kohya file that recorded alpha = rank (diffusers' converter does) would load at 3/2 the strength
 LORA = ["lora.enabled=true", "lora.rank=2", "lora.alpha=3", "lora.name=tiny",
         "lora.targets=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2]"]
+TEXT = "lora.text_encoder_targets=[q_proj,k_proj,v_proj,out_proj]"
+PROMPTS = ["a red circle", ""]  # the empty prompt: the unconditional branch goes through the adapter too
 
 
 def reset_accelerate() -> None:
@@ -154,13 +163,14 @@ def test_the_kohya_file_has_a1111_keys_and_the_adapters_alpha(ddp_run):
 @pytest.mark.slow
 def test_resume_gives_the_same_adapter_under_bf16(tmp_path, base):
     hard = ["train.checkpoint_every=2", "train.caption_dropout=0.3", "lora.dropout=0.1", "train.ema_decay=0.9",
-            "optim.warmup_steps=1", "train.mixed_precision=bf16"]
+            "optim.warmup_steps=1", "train.mixed_precision=bf16", TEXT]  # both adapter sets
     lora_train(tmp_path / "a", base, *hard, "train.max_steps=4")
     lora_train(tmp_path / "b", base, *hard, "train.max_steps=2")
     lora_train(tmp_path / "b", base, *hard, "train.max_steps=4", resume="latest")
     a, b = ({k: v for f in sorted((tmp_path / run / "checkpoints/step-00000004").rglob("*.safetensors"))
              if not f.name.startswith("rng") for k, v in load_file(f).items()} for run in ("a", "b"))
     assert a.keys() == b.keys() and any(".lora_A." in k for k in a)
+    assert any(k.startswith("model.encoder.layers.") for k in a)  # the text encoder's adapters are in there
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     # under bf16 the trainable parameters stay fp32
     assert all(v.dtype == torch.float32 for k, v in a.items() if ".lora_" in k)
@@ -205,6 +215,13 @@ def test_bad_targets_are_named():
 
 
 @pytest.mark.parametrize("override, message", [
+    ("text_encoder.kind=open_clip text_encoder.path=ViT-B-32 lora.text_encoder_targets=[q_proj]",
+     "config key 'lora.text_encoder_targets': needs text_encoder.kind=clip"),
+    (f"{TEXT} cache.text_embeddings=true", "config key 'cache.text_embeddings': cannot be used with "
+     "lora.text_encoder_targets"),
+    ("lora.text_encoder_targets=[q_proj,q_proj]", "config key 'lora.text_encoder_targets': names a module twice"),
+    ("lora.enabled=false lora.text_encoder_targets=[q_proj]",
+     "config key 'lora.text_encoder_targets': needs lora.enabled=true"),
     ("lora.rank=0", "config key 'lora.rank': must be >= 1, got 0"),
     ("lora.alpha=-1", "config key 'lora.alpha': must be > 0"),
     ("lora.dropout=1", "config key 'lora.dropout': must be in [0, 1)"),
@@ -216,7 +233,7 @@ def test_bad_targets_are_named():
 def test_bad_lora_config_values_stop_the_run_with_one_line(tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as e:
         train_ldm.main(["--config", str(ROOT / "configs/ldm/tiny.yaml"), f"train.output_dir={tmp_path}",
-                        "lora.enabled=true", f"model.pretrained={tmp_path / 'base'}", override])
+                        "lora.enabled=true", f"model.pretrained={tmp_path / 'base'}", *override.split()])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -241,3 +258,113 @@ def test_the_new_colour_is_outside_the_spec_and_readable():
     assert read_attributes(render(a), new_colors=("pink",)) == a
     assert read_attributes(render(a)).color == "purple"  # the nearest known colour, without the new one
 
+
+
+# ------------------------------------------------------------------------------------------- text-encoder adapters
+
+@pytest.fixture(scope="module")
+def te_run(base) -> Path:
+    """A one-process run that trains text-encoder adapters too, with caption dropout (so the empty prompt goes
+    through the adapted encoder) and the merged export; lr high enough that the adapter's effect on the text states
+    is far above float rounding."""
+    out = base["root"] / "te"
+    lora_train(out, base, TEXT, "train.max_steps=3", "train.checkpoint_every=3", "optim.lr=2e-2",
+               "optim.warmup_steps=0", "train.ema_decay=0", "train.caption_dropout=0.5", "lora.export_merged=true")
+    return out
+
+
+def _plain_text_encoder(base: dict[str, Path]) -> CLIPTextEncoder:
+    return load_text_encoder(TextEncoderConfig(path=str(base["model"])))  # the base's text_encoder/ and tokenizer/
+
+
+def _our_text_encoder(base: dict[str, Path], out: Path) -> CLIPTextEncoder:
+    """The trained adapted encoder: the base, the adapters added as training adds them, and the weights of the last
+    checkpoint (not the exported files, which the tests compare against it)."""
+    encoder = _plain_text_encoder(base)
+    add_text_encoder_lora(encoder, LoRAConfig(enabled=True, rank=2, alpha=3, text_encoder_targets=CLIP_TEXT_TARGETS))
+    AdapterWeights(encoder).load_state_dict(
+        load_file(out / "checkpoints/step-00000003/models/lora_text_encoder.safetensors"))
+    return encoder.eval()
+
+
+def _states(encoder: CLIPTextEncoder) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder.encode(PROMPTS)  # (2, 77, D)
+
+
+@pytest.mark.slow
+def test_text_encoder_adapters_train_and_load_in_diffusers_from_both_files(base, te_run):
+    adapter = load_file(te_run / "checkpoints/step-00000003/models/lora_text_encoder.safetensors")
+    ups = {k: v for k, v in adapter.items() if ".lora_B." in k}
+    assert len(ups) == 2 * 4 and all(v.abs().max() > 0 for v in ups.values())  # 2 layers x 4 projections moved
+    assert {p.name for p in (te_run / "checkpoints/step-00000003/optimizers").iterdir()} == {"lora.safetensors"}
+    ours, plain = _states(_our_text_encoder(base, te_run)), _states(_plain_text_encoder(base))
+    tol = 1e-5 * ours.abs().max().item()  # float32 rounding of the same sums in another order
+    assert (ours - plain).abs().max().item() > 1000 * tol, "the adapter barely changes the text states"
+    assert (ours[1] - plain[1]).abs().max().item() > 1000 * tol  # the empty prompt's too
+    ids = _plain_text_encoder(base).tokenize(PROMPTS)
+    for weight_name in ("pytorch_lora_weights.safetensors", "tiny.safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(base["model"], safety_checker=None)
+        pipe.load_lora_weights(te_run / "lora", weight_name=weight_name)
+        with torch.no_grad():
+            theirs = pipe.text_encoder(ids)[0]
+        assert (theirs - ours).abs().max().item() < tol, weight_name
+    # the merged export = the original base + the adapter: training left the base weights as they were
+    merged = load_text_encoder(TextEncoderConfig(path=str(te_run / "model")))
+    assert (_states(merged) - ours).abs().max().item() < tol
+    with safe_open(te_run / "lora/tiny.safetensors", "pt") as f:
+        keys = set(f.keys())
+        alpha = f.get_tensor("lora_te_text_model_encoder_layers_1_self_attn_out_proj.alpha")
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys and alpha.item() == 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_our_pipeline_gives_the_trained_text_states_from_both_files(base, te_run):
+    """Pipeline.load_lora (what `ldm-generate --lora` calls) on the base: the trained encoder's text states."""
+    ours = _states(_our_text_encoder(base, te_run))
+    tol = 1e-5 * ours.abs().max().item()
+    pipe = Pipeline.from_pretrained(base["model"], device="cpu", dtype="fp32")
+    for name in ("pytorch_lora_weights.safetensors", "tiny.safetensors"):
+        applied = pipe.load_lora(te_run / "lora" / name)
+        assert sum(t.part == "text_encoder" for t in applied.targets) == 2 * 4
+        assert (_states(pipe.text_encoder) - ours).abs().max().item() < tol, name
+        pipe.unload_loras()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("lora.alpha=5", "was trained with lora.alpha=3, this run has lora.alpha=5"),
+    ("lora.dropout=0.2", "was trained with lora.dropout=0, this run has lora.dropout=0.2"),
+    ("lora.rank=3", "was trained with lora.rank=2, this run has lora.rank=3"),
+    ("lora.text_encoder_targets=[]", "was trained with lora.text_encoder_targets=[q_proj,k_proj,v_proj,out_proj], "
+     "this run has lora.text_encoder_targets=[]"),
+    ("another base", "was trained with model.pretrained="),
+])
+def test_resuming_under_other_lora_settings_or_another_base_stops_with_one_line(tmp_path, capsys, base, te_run,
+                                                                                override, message):
+    if override == "another base":  # the same weights elsewhere: the checkpoint cannot tell, so it is refused
+        shutil.copytree(base["model"], tmp_path / "other")
+        override = f"model.pretrained={tmp_path / 'other'}"
+    with pytest.raises(SystemExit) as e:
+        lora_train(tmp_path / "out", base, TEXT, "train.max_steps=4", override,
+                   resume=str(te_run / "checkpoints/step-00000003"))
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "--resume none" in errors[0], errors
+    assert not (tmp_path / "out/checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.targets=[to_q,to_qq]", "config key 'lora.targets': 'to_qq' matches no module of the U-Net"),
+    ("lora.text_encoder_targets=[q_proj,qq_proj]",
+     "config key 'lora.text_encoder_targets': 'qq_proj' matches no module of the text encoder; use module names "
+     "such as q_proj"),
+])
+def test_a_bad_target_stops_the_run_before_the_latent_cache(tmp_path, capsys, base, override, message):
+    with pytest.raises(SystemExit) as e:
+        lora_train(tmp_path / "out", base, override, f"cache.dir={tmp_path / 'latents'}")
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "latents").exists()

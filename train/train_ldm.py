@@ -5,13 +5,15 @@
 First the dataset is encoded once with the stage-1 VAE into a latent cache (reused while it matches the VAE, the
 data and the transforms). Each step then draws a fresh latent from every cached posterior, noises it at a random
 timestep and regresses the U-Net's eps (or v) prediction, conditioned on the frozen text encoder's per-token states;
-`train.caption_dropout` of the captions are replaced by the empty prompt so classifier-free guidance works.
+`train.caption_dropout` of the captions are replaced by the empty prompt so classifier-free guidance works. With
+`lora.enabled` only adapters train (ldm/lora/), on the U-Net and, with `lora.text_encoder_targets`, the text encoder.
 Outputs in `train.output_dir`: `config.yaml`, `latents/`, `checkpoints/step-*/`, TensorBoard logs in `logs/`, and
 `model/`: a diffusers model directory (EMA weights) that `StableDiffusionPipeline.from_pretrained` loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -29,7 +31,10 @@ from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.latents.text_cache import ensure_text_cache
 from ldm.lora.export import export_lora, require_lora_backend
-from ldm.lora.train import AdapterWeights, add_lora
+from ldm.lora.resume import STATE_KEY, check_lora_settings, lora_settings
+from ldm.lora.train import (
+    TEXT_KEY, AdapterWeights, add_lora, add_text_encoder_lora, check_targets, check_unet_targets_early,
+)
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
@@ -55,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
     accelerator = start_run(cfg, cfg.train, sharding=True)  # DDP, FSDP2 or DeepSpeed ZeRO-1/2 (configs/accelerate/)
     backend = backend_for(accelerator)  # all that differs between them, chosen once
-    if cfg.lora.enabled:
-        require_lora_backend(backend)  # before any latent is cached
+    if cfg.lora.enabled:  # before any latent is cached
+        require_lora_backend(backend)
+        check_unet_targets_early(cfg.model.pretrained, cfg.lora.targets)
     backend.configure(micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,  # DeepSpeed: before `prepare`
                       max_grad_norm=cfg.optim.max_grad_norm, mixed_precision=cfg.train.mixed_precision)
     vae.to(accelerator.device)  # decodes the validation samples
@@ -64,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     # ---- frozen text encoder and the latent cache (encoded once, by all processes, each its share)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     text_encoder = load_text_encoder(cfg.text_encoder, dtype=weight_dtype, device=accelerator.device)
+    train_text = cfg.lora.enabled and bool(cfg.lora.text_encoder_targets)  # adapters on the text encoder too
+    if train_text:
+        check_targets(text_encoder.model, cfg.lora.text_encoder_targets, "the text encoder", TEXT_KEY)
     cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=out / "latents")
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
     if cfg.latent_cache().text_embeddings:  # every caption encoded once: the steps look their embeddings up
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         unet.enable_gradient_checkpointing()
     if cfg.lora.enabled:  # a frozen base (in the run's dtype) with fp32 adapters, the only parameters trained
         trained = add_lora(unet, cfg.lora, base_dtype=weight_dtype)
+        if train_text:  # both adapter sets in one optimizer, clipped together and in one EMA
+            trained += add_text_encoder_lora(text_encoder, cfg.lora, base_dtype=weight_dtype)
     else:
         trained = list(unet.parameters())
     set_seed(cfg.train.seed + accelerator.process_index)  # per-process noise, timesteps and caption dropout
@@ -103,6 +114,11 @@ def main(argv: list[str] | None = None) -> None:
                                 num_training_steps=cfg.train.max_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     raw = accelerator.unwrap_model(unet)
+    # a trained text encoder is prepared too: under DDP its adapters' gradients are all-reduced by its own wrapper
+    # (called as text(ids)); `text_encoder` stays the unwrapped module (tokenizer, sampling, export)
+    text = accelerator.prepare(text_encoder) if train_text else text_encoder
+    # clipped together (one gradient norm over both adapter sets) and checked together at checkpoints
+    trained_modules = torch.nn.ModuleList([unet, text]) if train_text else unet
     ema = None  # made after `prepare`, so under FSDP it holds (and updates) each process's shard only
     if cfg.train.ema_decay > 0 and cfg.lora.enabled:
         ema = EMAModel(trained, decay=cfg.train.ema_decay)
@@ -118,11 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = dict(models={"unet": unet}, optimizers={"unet": optimizer}, schedulers={"lr": lr_schedule},
                 emas={"unet": ema} if ema is not None else {})
     if cfg.lora.enabled:  # the adapters, their optimizer and EMA: the frozen base comes from model.pretrained again
-        ckpt = dict(ckpt, models={"lora": AdapterWeights(raw)}, optimizers={"lora": optimizer},
+        adapters = {"lora": AdapterWeights(raw)}
+        if train_text:
+            adapters["lora_text_encoder"] = AdapterWeights(text_encoder)
+        ckpt = dict(ckpt, models=adapters, optimizers={"lora": optimizer},
                     emas={"lora": ema} if ema is not None else {})
     resume_path = resolve_resume(resume, ckpt_root)
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path, **ckpt)
+        # a LoRA checkpoint trained with another base, rank, alpha, dropout or targets is refused before loading
+        check = (lambda saved: check_lora_settings(resume_path, saved, cfg)) if cfg.lora.enabled else None
+        state = load_checkpoint(accelerator, resume_path, check_state=check, **ckpt)
         step, batches_done = state["step"], state["batches_consumed"][accelerator.process_index]
         changed = apply_optimizer_settings(optimizer, lr_schedule, cfg.optim.lr, betas=cfg.optim.betas,
                                            weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
@@ -144,17 +165,31 @@ def main(argv: list[str] | None = None) -> None:
         return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch["captions"]
 
     def save(step: int) -> Path:
-        if backend.replicated and not replicas_identical(accelerator, unet):
-            raise RuntimeError(f"the U-Net replicas differ across processes at step {step}")
+        if backend.replicated and not replicas_identical(accelerator, trained_modules):
+            raise RuntimeError(f"the trained replicas differ across processes at step {step}")
         consumed = accelerator.gather(torch.tensor([batches_done], device=accelerator.device)).tolist()
-        return save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last,
-                               state={"step": step, "batches_consumed": consumed}, **ckpt)
+        state = {"step": step, "batches_consumed": consumed}
+        if cfg.lora.enabled:
+            state[STATE_KEY] = lora_settings(cfg)
+        return save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last, state=state, **ckpt)
 
     def sample(step: int) -> None:
+        text_encoder.eval()  # an adapted text encoder trains (adapter dropout); the samples use it as inference will
         with ema_weights(ema, trained if cfg.lora.enabled else raw.parameters()):
             grid = sample_grid(accelerator, raw, vae, text_encoder, noise_scheduler, cfg.sample)
+        text_encoder.train()
         if grid is not None:
             log_image(accelerator, "samples", grid, step)
+
+    def condition(captions: list[str]) -> torch.Tensor:
+        """Captions -> (B, 77, D) text states, `train.caption_dropout` of them the empty prompt's."""
+        if not train_text:
+            with torch.no_grad():
+                return drop_captions(encode_text(captions), empty, cfg.train.caption_dropout)
+        # through the adapted encoder, with gradients; the empty prompt too (row B), since inference's unconditional
+        # branch is the adapted encoder's
+        states = text(text_encoder.tokenize([*captions, ""]))  # (B + 1, 77, D)
+        return drop_captions(states[:-1], states[-1:], cfg.train.caption_dropout)
 
     # ---- the loop: one iteration = one optimizer step over `grad_accum` micro-batches
     accum = cfg.train.grad_accum
@@ -165,16 +200,17 @@ def main(argv: list[str] | None = None) -> None:
         finite, losses = True, []
         for micro in range(accum):
             x0, captions = next_batch()  # (B, C, h, w) scaled latents
-            with torch.no_grad():
-                text = drop_captions(encode_text(captions), empty, cfg.train.caption_dropout)  # (B, 77, D)
-            with backend.micro_step(unet, last=micro == accum - 1):  # gradients are reduced after the last
-                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)  # autocast by accelerate
+            last = micro == accum - 1  # gradients are reduced after the last
+            text_sync = backend.micro_step(text, last=last) if train_text else contextlib.nullcontext()
+            with backend.micro_step(unet, last=last), text_sync:
+                states = condition(captions)  # (B, 77, D)
+                loss = diffusion_loss(unet, noise_scheduler, x0, states, cfg.noise)  # autocast by accelerate
                 finite &= bool(torch.isfinite(loss))
                 backend.backward(unet, loss)  # of the mean over the `accum` micro-batches
             losses.append(loss.detach())
 
         # clipped and applied unless a loss (on any process) or the gradient norm is not finite
-        finite, grad_norm = backend.step(unet, optimizer, all_processes(accelerator, finite))
+        finite, grad_norm = backend.step(trained_modules, optimizer, all_processes(accelerator, finite))
         if not finite:
             if nonfinite.skip(step, (optimizer,)):
                 saved = save(step)
@@ -205,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- a complete diffusers model directory with the EMA weights (whole fp32 tensors, gathered when sharded)
     if cfg.lora.enabled:  # the adapter (its EMA weights) in diffusers' and kohya's formats, in lora/
         if accelerator.is_main_process:
+            text_encoder.eval()
             with ema_weights(ema, trained):
                 export_lora(out, raw, cfg, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler)
     else:

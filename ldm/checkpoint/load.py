@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,11 +42,13 @@ def load_checkpoint(
     optimizers: Mapping[str, torch.optim.Optimizer] = {},
     schedulers: Mapping[str, Any] = {},
     emas: Mapping[str, EMAModel] = {},
+    check_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Restore the given objects and this process's RNG state from a checkpoint; return the saved `state`.
 
     Call on all processes, after `accelerator.prepare`. Any subset of the saved components may be loaded.
-    A missing, incomplete or corrupt checkpoint, or one that does not fit the models, raises `UserError`.
+    A missing, incomplete or corrupt checkpoint, or one that does not fit the models, raises `UserError`;
+    `check_state` sees the saved `state` before anything is loaded and may refuse it (a `UserError`) as well.
     """
     check_supported(accelerator, optimizers, models)
     path = Path(path)
@@ -54,6 +56,8 @@ def load_checkpoint(
 
     def load() -> None:
         manifest = validate_checkpoint(path)
+        if check_state is not None:
+            check_state(_read_state(path))
         _check_requested_components(path, manifest, models, optimizers, schedulers, emas)
         # Check every model against its file before changing anything, so a mismatch leaves all models untouched.
         unwrapped = {name: _unwrap(accelerator, model) for name, model in models.items()}

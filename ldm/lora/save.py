@@ -1,10 +1,12 @@
 """A trained adapter on disk, in the two formats the ecosystem loads; both in one directory, written atomically:
 
     lora/pytorch_lora_weights.safetensors   diffusers/peft: `unet.<module path>.lora_A.weight` (rank x in) and
-                                            `.lora_B.weight` (out x rank); rank and alpha as diffusers' adapter
+                                            `.lora_B.weight` (out x rank), `text_encoder.text_model.<module path>...`
+                                            for a text-encoder adapter; rank and alpha as diffusers' adapter
                                             metadata. Loads with `StableDiffusionPipeline.load_lora_weights(dir)`.
     lora/<name>.safetensors                 kohya (A1111, ComfyUI): `lora_unet_<module path, dots as _>.lora_down.weight`,
-                                            `.lora_up.weight` and `.alpha`; the update is up @ down * alpha / rank.
+                                            `.lora_up.weight` and `.alpha`, `lora_te_text_model_<module path>...` for
+                                            the text encoder; the update is up @ down * alpha / rank.
                                             `ss_network_dim` / `ss_network_alpha` in the metadata, as kohya writes.
 
 Keys come from peft's `get_peft_model_state_dict`. The diffusers file keeps peft's key names, as diffusers'
@@ -12,7 +14,9 @@ Keys come from peft's `get_peft_model_state_dict`. The diffusers file keeps peft
 attention projections (to `.lora.down`), so a file with feed-forward targets would mix two spellings. The kohya file
 comes from diffusers' `convert_state_dict_to_kohya`, with two corrections: it writes alpha = rank whatever the
 adapter's alpha was (a file trained with alpha != rank would load at the wrong strength), and it names the text
-encoder `lora_te1_` (SDXL's spelling; SD 1.x/2.x files use `lora_te_`).
+encoder `lora_te1_` (SDXL's spelling; SD 1.x/2.x files use `lora_te_`). Text-encoder module paths always start with
+`text_model.` as transformers 4 spelt them (and A1111's `lora_te_text_model_*` keys do): transformers 5 dropped that
+level from `CLIPTextModel`, and diffusers' loader strips it again for a model without it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ def peft_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(unet).items()}
 
 
+def text_encoder_state_dict(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """A `CLIPTextEncoder`'s adapter: `text_encoder.text_model.<module path>.lora_A.weight` / `.lora_B.weight`."""
+    return {f"text_encoder.{k if k.startswith('text_model.') else 'text_model.' + k}":
+            v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in get_peft_model_state_dict(text_encoder.model).items()}
+
+
 def kohya_state_dict(peft: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """peft keys (with the `unet.` / `text_encoder.` prefix) -> kohya keys, with the adapter's own alpha."""
     kohya = {}
@@ -47,15 +58,24 @@ def kohya_state_dict(peft: dict[str, torch.Tensor], alpha: float) -> dict[str, t
     return kohya
 
 
-def save_lora(directory: str | Path, unet: nn.Module, cfg: LoRAConfig, base_model: str = "") -> Path:
-    """Write both files for the adapter in `unet` into `directory` (replaced as a whole, never half-written)."""
-    peft = peft_state_dict(unet)
-    config = unet.peft_config["default"].to_dict()
+def save_lora(directory: str | Path, unet: nn.Module, cfg: LoRAConfig, base_model: str = "",
+              text_encoder: nn.Module | None = None) -> Path:
+    """Write both files for the adapter in `unet` (and in `text_encoder`, a `CLIPTextEncoder` with adapters, if
+    given) into `directory` (replaced as a whole, never half-written)."""
+    unet_part = peft_state_dict(unet)
+    text_part = text_encoder_state_dict(text_encoder) if text_encoder is not None else {}
     kohya_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
                   "ss_network_alpha": f"{cfg.alpha:g}", "ss_sd_model_name": base_model, "ldm_targets": ",".join(cfg.targets)}
+    if text_encoder is not None:
+        kohya_meta["ldm_text_encoder_targets"] = ",".join(cfg.text_encoder_targets)
     with atomic_directory(directory) as tmp:
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers={k.removeprefix("unet."): v for k, v in peft.items()},
-            unet_lora_adapter_metadata=config, weight_name=DIFFUSERS_FILE, safe_serialization=True)
-        save_file(kohya_state_dict(peft, cfg.alpha), str(tmp / f"{cfg.name}.safetensors"), metadata=kohya_meta)
+            tmp, unet_lora_layers={k.removeprefix("unet."): v for k, v in unet_part.items()},
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_layers={k.removeprefix("text_encoder."): v for k, v in text_part.items()} or None,
+            text_encoder_lora_adapter_metadata=(text_encoder.model.peft_config["default"].to_dict()
+                                                if text_encoder is not None else None),
+            weight_name=DIFFUSERS_FILE, safe_serialization=True)
+        save_file(kohya_state_dict({**unet_part, **text_part}, cfg.alpha), str(tmp / f"{cfg.name}.safetensors"),
+                  metadata=kohya_meta)
     return Path(directory)

@@ -1,5 +1,6 @@
-"""LoRA adapters on a diffusers U-Net for training: injected with peft (as diffusers' own LoRA scripts do), the base
-frozen (in the run's weight dtype), the adapters in fp32, and a module view of the adapters for checkpoints.
+"""LoRA adapters for training, on a diffusers U-Net and (with `lora.text_encoder_targets`) a transformers CLIP text
+encoder: injected with peft (as diffusers' own LoRA scripts do), the base frozen (in the run's weight dtype), the
+adapters in fp32, and a module view of the adapters for checkpoints.
 
 Why fp32 adapters: under fp16 mixed precision the gradient scaler refuses fp16 gradients ("Attempting to unscale FP16
 gradients", diffusers #2780, #6086, #10910), and fp16 master weights lose small updates (black images); so the
@@ -9,54 +10,111 @@ frozen base may be fp16/bf16 to save memory, but every trainable parameter is fp
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from ldm.errors import UserError
-from ldm.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, LoRAConfig
+from ldm.lora.config import ATTENTION_TARGETS, CLIP_MLP_TARGETS, CLIP_TEXT_TARGETS, FEED_FORWARD_TARGETS, LoRAConfig
 
 log = logging.getLogger(__name__)
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)  # what peft's LoRA wraps among a U-Net's layers
+UNET_KEY, TEXT_KEY = "lora.targets", "lora.text_encoder_targets"
 
 
-def check_targets(model: nn.Module, targets: list[str], what: str = "the U-Net") -> None:
+def check_targets(model: nn.Module, targets: list[str], what: str = "the U-Net", key: str = UNET_KEY) -> None:
     """Every target must name at least one module of `model` (peft's rule: the name, or a name ending in
     ".<target>"), and only layers LoRA can wrap; otherwise one line naming the target."""
+    examples = ATTENTION_TARGETS + FEED_FORWARD_TARGETS if key == UNET_KEY else CLIP_TEXT_TARGETS + CLIP_MLP_TARGETS
     modules = dict(model.named_modules())
     for target in targets:
         matched = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
         if not matched:
-            raise UserError(f"config key 'lora.targets': '{target}' matches no module of {what}; use module names "
-                            f"such as {', '.join(ATTENTION_TARGETS + FEED_FORWARD_TARGETS)}")
+            raise UserError(f"config key '{key}': '{target}' matches no module of {what}; use module names "
+                            f"such as {', '.join(examples)}")
         wrong = next((m for m in matched if not isinstance(m, ADAPTABLE)), None)
         if wrong is not None:
-            raise UserError(f"config key 'lora.targets': '{target}' names a {type(wrong).__name__}, not a linear or "
+            raise UserError(f"config key '{key}': '{target}' names a {type(wrong).__name__}, not a linear or "
                             f"convolution layer; name the layers inside it (e.g. to_out.0 rather than to_out)")
+
+
+def check_unet_targets_early(pretrained: str, targets: list[str]) -> None:
+    """`check_targets` on the base U-Net's modules built from its config alone (no weights, on the meta device), so
+    that a misspelt target stops the run before the latent cache is built. A base that cannot be read is left to
+    the real load, which names the problem."""
+    from accelerate import init_empty_weights
+
+    from ldm.singlefile.detect import detect
+
+    try:
+        if Path(pretrained).is_file():
+            config = detect(pretrained).unet_config
+        else:
+            config = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
+    except (OSError, ValueError, UserError):
+        return
+    if config is None:
+        return
+    with init_empty_weights(include_buffers=False):
+        check_targets(UNet2DConditionModel.from_config(config), targets)
+
+
+def lora_config(cfg: LoRAConfig, targets: list[str]) -> LoraConfig:
+    """peft's config for `targets`, with the run's rank, alpha and dropout (the same for U-Net and text encoder).
+
+    lora_A starts Gaussian (std 1/rank) and lora_B at zero, as in diffusers' scripts: the adapted model starts out
+    identical to the base."""
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights="gaussian",
+                      target_modules=list(targets))
 
 
 def add_lora(unet: nn.Module, cfg: LoRAConfig, base_dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
     """Freeze `unet` (cast to `base_dtype`), add the adapters of `cfg`, return the trainable (fp32) parameters.
 
-    lora_A starts Gaussian (std 1/rank) and lora_B at zero, as in diffusers' scripts: the adapted U-Net starts out
-    identical to the base. Draws from torch's RNG, so call it at the same point of a run (resume-safe: a resumed run
-    overwrites the adapters with the checkpoint's).
+    Draws from torch's RNG, so call it at the same point of a run (resume-safe: a resumed run overwrites the
+    adapters with the checkpoint's).
     """
     check_targets(unet, cfg.targets)
-    unet.requires_grad_(False)
-    if unet.dtype != base_dtype:  # the frozen base in the run's weight dtype (memory), trained parts below in fp32
-        unet.to(dtype=base_dtype)
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                init_lora_weights="gaussian", target_modules=list(cfg.targets)))
-    cast_training_params(unet, dtype=torch.float32)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    total = sum(p.numel() for p in unet.parameters())
+    return _adapt(unet, unet, cfg, cfg.targets, base_dtype, "the U-Net",
+                  lambda: unet.add_adapter(lora_config(cfg, cfg.targets)))
+
+
+def add_text_encoder_lora(text_encoder: nn.Module, cfg: LoRAConfig,
+                          base_dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    """`add_lora` for a `CLIPTextEncoder` (ldm/text/encoder.py) on `cfg.text_encoder_targets`: the adapters go into
+    its transformers `CLIPTextModel` (`.model`), with peft's `inject_adapter_in_model` (what transformers'
+    `add_adapter` calls; that one insists on a newer peft). Call it right after `add_lora` (same RNG remarks)."""
+    from transformers import CLIPTextModel
+
+    model = getattr(text_encoder, "model", None)
+    if not isinstance(model, CLIPTextModel):  # the config refuses open_clip; this guards other callers
+        raise UserError(f"config key '{TEXT_KEY}': text-encoder LoRA needs a transformers CLIP text encoder, not a "
+                        f"{type(text_encoder).__name__}")
+    check_targets(model, cfg.text_encoder_targets, "the text encoder", TEXT_KEY)
+    return _adapt(text_encoder, model, cfg, cfg.text_encoder_targets, base_dtype, "the text encoder",
+                  lambda: inject_adapter_in_model(lora_config(cfg, cfg.text_encoder_targets), model))
+
+
+def _adapt(owner: nn.Module, model: nn.Module, cfg: LoRAConfig, targets: list[str], base_dtype: torch.dtype,
+           what: str, inject) -> list[nn.Parameter]:  # type: ignore[no-untyped-def]
+    owner.requires_grad_(False)
+    if next(owner.parameters()).dtype != base_dtype:  # the frozen base in the run's dtype (memory); adapters fp32
+        owner.to(dtype=base_dtype)
+    inject()
+    cast_training_params(model, dtype=torch.float32)
+    # from_pretrained leaves a model in eval mode, where the adapters' dropout would do nothing
+    owner.train()
+    params = [p for p in owner.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in owner.parameters())
     trainable = sum(p.numel() for p in params)
-    log.info("LoRA rank %d, alpha %g on %s: %s trainable parameters of %s (%.2f%%)", cfg.rank, cfg.alpha,
-             ", ".join(cfg.targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info("LoRA rank %d, alpha %g on %s%s: %s trainable parameters of %s (%.2f%%)", cfg.rank, cfg.alpha,
+             ", ".join(targets), "" if what == "the U-Net" else f" of {what}", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
     return params
 
 

@@ -2,7 +2,10 @@
 
 `FrozenTextEncoder` is the one interface; `CLIPTextEncoder` wraps a transformers `CLIPTextModel` (SD 1.x) and
 `OpenCLIPTextEncoder` (ldm/text/openclip.py) an open_clip model (SD 2.x). The weights never train: they are frozen,
-kept in eval mode, and run under `torch.no_grad`.
+kept in eval mode, and run under `torch.no_grad`. The one exception is a LoRA run with text-encoder targets
+(ldm/lora/train.py): it adds trainable adapters, and an encoder with trainable parameters (`trainable`) computes
+gradients when the caller does, may enter training mode (for the adapters' dropout), and does not cache its empty
+prompt's embedding (its weights change at every step).
 """
 
 from __future__ import annotations
@@ -53,9 +56,15 @@ class FrozenTextEncoder(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
-        # stay in eval mode when a parent module calls .train(): the encoder is never trained, and dropout (if a
-        # config enables it) would make the conditioning noisy
-        return super().train(False)
+        # stay in eval mode when a parent module calls .train(): a frozen encoder is never trained, and dropout (if a
+        # config enables it) would make the conditioning noisy; one with trainable LoRA adapters trains as diffusers'
+        # scripts train it (so that lora.dropout acts)
+        return super().train(mode and self.trainable)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether any parameter trains (LoRA adapters added by ldm/lora/train.py); False for a frozen encoder."""
+        return any(p.requires_grad for p in self.parameters())
 
     @property
     def device(self) -> torch.device:
@@ -87,10 +96,11 @@ class FrozenTextEncoder(nn.Module):
     def max_clip_skip(self) -> int:
         return self.num_layers - (self.layer == "penultimate")
 
-    # no_grad, not inference_mode: the U-Net saves this output for its backward pass, which inference tensors forbid
-    @torch.no_grad()
     def forward(self, input_ids: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
         """ids (B, 77) -> hidden states (B, 77, D) in the module's dtype, on its device.
+
+        Without gradients (no_grad, not inference_mode: the U-Net saves this output for its backward pass, which
+        inference tensors forbid), unless the encoder has trainable adapters and the caller computes gradients.
 
         `clip_skip` (A1111's "Clip skip") N > 1 takes the hidden state N - 1 layers before the configured `layer`'s
         output, then the final layer norm; 1 is the configured layer itself.
@@ -100,7 +110,8 @@ class FrozenTextEncoder(nn.Module):
                 f"clip skip {clip_skip} is out of range: this text encoder allows 1..{self.max_clip_skip()} "
                 f"({self.num_layers} layers, '{self.layer}' layer)"
             )
-        hidden = self._hidden_states(input_ids.to(self.device), clip_skip - 1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            hidden = self._hidden_states(input_ids.to(self.device), clip_skip - 1)
         return hidden.to(self.dtype)
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -110,8 +121,11 @@ class FrozenTextEncoder(nn.Module):
     def empty_embedding(self, batch_size: int = 1) -> torch.Tensor:
         """`encode([""] * batch_size)`: the unconditional branch for caption dropout and classifier-free guidance.
 
-        Computed once per device and dtype; each call returns a fresh copy (B, 77, D), safe to modify in place.
+        Computed once per device and dtype; each call returns a fresh copy (B, 77, D), safe to modify in place. An
+        encoder with trainable adapters computes it at every call (its weights change at every step).
         """
+        if self.trainable:
+            return self.encode([""]).repeat(batch_size, 1, 1)
         key = (self.device, self.dtype)
         if key not in self._empty_cache:
             self._empty_cache[key] = self.encode([""])  # (1, 77, D)

@@ -119,6 +119,16 @@ class LDMConfig:
         check(self.data.caption_column is not None, "data.caption_column", "stage 2 needs captions: name the column")
         check(not self.lora.enabled or bool(self.model.pretrained), "lora.enabled",
               "needs model.pretrained: the base model (directory or .safetensors file) the adapter is trained for")
+        if self.lora.enabled and self.lora.text_encoder_targets:
+            # LoRA files name the text encoder's modules as transformers' CLIPTextModel does (kohya's lora_te_text_model_*,
+            # diffusers' text_encoder.*; A1111's SD 2 files too), so an adapter on open_clip's modules would load nowhere
+            check(self.text_encoder.kind == "clip", "lora.text_encoder_targets",
+                  "needs text_encoder.kind=clip: LoRA files name transformers CLIP modules, so an adapter on an "
+                  "open_clip encoder would load nowhere; convert the encoder to a CLIPTextModel or set "
+                  "lora.text_encoder_targets=[]")
+            check(not self.cache.text_embeddings, "cache.text_embeddings",
+                  "cannot be used with lora.text_encoder_targets: the text encoder trains, so captions are encoded at "
+                  "every step; set cache.text_embeddings=false")
         check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only (a cached random "
               "crop would be the same crop every epoch): set it to true")
         check(not self.data.random_flip or "left" not in " ".join(self.sample.prompts), "data.random_flip",
