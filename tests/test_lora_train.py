@@ -81,12 +81,12 @@ def lora_train(out: Path, base: dict[str, Path], *overrides: str, resume: str | 
 
 @pytest.fixture(scope="module")
 def ddp_run(base) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 2-process LoRA run (gloo) that exports the adapter and the merged model; lr high enough that the
-    adapter's effect on the U-Net is far above float rounding."""
+    """A 2-process LoRA run (gloo) on the U-Net and the text encoder that exports the adapter and the merged model;
+    lr high enough that the adapter's effect on the U-Net is far above float rounding."""
     out = base["root"] / "ddp"
     cmd = accelerate_launch(ROOT / "train/train_ldm.py", *lora_args(
         out, base, "train.cpu=true", "train.max_steps=3", "train.checkpoint_every=3", "optim.lr=2e-2",
-        "optim.warmup_steps=0", "train.ema_decay=0.5", "lora.export_merged=true"))
+        "optim.warmup_steps=0", "train.ema_decay=0.5", "lora.export_merged=true", TEXT))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
@@ -95,12 +95,15 @@ def ddp_run(base) -> tuple[Path, subprocess.CompletedProcess]:
 @pytest.mark.slow
 def test_two_processes_train_only_the_adapter(base, ddp_run):
     out, result = ddp_run
-    assert "replicas identical across 2 processes" in result.stderr
+    assert "replicas identical across 2 processes" in result.stderr  # both adapter sets: DDP reduced both
     assert "trainable parameters of" in result.stderr  # "LoRA rank 2, alpha 3 on ...: N trainable parameters of M"
+    assert "on q_proj, k_proj, v_proj, out_proj of the text encoder: 1,024 trainable parameters of" in result.stderr
     ckpt = out / "checkpoints/step-00000003"
-    adapter = load_file(ckpt / "models/lora.safetensors")
-    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter), sorted(adapter)[:3]
-    assert all(v.dtype == torch.float32 for v in adapter.values())
+    for part in ("lora", "lora_text_encoder"):
+        adapter = load_file(ckpt / f"models/{part}.safetensors")
+        assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter), sorted(adapter)[:3]
+        assert all(v.dtype == torch.float32 for v in adapter.values())
+        assert any(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)
     assert {p.name for p in (ckpt / "optimizers").iterdir()} == {"lora.safetensors"}
     assert {p.name for p in (ckpt / "ema").iterdir()} == {"lora.safetensors"}
     # the checkpoint holds the adapter only: far smaller than the base U-Net
@@ -154,8 +157,9 @@ def test_the_kohya_file_has_a1111_keys_and_the_adapters_alpha(ddp_run):
         keys, meta = list(f.keys()), f.metadata()
         alpha = f.get_tensor("lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha")
         down = f.get_tensor("lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_down.weight")
-    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
-               for k in keys)
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_"))
+               and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert sum(k.startswith("lora_te_") for k in keys) == 2 * 4 * 3  # 2 layers x 4 projections x (down, up, alpha)
     assert alpha.item() == 3.0 and down.shape[0] == 2
     assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "3"
 
@@ -174,6 +178,31 @@ def test_resume_gives_the_same_adapter_under_bf16(tmp_path, base):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     # under bf16 the trainable parameters stay fp32
     assert all(v.dtype == torch.float32 for k, v in a.items() if ".lora_" in k)
+
+
+@pytest.mark.slow
+def test_a_unet_only_run_leaves_the_text_encoder_out_of_every_file(tmp_path, base):
+    lora_train(tmp_path, base, "train.max_steps=1", "optim.lr=1e-2", "optim.warmup_steps=0")
+    ckpt = tmp_path / "checkpoints/step-00000001"
+    assert {p.name for p in (ckpt / "models").iterdir()} == {"lora.safetensors"}
+    assert any(v.abs().max() > 0 for k, v in load_file(ckpt / "models/lora.safetensors").items() if ".lora_B." in k)
+    assert all(k.startswith("unet.") for k in load_file(tmp_path / "lora/pytorch_lora_weights.safetensors"))
+    assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "lora/tiny.safetensors"))
+
+
+def test_adapters_train_in_training_mode_so_that_their_dropout_acts():
+    """from_pretrained leaves a model in eval mode, where lora.dropout would silently do nothing."""
+    unet = build_unet("tiny", sample_size=8, latent_channels=4, cross_attention_dim=32).eval()
+    add_lora(unet, LoRAConfig(enabled=True, dropout=0.5))
+    dropouts = [m for name, m in unet.named_modules() if name.endswith("lora_dropout.default")]
+    assert dropouts and unet.training and all(m.training for m in dropouts)
+    encoder = _plain_text_encoder_tiny()
+    add_text_encoder_lora(encoder, LoRAConfig(enabled=True, dropout=0.5, text_encoder_targets=["q_proj"]))
+    assert encoder.training and encoder.trainable
+    encoder.eval()
+    assert not encoder.training
+    encoder.train()  # a frozen encoder refuses training mode; an adapted one follows it
+    assert encoder.training
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -271,6 +300,15 @@ def te_run(base) -> Path:
     lora_train(out, base, TEXT, "train.max_steps=3", "train.checkpoint_every=3", "optim.lr=2e-2",
                "optim.warmup_steps=0", "train.ema_decay=0", "train.caption_dropout=0.5", "lora.export_merged=true")
     return out
+
+
+def _plain_text_encoder_tiny() -> CLIPTextEncoder:
+    from ldm.text.tiny import tiny_clip_text_encoder
+
+    encoder = tiny_clip_text_encoder()
+    encoder.train()
+    assert not encoder.training  # frozen: stays in eval mode
+    return encoder
 
 
 def _plain_text_encoder(base: dict[str, Path]) -> CLIPTextEncoder:
