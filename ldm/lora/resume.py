@@ -54,4 +54,6 @@ def check_lora_settings(checkpoint: Path, state: dict[str, Any], cfg: Any) -> No
 
 
 def _show(value: Any) -> str:
-    return f"[{','.join(value)}]" if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, list):
+        return f"[{','.join(value)}]"
+    return f"{value:g}" if isinstance(value, float) else str(value)

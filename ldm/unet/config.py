@@ -120,8 +120,9 @@ class LDMConfig:
         check(not self.lora.enabled or bool(self.model.pretrained), "lora.enabled",
               "needs model.pretrained: the base model (directory or .safetensors file) the adapter is trained for")
         if self.lora.enabled and self.lora.text_encoder_targets:
-            # LoRA files name the text encoder's modules as transformers' CLIPTextModel does (kohya's lora_te_text_model_*,
-            # diffusers' text_encoder.*; A1111's SD 2 files too), so an adapter on open_clip's modules would load nowhere
+            # LoRA files name the text encoder's modules as transformers' CLIPTextModel does (kohya's
+            # lora_te_text_model_*, diffusers' text_encoder.*; A1111's SD 2 files too): an adapter on open_clip's
+            # modules would load nowhere
             check(self.text_encoder.kind == "clip", "lora.text_encoder_targets",
                   "needs text_encoder.kind=clip: LoRA files name transformers CLIP modules, so an adapter on an "
                   "open_clip encoder would load nowhere; convert the encoder to a CLIPTextModel or set "
