@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,7 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch, reset_accelerate_state
+from ldm.config import load_config
 from ldm.data.shapes import write_dataset
+from ldm.errors import UserError
+from ldm.vae.config import VAEConfig
+from ldm.vae.export import export_vae
+from ldm.vae.finetune import LatentAnchor
 from ldm.vae.presets import build_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +193,77 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
         "error: unknown config key 'train.max_stepz' (did you mean 'train.max_steps'?)"
     ]
     assert not out.exists()
+
+
+# ---- fine-tuning a trained VAE (ldm/vae/finetune.py): the latent space a U-Net was trained on stays put
+
+
+@pytest.fixture(scope="module")
+def pretrained_vae(tmp_path_factory) -> Path:
+    """A tiny VAE with a made-up latent scale, exported as a model directory's vae/ (the layout stage 2 writes)."""
+    torch.manual_seed(3)
+    directory = tmp_path_factory.mktemp("base") / "model"
+    export_vae(build_vae("tiny", 32), directory / "vae", scaling_factor=0.5)
+    return directory
+
+
+def encoder_means(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.encode(x).latent_dist.mean
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_and_the_scale(tmp_path, shapes, pretrained_vae, fresh_accelerate):
+    out = tmp_path / "run"
+    train(out, shapes, *FAST, f"model.pretrained={pretrained_vae}", "model.freeze_encoder=true",
+          "train.max_steps=3", "train.batch_size=4", "train.val_every=100", "train.ema_decay=0.9")
+    base = load_file(pretrained_vae / "vae/diffusion_pytorch_model.safetensors")
+    tuned = load_file(out / "vae/diffusion_pytorch_model.safetensors")
+    frozen = [k for k in base if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(base[k], tuned[k]) for k in frozen)
+    assert not torch.equal(base["decoder.conv_out.weight"], tuned["decoder.conv_out.weight"])
+    # the pretrained scale, not the one measured on this run's validation images
+    assert AutoencoderKL.from_pretrained(out / "vae").config.scaling_factor == 0.5
+
+
+def test_latent_anchor_holds_the_encoder_near_the_pretrained_one(tmp_path, shapes, pretrained_vae):
+    x = images(shapes, 16)
+    base = AutoencoderKL.from_pretrained(pretrained_vae / "vae")
+    moved = {}
+    for weight in (0, 1000):
+        reset_accelerate_state()
+        out = tmp_path / f"anchor-{weight}"
+        train(out, shapes, *FAST, f"model.pretrained={pretrained_vae}", f"loss.latent_anchor_weight={weight}",
+              "optim.lr=3e-3", "train.max_steps=4", "train.batch_size=4", "train.val_every=100")
+        tuned = AutoencoderKL.from_pretrained(out / "vae")
+        moved[weight] = (encoder_means(tuned, x) - encoder_means(base, x)).pow(2).mean().sqrt().item()
+    assert moved[0] > 0 and moved[1000] < 0.5 * moved[0], moved
+
+
+def test_latent_anchor_loss_is_the_squared_distance_of_the_means():
+    torch.manual_seed(0)
+    vae = build_vae("tiny", 32)
+    anchor, before = LatentAnchor(vae), copy.deepcopy(vae)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert anchor(x, vae.encode(x).latent_dist).item() == 0.0
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.add_(0.1)  # the trained encoder moves; the anchor's copy does not
+    posterior = vae.encode(x).latent_dist
+    expected = (posterior.mean - encoder_means(before, x)).pow(2).sum((1, 2, 3)).mean()  # per image, batch mean
+    assert expected > 0
+    assert anchor(x, posterior).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not any(p.requires_grad for p in anchor.parameters())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.latent_anchor_weight=1"], "config key 'loss.latent_anchor_weight': anchors the latents to "
+     "model.pretrained's encoder: set model.pretrained, or the weight to 0"),
+    (["model.freeze_encoder=true"], "config key 'model.freeze_encoder': needs model.pretrained"),
+    (["model.pretrained=PRE", "model.freeze_encoder=true", "loss.latent_anchor_weight=1"],
+     "config key 'loss.latent_anchor_weight': has nothing to anchor with model.freeze_encoder=true"),
+    (["model.pretrained=MISSING"], "does not exist: set model.pretrained to a VAE directory or a model directory"),
+])
+def test_bad_fine_tune_settings_are_refused(overrides, message, pretrained_vae, tmp_path):
+    overrides = [o.replace("PRE", str(pretrained_vae)).replace("MISSING", str(tmp_path / "nope")) for o in overrides]
+    with pytest.raises(UserError) as error:
+        load_config(VAEConfig, ROOT / "configs/vae/tiny.yaml", overrides)
+    assert message in str(error.value)

@@ -32,6 +32,7 @@ from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator
 from ldm.vae.export import export_vae
+from ldm.vae.finetune import LatentAnchor, load_trainable_vae
 from ldm.vae.losses import (
     LogVariance, adaptive_gan_weight, discriminator_loss, generator_gan_loss, kl_loss, reconstruction_nll,
 )
@@ -50,16 +51,27 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- models, identical on every process (same seed), then per-process RNG for the posterior samples
     set_seed(cfg.train.seed)
-    vae = build_vae(cfg.model.preset, cfg.data.resolution)
+    anchor, pretrained_scale = None, None
+    if cfg.model.pretrained:  # fine-tuning: its latent space (and scale) stays the one a U-Net was trained on
+        vae = load_trainable_vae(cfg.model.pretrained, cfg.data.resolution, cfg.model.freeze_encoder)
+        pretrained_scale = vae.config.scaling_factor
+        if cfg.loss.latent_anchor_weight > 0:
+            anchor = LatentAnchor(vae).to(accelerator.device)
+        log.info("fine-tuning the VAE from %s (%s)", cfg.model.pretrained,
+                 "decoder only" if cfg.model.freeze_encoder else f"latent anchor {cfg.loss.latent_anchor_weight:g}"
+                 if anchor is not None else "encoder and decoder, latents free to move")
+    else:
+        vae = build_vae(cfg.model.preset, cfg.data.resolution)
     disc = PatchDiscriminator(base_channels=cfg.disc.base_channels, num_layers=cfg.disc.num_layers, norm=cfg.disc.norm)
     logvar = LogVariance(cfg.loss.logvar_init, learn=cfg.loss.learn_logvar)
     perceptual = None
     if cfg.loss.perceptual_weight > 0:
         perceptual = build_lpips(cfg.loss.lpips_net, cfg.loss.lpips_pretrained_backbone).to(accelerator.device)
-    ema = EMAModel(vae.parameters(), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    trained = [p for p in vae.parameters() if p.requires_grad]  # all but a frozen encoder
+    ema = EMAModel(trained, decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     set_seed(cfg.train.seed + accelerator.process_index)
 
-    vae_params = list(vae.parameters()) + ([logvar.logvar] if cfg.loss.learn_logvar else [])
+    vae_params = trained + ([logvar.logvar] if cfg.loss.learn_logvar else [])
     opt_vae = torch.optim.Adam(vae_params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     opt_disc = torch.optim.Adam(
         disc.parameters(), lr=cfg.optim.disc_lr or cfg.optim.lr, betas=cfg.optim.betas,
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     def validate(step: int) -> None:
         nonlocal scaling_factor
         unwrapped = accelerator.unwrap_model(model).vae
-        with ema_weights(ema, unwrapped.parameters()):
+        with ema_weights(ema, trained):
             metrics, grid, val_skipped = evaluate_reconstructions(unwrapped, val_ds, accelerator, perceptual)
         skipped.note(val_skipped)
         scaling_factor = metrics["scaling_factor"]
@@ -163,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
                 kl = kl_loss(posterior)
                 loss = nll + cfg.loss.kl_weight * kl
                 logs.update(nll_loss=nll.detach(), kl_loss=kl.detach())
+                if anchor is not None:  # how far the latents moved from the pretrained encoder's
+                    moved = anchor(x, posterior)
+                    loss = loss + cfg.loss.latent_anchor_weight * moved
+                    logs.update(anchor_loss=moved.detach())
                 if gan_on:
                     # the discriminator judges but does not learn here: no gradient into its parameters
                     raw_disc.requires_grad_(False)
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             sched_disc.step()
             opt_disc.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(accelerator.unwrap_model(model).vae.parameters())
+            ema.step(trained)
         step += 1
         progress.update(1)
 
@@ -234,9 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     if scaling_factor is None:
         validate(step)
     skipped_names = skipped.gather(accelerator)
+    if pretrained_scale is not None:  # a U-Net trained on the pretrained VAE's latents expects its scale
+        log.info("keeping the pretrained VAE's scaling_factor %.5f (this VAE's latents measure %.5f)",
+                 pretrained_scale, scaling_factor)
+        scaling_factor = pretrained_scale
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model).vae
-        with ema_weights(ema, unwrapped.parameters()):
+        with ema_weights(ema, trained):
             export_vae(unwrapped, out / "vae", scaling_factor)
         log.info("saved the VAE (scaling_factor %.5f) to %s", scaling_factor, out / "vae")
         log.info(SkippedImages.summary(skipped_names))

@@ -7,15 +7,22 @@ from typing import Literal
 
 from ldm.config import check
 from ldm.data.config import DataConfig
+from ldm.vae.loading import check_vae, vae_directory
 from ldm.vae.presets import VAE_PRESETS, downsampling_factor
 
 
 @dataclass
 class VAEModelConfig:
-    preset: str = "tiny"  # a name from ldm.vae.presets.VAE_PRESETS
+    preset: str = "tiny"  # a name from ldm.vae.presets.VAE_PRESETS (ignored with `pretrained`)
+    # fine-tuning (ldm/vae/finetune.py): start from a trained VAE, a diffusers AutoencoderKL directory or a model
+    # directory with vae/, instead of the preset's random weights; the export keeps its latent scaling factor
+    pretrained: str = ""
+    freeze_encoder: bool = False  # with `pretrained`: train the decoder only, so the latents stay exactly the same
 
     def validate(self) -> None:
         check(self.preset in VAE_PRESETS, "model.preset", f"'{self.preset}' is not one of {', '.join(VAE_PRESETS)}")
+        check(not self.freeze_encoder or bool(self.pretrained), "model.freeze_encoder",
+              "needs model.pretrained (a randomly initialised encoder must learn)")
 
 
 @dataclass
@@ -43,9 +50,12 @@ class VAELossConfig:
     adaptive_weight_max: float = 1e4
     learn_logvar: bool = False
     logvar_init: float = 0.0
+    # with model.pretrained: weight of the squared distance of the posterior means from the pretrained encoder's
+    # (summed over latent elements, per image), which keeps the latent space a U-Net was trained on
+    latent_anchor_weight: float = 0.0
 
     def validate(self) -> None:
-        for key in ("perceptual_weight", "kl_weight", "disc_weight", "adaptive_weight_max"):
+        for key in ("perceptual_weight", "kl_weight", "disc_weight", "adaptive_weight_max", "latent_anchor_weight"):
             check(getattr(self, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(self, key)}")
         check(self.disc_start >= 0, "loss.disc_start", f"must be >= 0, got {self.disc_start}")
 
@@ -107,6 +117,15 @@ class VAEConfig:
               "trains on square crops; set data.buckets=false")
         check(self.data.num_val >= 1, "data.num_val", "the VAE needs held-out images to validate and measure its "
               "latent scale: set data.num_val >= 1")
+        anchored = self.loss.latent_anchor_weight > 0
+        check(not anchored or bool(self.model.pretrained), "loss.latent_anchor_weight",
+              "anchors the latents to model.pretrained's encoder: set model.pretrained, or the weight to 0")
+        check(not (anchored and self.model.freeze_encoder), "loss.latent_anchor_weight",
+              "has nothing to anchor with model.freeze_encoder=true (the latents cannot move): choose one")
+        if self.model.pretrained:  # its own layout, not the preset's: config.json is read, no weights
+            check_vae(vae_directory(self.model.pretrained), self.data.resolution,
+                      hint="set model.pretrained to a VAE directory or a model directory with vae/")
+            return
         f = downsampling_factor(self.model.preset)
         check(
             self.data.resolution % f == 0,

@@ -29,21 +29,27 @@ def vae_factor(config: dict[str, Any]) -> int:
     return 2 ** (len(config.get("block_out_channels", (64,))) - 1)
 
 
-def check_vae(directory: str | Path, resolution: int | None = None) -> dict[str, Any]:
+def vae_directory(path: str | Path) -> Path:
+    """`path`, or its `vae/` when it is a model directory (a diffusers pipeline, or stage 2's `model/`)."""
+    path = Path(path).expanduser()
+    return path / "vae" if (path / "vae" / "config.json").is_file() else path
+
+
+def check_vae(directory: str | Path, resolution: int | None = None, hint: str = HINT) -> dict[str, Any]:
     """Refuse a VAE directory that cannot be loaded, or whose factor does not divide `resolution` (data.resolution),
-    with a one-line `UserError`; return its config. Reads no weights, only their headers."""
+    with a one-line `UserError` ending in `hint`; return its config. Reads no weights, only their headers."""
     path = Path(directory).expanduser()
     config_file = path / "config.json"
     if not config_file.is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
-        raise UserError(f"VAE directory '{path}' {what}: {HINT}")
+        raise UserError(f"VAE directory '{path}' {what}: {hint}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise UserError(f"VAE config '{config_file}' is unreadable ({error}): {HINT}") from error
+        raise UserError(f"VAE config '{config_file}' is unreadable ({error}): {hint}") from error
     if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         kind = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
-        raise UserError(f"'{path}' holds a {kind}, not an AutoencoderKL: {HINT}")
+        raise UserError(f"'{path}' holds a {kind}, not an AutoencoderKL: {hint}")
     check_weights(path)  # pickles, truncated files and git-lfs pointers get a message naming the file
     if resolution is not None and resolution % vae_factor(config):
         raise UserError(f"config key 'data.resolution': {resolution} is not divisible by the VAE's "
