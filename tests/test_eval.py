@@ -127,9 +127,11 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_cli_quick_run_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
     path = tmp_path / "eval.json"
-    code, out, err = run_cli(["--model", str(model_dir), "--quick", "--steps", "2", "--json", str(path)], capsys)
+    argv = ["--model", str(model_dir), "--quick", "--steps", "2", "--json", str(path), "--vae", str(model_dir / "vae")]
+    code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     report = json.loads(path.read_text())
+    assert report["model"] == f"{model_dir} + VAE {model_dir / 'vae'}"
     assert report["quick"] is True and report["settings"]["steps"] == 2 and report["settings"]["seeds"] == 1
     assert report["settings"]["size"] == 64  # the tiny model's native size: 32 latents x VAE factor 2
     assert report["reader"]["accuracy"]["all"] == 1.0  # the judge reads ground truth right at this size
@@ -151,3 +153,6 @@ def test_cli_bad_model_is_one_line_and_exit_2(capsys, monkeypatch):
     monkeypatch.setattr("ldm.pipeline.loading.DEFAULT_MODEL", None)
     code, _, err = run_cli([], capsys)
     assert code == 2 and err.startswith("error: no model given") and err.count("\n") == 1
+    monkeypatch.undo()
+    code, _, err = run_cli(["--vae", "/nonexistent/vae.safetensors"], capsys)
+    assert code == 2 and "/nonexistent/vae.safetensors" in err and err.count("\n") == 1, err

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's default)")
     p.add_argument("--device", default="auto", help="auto (the default), cpu, cuda, cuda:N or mps")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
+    p.add_argument("--vae", default=None, metavar="FILE|DIR",
+                   help="a VAE replacing the model's (as ldm-generate --vae): a .safetensors file or a directory")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA to the model under test (as ldm-generate --lora); repeatable")
     p.add_argument("--new-color", action="append", default=[], metavar="NAME",
@@ -160,8 +162,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
     root = resolve_model(args.model)  # the same default as ldm-generate
     check_model(root)
+    if args.vae:
+        from ldm.singlefile.load import check_vae_source
+
+        check_vae_source(args.vae)
     start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(root, device=device)
+    pipe = Pipeline.from_pretrained(root, device=device, vae=args.vae)
     for path, scale in map(parse_lora_option, args.lora):
         pipe.load_lora(path, scale)
     log.info("loaded %s on %s in %.1fs", root, device, time.perf_counter() - start)
@@ -173,7 +179,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     sets = prompt_sets(quick=args.quick)
     report: dict[str, Any] = {
-        "quick": args.quick, "model": str(root) + "".join(f" + LoRA {spec}" for spec in args.lora),
+        "quick": args.quick, "model": str(root) + (f" + VAE {args.vae}" if args.vae else "")
+                                   + "".join(f" + LoRA {spec}" for spec in args.lora),
         "device": str(device), "dtype": dtype_name(pipe.dtype),
         "settings": {"steps": s.steps, "cfg": s.cfg, "baseline_cfg": args.baseline_cfg, "seeds": s.seeds,
                      "first_seed": FIRST_SEED, "sampler": s.sampler or DEFAULT_SAMPLER, "size": s.size},
