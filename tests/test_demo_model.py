@@ -22,6 +22,7 @@ from ldm.pipeline.loading import check_model
 ROOT = Path(__file__).resolve().parents[1]
 README_PROMPT = "a large red circle in the center on a black background"
 MAX_BYTES = 30 * 2**20
+PINK_DIR = ROOT / "ldm/demo/pink"  # the pink demo's fine-tuned VAE and LoRA (README, "The pink demo")
 
 
 def test_bundled_model_is_complete_small_and_packaged():
@@ -29,6 +30,8 @@ def test_bundled_model_is_complete_small_and_packaged():
     assert sum(p.stat().st_size for p in files) <= MAX_BYTES
     check_model(MODEL_DIR)  # every component ldm-generate needs, safetensors only
     # a non-editable install ships exactly what pyproject's package-data globs match: they must match every file
+    # of the demo model and of the pink demo's outputs
+    files |= {p for p in PINK_DIR.rglob("*") if p.is_file()}
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ldm"]
     packaged = {p for pattern in patterns for p in (ROOT / "ldm").glob(pattern)}
     assert packaged == files
@@ -76,3 +79,24 @@ def test_loads_unchanged_in_diffusers(one_torch_thread):
     image = out.images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
     assert read_attributes((image * 255).round().astype(np.uint8)).color == "red"
+
+
+@pytest.mark.slow
+def test_the_shipped_pink_vae_and_lora_teach_the_demo_pink(one_torch_thread):
+    """The shipped outputs of the pink demo, on a sample of its measurement (README: 67% of the held-out pink
+    prompts' images read as pink, 0% without them): the VAE reconstructs every pink render as pink and keeps the
+    known colours; with the LoRA, pink prompts come out pink; without it, never."""
+    from ldm.data.shapes import all_combinations, new_color_combinations
+    from ldm.eval.vae import reconstruction_accuracy
+    from ldm.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(MODEL_DIR, device="cpu", vae=PINK_DIR / "vae")
+    pink = new_color_combinations("pink")
+    assert reconstruction_accuracy(pipe.vae, pink, repeats=1, new_colors=("pink",))["color"] == 1.0
+    assert reconstruction_accuracy(pipe.vae, spread(all_combinations(), 63), repeats=1)["color"] >= 0.98
+    settings = Settings(steps=25, seeds=2, new_colors=("pink",))
+    combos = new_color_combinations("pink", "heldout")[:5]
+    without = prompt_adherence(pipe, combos, settings, cfg=7.5)["accuracy"]["color"]
+    pipe.load_lora(PINK_DIR / "pink.safetensors", 1.0)
+    with_lora = prompt_adherence(pipe, combos, settings, cfg=7.5)["accuracy"]["color"]
+    assert without == 0.0 and with_lora >= 0.5, (without, with_lora)
