@@ -9,7 +9,8 @@ thing. Two ways, both from `train/train_vae.py`'s config:
   draw new content that the frozen encoder already tells apart.
 - `loss.latent_anchor_weight`: train both, plus a penalty on how far the encoder's posterior means move from the
   pretrained encoder's, on every training image. Known content, already reconstructed, keeps its latents (its
-  reconstruction gives no reason to move); new content gets latents the decoder can tell apart.
+  reconstruction gives no reason to move); new content's latents move only as far as the anchor lets them (in the
+  pink demo, little: pink stays 4.0 from orange, README "The pink demo").
 
 Either way the exported VAE keeps the pretrained VAE's scaling factor, which the U-Net was trained with.
 """
