@@ -35,7 +35,7 @@ def images_per_second(preset: str, resolution: int, batch_size: int, steps: int,
     logvar = torch.zeros(())
 
     def step() -> None:
-        x_hat, posterior = model(x)
+        x_hat, posterior, _ = model(x)
         nll, _ = reconstruction_nll(x, x_hat, logvar, lpips)
         loss = nll + 1e-6 * kl_loss(posterior)
         if gan:

@@ -87,7 +87,7 @@ def test_lpips_gradient_reaches_the_decoder_and_not_lpips():
     model = PosteriorAutoencoder(build_vae("tiny", 32))
     lp = build_lpips("alex", pretrained_backbone=False)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    x_hat, _ = model(x)
+    x_hat, _, _ = model(x)
     lp(x, x_hat).sum().backward()
     grad = model.last_layer.grad
     assert grad is not None and grad.abs().sum() > 0

@@ -32,7 +32,7 @@ from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator
 from ldm.vae.export import export_vae
-from ldm.vae.finetune import LatentAnchor, load_trainable_vae
+from ldm.vae.finetune import DecoderAnchor, LatentAnchor, load_anchor_latents, load_trainable_vae
 from ldm.vae.losses import (
     LogVariance, adaptive_gan_weight, discriminator_loss, generator_gan_loss, kl_loss, reconstruction_nll,
 )
@@ -51,12 +51,17 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- models, identical on every process (same seed), then per-process RNG for the posterior samples
     set_seed(cfg.train.seed)
-    anchor, pretrained_scale = None, None
+    anchor, decoder_anchor, pretrained_scale = None, None, None
     if cfg.model.pretrained:  # fine-tuning: its latent space (and scale) stays the one a U-Net was trained on
         vae = load_trainable_vae(cfg.model.pretrained, cfg.data.resolution, cfg.model.freeze_encoder)
         pretrained_scale = vae.config.scaling_factor
         if cfg.loss.latent_anchor_weight > 0:
             anchor = LatentAnchor(vae).to(accelerator.device)
+        if cfg.loss.decoder_anchor_weight > 0:
+            held = load_anchor_latents(cfg.loss.decoder_anchor_latents, vae)
+            decoder_anchor = DecoderAnchor(vae, held, cfg.train.seed).to(accelerator.device)
+            log.info("decoder anchor %g on %d latents from %s", cfg.loss.decoder_anchor_weight, len(held),
+                     cfg.loss.decoder_anchor_latents)
         log.info("fine-tuning the VAE from %s (%s)", cfg.model.pretrained,
                  "decoder only" if cfg.model.freeze_encoder else f"latent anchor {cfg.loss.latent_anchor_weight:g}"
                  if anchor is not None else "encoder and decoder, latents free to move")
@@ -168,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
             last = micro == accum - 1
             # (1) autoencoder: gradients of the micro-batches add up locally, and are averaged across processes once
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                x_hat, posterior = model(x)
+                held = None if decoder_anchor is None else decoder_anchor.draw(
+                    step * accum + micro, accelerator.process_index, len(x))
+                x_hat, posterior, held_decoded = model(x, held)
                 nll, logs = reconstruction_nll(
                     x, x_hat, logvar.logvar, perceptual, cfg.loss.perceptual_weight, cfg.loss.recon
                 )
@@ -179,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
                     moved = anchor(x, posterior)
                     loss = loss + cfg.loss.latent_anchor_weight * moved
                     logs.update(anchor_loss=moved.detach())
+                if decoder_anchor is not None:  # how far the decoder's images of sampled latents moved
+                    drawn_apart = decoder_anchor(held, held_decoded)
+                    loss = loss + cfg.loss.decoder_anchor_weight * drawn_apart
+                    logs.update(decoder_anchor_loss=drawn_apart.detach())
                 if gan_on:
                     # the discriminator judges but does not learn here: no gradient into its parameters
                     raw_disc.requires_grad_(False)

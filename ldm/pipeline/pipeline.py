@@ -50,6 +50,7 @@ class GenerationResult:
     params: list[GenerationParams]  # one per image, with that image's seed
     decoded: np.ndarray  # (N, H, W, 3) float32 in [0, 1]: the VAE's output before rounding and paste-back
     steps_run: int  # denoising steps actually run (fewer than `steps` for img2img with strength < 1)
+    latents: torch.Tensor  # (N, C, h, w) float32 on the CPU: the final latents as the VAE decodes them (unscaled)
 
 
 @dataclass
@@ -224,6 +225,7 @@ class Pipeline:
         out_images: list[Image.Image] = []
         out_params: list[GenerationParams] = []
         decoded_all: list[np.ndarray] = []
+        latents_all: list[torch.Tensor] = []
         # one bar for the whole run, counting U-Net evaluations over all batches (Heun takes 2 per step)
         probe = make_scheduler(sampler, self.scheduler_config, karras)
         probe.set_timesteps(steps)
@@ -252,6 +254,7 @@ class Pipeline:
                 upscaled = hires.upscale(self, latents, (second.height, second.width))
                 latents = self._sample(seeds, cond, uncond, upscaled, _Job(second.height, second.width), second,
                                        step)
+            latents_all.append(self._unscale(latents).float().cpu())
             decoded = tensor_to_float_images(self._decode(latents))  # (b, H, W, 3) in [0, 1]
             decoded_all.append(decoded)
             for s, pixels in zip(seeds, float_to_uint8(decoded)):
@@ -262,7 +265,7 @@ class Pipeline:
                 if on_image is not None:
                     on_image(image, params)
         progress.close()
-        return GenerationResult(out_images, out_params, np.concatenate(decoded_all), steps_run)
+        return GenerationResult(out_images, out_params, np.concatenate(decoded_all), steps_run, torch.cat(latents_all))
 
     def _prepare_job(self, init_image, mask, height: int | None, width: int | None, mask_blur: int) -> _Job:
         """Sizes, and the init image and mask as tensors at the generation size."""
@@ -369,14 +372,18 @@ class Pipeline:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
+    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's latents -> the VAE decoder's input."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return latents / self.vae.config.scaling_factor + shift
+
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (b, C, h, w) -> images (b, 3, H, W) in [-1, 1]; an fp16 decode that overflows is redone in fp32.
 
         The SD 1.x/2.x VAE decoder's activations exceed fp16's range on some images and come out NaN (black images,
         A1111 #7633); decoding those again in fp32 costs one extra decode and only when it happens.
         """
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents / self.vae.config.scaling_factor + shift
+        z = self._unscale(latents)
         decoded = self.vae.decode(z, return_dict=False)[0]
         if self.dtype == torch.float16 and torch.isnan(decoded).any():
             log.warning("VAE decode in fp16 gave NaN; decoding again in fp32")

@@ -18,10 +18,20 @@ class PosteriorAutoencoder(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+    def forward(
+        self, x: torch.Tensor, extra_latents: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution, torch.Tensor | None]:
+        """The reconstruction (B, 3, H, W), the posterior, and the decoder's images of `extra_latents` (decoded in
+        the same call, so inside this forward; None without them)."""
         posterior = self.vae.encode(x).latent_dist  # mean, std: (B, C_z, H/f, W/f)
-        x_hat = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W); sample() draws from the global RNG
-        return x_hat, posterior
+        z = posterior.sample()  # sample() draws from the global RNG
+        if extra_latents is None:
+            return self.vae.decode(z).sample, posterior, None
+        if extra_latents.shape[2:] == z.shape[2:]:  # one decoder call for both
+            x_hat, extra = self.vae.decode(torch.cat([z, extra_latents.to(z.dtype)])).sample.split(
+                [len(z), len(extra_latents)])
+            return x_hat, posterior, extra
+        return self.vae.decode(z).sample, posterior, self.vae.decode(extra_latents.to(z.dtype)).sample
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -53,9 +53,15 @@ class VAELossConfig:
     # with model.pretrained: weight of the squared distance of the posterior means from the pretrained encoder's
     # (summed over latent elements, per image), which keeps the latent space a U-Net was trained on
     latent_anchor_weight: float = 0.0
+    # with model.pretrained: weight of the squared difference (summed per image, pixels in [-1, 1]) between the
+    # decoder's images and the pretrained decoder's on latents a U-Net generated (`decoder_anchor_latents`, a file from
+    # `python -m ldm.pipeline.sampled_latents`), a batch of them each step
+    decoder_anchor_weight: float = 0.0
+    decoder_anchor_latents: str = ""
 
     def validate(self) -> None:
-        for key in ("perceptual_weight", "kl_weight", "disc_weight", "adaptive_weight_max", "latent_anchor_weight"):
+        for key in ("perceptual_weight", "kl_weight", "disc_weight", "adaptive_weight_max", "latent_anchor_weight",
+                    "decoder_anchor_weight"):
             check(getattr(self, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(self, key)}")
         check(self.disc_start >= 0, "loss.disc_start", f"must be >= 0, got {self.disc_start}")
 
@@ -122,6 +128,14 @@ class VAEConfig:
               "anchors the latents to model.pretrained's encoder: set model.pretrained, or the weight to 0")
         check(not (anchored and self.model.freeze_encoder), "loss.latent_anchor_weight",
               "has nothing to anchor with model.freeze_encoder=true (the latents cannot move): choose one")
+        if self.loss.decoder_anchor_weight > 0:
+            check(bool(self.model.pretrained), "loss.decoder_anchor_weight",
+                  "holds the decoder to model.pretrained's: set model.pretrained, or the weight to 0")
+            check(bool(self.loss.decoder_anchor_latents), "loss.decoder_anchor_latents",
+                  "is needed with loss.decoder_anchor_weight: write one with python -m ldm.pipeline.sampled_latents")
+        else:
+            check(not self.loss.decoder_anchor_latents, "loss.decoder_anchor_latents",
+                  "is only used with loss.decoder_anchor_weight > 0: set the weight, or drop the file")
         if self.model.pretrained:  # its own layout, not the preset's: config.json is read, no weights
             check_vae(vae_directory(self.model.pretrained), self.data.resolution,
                       hint="set model.pretrained to a VAE directory or a model directory with vae/")
