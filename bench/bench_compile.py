@@ -60,7 +60,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from ldm.pipeline.device import DTYPES
-    from ldm.pipeline.loading import load_components, resolve_model
+    from ldm.models.load import load_components
+    from ldm.models.spec import inspect_model
     from ldm.pipeline.pipeline import Pipeline
 
     model = args.model
@@ -69,7 +70,7 @@ def main() -> None:
 
         model = str(save_tiny_model(Path(tempfile.mkdtemp(prefix="bench-compile-"))))
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    root = resolve_model(model)
+    spec = inspect_model(model)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -80,7 +81,7 @@ def main() -> None:
         torch._dynamo.reset()
         # a cold compile for every mode: no kernels from an earlier mode or run (inductor reads this per use)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{mode}-")
-        pipe = Pipeline(load_components(root, "bench", device, dtype), device, dtype)
+        pipe = Pipeline(load_components(spec, device, dtype), device, dtype)
         if mode.startswith("full"):
             pipe._unet_fn = torch.compile(pipe.unet, dynamic=mode.endswith("dynamic"))
         elif mode.startswith("regional"):

@@ -25,28 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ldm.errors import UserError, exit_on_user_error
+from ldm.pipeline.request import FIELDS, GenerationRequest
 
 log = logging.getLogger("ldm.generate")
-
-# defaults for every option that a --from-png replay may fill in (the parser's own defaults are None, so that an
-# option the user typed can be told from one left out: explicit > PNG > these)
-DEFAULTS: dict[str, Any] = {
-    "negative": "", "steps": 25, "cfg": 7.5, "sampler": "euler_a", "karras": False, "seed": None,
-    "height": None, "width": None, "strength": None, "mask_blur": 4, "guidance_rescale": 0.0, "model": None,
-    "hires_scale": None, "hires_strength": None, "hires_steps": None, "hires_upscaler": None,
-    "lora_hashes": None,
-    "clip_skip": 1,
-}
-# GenerationParams field -> CLI option (dest) for the values a PNG can carry
-PNG_TO_ARGS = {
-    "prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "karras": "karras",
-    "cfg": "cfg", "seed": "seed", "width": "width", "height": "height", "model": "model", "strength": "strength",
-    "mask_blur": "mask_blur", "guidance_rescale": "guidance_rescale", "lora_hashes": "lora_hashes",
-    "clip_skip": "clip_skip",
-    "hires_scale": "hires_scale", "hires_strength": "hires_strength", "hires_steps": "hires_steps",
-    "hires_upscaler": "hires_upscaler",
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit code 2 like every other bad input, not usage + error
@@ -54,8 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ldm import prompts_file
-    from ldm.pipeline import hires
+    from ldm.pipeline.hires import HIRES_STRENGTH, MAX_SCALE
     from ldm.pipeline.samplers import SAMPLERS
     from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE
 
@@ -70,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=None,
                    help="what to draw, in A1111 syntax: (word:1.2), (word), [word], BREAK; any length (see the "
                    "README's 'Prompt syntax'). May come from --from-png instead")
-    p.add_argument("--negative", "--negative-prompt", dest="negative", default=None,
+    p.add_argument("--negative", "--negative-prompt", dest="negative_prompt", default=None,
                    help="negative prompt: used as the unconditional branch of guidance (default: empty)")
     p.add_argument("--model", default=None,
                    help="diffusers-format model directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
@@ -98,13 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "one, then its final layer norm (default 1 = the usual layer; 2 is common for anime SD 1.x models)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the first image; image i uses seed + i whatever the batch size (default/-1: random)")
-    g.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
-    g.add_argument("--batch-size", type=int, default=1, help="images per U-Net batch: memory vs speed, same pixels (default 1)")
+    g.add_argument("--num-images", type=int, default=None, help="how many images (default 1)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per U-Net batch: memory vs speed, same pixels (default 1)")
     g.add_argument("--height", type=int, default=None,
                    help=f"pixels, a multiple of the VAE factor (8 for SD), {MIN_SIZE}..{MAX_SIZE} (default: the init "
                    "image's size rounded down to that multiple, else the model's native size, 512 for SD 1.x)")
     g.add_argument("--width", type=int, default=None, help="as --height")
-    hires.add_arguments(p)
+    h = p.add_argument_group("hires fix (txt2img at --width x --height, then img2img at the scaled size)")
+    h.add_argument("--hires-scale", type=float, default=None,
+                   help=f"scale the image by this factor in [1, {MAX_SCALE:g}] with a second, img2img pass "
+                   "(A1111's 'Hires upscale'); each side becomes int(side x scale) rounded down to the VAE factor")
+    h.add_argument("--hires-strength", type=float, default=None,
+                   help=f"the second pass's denoising strength in (0, 1] (default {HIRES_STRENGTH})")
+    h.add_argument("--hires-steps", type=int, default=None,
+                   help="steps the second pass runs, as A1111's Hires steps (default 0 = --steps)")
+    h.add_argument("--hires-upscaler", default=None,
+                   help="latent (default: bilinear on the latents) or lanczos (decode, resize, encode again)")
     i = p.add_argument_group("img2img and inpainting")
     i.add_argument("--init-image", default=None, help="start from this image (img2img); with --mask: inpainting")
     i.add_argument("--strength", type=float, default=None,
@@ -140,20 +129,38 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--from-png", default=None,
                    help="replay a PNG's 'parameters' (prompt, seed, sampler, ...); options given here override them")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info logs (warnings still shown)")
-    prompts_file.add_arguments(p)
+    p.add_argument_group("prompt lists").add_argument(
+        "--prompts-file", default=None, metavar="FILE",
+        help="generate for every line of FILE: a prompt, or a JSON object such as {\"prompt\": \"a red car\", "
+        "\"seed\": 7, \"cfg\": 5, \"width\": 512, \"count\": 4}. Resumable (a rerun skips the images already "
+        "written) and split across processes under `accelerate launch -m ldm.generate`")
     return p
 
 
-def resolve_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge explicit options > --from-png values > defaults, into one dict of option values."""
-    from ldm.pipeline.samplers import sampler_from_label
+# options whose value is not a request field (or not the same value): the model's, the images' files, the run's
+NOT_REQUEST = {"init_image", "mask"}
 
-    values = dict(DEFAULTS)
-    given = {k for k, v in vars(args).items() if v is not None}
+
+def typed_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields the user typed (every option's default is None, so typed can be told from left out)."""
+    for side in ("height", "width"):
+        value = getattr(args, side)
+        if value is not None and value <= 0:
+            raise UserError(f"--{side} {value} is not a size: give pixels (a multiple of the VAE factor), or leave "
+                            "it out for the init image's or the model's size")
+    return {k: v for k, v in vars(args).items() if k in FIELDS and k not in NOT_REQUEST and v is not None}
+
+
+def build_request(args: argparse.Namespace) -> GenerationRequest:
+    """Typed options > the --from-png image's values > the request's defaults; the init image and mask decoded."""
+    from ldm.pipeline import images as im
+
+    typed = typed_layer(args)
+    from_png: dict[str, Any] = {}
     if args.from_png:
         from ldm.pipeline.a1111 import replay_values
 
-        from_png = replay_values(args.from_png, given)
+        from_png = replay_values(args.from_png, set(typed))
         if from_png.get("strength") is not None and not args.init_image:
             raise UserError(
                 f"'{args.from_png}' was made from an init image (Denoising strength: {from_png['strength']}): pass "
@@ -161,22 +168,11 @@ def resolve_args(args: argparse.Namespace) -> dict[str, Any]:
             )
         if from_png.get("mask_blur") is not None and not args.mask:
             raise UserError(f"'{args.from_png}' was inpainted (it has a Mask blur): pass --mask FILE to replay it")
-        values.update({PNG_TO_ARGS[k]: v for k, v in from_png.items() if k in PNG_TO_ARGS})
-    values.update({k: v for k, v in vars(args).items() if v is not None or k not in values})
-    # A1111's sampler names ('DPM++ 2M Karras') -> ours; an explicit --sampler brings its own Karras choice
-    values["sampler"], karras = sampler_from_label(values["sampler"])
-    values["karras"] = karras or bool(values["karras"])
-    for side in ("height", "width"):
-        if values[side] is not None and values[side] <= 0:
-            raise UserError(f"--{side} {values[side]} is not a size: give pixels (a multiple of the VAE factor), or "
-                            "leave it out for the init image's or the model's size")
-    if values.get("prompt") is None and not getattr(args, "prompts_file", None):
+    if "prompt" not in typed and "prompt" not in from_png:
         raise UserError('no prompt given: ldm-generate "a red car" --model DIR (or --from-png FILE)')
-    if values["seed"] is None or values["seed"] == -1:
-        from ldm.pipeline.seeds import random_seed
-
-        values["seed"] = random_seed()
-    return values
+    images = {"init_image": im.load_image(args.init_image) if args.init_image else None,
+              "mask": im.load_mask(args.mask) if args.mask else None}
+    return GenerationRequest.layered(typed, from_png, {k: v for k, v in images.items() if v is not None})
 
 
 def _setup_logging(quiet: bool) -> Callable[[], None]:
@@ -226,100 +222,52 @@ def main(argv: Sequence[str] | None = None) -> None:
         restore_logging()
 
 
+def inspect(args: argparse.Namespace, model: str | None):
+    """The model's spec (`ldm.models.spec.inspect_model`); a model named only by --from-png says so when missing."""
+    from ldm.models.spec import inspect_model
+
+    try:
+        return inspect_model(model or None, prediction_type=args.prediction_type, vae=args.vae)
+    except UserError as e:
+        if args.from_png and args.model is None and model:
+            from ldm.pipeline.a1111 import model_hint
+
+            raise model_hint(e, args.from_png, model) from None
+        raise
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     """Validate everything, then load the model, generate and save. Returns the written paths."""
     if args.prompts_file:
-        from ldm.prompts_file import run_prompts_file
-
-        return run_prompts_file(args)
+        return run_prompts(args)
     import torch
 
     from ldm.demo import NAME as DEMO_NAME
     from ldm.demo import NOTICE as DEMO_NOTICE
     from ldm.lora.prompt_tags import check_lora_inputs, parse_lora_hashes
-    from ldm.pipeline import images as im
-    from ldm.pipeline import hires as hr
     from ldm.pipeline.device import dtype_name, pick_device, pick_dtype
-    from ldm.pipeline.loading import (
-        DEFAULT_MODEL,
-        check_model,
-        load_components,
-        read_default_size,
-        read_vae_factor,
-        resolve_model,
-    )
     from ldm.pipeline.output import check_writable, save_png
-    from ldm.pipeline.pipeline import DEFAULT_STRENGTH, Pipeline
-    from ldm.pipeline.samplers import check_sampler
-    from ldm.pipeline.validation import check_request, pick_size
-    from ldm.text.prompt_syntax import check_prompt
+    from ldm.pipeline.pipeline import Pipeline
 
-    v = resolve_args(args)
-    # 1. arguments that need no file: fail before touching the disk
-    check_sampler(v["sampler"], bool(v["karras"]))
-    check_prompt(v["prompt"], "prompt")
-    check_prompt(v["negative"], "negative prompt")
-    if v["clip_skip"] < 1:
-        raise UserError(f"--clip-skip must be at least 1 (1 = the text encoder's usual layer), got {v['clip_skip']}")
-    if args.mask and not args.init_image:
-        raise UserError("--mask needs --init-image (the image to inpaint)")
-    if v["strength"] is not None and not args.init_image:
-        raise UserError("--strength only applies with --init-image")
-    strength = v["strength"] if v["strength"] is not None else (
-        None if not args.init_image else 1.0 if args.mask else DEFAULT_STRENGTH)
-    hires = hr.from_values(v)
-    if hires is not None:
-        if args.init_image:
-            raise UserError("the hires fix is for txt2img: drop --hires-scale or --init-image")
-        hires.check(v["steps"], v["height"] or 8, v["width"] or 8, 1)  # again below, at the real size
-    check_request(  # sizes checked again below, against the model's VAE factor
-        steps=v["steps"], cfg=v["cfg"], height=v["height"] or 512, width=v["width"] or 512, vae_factor=1,
-        strength=strength, sampler=v["sampler"], karras=bool(v["karras"]), num_images=args.num_images,
-        batch_size=args.batch_size, seed=v["seed"], guidance_rescale=v["guidance_rescale"], mask_blur=v["mask_blur"],
-    )
+    # 1. the request and the model's spec (headers and configs only), checked against each other
+    request = build_request(args)
+    spec = inspect(args, request.model)
+    request = request.resolve(spec)
+    # 2. the rest of the inputs: device, output directory, LoRA files (all before any weight is loaded)
     device = pick_device(args.device)
-    # 2. files: output directory, images, model (all before any weight is loaded)
     outdir = check_writable(args.outdir)
-    init = im.load_image(args.init_image) if args.init_image else None
-    mask = im.load_mask(args.mask) if args.mask else None
-    lora_hashes = parse_lora_hashes(v["lora_hashes"] or "")
-    loras = check_lora_inputs(args.lora, v["prompt"], args.lora_dir, lora_hashes)
-    v["model"] = v["model"] or DEFAULT_MODEL
-    try:
-        root = resolve_model(v["model"])
-        check_model(root)
-    except UserError as e:
-        if args.from_png and args.model is None and v["model"] != DEFAULT_MODEL:
-            from ldm.pipeline.a1111 import model_hint
-
-            raise model_hint(e, args.from_png, v["model"]) from None
-        raise
-    if args.vae:
-        from ldm.singlefile.load import check_vae_source
-
-        check_vae_source(args.vae)
-    if v["model"] == DEMO_NAME:
+    loras = check_lora_inputs(args.lora, request.prompt, args.lora_dir, parse_lora_hashes(request.lora_hashes))
+    if spec.name == DEMO_NAME:
         log.info(DEMO_NOTICE)
-    factor = read_vae_factor(root)
-    native = read_default_size(root, args.prediction_type)
-    height, width = pick_size(init.size if init else None, v["height"], v["width"], factor, native)
-    check_request(steps=v["steps"], cfg=v["cfg"], height=height, width=width, vae_factor=factor, strength=strength,
-                  sampler=v["sampler"], karras=bool(v["karras"]), num_images=args.num_images,
-                  batch_size=args.batch_size, seed=v["seed"])
-    if hires is not None:
-        hires.check(v["steps"], height, width, factor)
     dtype = pick_dtype(args.dtype, device)
 
     # 3. the work
     start = time.perf_counter()
-    log.info("loading %s on %s (%s)", v["model"], device, dtype_name(dtype))
-    components = load_components(root, str(v["model"]), device, dtype, vae=args.vae,
-                                 prediction_type=args.prediction_type)
-    pipe = Pipeline(components, device, dtype, vae_tiling=args.vae_tiling, compile_unet=args.compile)
-    for path, scale in loras:
-        pipe.load_lora(path, scale)
+    log.info("loading %s on %s (%s)", spec.name, device, dtype_name(dtype))
+    pipe = Pipeline.open(spec, device, dtype, loras=loras, lora_dir=args.lora_dir, vae_tiling=args.vae_tiling,
+                         compile_unet=args.compile)
     log.info("loaded in %.1fs; generating %d image(s) at %dx%d, seeds %d..%d", time.perf_counter() - start,
-             args.num_images, width, height, v["seed"], v["seed"] + args.num_images - 1)
+             request.num_images, request.width, request.height, request.seed, request.seed + request.num_images - 1)
     written: list[Path] = []
 
     def save(image, params) -> None:
@@ -329,16 +277,25 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     start = time.perf_counter()
     with torch.inference_mode():
-        pipe(
-            v["prompt"], v["negative"], steps=v["steps"], cfg=v["cfg"], sampler=v["sampler"], karras=bool(v["karras"]),
-            seed=v["seed"], num_images=args.num_images, batch_size=args.batch_size, height=height, width=width,
-            init_image=init, mask=mask, strength=strength, mask_blur=v["mask_blur"],
-            guidance_rescale=v["guidance_rescale"], clip_skip=v["clip_skip"], hires=hires,
-            show_progress=not args.quiet, on_image=save, lora_dir=args.lora_dir, lora_hashes=lora_hashes,
-        )
+        pipe.generate(request, show_progress=not args.quiet, on_image=save)
     seconds = time.perf_counter() - start
     log.info("%d image(s) in %.1fs (%.2f s/image)", len(written), seconds, seconds / max(1, len(written)))
     return written
+
+
+def run_prompts(args: argparse.Namespace) -> list[Path]:
+    """`--prompts-file`: every line of the file through `ldm.prompts_file`, on top of the typed options."""
+    from ldm.prompts_file import run_prompts_file
+
+    for option, value in (("a prompt", args.prompt), ("--from-png", args.from_png),
+                          ("--init-image", args.init_image), ("--mask", args.mask)):
+        if value:
+            raise UserError(f"--prompts-file takes its prompts from the file: drop {option}")
+    typed = typed_layer(args)
+    spec = inspect(args, typed.get("model"))
+    return run_prompts_file(args.prompts_file, spec, typed, outdir=args.outdir, loras=args.lora,
+                            lora_dir=args.lora_dir, device=args.device, dtype=args.dtype,
+                            vae_tiling=args.vae_tiling, compile_unet=args.compile, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from ldm.generate import main
-from ldm.pipeline.metadata import GenerationParams, format_parameters, parse_parameters, unread_fields
+from ldm.pipeline.metadata import format_parameters, parse_parameters, unread_fields
+from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import sampler_from_label
 from ldm.pipeline.tiny import save_tiny_model
 from conftest import run
@@ -68,10 +69,10 @@ def test_a1111_text_is_parsed_with_its_sampler_schedule_and_unused_fields():
     assert (h["hires_scale"], h["hires_strength"], h["hires_steps"], h["hires_upscaler"]) == (2.0, 0.45, 10, "latent")
     assert "strength" not in h
     # and we write a hires image the way A1111 does, which parses back to the same settings
-    ours = GenerationParams(**{**h, "model": "m"})
+    ours = GenerationRequest(**{**h, "model": "m"})
     assert format_parameters(ours).endswith(
         "Size: 512x768, Model: m, Denoising strength: 0.45, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent")
-    assert GenerationParams(**parse_parameters(format_parameters(ours))) == ours
+    assert GenerationRequest(**parse_parameters(format_parameters(ours))) == ours
 
 
 @pytest.mark.parametrize("name, expected", [

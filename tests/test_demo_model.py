@@ -17,7 +17,7 @@ from ldm.eval.adherence import Settings, prompt_adherence
 from ldm.eval.prompts import spread
 from ldm.eval.reader import ATTRIBUTE_NAMES, read_attributes
 from ldm.generate import main as generate_main
-from ldm.pipeline.loading import check_model
+from ldm.models.spec import inspect_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README_PROMPT = "a large red circle in the center on a black background"
@@ -28,7 +28,7 @@ PINK_DIR = ROOT / "ldm/demo/pink"  # the pink demo's fine-tuned VAE and LoRA (RE
 def test_bundled_model_is_complete_small_and_packaged():
     files = {p for p in MODEL_DIR.rglob("*") if p.is_file()}
     assert sum(p.stat().st_size for p in files) <= MAX_BYTES
-    check_model(MODEL_DIR)  # every component ldm-generate needs, safetensors only
+    inspect_model(str(MODEL_DIR))  # every component ldm-generate needs, safetensors only
     # a non-editable install ships exactly what pyproject's package-data globs match: they must match every file
     # of the demo model and of the pink demo's outputs
     files |= {p for p in PINK_DIR.rglob("*") if p.is_file()}

@@ -150,7 +150,7 @@ def test_cli_quick_run_prints_the_table_and_writes_json(model_dir, tmp_path, cap
 def test_cli_bad_model_is_one_line_and_exit_2(capsys, monkeypatch):
     code, out, err = run_cli(["--model", "/nonexistent"], capsys)
     assert code == 2 and out == "" and err == "error: model directory '/nonexistent' does not exist\n"
-    monkeypatch.setattr("ldm.pipeline.loading.DEFAULT_MODEL", None)
+    monkeypatch.setattr("ldm.models.spec.DEFAULT_MODEL", None)
     code, _, err = run_cli([], capsys)
     assert code == 2 and err.startswith("error: no model given") and err.count("\n") == 1
     monkeypatch.undo()

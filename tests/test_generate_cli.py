@@ -271,7 +271,7 @@ def test_bad_input_is_one_line_exit_2_and_no_file(case, model, images, tmp_path,
 def test_bad_model_is_one_line_exit_2_and_no_file(case, broken_models, model, tmp_path, capsys, monkeypatch):
     value, expected = BAD_MODELS[case]
     if value is None:  # an install without the bundled demo model
-        monkeypatch.setattr("ldm.pipeline.loading.DEFAULT_MODEL", None)
+        monkeypatch.setattr("ldm.models.spec.DEFAULT_MODEL", None)
     model_args = [] if value is None else ["--model", value.format(
         **broken_models, file=model / "unet" / "diffusion_pytorch_model.safetensors")]
     outdir = tmp_path / "out"

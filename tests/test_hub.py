@@ -201,7 +201,7 @@ def test_every_loader_asks_the_one_probe(online, monkeypatch, tmp_path) -> None:
     """
     from ldm.data.sources import build_image_dataset
     from ldm.data.transforms import ImageTransform
-    from ldm.pipeline.loading import resolve_model
+    from ldm.models.spec import resolve_model
     from ldm.text.config import TextEncoderConfig
     from ldm.text.loading import load_text_encoder
 
@@ -218,4 +218,4 @@ def test_every_loader_asks_the_one_probe(online, monkeypatch, tmp_path) -> None:
         load_text_encoder(TextEncoderConfig(path="someone/some-encoder"))
     with pytest.raises(UserError, match="'someone/some-model' is not a local directory"):
         resolve_model("someone/some-model")
-    assert asked == ["ldm.data.sources", "ldm.text.loading", "ldm.pipeline.loading"]
+    assert asked == ["ldm.data.sources", "ldm.text.loading", "ldm.models.spec"]

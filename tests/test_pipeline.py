@@ -18,7 +18,8 @@ from ldm.pipeline import images as im
 from ldm.pipeline.denoise import denoise
 from ldm.pipeline.device import pick_dtype
 from ldm.pipeline.guidance import classifier_free_guidance, rescale_guidance
-from ldm.pipeline.metadata import GenerationParams, format_parameters, parse_parameters
+from ldm.pipeline.metadata import format_parameters, parse_parameters
+from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.output import save_png, slug
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import SAMPLERS, make_scheduler, sampler_from_label, sampler_label
@@ -343,13 +344,13 @@ def test_fp16_vae_nan_is_decoded_again_in_fp32(pipe, caplog):
         out = real_decode(z.float(), **kw)
         return (out[0] * float("nan"),) if z.dtype == torch.float16 else out
 
-    pipe.vae.decode, pipe.dtype = nan_in_half, torch.float16  # pretend the pipeline runs in fp16
+    pipe.vae.decode, pipe.codec.dtype = nan_in_half, torch.float16  # pretend the pipeline runs in fp16
     try:
         with caplog.at_level(logging.WARNING, logger="ldm"):
-            decoded = pipe._decode(latents)
+            decoded = pipe.codec.decode(latents)
     finally:
         del pipe.vae.decode
-        pipe.dtype = torch.float32
+        pipe.codec.dtype = torch.float32
     assert calls == [torch.float16, torch.float32]
     assert "decoding again in fp32" in caplog.text
     torch.testing.assert_close(decoded, expected, atol=1e-3, rtol=0)
@@ -375,17 +376,17 @@ def test_fp16_on_cpu_falls_back_to_fp32(caplog):
 # ------------------------------------------------------------------------------------------- metadata and output
 
 def test_parameters_text_round_trips():
-    p = GenerationParams(
+    p = GenerationRequest(
         prompt="a red car, at night: rainy\nsecond line", negative_prompt="blurry, low quality", steps=30,
         sampler="dpmpp_2m", karras=True, cfg=7.5, seed=4242, width=640, height=384, model="models/sd, v1",
         strength=0.6, guidance_rescale=0.7, mask_blur=4,
     )
     text = format_parameters(p)
     assert text.splitlines()[-1].startswith("Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 4242, Size: 640x384")
-    assert GenerationParams(**parse_parameters(text)) == p
-    plain = GenerationParams(prompt="cat", cfg=7.0, seed=1)
+    assert GenerationRequest(**parse_parameters(text)) == p
+    plain = GenerationRequest(prompt="cat", cfg=7.0, seed=1)
     assert "Negative prompt" not in format_parameters(plain)
-    assert GenerationParams(**parse_parameters(format_parameters(plain))) == plain
+    assert GenerationRequest(**parse_parameters(format_parameters(plain))) == plain
     # A1111's own text, with keys we do not use
     a1111 = "cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, " \
             "Seed: 1, Size: 512x768, Model hash: abc, Model: v1-5, Version: v1.9"
@@ -396,7 +397,7 @@ def test_parameters_text_round_trips():
 def test_png_names_count_up_and_never_overwrite(tmp_path, monkeypatch):
     image = Image.new("RGB", (8, 8))
     (tmp_path / "00012-1-old.png").write_bytes(b"not ours")
-    params = GenerationParams(prompt="A red car, at night!", seed=42)
+    params = GenerationRequest(prompt="A red car, at night!", seed=42)
     assert slug(params.prompt) == "a-red-car-at-night"
     first = save_png(image, params, tmp_path)
     assert first.name == "00013-42-a-red-car-at-night.png"

@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import run
 from ldm.errors import UserError
 from ldm.generate import main
-from ldm.pipeline.metadata import GenerationParams, format_parameters, parse_parameters
+from ldm.pipeline.metadata import format_parameters, parse_parameters
+from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.tiny import save_tiny_model
 from ldm.text import CLIPTextEncoder, tiny_clip_text_encoder
@@ -231,9 +232,9 @@ def test_clip_skip_is_ignored_for_open_clip_encoders_as_in_a1111(clip, open_clip
 
 
 def test_clip_skip_in_png_metadata():
-    one = format_parameters(GenerationParams(prompt="a cat", seed=1))
+    one = format_parameters(GenerationRequest(prompt="a cat", seed=1))
     assert "Clip skip" not in one and "clip_skip" not in parse_parameters(one)  # 1 is not written, as A1111 does
-    two = format_parameters(GenerationParams(prompt="a cat", seed=1, clip_skip=2))
+    two = format_parameters(GenerationRequest(prompt="a cat", seed=1, clip_skip=2))
     assert two.endswith(", Clip skip: 2") and parse_parameters(two)["clip_skip"] == 2
     a1111 = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: m, Clip skip: 2"
     assert parse_parameters(a1111)["clip_skip"] == 2

@@ -8,6 +8,7 @@ import os
 import subprocess
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 
 from conftest import accelerate_launch, run
 from ldm.errors import UserError
-from ldm.generate import DEFAULTS, main
+from ldm.generate import main
 from ldm.pipeline.tiny import save_tiny_model
 from ldm.prompts_file import default_seed, read_prompts_file
 
@@ -41,19 +42,20 @@ generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, std
 def read(text: str, tmp_path: Path, **defaults):
     path = tmp_path / "prompts.txt"
     path.write_text(text)
-    values = {**DEFAULTS, **defaults}
-    return read_prompts_file(path, values, vae_factor=2, default_size=32, batch_size=1, num_images=1, max_steps=1000)
+    model = SimpleNamespace(vae_factor=2, default_size=32, train_timesteps=1000, inpainting_unet=False)
+    return read_prompts_file(path, defaults, model)
 
 
 def test_lines_take_their_settings_or_the_command_lines(tmp_path):
     lines = read(FILE, tmp_path, seed=11)
-    assert [(l.number, l.prompt, l.seed, l.count) for l in lines] == [
+    assert [(l.number, l.request.prompt, l.request.seed, l.request.num_images) for l in lines] == [
         (1, "a red car", 11, 1), (4, "a blue door", 7, 3), (5, "a green tree", 11, 1)]
-    assert (lines[1].negative, lines[1].cfg, lines[0].cfg) == ("blurry", 5.0, 7.5)
-    assert (lines[2].sampler, lines[2].karras, lines[2].width, lines[0].width) == ("dpmpp_2m", True, 16, 32)
+    assert (lines[1].request.negative_prompt, lines[1].request.cfg, lines[0].request.cfg) == ("blurry", 5.0, 7.5)
+    r2, r0 = lines[2].request, lines[0].request
+    assert (r2.sampler, r2.karras, r2.width, r0.width) == ("dpmpp_2m", True, 16, 32)
     # without --seed: a seed from the prompt text, the same in every run (so a rerun finds its images)
     unseeded = read(FILE, tmp_path)
-    assert unseeded[0].seed == default_seed("a red car") == 1341639179 and unseeded[1].seed == 7
+    assert unseeded[0].request.seed == default_seed("a red car") == 1341639179 and unseeded[1].request.seed == 7
 
 
 BAD_LINES = {

@@ -10,13 +10,13 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from ldm.errors import UserError
 from ldm.serve.api import Limits
 from ldm.serve.app import create_app
-from ldm.serve.models import ModelEntry
 from ldm.serve.worker import Job, ModelUnavailable, ServerStopping, Worker
 
 
@@ -86,8 +86,11 @@ def test_a_failed_switch_whose_reload_fails_too_is_unavailable_until_a_model_loa
 def app_server(worker: Worker):
     import uvicorn
 
-    entry = ModelEntry("a", "a", Path("a"), vae_factor=8, default_size=32, max_steps=1000)
-    app = create_app({"a": entry, "b": ModelEntry("b", "b", Path("b"), 8, 32, 1000)}, worker, Limits())
+    def spec(name: str):  # a model's facts as ldm.models.spec.ModelSpec has them, without a model on disk
+        return SimpleNamespace(name=name, root=Path(name), vae_factor=8, default_size=32, train_timesteps=1000,
+                               inpainting_unet=False)
+
+    app = create_app({"a": spec("a"), "b": spec("b")}, worker, Limits())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -22,7 +22,8 @@ from ldm.pipeline.samplers import make_scheduler
 from ldm.pipeline.tiny import save_tiny_model
 from ldm.singlefile import keys
 from ldm.singlefile.detect import Detected, choose_prediction, detect, detect_shapes
-from ldm.singlefile.load import load_unet_file, load_vae_override, vae_factor_and_size
+from ldm.models.spec import inspect_model
+from ldm.singlefile.load import load_unet_file, load_vae_override
 from ldm.singlefile.save import directory_to_file, file_to_directory
 from ldm.text.tiny import BOS_ID, EOS_ID
 from ldm.unet.presets import UNET_PRESETS
@@ -152,7 +153,9 @@ def test_an_sd_shaped_file_without_metadata_is_detected_and_loads_the_same_model
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert pipe.unet.config.use_linear_projection == sd2 and pipe.vae.config.scaling_factor == 0.18215
     # native size: SD 2.x files are taken as 768-v models unless told otherwise
-    assert vae_factor_and_size(path) == (8, 768 if sd2 else 512) and vae_factor_and_size(path, "epsilon")[1] == 512
+    spec = inspect_model(str(path))
+    assert (spec.vae_factor, spec.default_size) == (8, 768 if sd2 else 512)
+    assert inspect_model(str(path), prediction_type="epsilon").default_size == 512
     # the text encoder: SD 2 drops OpenCLIP's last block and pads with 0 as open_clip does
     got = pipe.text_encoder.model.state_dict()
     want = {k: v for k, v in text.state_dict().items() if not k.startswith("encoder.layers.2.")}

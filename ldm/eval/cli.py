@@ -153,23 +153,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from ldm.eval import adherence as ad
     from ldm.eval.prompts import FIRST_SEED, prompt_sets
     from ldm.lora.prompt_tags import parse_lora_option
+    from ldm.models.spec import inspect_model
     from ldm.pipeline.device import dtype_name, pick_device
-    from ldm.pipeline.loading import check_model, resolve_model
     from ldm.pipeline.pipeline import Pipeline
-    from ldm.pipeline.samplers import DEFAULT_SAMPLER
+    from ldm.pipeline.request import GenerationRequest
 
     _check_args(args)
     device = pick_device(args.device)
-    root = resolve_model(args.model)  # the same default as ldm-generate
-    check_model(root)
-    if args.vae:
-        from ldm.singlefile.load import check_vae_source
-
-        check_vae_source(args.vae)
+    spec = inspect_model(args.model, vae=args.vae)  # the same default as ldm-generate
+    root = spec.root
     start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(root, device=device, vae=args.vae)
-    for path, scale in map(parse_lora_option, args.lora):
-        pipe.load_lora(path, scale)
+    pipe = Pipeline.open(spec, device, loras=[parse_lora_option(value) for value in args.lora])
     log.info("loaded %s on %s in %.1fs", root, device, time.perf_counter() - start)
 
     s = ad.Settings(
@@ -183,7 +177,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                    + "".join(f" + LoRA {spec}" for spec in args.lora),
         "device": str(device), "dtype": dtype_name(pipe.dtype),
         "settings": {"steps": s.steps, "cfg": s.cfg, "baseline_cfg": args.baseline_cfg, "seeds": s.seeds,
-                     "first_seed": FIRST_SEED, "sampler": s.sampler or DEFAULT_SAMPLER, "size": s.size},
+                     "first_seed": FIRST_SEED, "sampler": s.sampler or GenerationRequest.sampler, "size": s.size},
     }
     start = time.perf_counter()
     report["reader"] = _timed("reader check", lambda: _reader_check(s.size, s.new_colors))

@@ -49,7 +49,7 @@ def read_png_text(path: str) -> str:
 
 
 def replay_values(path: str, given: set[str] = frozenset()) -> dict[str, Any]:
-    """The PNG's settings as GenerationParams field names, skipping the fields of the options in `given`."""
+    """The PNG's settings as GenerationRequest field names (a layer), skipping the fields of the options in `given`."""
     text = read_png_text(path)
     skip = tuple(field for option in given for field in OVERRIDES.get(option, ()))
     fields = parameter_fields(text)

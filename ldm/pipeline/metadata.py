@@ -1,4 +1,4 @@
-"""Generation parameters and their AUTOMATIC1111-style PNG text ('parameters' tEXt chunk), both ways.
+"""A generation request as AUTOMATIC1111-style PNG text ('parameters' tEXt chunk), both ways.
 
     a red car
     Negative prompt: blurry
@@ -12,46 +12,21 @@ the first pass's number of steps).
 
 from __future__ import annotations
 
+import io
 import json
 import re
-from dataclasses import dataclass, replace
 from typing import Any
 
+from PIL import Image, PngImagePlugin
+
+from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import sampler_from_label, sampler_label
 
 PNG_KEY = "parameters"
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """Everything that determines one image's pixels (on a given device and dtype)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 25
-    sampler: str = "euler_a"
-    karras: bool = False
-    cfg: float = 7.5
-    seed: int = 0
-    width: int = 512
-    height: int = 512
-    model: str = ""
-    strength: float | None = None  # img2img and inpainting only
-    guidance_rescale: float = 0.0
-    mask_blur: int | None = None  # inpainting only
-    # hires fix (txt2img only): width x height is the first pass; the image is scaled by hires_scale
-    hires_scale: float | None = None
-    hires_strength: float | None = None  # the second (img2img) pass's strength
-    hires_steps: int = 0  # the second pass's schedule length; 0 = `steps` (A1111's convention)
-    hires_upscaler: str | None = None  # 'latent' | 'lanczos' (ldm.pipeline.hires.UPSCALERS)
-    lora_hashes: str = ""  # A1111's 'Lora hashes': "name: short hash, ..." of the LoRAs merged (ldm/lora/)
-    clip_skip: int = 1  # A1111's "Clip skip"; 1 = the text encoder's own layer, not written (as A1111 does)
-
-    def with_seed(self, seed: int) -> GenerationParams:
-        return replace(self, seed=seed)
-
-
-def format_parameters(p: GenerationParams) -> str:
+def format_parameters(p: GenerationRequest) -> str:
+    """The one writer of the `parameters` text: a resolved request (one image's: its seed) as A1111 writes it."""
     lines = [p.prompt]
     if p.negative_prompt:
         lines.append(f"Negative prompt: {p.negative_prompt}")
@@ -109,7 +84,7 @@ def unread_fields(text: str) -> list[str]:
 
 
 def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Inverse of `format_parameters` -> a dict of GenerationParams field names; keys it does not know are dropped.
+    """Inverse of `format_parameters` -> a dict of GenerationRequest field names (a layer for `layered`); keys it does not know are dropped.
 
     The last line holds the `Key: value` list; the lines before it are the prompt, up to a line starting with
     'Negative prompt:' (the rest up to the last line is the negative prompt), as A1111 writes it
@@ -184,3 +159,17 @@ def _unquote(value: str) -> str:
         except json.JSONDecodeError:
             return value
     return value
+
+
+def png_info(p: GenerationRequest) -> PngImagePlugin.PngInfo:
+    """The PNG chunk every writer of our images adds (the CLI, prompt lists, the server)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, format_parameters(p))
+    return info
+
+
+def png_bytes(image: Image.Image, p: GenerationRequest) -> bytes:
+    """The PNG file of `image` with its `parameters` chunk, as bytes."""
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=png_info(p))
+    return out.getvalue()

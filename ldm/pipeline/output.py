@@ -8,11 +8,12 @@ import re
 import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from ldm.errors import UserError
 from ldm.files import fsync_dir, temp_sibling, write_synced
-from ldm.pipeline.metadata import PNG_KEY, GenerationParams, format_parameters
+from ldm.pipeline.metadata import png_info
+from ldm.pipeline.request import GenerationRequest
 
 _COUNTER = re.compile(r"^(\d{5,})-")
 
@@ -42,7 +43,7 @@ def next_counter(outdir: Path) -> int:
     return max(found, default=-1) + 1
 
 
-def save_png(image: Image.Image, params: GenerationParams, outdir: Path) -> Path:
+def save_png(image: Image.Image, params: GenerationRequest, outdir: Path) -> Path:
     """Write `NNNNN-<seed>-<slug>.png` and return its path.
 
     The PNG is written (and fsynced) under a temporary name in `outdir` and then hard-linked to its final name:
@@ -51,8 +52,7 @@ def save_png(image: Image.Image, params: GenerationParams, outdir: Path) -> Path
     fsynced last, so the new name survives a crash too. (Not `ldm.files.atomic_write_bytes`: its rename would
     replace an existing file.)
     """
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_KEY, format_parameters(params))
+    info = png_info(params)
     tmp = temp_sibling(outdir / "image.png")
     try:
         write_synced(tmp, lambda f: image.save(f, format="PNG", pnginfo=info))

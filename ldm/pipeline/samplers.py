@@ -51,7 +51,6 @@ SAMPLERS: dict[str, Sampler] = {
     "lms": Sampler(LMSDiscreteScheduler, "LMS"),
     "heun": Sampler(HeunDiscreteScheduler, "Heun"),
 }
-DEFAULT_SAMPLER = "euler_a"
 
 
 def check_sampler(name: str, karras: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Argument checks shared by the Python API and the CLI: pure functions, run before any model weight is read."""
+"""The value checks `GenerationRequest.resolve` runs: pure functions of numbers, run before any model weight is read."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def check_request(
     width: int,
     vae_factor: int,
     strength: float | None = None,
-    sampler: str = "euler_a",
+    sampler: str | None = None,
     karras: bool = False,
     num_images: int = 1,
     batch_size: int = 1,
@@ -53,8 +53,10 @@ def check_request(
     mask_blur: int = 0,
     max_steps: int = 1000,
 ) -> None:
-    """Raise a `UserError` naming the first bad argument. `strength` is None for txt2img."""
-    check_sampler(sampler, karras)
+    """Raise a `UserError` naming the first bad argument. `strength` is None for txt2img; `sampler` None is not
+    checked here (`GenerationRequest.resolve` passes its own)."""
+    if sampler is not None:
+        check_sampler(sampler, karras)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     if steps > max_steps:

@@ -18,14 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ldm.errors import UserError
 from ldm.serve.api import Limits, build_router
 from ldm.serve.auth import BasicAuth
-from ldm.serve.models import ModelEntry
+from ldm.models.spec import ModelSpec
 from ldm.serve.page import mount_page
 from ldm.serve.worker import ModelUnavailable, QueueFull, ServerStopping, Worker, first_line
 
 log = logging.getLogger(__name__)
 
 
-def create_app(models: dict[str, ModelEntry], worker: Worker, limits: Limits,
+def create_app(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
                credentials: dict[str, str] | None = None, lora_dir: str | None = None) -> FastAPI:
     # no /docs or /redoc: their pages load scripts from a CDN, and this server works offline
     app = FastAPI(title="ldm-serve", docs_url=None, redoc_url=None)

@@ -98,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     max_body_bytes=int(args.max_body_mb * 2**20))
 
     def load(name: str) -> Pipeline:
-        entry = models[name]
-        log.info("loading %s on %s", entry.spec, args.device)
-        return Pipeline.from_pretrained(entry.spec, device=args.device, dtype=args.dtype)
+        spec = models[name]
+        log.info("loading %s on %s", spec.name, args.device)
+        return Pipeline.open(spec, args.device, args.dtype, lora_dir=args.lora_dir)
 
     worker = Worker(load, next(iter(models)), args.queue_size)
     worker.start()

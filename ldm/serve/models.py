@@ -1,28 +1,17 @@
-"""The models a server may load: exactly the ones named on its command line, checked before it starts.
+"""The models a server may load: exactly the ones named on its command line, inspected before it starts.
 
 A request chooses among these by name (`sd_model_checkpoint`); it never names a path, so no request field reaches
-the file system.
+the file system. Each is a `ldm.models.spec.ModelSpec` (what the model is, from its headers and configs), the same
+the CLI checks a request against; the worker opens it with `Pipeline.open`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.demo import NAME as DEMO_NAME
 from ldm.errors import UserError
-from ldm.pipeline.loading import DEFAULT_MODEL, check_model, read_default_size, read_vae_factor, resolve_model
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str  # what clients send as sd_model_checkpoint: the --model directory's name or file's stem
-    spec: str  # the --model value as given: what the PNG metadata records, as ldm-generate does
-    root: Path
-    vae_factor: int
-    default_size: int
-    max_steps: int  # the scheduler's training timesteps
+from ldm.models.spec import DEFAULT_MODEL, ModelSpec, inspect_model
 
 
 def _listable(path: Path) -> bool:
@@ -38,23 +27,9 @@ def model_name(spec: str) -> str:
     return (path.stem if path.suffix == ".safetensors" and path.is_file() else path.name) or spec
 
 
-def train_timesteps(root: Path) -> int:
-    """The scheduler's training timesteps (the most steps a request may ask for), without loading the model: from
-    scheduler/scheduler_config.json, or for a single file from its header (its metadata's scheduler, else the SD
-    scheduler that `load_single_file` uses)."""
-    if root.is_file():
-        from ldm.singlefile.detect import detect
-        from ldm.singlefile.load import SD_SCHEDULER
-
-        scheduler = detect(root).scheduler_config or SD_SCHEDULER
-    else:
-        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    return int(scheduler.get("num_train_timesteps", 1000))
-
-
-def list_models(models: list[str] | None, models_dir: str | None) -> dict[str, ModelEntry]:
+def list_models(models: list[str] | None, models_dir: str | None) -> dict[str, ModelSpec]:
     """--model values (repeatable), then every model directory and `*.safetensors` file directly under
-    --models-dir."""
+    --models-dir, by the name clients send."""
     specs = list(models or [])
     if models_dir:
         root = Path(models_dir).expanduser()
@@ -66,13 +41,11 @@ def list_models(models: list[str] | None, models_dir: str | None) -> dict[str, M
                             "a .safetensors single file)")
     if not specs:
         specs = [DEFAULT_MODEL]
-    out: dict[str, ModelEntry] = {}
+    out: dict[str, ModelSpec] = {}
     for spec in specs:
-        root = resolve_model(spec)
-        check_model(root)
+        inspected = inspect_model(spec)
         name = model_name(spec)
         if name in out:
-            raise UserError(f"two models are named '{name}' ({out[name].spec} and {spec}); rename one of them")
-        out[name] = ModelEntry(name, spec, root, read_vae_factor(root), read_default_size(root),
-                               train_timesteps(root))
+            raise UserError(f"two models are named '{name}' ({out[name].name} and {spec}); rename one of them")
+        out[name] = inspected
     return out

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ldm.components import Components
+from ldm.models.components import Components
 from ldm.errors import UserError
 from ldm.singlefile import keys
 from ldm.singlefile.detect import SD_SCALING_FACTOR, Detected, choose_prediction, detect, read_header
@@ -127,7 +127,7 @@ def load_single_file(
         raise UserError(f"'{d.path}' holds no VAE (first_stage_model.*): pass one with --vae FILE|DIR")
     prediction, source = choose_prediction(d, prediction_type)
     log.info("prediction type: %s (%s)", prediction, source)
-    unet_config = _unet_config(d, prediction)
+    unet_config = unet_config_for(d, prediction)
     prefixes = (keys.UNET_PREFIX, keys.CLIP_PREFIX if d.text_layout == "clip" else keys.OPEN_CLIP_PREFIX)
     if vae is None:
         prefixes += (keys.VAE_PREFIX,)
@@ -144,7 +144,7 @@ def load_single_file(
     return LoadedFile(unet, model_vae, text, scheduler, str(path), d)
 
 
-def _unet_config(d: Detected, prediction: str) -> dict[str, Any]:
+def unet_config_for(d: Detected, prediction: str) -> dict[str, Any]:
     config = dict(d.unet_config or {})
     if d.family == "sd2" and prediction == "v_prediction":
         config["sample_size"] = 96  # SD 2.x 768-v models: 768 px (64 x 8 = 512 for the others)
@@ -158,15 +158,6 @@ def load_unet_file(path: str | Path):
     if d.unet_config is None:
         raise UserError(f"model.pretrained '{path}' has no U-Net (model.diffusion_model.*)")
     return build_unet(d.unet_config, _cast(read_tensors(d.path, (keys.UNET_PREFIX,)), torch.float32), d.path)
-
-
-def vae_factor_and_size(path: str | Path, prediction_type: str | None = None) -> tuple[int, int]:
-    """(pixels per latent pixel, native resolution) of a single file, from its header."""
-    d = detect(path)
-    factor = 2 ** (len((d.vae_config or {"block_out_channels": (1, 1, 1, 1)})["block_out_channels"]) - 1)
-    sample = _unet_config(d, choose_prediction(d, prediction_type)[0]).get("sample_size", 64)
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return factor, int(sample) * factor
 
 
 # ---------------------------------------------------------------------------------------------------------- --vae

@@ -11,7 +11,7 @@ from accelerate.utils import gather_object
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torchvision.utils import make_grid
 
-from ldm.components import Components
+from ldm.models.components import Components
 from ldm.pipeline.pipeline import Pipeline
 from ldm.parallel.fsdp import is_fsdp
 from ldm.text.encoder import FrozenTextEncoder

@@ -1,5 +1,5 @@
 """The loaded parts of a model, as the pipeline uses them: one definition for every way of loading one (a diffusers
-directory in `ldm.pipeline.loading`, a single file in `ldm.singlefile.load`, stage 2's validation models)."""
+directory or a single file in `ldm.models.load`, stage 2's validation models)."""
 
 from __future__ import annotations
 

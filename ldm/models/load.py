@@ -1,0 +1,75 @@
+"""Load what a `ModelSpec` describes, safetensors only (never unpickle): the parts for inference, or the U-Net alone
+for training (`model.pretrained`), with the same checks either way."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from ldm.errors import UserError
+from ldm.models.components import Components
+from ldm.models.spec import ModelSpec
+from ldm.singlefile.load import load_single_file, load_unet_file, load_vae_override
+
+log = logging.getLogger(__name__)
+
+
+def load_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Components:
+    """U-Net, VAE (the spec's `vae` when given), text encoder and scheduler config, on `device` in `dtype`."""
+    if spec.single_file:
+        loaded = load_single_file(spec.root, device, dtype, vae=spec.vae, prediction_type=spec.prediction_override)
+        loaded.name = spec.name
+        return loaded
+    components = _load_directory(spec, device, dtype)
+    if spec.vae is not None:
+        scale = components.vae.config.scaling_factor
+        components.vae = load_vae_override(spec.vae, scale, dtype).to(device).eval().requires_grad_(False)
+    log.info("prediction type: %s (%s)", spec.prediction_type, spec.prediction_source)
+    return components
+
+
+def load_unet(spec: ModelSpec) -> UNet2DConditionModel:
+    """Training's `model.pretrained`: the U-Net alone, fp32 and trainable (a single file may hold only a U-Net)."""
+    if spec.single_file:
+        return load_unet_file(spec.root)
+    return _load(spec, "unet", lambda: UNet2DConditionModel.from_pretrained(
+        spec.root, subfolder="unet", use_safetensors=True, variant=spec.variants.get("unet")))
+
+
+def _load(spec: ModelSpec, what: str, fn):
+    try:
+        return fn()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {what} from '{spec.root / what}': {first}") from None
+
+
+def _load_directory(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Components:
+    root, variants = spec.root, spec.variants
+    unet = _load(spec, "unet", lambda: UNet2DConditionModel.from_pretrained(
+        root, subfolder="unet", use_safetensors=True, variant=variants["unet"], torch_dtype=dtype))
+    vae = _load(spec, "vae", lambda: AutoencoderKL.from_pretrained(
+        root, subfolder="vae", use_safetensors=True, variant=variants["vae"], torch_dtype=dtype))
+    info = spec.text_info or {}
+    layer = info.get("layer", "last")
+    if info.get("kind", "clip") == "clip":
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from ldm.text.encoder import FrozenTextEncoder
+
+        tokenizer = _load(spec, "tokenizer", lambda: CLIPTokenizer.from_pretrained(root / "tokenizer"))
+        clip = _load(spec, "text_encoder", lambda: CLIPTextModel.from_pretrained(
+            root / "text_encoder", use_safetensors=True, variant=variants["text_encoder"], dtype=dtype))
+        text_encoder = FrozenTextEncoder.from_clip(tokenizer, clip, layer=layer)
+    else:
+        from ldm.text.config import TextEncoderConfig
+        from ldm.text.loading import load_text_encoder
+
+        cfg = TextEncoderConfig(kind=info["kind"], path=info.get("path", ""), pretrained=info.get("pretrained"),
+                                layer=layer)
+        text_encoder = load_text_encoder(cfg, dtype=dtype, device=device)
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return Components(unet, vae, text_encoder, dict(spec.scheduler_config), spec.name)

@@ -1,0 +1,229 @@
+"""The generation request: every setting one generation takes, each default defined here and nowhere else.
+
+    request = GenerationRequest.layered(typed, from_png)     # the first layer that sets a field wins
+    resolved = request.resolve(model)                        # sizes, seed, strength filled in; checked, once
+    pipe.generate(resolved)                                  # -> images, each with its own resolved request
+
+Four sources build one, each with its own key names, all mapped here:
+- the command line: `ldm-generate`'s option dests are the field names (`ldm.generate`);
+- a PNG's `parameters` text: A1111's field names (`ldm.pipeline.metadata.parse_parameters`), written back by
+  `format_parameters`, the one writer;
+- a prompts-file line: `PROMPTS_FILE_KEYS` (negative, count, cfg_scale, ...), typed by `ldm.prompts_file`;
+- an A1111 API payload: `from_a1111` (cfg_scale, sampler_name, batch_size x n_iter, denoising_strength, ...).
+
+Precedence is the order of the layers given to `layered` (typed > PNG > prompts-file line > default). A layer that
+names a sampler also decides Karras spacing (A1111's 'DPM++ 2M Karras', or its own `karras`), so a sampler given on
+top of a PNG never inherits the PNG's schedule.
+
+`check()` refuses what is wrong whatever the model; `resolve(model)` fills in what depends on the model and the
+inputs (size from the init image or the model, img2img/inpainting strength, mask blur, hires defaults, a random
+seed for -1) and checks the result against the model (`ModelFacts`: a `ModelSpec` before any weight is read, or
+the loaded `Pipeline`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
+
+from PIL import Image
+
+from ldm.errors import UserError
+from ldm.pipeline.hires import HIRES_STRENGTH, HIRES_UPSCALER, UPSCALERS, HiresFix
+from ldm.pipeline.samplers import check_sampler, sampler_from_label
+from ldm.pipeline.seeds import random_seed
+from ldm.pipeline.validation import check_request, pick_size
+from ldm.text.prompt_syntax import check_prompt
+
+IMG2IMG_STRENGTH = 0.75  # diffusers' and A1111's img2img default
+INPAINT_STRENGTH = 1.0  # inpainting repaints the masked region from noise
+MASK_BLUR = 4  # px, A1111's default
+
+
+class ModelFacts(Protocol):
+    """What a request is checked against: read from configs (`ModelSpec`) or from the loaded parts (`Pipeline`)."""
+
+    vae_factor: int  # pixels per latent pixel
+    default_size: int  # the model's native side in pixels
+    train_timesteps: int  # the most steps a schedule may have
+    inpainting_unet: bool  # a 9-channel U-Net: needs an init image and a mask
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation. Unresolved, a field may hold 'decide for me' (seed -1, size 0, strength/mask blur None);
+    resolved (`resolve`), every field is what the images are made with, and what their PNGs record."""
+
+    prompt: str = ""
+    negative_prompt: str = ""  # the unconditional branch of guidance
+    steps: int = 25
+    sampler: str = "euler_a"  # ldm.pipeline.samplers.SAMPLERS
+    karras: bool = False  # Karras sigma spacing
+    cfg: float = 7.5  # classifier-free guidance scale; 1 = one U-Net branch
+    seed: int = -1  # of the first image; image i uses seed + i. -1: a random one
+    width: int = 0  # 0: the init image's size rounded down to the VAE factor, else the model's native size
+    height: int = 0
+    model: str = ""  # the model as the user named it: what PNGs record
+    strength: float | None = None  # img2img/inpainting share of the schedule re-noised; None: 0.75 / 1.0
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023
+    mask_blur: int | None = None  # inpainting paste-back feathering in px; None: 4. Recorded for inpainting only
+    # hires fix (txt2img only): width x height is the first pass, then an img2img pass at the scaled size
+    hires_scale: float | None = None
+    hires_strength: float | None = None  # the second pass's strength; None: 0.7
+    hires_steps: int = 0  # the second pass's steps; 0 = `steps` (A1111's convention)
+    hires_upscaler: str | None = None  # 'latent' | 'lanczos'; None: latent
+    lora_hashes: str = ""  # A1111's 'Lora hashes' of the LoRAs the prompt's tags name: "name: hash, ..."
+    clip_skip: int = 1  # A1111's "Clip skip"; 1 = the text encoder's own layer
+    num_images: int = 1
+    batch_size: int = 1  # images per U-Net batch: memory vs speed, same pixels
+    init_image: Image.Image | None = field(default=None, compare=False, repr=False)  # RGB; img2img / inpainting
+    mask: Image.Image | None = field(default=None, compare=False, repr=False)  # 'L', white = repaint
+    resolved: bool = field(default=False, compare=False, repr=False)
+
+    @classmethod
+    def layered(cls, *layers: Mapping[str, Any]) -> GenerationRequest:
+        """A request from layers of field values, the first layer that sets a field winning."""
+        merged: dict[str, Any] = {}
+        for layer in reversed(layers):
+            merged.update(_sampler_layer(layer))
+        unknown = set(merged) - FIELDS
+        if unknown:
+            raise TypeError(f"not GenerationRequest fields: {sorted(unknown)}")
+        return cls(**merged)
+
+    def with_seed(self, seed: int) -> GenerationRequest:
+        return replace(self, seed=seed)
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
+
+    def hires(self) -> HiresFix | None:
+        """The hires-fix plan, or None for a single pass."""
+        if self.hires_scale is None:
+            return None
+        upscaler = self.hires_upscaler or HIRES_UPSCALER
+        return HiresFix(
+            scale=float(self.hires_scale),
+            strength=HIRES_STRENGTH if self.hires_strength is None else float(self.hires_strength),
+            steps=int(self.hires_steps or 0),
+            upscaler=upscaler.lower() if upscaler.lower() in UPSCALERS else upscaler,  # A1111 writes "Latent"
+        )
+
+    def check(self) -> None:
+        """Refuse what is wrong whatever the model, naming the option (one line each)."""
+        check_sampler(self.sampler, self.karras)
+        check_prompt(self.prompt, "prompt")
+        check_prompt(self.negative_prompt, "negative prompt")
+        if self.clip_skip < 1:
+            raise UserError(f"--clip-skip must be at least 1 (1 = the text encoder's usual layer), got {self.clip_skip}")
+        if self.mask is not None and self.init_image is None:
+            raise UserError("--mask needs --init-image (the image to inpaint)")
+        if self.strength is not None and self.init_image is None:
+            raise UserError("--strength only applies with --init-image")
+        if self.mask_blur is not None and self.mask_blur < 0:
+            raise UserError(f"mask blur must be >= 0 px, got {self.mask_blur}")
+        if self.hires_scale is None:
+            given = [f"--{k.replace('_', '-')}" for k in ("hires_strength", "hires_steps", "hires_upscaler")
+                     if getattr(self, k) not in (None, 0)]
+            if given:
+                raise UserError(f"{', '.join(given)} only apply with --hires-scale (e.g. --hires-scale 2)")
+        elif self.init_image is not None:
+            raise UserError("the hires fix is for txt2img: drop --hires-scale or --init-image")
+
+    def resolve(self, model: ModelFacts) -> GenerationRequest:
+        """Every 'decide for me' value decided, and the whole request checked against `model`."""
+        if self.resolved:
+            return self
+        self.check()
+        if model.inpainting_unet and self.mask is None:
+            raise UserError("this model has an inpainting U-Net (9 input channels): pass --init-image and --mask")
+        init_size = self.init_image.size if self.init_image is not None else None
+        height, width = pick_size(init_size, self.height or None, self.width or None, model.vae_factor,
+                                  model.default_size)
+        strength = self.strength
+        if self.init_image is not None and strength is None:
+            strength = INPAINT_STRENGTH if self.mask is not None else IMG2IMG_STRENGTH
+        mask_blur = (MASK_BLUR if self.mask_blur is None else self.mask_blur) if self.mask is not None else None
+        seed = random_seed() if self.seed == -1 else self.seed
+        check_request(steps=self.steps, cfg=self.cfg, height=height, width=width, vae_factor=model.vae_factor,
+                      strength=strength, sampler=self.sampler, karras=self.karras, num_images=self.num_images,
+                      batch_size=self.batch_size, seed=seed, guidance_rescale=self.guidance_rescale,
+                      mask_blur=mask_blur or 0, max_steps=model.train_timesteps)
+        resolved = replace(self, height=height, width=width, strength=strength, mask_blur=mask_blur, seed=seed,
+                           resolved=True)
+        hires = self.hires()
+        if hires is not None:
+            hires.check(self.steps, height, width, model.vae_factor)
+            resolved = replace(resolved, hires_strength=hires.strength, hires_steps=hires.steps,
+                               hires_upscaler=hires.upscaler)
+        return resolved
+
+
+FIELDS = {f.name for f in fields(GenerationRequest)}
+# what a PNG's parameters can carry (ldm.pipeline.metadata reads and writes exactly these)
+RECORDED = FIELDS - {"num_images", "batch_size", "init_image", "mask", "resolved"}
+
+
+def _sampler_layer(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """A layer with its sampler as we name it: A1111's 'DPM++ 2M Karras' -> dpmpp_2m + Karras; a layer that names
+    a sampler decides Karras (its label's, or its own `karras`)."""
+    out = dict(layer)
+    if out.get("sampler") is not None:
+        out["sampler"], karras = sampler_from_label(out["sampler"])
+        out["karras"] = karras or bool(out.get("karras"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- prompts files
+
+# a prompts file's JSON key -> (field, JSON type); see ldm.prompts_file for the file format
+PROMPTS_FILE_KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "prompt": ("prompt", str), "negative": ("negative_prompt", str), "seed": ("seed", int),
+    "cfg": ("cfg", (int, float)), "steps": ("steps", int), "sampler": ("sampler", str), "width": ("width", int),
+    "height": ("height", int), "count": ("num_images", int),
+}
+PROMPTS_FILE_ALIASES = {"negative_prompt": "negative", "num_images": "count", "cfg_scale": "cfg"}
+
+
+# -------------------------------------------------------------------------------------------- A1111 API payload
+
+_PLAIN_SCHEDULES = {"", "automatic", "uniform", "default"}  # A1111 "Schedule type"s that leave a sampler's spacing
+
+
+def from_a1111(payload: Mapping[str, Any], *, clip_skip: int = 1, known_samplers: str = "") -> dict[str, Any]:
+    """An A1111 `/sdapi/v1/txt2img` or `/img2img` body (a dict, images already decoded into `init_image`/`mask`)
+    -> a layer of request fields. `clip_skip` is the server-wide option, replaced by the payload's
+    override_settings.CLIP_stop_at_last_layers."""
+    layer: dict[str, Any] = {"prompt": payload.get("prompt", ""), "negative_prompt": payload.get("negative_prompt", "")}
+    name = payload.get("sampler_name") or payload.get("sampler_index")
+    if name:
+        try:
+            layer["sampler"], layer["karras"] = sampler_from_label(name)
+        except UserError:
+            raise UserError(f"unknown sampler '{name}'; known samplers: {known_samplers} "
+                            "(GET /sdapi/v1/samplers)") from None
+    schedule = (payload.get("scheduler") or "").strip().lower()
+    if schedule == "karras":
+        layer["karras"] = True
+    elif schedule not in _PLAIN_SCHEDULES:
+        raise UserError(f"unknown scheduler '{payload.get('scheduler')}'; use Automatic or Karras")
+    for key in ("batch_size", "n_iter"):
+        if payload.get(key, 1) < 1:
+            raise UserError(f"{key} must be at least 1, got {payload.get(key)}")
+    for key, name in (("steps", "steps"), ("cfg_scale", "cfg"), ("seed", "seed"), ("width", "width"),
+                      ("height", "height"), ("denoising_strength", "strength"), ("mask_blur", "mask_blur")):
+        if payload.get(key) is not None:
+            layer[name] = payload[key]
+    layer["num_images"] = payload.get("batch_size", 1) * payload.get("n_iter", 1)
+    layer["batch_size"] = payload.get("batch_size", 1)
+    layer["clip_skip"] = (payload.get("override_settings") or {}).get("CLIP_stop_at_last_layers", clip_skip)
+    for key in ("init_image", "mask"):
+        if payload.get(key) is not None:
+            layer[key] = payload[key]
+    if layer.get("init_image") is None:  # txt2img: an img2img-only field sent anyway does not apply
+        layer.pop("strength", None)
+        layer.pop("mask_blur", None)
+    return layer
+
