@@ -29,13 +29,6 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "RELIABILITY.md"]  # the markdown documentation
 DOCUMENTS = [*CONFIGS, *PAGES]
 
-# Paths the docs may name before they exist. Each entry is a module another branch is creating right now; delete
-# the entry when the module lands, so that the check covers it again. Any other missing path fails the test.
-NOT_YET_WRITTEN = {
-    "ldm/request.py",  # the generation request (README, "Where each mechanism lives")
-    "ldm/model_spec.py",  # opening a model: inspect + load (README, "Where each mechanism lives")
-}
-
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 COMMAND_NAME = re.compile(r"(?<![\w/.-])(ldm-[a-z][a-z0-9-]*)(?![\w.-]*/)")
 REPO_PATH = re.compile(r"(?<![\w/.$~-])((?:ldm|train|configs|bench|tools|inference|tests)/[\w./*<>-]*)")
@@ -48,8 +41,6 @@ PLACEHOLDER = re.compile(r"\$|\.\.\.|…|<|\b[A-Z][A-Z_]+\b")  # $out, ..., …,
 def path_exists(name: str) -> bool:
     """A repository path as the docs write it; `<preset>`-style placeholders and `*` match any name."""
     name = name.rstrip(".,:;-")
-    if name in NOT_YET_WRITTEN:
-        return True
     pattern = re.sub(r"<[^>]*>", "*", name).rstrip("/")
     return any(ROOT.glob(pattern)) if "*" in pattern else (ROOT / pattern).exists()
 
@@ -206,10 +197,10 @@ def test_the_docs_check_catches_a_missing_command(tmp_path):
         check_document(fake)
 
 
-def test_the_docs_check_catches_a_made_up_path_but_allows_the_listed_ones(tmp_path):
+def test_the_docs_check_catches_a_made_up_path(tmp_path):
     fake = tmp_path / "bad.md"
-    fake.write_text("The request lives in `ldm/request.py`, models open in `ldm/model_spec.py`.\n")
-    check_document(fake)  # the allow-list
+    fake.write_text("The request lives in `ldm/pipeline/request.py`, models open in `ldm/models/spec.py`.\n")
+    check_document(fake)
     for made_up in ("ldm/requests.py", "configs/vae/huge.yaml", "bench/RESULT.md", "tools/nothing/",
                     "configs/vae/<preset>.yml"):
         fake.write_text(f"See `{made_up}` and `ldm/files.py`.\n")
