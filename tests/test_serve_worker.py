@@ -170,9 +170,9 @@ def test_single_files_are_listed_by_stem_with_their_header_values(tmp_path):
     listed = list_models([NAME], str(models_dir))
     assert list(listed) == [NAME, "shapes"]
     demo, file = listed[NAME], listed["shapes"]
-    assert file.root == models_dir / "shapes.safetensors" and file.spec == str(file.root)
-    assert (file.vae_factor, file.default_size, file.max_steps) == (demo.vae_factor, demo.default_size,
-                                                                   demo.max_steps) == (demo.vae_factor, 32, 1000)
+    assert file.root == models_dir / "shapes.safetensors" and file.name == str(file.root)
+    assert (file.vae_factor, file.default_size, file.train_timesteps) == (demo.vae_factor, demo.default_size,
+                                                                         demo.train_timesteps) == (demo.vae_factor, 32, 1000)
     with pytest.raises(UserError, match=r"^two models are named 'shapes' \(.*shapes.safetensors and .*\); rename"):
         list_models([str(models_dir / "shapes.safetensors")], str(models_dir))
     (tmp_path / "empty").mkdir()
