@@ -101,11 +101,13 @@ def test_a_too_large_image_is_refused_before_its_pixels_are_decoded(tmp_path, de
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims `width` x `height` pixels and holds none: only a decoder that reads the header gets its size."""
+    """A PNG that claims `width` x `height` pixels and holds none: only its header can be read."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def test_the_cli_has_the_training_default_limit(tmp_path):

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from ldm.files import remove_tree, replace_directory, temp_sibling
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -408,7 +408,7 @@ def write_dataset(
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="ldm-shapes",
         description="Write a synthetic shapes dataset (imagefolder layout: PNGs + metadata.jsonl).",
     )
