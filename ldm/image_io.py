@@ -35,7 +35,7 @@ from ldm.errors import UserError
 # The default limit on width x height: training's data.max_image_pixels, and the CLI's init image and mask.
 MAX_PIXELS = 64_000_000
 
-Source = bytes | str | os.PathLike | BinaryIO
+Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO  # a file's bytes, its path, or the open file
 
 
 class ImageError(UserError):
@@ -115,8 +115,8 @@ def _has_alpha(image: PIL.Image.Image) -> bool:
 
 def _decode(source: Source, what: str, max_pixels: int) -> PIL.Image.Image:
     """The image in its own mode, EXIF rotation applied, or `ImageError`."""
-    if isinstance(source, bytes):
-        if not source:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
             raise _empty(what)
         return _load(io.BytesIO(source), what, max_pixels)
     if isinstance(source, (str, os.PathLike)):
