@@ -20,19 +20,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ldm.errors import UserError, exit_on_user_error
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UserError(f"{message} (see ldm-convert --help)")
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
-    p = _Parser(prog="ldm-convert", description=__doc__.splitlines()[0],
-                epilog="examples:\n" + "\n".join(l for l in __doc__.splitlines() if l.startswith("    ldm-convert")),
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    examples = "\n".join(line for line in __doc__.splitlines() if line.startswith("    ldm-convert"))
+    p = OneLineArgumentParser(prog="ldm-convert", description=__doc__.splitlines()[0], epilog="examples:\n" + examples,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a diffusers model directory, or a .safetensors single file")
     p.add_argument("dst", help="the .safetensors file to write (from a directory), or the directory (from a file)")
     p.add_argument("--half", action="store_true", help="store floating-point weights as fp16")

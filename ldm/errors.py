@@ -1,10 +1,15 @@
-"""User-facing errors: one line naming the problem and the fix, exit code 2, no traceback."""
+"""User-facing errors: one line naming the problem and the fix, exit code 2, no traceback.
+
+`UserError` is the error; `exit_on_user_error` wraps a command's entry point to print it; `OneLineArgumentParser`
+is the argparse parser of every command, whose errors are `UserError`s too.
+"""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -13,6 +18,15 @@ USER_ERROR_EXIT_CODE = 2
 
 class UserError(Exception):
     """Bad input from the user (a config, a path, an argument). The message says what is wrong and how to fix it."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors (a missing or unknown argument, a bad value) are a `UserError`:
+    "<argparse's message> (see <prog> --help)", printed as one line with exit code 2 by `exit_on_user_error` like
+    every other bad input, instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def exit_on_user_error(main: F) -> F:

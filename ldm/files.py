@@ -6,8 +6,9 @@ sibling (named `.tmp-...`, so cleanup code can recognise it), fsync it, rename i
 directory (the rename itself is only durable once the directory is).
 
 - `atomic_write_bytes` / `atomic_write_text`: one file (a latent shard, a manifest, a tokenizer file, a report).
-- `atomic_directory`: a directory filled in a block (an exported model): every file and directory in it is fsynced
-  before the rename; an existing directory is replaced only once the new one is complete (`replace_directory`).
+- `atomic_directory`: a directory filled in a block (an exported model); `replace_directory` for a directory filled
+  by other means (a generated dataset, a checkpoint): every file and directory in it is fsynced before the rename,
+  and an existing directory is replaced only once the new one is complete.
 - `atomic_write_safetensors`: one safetensors file written by path (safetensors' own writer, no copy of the whole
   file in memory), so a multi-GB model is never held twice.
 - `write_synced`, `fsync_file`, `fsync_dir`, `fsync_tree`: the steps, for callers that publish by other means
@@ -111,8 +112,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(directory: str | Path, *, replace: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling (not yet created) to fill; when the block succeeds, its contents are fsynced and it
-    takes `directory`'s place (`replace_directory`). With `replace=False` an existing `directory` raises
+    """Yield a temporary sibling (not yet created) to fill; when the block succeeds, it takes `directory`'s place
+    (`replace_directory`, which fsyncs its contents first). With `replace=False` an existing `directory` raises
     `FileExistsError` instead: checked right before the rename (POSIX has no portable no-replace rename of a
     directory), so only a directory created in that instant could be lost, and the temporary is removed.
 
@@ -124,7 +125,6 @@ def atomic_directory(directory: str | Path, *, replace: bool = True) -> Iterator
     remove_tree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     yield tmp
-    fsync_tree(tmp)
     if not replace and (directory.exists() or directory.is_symlink()):
         remove_tree(tmp)
         raise FileExistsError(errno.EEXIST, "File exists", str(directory))
@@ -132,12 +132,15 @@ def atomic_directory(directory: str | Path, *, replace: bool = True) -> Iterator
 
 
 def replace_directory(tmp: Path, final: Path) -> None:
-    """Rename the complete directory `tmp` to `final` and make the rename durable.
+    """Make the complete directory `tmp` durable and rename it to `final`: every file and directory in `tmp` is
+    fsynced first, and the parent directory after the rename.
 
     An existing `final` is moved aside (`.old-<name>`) first and deleted only after the new one is in place; if the
-    rename fails it is put back. So an interruption never loses both: at worst `final` is missing and `.old-<name>`
-    holds the previous version (callers that care, like the checkpoint code, put it back on their next run).
+    rename fails (or is interrupted) it is put back. So an interruption never loses both: at worst `final` is missing
+    and `.old-<name>` holds the previous version (callers that care, like the checkpoint code, put it back on their
+    next run). `tmp` is left to the caller on failure.
     """
+    fsync_tree(tmp)
     aside = None
     if final.exists():
         aside = final.with_name(f"{OLD_PREFIX}{final.name}")
@@ -145,7 +148,7 @@ def replace_directory(tmp: Path, final: Path) -> None:
         os.rename(final, aside)
     try:
         os.rename(tmp, final)
-    except OSError:
+    except BaseException:
         if aside is not None:
             os.rename(aside, final)
         raise

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import TypeVar
 
 from ldm.config import load_config
+from ldm.errors import OneLineArgumentParser
 
 T = TypeVar("T")
 
 
 def parse_train_args(config_cls: type[T], argv: list[str] | None, description: str) -> tuple[T, str | None]:
     """`--config FILE [--resume latest|PATH] [key=value ...]` -> (validated config, resume)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = OneLineArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (values only); defaults apply to keys it leaves out")
     parser.add_argument("--resume", default=None, help="'latest' (the newest complete checkpoint, if any) or a path")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200 data.resolution=64")

@@ -3,13 +3,20 @@
 diffusers' own errors for these cases are cryptic: a git-lfs pointer or a truncated file surfaces as
 "HeaderTooLarge" or "MetadataIncompleteBuffer" without the file's name (diffusers #5520), and a pickle checkpoint
 would be unpickled, which can run arbitrary code. Only safetensors weights are accepted.
+
+`read_safetensors_header` is the one reader of a safetensors header by hand (model directories, single files,
+checkpoints and the latent cache all check their files with it); `read_safetensors` reads tensors.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from ldm.errors import UserError
 
@@ -17,6 +24,10 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
+SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors refuses longer JSON headers (its MAX_HEADER_SIZE)
+# bytes per element of each dtype safetensors stores; a dtype not listed here (a newer one) is not size-checked
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "I64": 8, "U64": 8, "F64": 8}
 LAYOUT = "a diffusers-format Stable Diffusion directory has unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
 
 
@@ -57,43 +68,116 @@ def check_weights(sub: Path) -> str | None:
 
 
 def check_safetensors_file(path: Path) -> dict:
-    """A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the tensor data; the
-    header's largest `data_offsets` end says how long the data must be. Compare both with the file's size.
-    Returns the header ({name: {dtype, shape, data_offsets}}, and `__metadata__` when the file has one)."""
-    size = path.stat().st_size
+    """Refuse a file that is not a complete safetensors file, naming it (`read_safetensors_header`'s checks).
+    Returns the header ({name: {dtype, shape, data_offsets}}, and `__metadata__` when the file has some)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(max(8, len(LFS_POINTER_PREFIX)))
-            if head.startswith(LFS_POINTER_PREFIX):
-                raise UserError(
-                    f"'{path}' is a git-lfs pointer file, not the weights: run `git lfs pull` in the model's "
-                    "repository (or download the file itself)"
-                )
-            if size < 8:
-                raise UserError(f"'{path}' is truncated ({size} bytes): download it again")
-            header_len = int.from_bytes(head[:8], "little")
-            if 8 + header_len > size:
-                raise UserError(
-                    f"'{path}' is truncated or not a safetensors file: its header claims {header_len} bytes but the "
-                    f"file has {size}; download it again"
-                )
-            f.seek(8)
-            header = json.loads(f.read(header_len))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError, IndexError) as e:
-        # not JSON, or JSON that is not a {name: {dtype, shape, data_offsets}} table
-        raise UserError(f"'{path}' is corrupted: its safetensors header is not valid; download it again") from e
+        tensors, metadata = read_safetensors_header(path)
+    except BadSafetensors as e:
+        raise UserError(f"'{path}' {e}" + (f"; {e.fix}" if e.fix else "")) from e
     except OSError as e:
         raise UserError(f"cannot read '{path}': {e.strerror or e}") from e
-    needed = 8 + header_len + max(ends, default=0)
-    if needed > size:
-        raise UserError(f"'{path}' is truncated: it has {size} bytes, its header needs {needed}; download it again")
-    return header
+    return {**tensors, "__metadata__": metadata} if metadata else tensors
+
+
+class BadSafetensors(ValueError):
+    """A file that is not a complete safetensors file. `str()` says what is wrong as a phrase that follows the
+    file's name ("is truncated: it has 100 bytes, its header needs 2000"); `reason` says the same as a clause of its
+    own, for callers with their own verdict ("is not a valid safetensors file (<reason>)"); `fix` is what to do."""
+
+    def __init__(self, problem: str, reason: str, fix: str | None = "download it again") -> None:
+        super().__init__(problem)
+        self.reason, self.fix = reason, fix
+
+
+def read_safetensors_header(source: Path | bytes) -> tuple[dict[str, dict], dict[str, str]]:
+    """The tensor table ({name: {dtype, shape, data_offsets}}) and the `__metadata__` strings of a safetensors file,
+    given by path or as its bytes, without reading the tensor data; `BadSafetensors` if it is not a complete file.
+
+    A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the tensor data, which the
+    header's `data_offsets` must tile exactly: the checks are those of safetensors' own reader (so a file that passes
+    here loads), made first and worded for a user: a git-lfs pointer, a truncated file, a header longer than the
+    file or than safetensors' 100 MB limit, a header that is not the JSON table, tensors whose bytes do not match
+    their dtype and shape, overlapping offsets, data beyond the last tensor. Unreadable files raise `OSError`.
+    """
+    if isinstance(source, bytes):
+        return _parse_header(io.BytesIO(source), len(source))
+    with open(source, "rb") as f:
+        return _parse_header(f, os.fstat(f.fileno()).st_size)
+
+
+def _parse_header(f: BinaryIO, size: int) -> tuple[dict[str, dict], dict[str, str]]:
+    head = f.read(max(8, len(LFS_POINTER_PREFIX)))
+    if head.startswith(LFS_POINTER_PREFIX):
+        raise BadSafetensors("is a git-lfs pointer file, not the weights: run `git lfs pull` in the model's "
+                             "repository (or download the file itself)", "a git-lfs pointer file, not the weights",
+                             fix=None)
+    if size < 8:
+        raise BadSafetensors(f"is truncated ({size} bytes)", f"{size} bytes, less than the 8 of a header length")
+    header_len = int.from_bytes(head[:8], "little")
+    if 8 + header_len > size:
+        claim = f"its header claims {header_len} bytes but the file has {size}"
+        raise BadSafetensors(f"is truncated or not a safetensors file: {claim}", claim)
+    if header_len > SAFETENSORS_MAX_HEADER:
+        claim = f"its header claims {header_len} bytes, over safetensors' limit of {SAFETENSORS_MAX_HEADER}"
+        raise BadSafetensors(f"is not a safetensors file: {claim}", claim)
+    try:
+        f.seek(8)
+        header = json.loads(f.read(header_len))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise BadSafetensors("is corrupted: its safetensors header is not valid", "its header is not JSON") from e
+    tensors, metadata, end = _check_table(header)
+    if 8 + header_len + end != size:
+        needed = 8 + header_len + end
+        if needed > size:
+            raise BadSafetensors(f"is truncated: it has {size} bytes, its header needs {needed}",
+                                 f"it has {size} bytes, its header needs {needed}")
+        raise BadSafetensors(f"is corrupted: it has {size} bytes, but its header accounts for {needed}",
+                             f"it has {size} bytes, but its header accounts for {needed}")
+    return tensors, metadata
+
+
+def _check_table(header: object) -> tuple[dict[str, dict], dict[str, str], int]:
+    """(tensors, metadata, end of the data) of a parsed header, or `BadSafetensors` saying what is wrong with it."""
+
+    def bad(detail: str) -> BadSafetensors:
+        return BadSafetensors(f"is corrupted: its safetensors header is not valid ({detail})", f"its header {detail}")
+
+    if not isinstance(header, dict):
+        raise bad("is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("has __metadata__ that is not a table of strings")
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    spans = []
+    for name, info in tensors.items():
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not _ints(info.get("shape")) \
+                or not _ints(info.get("data_offsets")) or len(info["data_offsets"]) != 2:
+            raise bad(f"describes tensor '{name}' without a dtype, a shape and two data_offsets")
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end:
+            raise bad(f"gives tensor '{name}' data_offsets {[begin, end]}")
+        if info["dtype"] in DTYPE_BYTES:
+            needed = math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]
+            if end - begin != needed:
+                raise bad(f"gives tensor '{name}' {end - begin} bytes, but {info['dtype']} {info['shape']} takes "
+                          f"{needed}")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:  # safetensors' data is the tensors back to back, no gap and no overlap
+            raise bad(f"gives tensor '{name}' data_offsets {[begin, end]}, not starting where the previous one "
+                      f"ends ({position})")
+        position = end
+    return tensors, metadata, position
+
+
+def _ints(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def safetensors_data_offset(path: Path) -> int:
     """Where a safetensors file's tensor data starts: after the 8-byte header length and the JSON header (the file
-    is not checked: `check_safetensors_file` does that)."""
+    is not checked: `read_safetensors_header` does that)."""
     with open(path, "rb") as f:
         return 8 + int.from_bytes(f.read(8), "little")
 

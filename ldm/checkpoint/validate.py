@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from safetensors import SafetensorError, safe_open
 
 from ldm.checkpoint.layout import (
     FORMAT_VERSION, MANIFEST_NAME, corrupt_message, latest_checkpoint, read_manifest, resume_hint,
 )
 from ldm.errors import UserError
-from ldm.files import sha256_file
+from ldm.files import os_reason, sha256_file
+from ldm.weights import BadSafetensors, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +99,12 @@ def _validate_file(checkpoint: Path, relpath: str, info: Mapping[str, Any]) -> N
 
 
 def _check_safetensors_header(checkpoint: Path, relpath: str) -> None:
-    """Parse the header and check that the tensors it describes fit in the file (a cheap truncation check that
-    does not read the data)."""
-    file = checkpoint / relpath
+    """Parse the header and check that the tensors it describes fill the file exactly (a cheap truncation check
+    that does not read the data)."""
     try:
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > file.stat().st_size:
-                raise ValueError("header length exceeds the file")
-            header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + header_len + end != file.stat().st_size:
-            raise ValueError("tensor data does not fill the file exactly")
-        with safe_open(str(file), framework="pt", device="cpu"):
-            pass
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        problem = f"is not a valid safetensors file ({str(e).splitlines()[0]})"
-        raise UserError(corrupt_message(checkpoint, relpath, problem)) from e
+        read_safetensors_header(checkpoint / relpath)
+    except BadSafetensors as e:
+        raise UserError(corrupt_message(checkpoint, relpath, f"is not a valid safetensors file ({e.reason})")) from e
+    except OSError as e:
+        raise UserError(corrupt_message(checkpoint, relpath, f"is not a valid safetensors file ({os_reason(e)})")) \
+            from e

@@ -29,8 +29,8 @@ import PIL.Image
 import torch
 
 from ldm.data.sampler import check_sampler_arguments
-from ldm.data.transforms import to_rgb
 from ldm.errors import UserError
+from ldm.image_io import to_rgb
 from ldm.pixels import pil_to_tensor
 
 Size = tuple[int, int]  # (width, height) in pixels, as PIL writes sizes

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ldm.config import check
+from ldm.image_io import MAX_PIXELS
 
 
 @dataclass
@@ -21,7 +22,7 @@ class DataConfig:
     random_flip: bool = False
     num_val: int = 64  # held-out images for validation, taken from the dataset by a fixed seed
     num_workers: int = 0
-    max_image_pixels: int = 64_000_000  # larger images are skipped (decompression bombs)
+    max_image_pixels: int = MAX_PIXELS  # larger images are skipped (decompression bombs)
     shapes_count: int = 2000
     shapes_dir: str = "data/shapes"
     # Aspect-ratio buckets (stage 2; see ldm/data/buckets.py): sizes of about resolution² pixels, sides multiples

@@ -10,12 +10,11 @@ stay in the data so that learning the new one does not overwrite them. Same layo
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
 from ldm.data.shapes import NEW_COLORS, new_color_combinations, train_combinations, write_dataset
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 
 def new_color_mix(color: str, num_images: int, share: float, seed: int = 0) -> list:
@@ -29,7 +28,7 @@ def new_color_mix(color: str, num_images: int, share: float, seed: int = 0) -> l
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ldm.data.new_color", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m ldm.data.new_color", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--color", default="pink", choices=list(NEW_COLORS))
     parser.add_argument("--num-images", type=int, default=4000)

@@ -49,14 +49,13 @@ import itertools
 import json
 import os
 import random
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
+from ldm.files import remove_tree, replace_directory, temp_sibling
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
@@ -390,46 +389,26 @@ def write_dataset(
     """Write `num_images` captioned images of `split` ("train", "heldout" or "all") to `out_dir`.
 
     `combinations`, if given, replaces the split's (e.g. `new_color_combinations("pink", "train")` plus known ones).
-    The files are written into a temporary sibling directory that is renamed into place at the end, so an
-    interrupted run never leaves a half-written dataset at `out_dir`. Returns the output path.
+    The files are written into a temporary sibling directory that `ldm.files.replace_directory` fsyncs and renames
+    into place at the end, so an interrupted run (or a power cut) never leaves a half-written dataset at `out_dir`.
+    Returns the output path.
     """
     out = Path(out_dir).expanduser().absolute()
     _check_write_arguments(out, num_images, size, split, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _unique_sibling(out, "tmp")
+    tmp = temp_sibling(out)
     tmp.mkdir()
     try:
         _fill_directory(tmp, num_images, seed, size, split, combinations)
-        _replace_directory(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     return out
 
 
-def _unique_sibling(path: Path, tag: str) -> Path:
-    """A hidden, not-yet-existing path next to `path` (same filesystem, so renames are atomic)."""
-    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing `target` is moved aside first and deleted only after the swap."""
-    old: Path | None = None
-    if target.exists():
-        old = _unique_sibling(target, "old")
-        target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        if old is not None:
-            old.rename(target)  # put the previous dataset back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="ldm-shapes",
         description="Write a synthetic shapes dataset (imagefolder layout: PNGs + metadata.jsonl).",
     )

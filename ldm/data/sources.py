@@ -20,6 +20,7 @@ from ldm.data.dataset import ImageCaptionDataset
 from ldm.data.shards import is_shard_source, load_shards
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
+from ldm.image_io import MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def build_image_dataset(
     caption_column: str | None = "text",
     split: str = "train",
     seed: int = 0,
-    max_pixels: int = 64_000_000,
+    max_pixels: int = MAX_PIXELS,
     cache_dir: str | None = None,
 ) -> ImageCaptionDataset:
     """Load a local image folder (imagefolder layout, optional metadata.jsonl) or a hub dataset `user/name`.

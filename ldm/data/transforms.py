@@ -9,37 +9,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import PIL.Image
 import torch
 
 from ldm.errors import UserError
+from ldm.image_io import to_rgb
 from ldm.pixels import pil_to_tensor
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert any PIL mode to 8-bit RGB.
-
-    Plain `convert("RGB")` is wrong for two common cases: 16/32-bit grayscale ("I;16", "I") is clipped at 255 (an
-    almost white image), and transparent pixels take whatever colour hides under the alpha (often black). We rescale
-    high-bit-depth data and composite transparency onto white.
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit PNG/TIFF grayscale; "I" is how Pillow often opens them. Map 0..65535 to 0..255.
-        array = np.asarray(image, dtype=np.float64) / 257.0
-        return PIL.Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        return PIL.Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")  # L, P, CMYK, YCbCr, LAB, HSV, 1, ...
 
 
 @dataclass(frozen=True)

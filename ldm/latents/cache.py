@@ -36,7 +36,6 @@ import hashlib
 import json
 import random
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from torch.utils.data import Dataset
 from ldm.errors import UserError
 from ldm.files import sha256_file
 from ldm.vae.loading import HINT, check_vae
+from ldm.weights import BadSafetensors, read_safetensors_header
 
 FORMAT_NAME = "ldm-latent-cache"
 SHARD_FORMAT_NAME = "ldm-latent-shard"
@@ -258,10 +258,12 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], *texts: str) -> str:
 def parse_shard(data: bytes) -> Shard:
     """Decode and self-verify a shard file's bytes; raise ValueError saying what is wrong."""
     try:
+        _, metadata = read_safetensors_header(data)
         tensors = load_safetensors(data)
+    except BadSafetensors as error:
+        raise ValueError(f"is not a valid safetensors file ({error.reason})") from error
     except SafetensorError as error:
         raise ValueError(f"is not a valid safetensors file ({str(error).splitlines()[0]})") from error
-    metadata = _safetensors_metadata(data)
     if metadata.get("format") != SHARD_FORMAT_NAME:
         raise ValueError("is not a latent cache shard")
     if int(metadata.get("version", 0)) > FORMAT_VERSION:
@@ -274,12 +276,6 @@ def parse_shard(data: bytes) -> Shard:
     if any(t.shape[0] != shard.rows for t in tensors.values()) or len(shard.captions) != shard.rows:
         raise ValueError("has tensors or captions of different lengths")
     return shard
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    # The header is an 8-byte little-endian length and a JSON object; load_safetensors already validated it.
-    (length,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
 # ----------------------------------------------------------------------------------------------------------------

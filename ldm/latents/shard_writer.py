@@ -21,14 +21,13 @@ complete; the cache itself (verified by
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
 
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from ldm.files import atomic_write_bytes, os_reason
 from ldm.latents.cache import LatentCache
 from ldm.latents.text_cache import FILE_NAME as TEXT_FILE_NAME
@@ -91,7 +90,7 @@ def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_00
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="ldm-latent-shards", description=__doc__.splitlines()[0])
     parser.add_argument("cache_dir")
     parser.add_argument("pattern", help='output names with a %%-placeholder, e.g. "out/latents-%%05d.tar"')
     parser.add_argument("--per-shard", type=int, default=10_000, help="samples per tar shard")

@@ -1,6 +1,7 @@
 """Images in and out of the pipeline: loading (with user-facing errors), masks and the paste-back.
 
-Pixel <-> tensor conversion is shared with training and lives in `ldm.pixels`.
+Decoding a user's file is shared with training and the server and lives in `ldm.image_io`; pixel <-> tensor
+conversion lives in `ldm.pixels`.
 """
 
 from __future__ import annotations
@@ -11,29 +12,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from ldm.errors import UserError
+from ldm.image_io import open_image, open_mask
 
 log = logging.getLogger(__name__)
 
 
 def load_image(path: str | Path, what: str = "init image") -> Image.Image:
-    """RGB image, EXIF rotation applied (what the user sees in a viewer is what gets used)."""
+    """RGB image, EXIF rotation applied (what the user sees in a viewer is what gets used), transparency on white;
+    the rule and the pixel limit of every user image (`ldm.image_io`)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} '{path}' does not exist" if not path.exists() else f"{what} '{path}' is not a file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read {what} '{path}': {e}") from None
+    return open_image(path, f"{what} '{path}'")
 
 
 def load_mask(path: str | Path) -> Image.Image:
-    """The mask file as a greyscale image (white = repaint)."""
-    return load_image(path, "mask").convert("L")
+    """The mask file as a greyscale image (white = repaint); a mask with transparency is its alpha channel
+    (`ldm.image_io.to_mask`)."""
+    path = Path(path)
+    return open_mask(path, f"mask '{path}'")
 
 
 def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:

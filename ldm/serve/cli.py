@@ -14,20 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 log = logging.getLogger("ldm.serve")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UserError(f"{message} (see ldm-serve --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ldm-serve", description=__doc__.split("\n\n")[0],
-                epilog="examples:\n" + "\n".join(l for l in __doc__.splitlines() if l.startswith("    ldm-serve")),
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    examples = "\n".join(line for line in __doc__.splitlines() if line.startswith("    ldm-serve"))
+    p = OneLineArgumentParser(prog="ldm-serve", description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=None,
                    help="a diffusers-format model directory or a single .safetensors checkpoint (as ldm-generate "
                    "--model); repeat to list several, which clients choose among by name (sd_model_checkpoint: the "

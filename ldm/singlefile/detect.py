@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.errors import UserError
+from ldm.model_info import LDM_INFO, is_valid_text_encoder_info
 from ldm.singlefile.keys import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.weights import PICKLE_SUFFIXES, check_safetensors_file
 
@@ -125,6 +126,9 @@ def _from_metadata(path: Path, shapes: Shapes, text: str) -> Detected:
                      text_config=meta.get("text_encoder"), text_layout=meta.get("text_layout"),
                      tokenizer=meta.get("tokenizer") or {}, scheduler_config=meta.get("scheduler"),
                      text_info=meta.get("ldm_model"))
+        if d.text_info is not None and not is_valid_text_encoder_info(d.text_info):
+            raise ValueError(f"its 'ldm_model' entry is not a valid 'text_encoder' entry of {LDM_INFO} (kind "
+                             "clip|open_clip, layer last|penultimate)")
     except (ValueError, AttributeError, TypeError) as e:
         raise UserError(f"'{path}' has an unreadable '{META_KEY}' metadata entry ({e}); write it again with "
                         "ldm-convert") from None

@@ -17,6 +17,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.files import atomic_directory, atomic_write_safetensors, os_reason, remove_tree
+from ldm.model_info import read_text_encoder_info, write_text_encoder_info
 from ldm.singlefile import keys
 from ldm.singlefile.detect import FORMAT, META_KEY
 from ldm.weights import check_model_dir
@@ -54,8 +55,7 @@ def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int
 
     if dst.suffix.lower() != ".safetensors":
         raise UserError(f"'{dst}': the single file must end in .safetensors")
-    info_path = src / "ldm_model.json"
-    info = _read_json(info_path).get("text_encoder") if info_path.is_file() else None
+    info = read_text_encoder_info(src)
     if info and info.get("kind", "clip") != "clip":
         raise UserError(f"'{src}' uses an open_clip text encoder rebuilt from '{info.get('path')}' (not stored in the "
                         "directory); single files hold transformers CLIP text encoders only")
@@ -147,7 +147,7 @@ def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type:
         with atomic_directory(dst, replace=False) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             if loaded.detected.text_info is not None:  # e.g. layer: penultimate, which diffusers' layout cannot say
-                (tmp / "ldm_model.json").write_text(json.dumps({"text_encoder": loaded.detected.text_info}, indent=1))
+                write_text_encoder_info(tmp, loaded.detected.text_info)
     except FileExistsError:
         raise UserError(f"'{dst}' already exists; choose a new name (ldm-convert never overwrites)") from None
     except OSError as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.files import atomic_directory
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from ldm.text.encoder import CLIPTextEncoder, Layer
 from ldm.text.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, offline_clip_tokenizer
 
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     For offline experiments and the shapes demo: a frozen random text transformer still gives every prompt a
     distinct, deterministic embedding the U-Net can learn to read. Use a real CLIP for real data.
     """
-    parser = argparse.ArgumentParser(prog="ldm-tiny-text-encoder", description=main.__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="ldm-tiny-text-encoder", description=main.__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm.files import atomic_directory
+from ldm.model_info import LDM_INFO, write_text_encoder_info  # noqa: F401 (ldm.pipeline.loading imports LDM_INFO from here)
 from ldm.text.config import TextEncoderConfig
 from ldm.text.encoder import FrozenTextEncoder
-
-# Written at the top of every exported model: how our pipeline rebuilds what diffusers' layout cannot express
-# (an open_clip text encoder, the penultimate-layer choice).
-LDM_INFO = "ldm_model.json"
-
 
 def export_model(
     directory: str | Path,
@@ -47,6 +42,6 @@ def _write_model(tmp: Path, unet, vae, text_encoder: FrozenTextEncoder, schedule
     else:
         for name, part in (("unet", unet), ("vae", vae), ("scheduler", scheduler)):
             part.save_pretrained(tmp / name, **({"safe_serialization": True} if name != "scheduler" else {}))
-    info = {"text_encoder": {"kind": text_cfg.kind, "path": text_cfg.path, "pretrained": text_cfg.pretrained,
-                             "layer": text_cfg.layer}}
-    (tmp / LDM_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    # how our pipeline rebuilds what diffusers' layout cannot express (an open_clip text encoder, the layer)
+    write_text_encoder_info(tmp, {"kind": text_cfg.kind, "path": text_cfg.path, "pretrained": text_cfg.pretrained,
+                                  "layer": text_cfg.layer})

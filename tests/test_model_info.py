@@ -1,0 +1,84 @@
+"""ldm.model_info, the one home of `ldm_model.json`: written durably, read and validated with one message, and the
+same rules where a single file carries the entry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.errors import UserError
+from ldm.model_info import LDM_INFO, read_text_encoder_info, write_text_encoder_info
+from ldm.singlefile.detect import FORMAT, META_KEY, detect
+
+OPEN_CLIP = {"kind": "open_clip", "path": "ViT-H-14", "pretrained": "laion2b_s32b_b79k", "layer": "penultimate"}
+RULE = "has no valid 'text_encoder' entry (kind clip|open_clip, layer last|penultimate)"
+
+
+def test_written_then_read_back(tmp_path):
+    path = write_text_encoder_info(tmp_path, OPEN_CLIP)
+    assert path == tmp_path / LDM_INFO == tmp_path / "ldm_model.json"
+    assert json.loads(path.read_text()) == {"text_encoder": OPEN_CLIP}
+    assert read_text_encoder_info(tmp_path) == OPEN_CLIP
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ldm_model.json"]  # no temporary left behind
+
+
+def test_a_plain_diffusers_model_has_none(tmp_path):
+    assert read_text_encoder_info(tmp_path) is None
+
+
+@pytest.mark.parametrize("content", [
+    {"text_encoder": {"kind": "t5"}},
+    {"text_encoder": {"kind": "clip", "layer": "middle"}},
+    {"text_encoder": "clip"},
+    {"unet": {}},
+    ["text_encoder"],
+])
+def test_an_invalid_entry_is_named(tmp_path, content):
+    (tmp_path / LDM_INFO).write_text(json.dumps(content))
+    with pytest.raises(UserError) as e:
+        read_text_encoder_info(tmp_path)
+    assert str(e.value) == f"'{tmp_path / LDM_INFO}' {RULE}"
+
+
+def test_unreadable_json_is_named(tmp_path):
+    (tmp_path / LDM_INFO).write_text("{not json")
+    with pytest.raises(UserError, match=rf"^cannot read '{tmp_path / LDM_INFO}': Expecting property name"):
+        read_text_encoder_info(tmp_path)
+
+
+def test_defaults_are_clip_and_the_last_layer(tmp_path):
+    (tmp_path / LDM_INFO).write_text(json.dumps({"text_encoder": {}}))
+    assert read_text_encoder_info(tmp_path) == {}
+
+
+def test_an_invalid_entry_is_never_written(tmp_path):
+    with pytest.raises(ValueError, match="not a valid 'text_encoder' entry"):
+        write_text_encoder_info(tmp_path, {"kind": "clip", "layer": 11})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pipelines_reader_agrees(tmp_path):
+    # ldm.pipeline.loading still has its own reader until it imports this one: same answers, same message
+    from ldm.pipeline.loading import read_text_encoder_info as pipeline_reader
+
+    write_text_encoder_info(tmp_path, OPEN_CLIP)
+    assert pipeline_reader(tmp_path) == read_text_encoder_info(tmp_path)
+    (tmp_path / LDM_INFO).write_text(json.dumps({"text_encoder": {"layer": "first"}}))
+    messages = []
+    for reader in (pipeline_reader, read_text_encoder_info):
+        with pytest.raises(UserError) as e:
+            reader(tmp_path)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+
+
+def test_a_single_files_entry_follows_the_same_rule(tmp_path):
+    path = tmp_path / "model.safetensors"
+    meta = {"format": FORMAT, "ldm_model": {"kind": "clip", "layer": "middle"}}
+    save_file({"w": torch.zeros(1)}, str(path), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(UserError, match=r"has an unreadable 'ldm' metadata entry \(its 'ldm_model' entry is not a "
+                                        r"valid 'text_encoder' entry of ldm_model.json"):
+        detect(path)
