@@ -24,22 +24,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from ldm.pipeline.request import FIELDS, GenerationRequest
 
 log = logging.getLogger("ldm.generate")
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2 like every other bad input, not usage + error
-        raise UserError(f"{message} (see ldm-generate --help)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     from ldm.pipeline.hires import HIRES_STRENGTH, MAX_SCALE
     from ldm.pipeline.samplers import SAMPLERS
     from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE
 
-    p = _Parser(
+    p = OneLineArgumentParser(
         prog="ldm-generate",
         description="Generate images with a diffusers-format Stable Diffusion 1.x/2.x model: txt2img, img2img "
         "(--init-image) and inpainting (--init-image --mask). Writes PNGs with A1111-style 'parameters' metadata "

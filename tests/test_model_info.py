@@ -60,25 +60,20 @@ def test_an_invalid_entry_is_never_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_pipelines_reader_agrees(tmp_path):
-    # ldm.pipeline.loading still has its own reader until it imports this one: same answers, same message
-    from ldm.pipeline.loading import read_text_encoder_info as pipeline_reader
+def test_opening_a_model_reads_it_here(tmp_path):
+    """The model opener has no reader of its own: a bad entry stops `inspect_model` with this module's message."""
+    import shutil
 
-    write_text_encoder_info(tmp_path, OPEN_CLIP)
-    assert pipeline_reader(tmp_path) == read_text_encoder_info(tmp_path)
-    (tmp_path / LDM_INFO).write_text(json.dumps({"text_encoder": {"layer": "first"}}))
-    messages = []
-    for reader in (pipeline_reader, read_text_encoder_info):
-        with pytest.raises(UserError) as e:
-            reader(tmp_path)
-        messages.append(str(e.value))
-    assert messages[0] == messages[1]
+    from ldm.demo import MODEL_DIR
+    from ldm.models.spec import inspect_model
 
-
-def test_a_single_files_entry_follows_the_same_rule(tmp_path):
-    path = tmp_path / "model.safetensors"
-    meta = {"format": FORMAT, "ldm_model": {"kind": "clip", "layer": "middle"}}
-    save_file({"w": torch.zeros(1)}, str(path), metadata={META_KEY: json.dumps(meta)})
-    with pytest.raises(UserError, match=r"has an unreadable 'ldm' metadata entry \(its 'ldm_model' entry is not a "
-                                        r"valid 'text_encoder' entry of ldm_model.json"):
-        detect(path)
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model)
+    write_text_encoder_info(model, {"kind": "clip", "layer": "penultimate"})
+    assert inspect_model(str(model)).text_info == {"kind": "clip", "layer": "penultimate"}
+    (model / LDM_INFO).write_text(json.dumps({"text_encoder": {"layer": "first"}}))
+    with pytest.raises(UserError) as e:
+        inspect_model(str(model))
+    with pytest.raises(UserError) as direct:
+        read_text_encoder_info(model)
+    assert str(e.value) == str(direct.value)

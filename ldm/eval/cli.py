@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 log = logging.getLogger("ldm.eval")
 
@@ -31,13 +31,8 @@ READER_SEED = 0  # the jitter of the reader check's renders
 QUICK_VAE_IMAGES = 63
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2, like every other bad input
-        raise UserError(f"{message} (see ldm-eval --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ldm-eval", description=__doc__.split("\n\n")[0],
+    p = OneLineArgumentParser(prog="ldm-eval", description=__doc__.split("\n\n")[0],
                 epilog="\n".join(line for line in __doc__.splitlines() if line.startswith("    ldm-eval")),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers-format model directory (default: as ldm-generate)")

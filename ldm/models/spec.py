@@ -23,6 +23,7 @@ from ldm import hub
 from ldm.demo import MODEL_DIR as DEMO_MODEL_DIR
 from ldm.demo import NAME as DEMO_NAME
 from ldm.errors import UserError
+from ldm.model_info import read_text_encoder_info
 from ldm.singlefile.detect import PREDICTION_TYPES, Detected, choose_prediction, detect
 from ldm.singlefile.load import SD_SCHEDULER, check_vae_source, unet_config_for
 from ldm.vae.loading import vae_factor
@@ -31,7 +32,6 @@ from ldm.weights import COMPONENTS, check_model_dir
 # What --model defaults to: the bundled 32-px shapes demo (ldm/demo). None would make --model required.
 DEFAULT_MODEL: str | None = DEMO_NAME
 NO_MODEL = "no model given: pass --model DIR (a diffusers-format Stable Diffusion directory)"
-LDM_INFO = "ldm_model.json"  # stage 2's note on the text encoder (written by ldm.unet.export)
 
 # what a Stable Diffusion repository needs; never the root-level single-file checkpoints or pickles next to them
 _HUB_FILES = [
@@ -179,22 +179,6 @@ def _from_hub(repo_id: str) -> Path:
             f"'{repo_id}' is not a local directory, and as a hub id it could not be fetched ({why.splitlines()[0]}); "
             "pass a local diffusers-format directory"
         ) from None
-
-
-def read_text_encoder_info(root: Path) -> dict[str, Any] | None:
-    """Stage 2's `ldm_model.json` note on the text encoder (kind, path, pretrained, layer), if the model has one.
-
-    diffusers' layout cannot say "use the penultimate layer" or "this is an open_clip model"; stage 2's export
-    (ldm/unet/export.py) writes that here. Plain diffusers models have no such file: CLIP, last layer.
-    """
-    path = root / LDM_INFO
-    if not path.is_file():
-        return None
-    info = read_json(path).get("text_encoder")
-    if not isinstance(info, dict) or info.get("kind", "clip") not in ("clip", "open_clip") \
-            or info.get("layer", "last") not in ("last", "penultimate"):
-        raise UserError(f"'{path}' has no valid 'text_encoder' entry (kind clip|open_clip, layer last|penultimate)")
-    return info
 
 
 def read_json(path: Path) -> dict[str, Any]:

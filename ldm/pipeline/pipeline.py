@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.errors import UserError
+from ldm.image_io import to_rgb
 from ldm.lora.apply import AppliedLora, LoraStack
 from ldm.lora.prompt_tags import format_lora_hashes, parse_lora_hashes
 from ldm.models.components import Components
@@ -196,7 +197,7 @@ class Pipeline:
         settings = {k: v for k, v in settings.items() if v is not None}
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, seed=-1 if seed is None else seed,
-            init_image=None if init_image is None else init_image.convert("RGB"), mask=mask,
+            init_image=None if init_image is None else to_rgb(init_image), mask=mask,
             lora_hashes=format_lora_hashes(list((lora_hashes or {}).items())), **settings)
         return self.generate(request, lora_dir=lora_dir, show_progress=show_progress, on_image=on_image,
                              on_step=on_step)

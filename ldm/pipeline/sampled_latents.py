@@ -15,7 +15,6 @@ model, sampler settings and a digest of the captions.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.errors import UserError, exit_on_user_error
+from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from ldm.files import atomic_write_safetensors
 from ldm.pipeline.pipeline import Pipeline
 from ldm.progress import progress_bar
@@ -65,7 +64,7 @@ def pick_captions(captions: list[str], num: int, seed: int) -> list[str]:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ldm.pipeline.sampled_latents", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="python -m ldm.pipeline.sampled_latents", description=__doc__.splitlines()[0])
     p.add_argument("model", help="the model whose U-Net samples (directory or single file)")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--captions", required=True, help="a dataset directory (metadata.jsonl) or a text file")

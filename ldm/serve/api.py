@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +22,11 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 
 from ldm.errors import UserError
+from ldm.image_io import decode_base64_image, decode_base64_mask
 from ldm.lora.prompt_tags import check_lora_inputs
 from ldm.models.spec import ModelSpec
 from ldm.pipeline.metadata import format_parameters, png_bytes
@@ -126,26 +125,6 @@ def _model_for(req: Txt2ImgRequest, models: dict[str, ModelSpec], selected: str)
     return _listed(name, models) if name is not None else selected
 
 
-def decode_image(data: str, what: str, limits: Limits) -> Image.Image:
-    """A base64 image (with or without a 'data:image/...;base64,' prefix) -> RGB, EXIF rotation applied."""
-    if data.startswith("data:") and "," in data:
-        data = data.split(",", 1)[1]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise UserError(f"{what} is not valid base64") from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > 4 * limits.max_pixels:  # before decoding: a small file can unpack huge
-            raise UserError(f"{what} is {image.width}x{image.height}, over the limit of {4 * limits.max_pixels} pixels")
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
-    except UnidentifiedImageError:
-        raise UserError(f"{what} is base64 but not an image (send a PNG, JPEG or WebP file)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{what} is not an image PIL can read: {e}") from None
-
-
 def _note_clip_limit(clip_limits: dict[str, int], name: str | None, pipeline: Any) -> None:
     """Remember the loaded model's clip-skip limit (`FrozenTextEncoder.max_clip_skip`), so that requests over it are
     refused before they are queued. Runs in the worker thread; one dict assignment."""
@@ -170,10 +149,11 @@ def _img2img_request(req: Img2ImgRequest, name: str, spec: ModelSpec, limits: Li
     """The init image and mask decoded, then `_request` (in the thread pool: decoding is slow work)."""
     if not req.init_images:
         raise UserError("init_images is empty: send the init image as a base64 PNG or JPEG")
-    init = decode_image(req.init_images[0], "init_images[0]", limits)
+    # a small file can unpack into a huge image: the limit is checked before decoding (4 x the output limit)
+    init = decode_base64_image(req.init_images[0], "init_images[0]", 4 * limits.max_pixels)
     mask = None
     if req.mask:
-        mask = decode_image(req.mask, "mask", limits).convert("L")
+        mask = decode_base64_mask(req.mask, "mask", 4 * limits.max_pixels)
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
     return _request(req, name, spec, limits, init=init, mask=mask, lora_dir=lora_dir, clip_skip=clip_skip,

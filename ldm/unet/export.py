@@ -7,7 +7,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm.files import atomic_directory
-from ldm.model_info import LDM_INFO, write_text_encoder_info  # noqa: F401 (ldm.pipeline.loading imports LDM_INFO from here)
+from ldm.model_info import write_text_encoder_info
 from ldm.text.config import TextEncoderConfig
 from ldm.text.encoder import FrozenTextEncoder
 
