@@ -13,7 +13,6 @@ from PIL import Image, PngImagePlugin
 from ldm.generate import main
 from ldm.pipeline.metadata import GenerationParams, format_parameters, parse_parameters, unread_fields
 from ldm.pipeline.samplers import sampler_from_label
-from ldm.pipeline.tiny import save_tiny_model
 from conftest import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,8 +36,8 @@ A1111_HIRES = (
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model(tiny_model) -> Path:
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)

@@ -10,7 +10,6 @@ import pickle
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 
+from conftest import free_port
 import ldm.checkpoint as ck
 import ldm.checkpoint.save as ck_save
 import ldm.checkpoint.validate as ck_validate
@@ -723,12 +723,6 @@ DDP_SCRIPT = textwrap.dedent(
     os._exit(0)
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

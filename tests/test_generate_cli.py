@@ -17,7 +17,6 @@ from PIL import Image
 
 from conftest import run
 from ldm.generate import main
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.text.tiny import tiny_clip_text_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model(tiny_model) -> Path:
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from ldm.lora.load import KOHYA, read_lora
 from ldm.lora.prompt_tags import format_lora_hashes, lora_hash, parse_lora_hashes, parse_lora_option, split_tags
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import make_scheduler
-from ldm.pipeline.tiny import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,8 +34,8 @@ KW = dict(steps=3, cfg=7.5, sampler="ddim", seed=3, height=32, width=32, show_pr
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model_dir(tiny_model):
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 def _lora_weights(pipe: Pipeline, seeds: list[int]):

@@ -22,7 +22,6 @@ from ldm.pipeline.metadata import GenerationParams, format_parameters, parse_par
 from ldm.pipeline.output import save_png, slug
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import SAMPLERS, make_scheduler, sampler_from_label, sampler_label
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE, check_request, steps_to_run
 from ldm.pixels import float_to_uint8
 from ldm.weights import check_safetensors_file
@@ -35,13 +34,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model_dir(tiny_model):
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")
-def inpaint_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd-inpaint"), unet_in_channels=9)
+def inpaint_model_dir(tiny_inpaint_model):
+    return tiny_inpaint_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")

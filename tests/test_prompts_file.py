@@ -16,7 +16,6 @@ from PIL import Image
 from conftest import accelerate_launch, run
 from ldm.errors import UserError
 from ldm.generate import DEFAULTS, main
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.prompts_file import default_seed, read_prompts_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate")
@@ -31,8 +30,8 @@ FAST = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "1", "-q"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model(tiny_model) -> Path:
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from ldm.errors import UserError
 from ldm.serve.api import Limits
 from ldm.serve.app import create_app
@@ -88,9 +88,7 @@ def app_server(worker: Worker):
 
     entry = ModelEntry("a", "a", Path("a"), vae_factor=8, default_size=32, max_steps=1000)
     app = create_app({"a": entry, "b": ModelEntry("b", "b", Path("b"), 8, 32, 1000)}, worker, Limits())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -19,7 +19,6 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm.errors import UserError
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import make_scheduler
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.singlefile import keys
 from ldm.singlefile.detect import Detected, choose_prediction, detect, detect_shapes
 from ldm.singlefile.load import load_unet_file, load_vae_override, vae_factor_and_size
@@ -33,8 +32,8 @@ PROMPT = "a red circle"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def tiny_dir(tiny_model):
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")
