@@ -137,6 +137,7 @@ def test_bad_sizes_and_sampler_names_are_one_line(argv, expected, model, tmp_pat
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.slow
 def test_an_a1111_hires_png_replays_and_another_upscaler_needs_hires_upscaler(model, tmp_path, capsys):
     text = (A1111_HIRES.replace("Steps: 20", "Steps: 3").replace("Size: 512x768", "Size: 16x16")
             .replace("Hires steps: 10", "Hires steps: 4").replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+"))

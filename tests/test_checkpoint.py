@@ -146,6 +146,7 @@ def snapshot(accelerator: Accelerator, vae, opt, sched, ema) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow  # trains a tiny VAE; the checks below are fast
 def test_round_trip_is_bit_exact(accelerator: Accelerator, tmp_path: Path) -> None:
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     vae, opt, sched, ema = build_vae_training(accelerator, seed=0)

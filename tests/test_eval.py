@@ -119,6 +119,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return run(main, argv, capsys, split=False)  # tests/conftest.py
 
 
+@pytest.mark.slow  # the whole quick eval (~20 s)
 def test_cli_quick_run_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
     path = tmp_path / "eval.json"
     argv = ["--model", str(model_dir), "--quick", "--steps", "2", "--json", str(path), "--vae", str(model_dir / "vae")]

@@ -70,6 +70,7 @@ def test_txt2img_writes_pngs_and_prints_only_their_paths(model, tmp_path, capsys
     assert code == 0 and Path(lines[0]).name == "00013-42-a-red-car.png"
 
 
+@pytest.mark.slow
 def test_replay_from_png_gives_the_same_pixels(model, tmp_path, capsys):
     code, lines, _ = generate(["a blue boat", "--model", str(model), "--negative", "ugly", "--num-images", "2",
                                "--sampler", "dpmpp_2m", "--karras", "--cfg", "5", "--outdir", str(tmp_path), "-q",
@@ -130,6 +131,7 @@ def test_fp16_on_cpu_falls_back_with_a_message(model, tmp_path, capsys):
     assert "warning: fp16 is not supported on the CPU; using fp32" in err
 
 
+@pytest.mark.slow  # starts a process
 def test_console_script_in_a_subprocess(model, images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "ldm.generate", "a red car", "--model", str(model), "--outdir", str(tmp_path), *FAST]
@@ -142,6 +144,7 @@ def test_console_script_in_a_subprocess(model, images, tmp_path):
     assert bad.stderr == "error: --strength only applies with --init-image\n"  # one line, no traceback
 
 
+@pytest.mark.slow  # starts two processes
 def test_inference_script_writes_what_ldm_generate_writes(model, tmp_path):
     console = shutil.which("ldm-generate")
     if console is None:

@@ -171,6 +171,7 @@ def test_img2img_matches_diffusers(pipe, reference, init_image, sampler):
     assert np.abs(ours.decoded - theirs).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_stage2_export_loads_with_its_text_layer_and_matches_diffusers(pipe, tmp_path):
     """A model written by stage 2's exporter, with a penultimate-layer CLIP (recorded in its ldm_model.json)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -199,6 +200,7 @@ def test_stage2_export_loads_with_its_text_layer_and_matches_diffusers(pipe, tmp
 
 # ---------------------------------------------------------------------------------------------------- seeds/batches
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler_a", "ddpm"])  # both draw fresh noise at every step
 def test_images_do_not_depend_on_batch_size(pipe, sampler):
     kw = {"steps": 3, "cfg": 7.5, "sampler": sampler, "seed": 11, "num_images": 4, "height": SIZE, "width": SIZE,

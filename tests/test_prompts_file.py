@@ -86,6 +86,7 @@ def test_every_bad_line_is_counted_and_an_empty_file_refused(tmp_path):
         read("\n# only a comment\n", tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_writes_deterministic_names_resumes_and_regenerates_edited_lines(model, tmp_path, capsys):
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text(FILE)
@@ -113,6 +114,7 @@ def test_cli_writes_deterministic_names_resumes_and_regenerates_edited_lines(mod
     assert not set(Path(p).name for p in edited) & set(names)
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_leaves_no_half_png_and_the_rerun_completes(model, tmp_path, capsys, monkeypatch):
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text('{"prompt": "a cat", "count": 3}\n')

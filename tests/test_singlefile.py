@@ -83,6 +83,7 @@ def _configs_only(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_diffusers_from_single_file_reads_our_file_as_the_same_model(tiny_dir, tiny_file, tmp_path, monkeypatch):
     """The demo's case is tests/test_convert_cli.py (through both CLIs)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
