@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+# tests import it from here (`from conftest import free_port`); it lives in serve_server.py, a stdlib-only helper
+# that bench/bench_serve.py imports outside pytest, which must not pull in this file's torch and offline settings
+from serve_server import free_port  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -29,15 +31,16 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def run(main, argv: list[str], capsys) -> tuple[int, list[str], str]:
-    """Run a CLI's main(argv) in-process -> (exit code, stdout lines, stderr); `capsys` is pytest's fixture."""
+def run(main, argv: list[str], capsys, *, split: bool = True) -> tuple[int, list[str] | str, str]:
+    """Run a CLI's main(argv) in-process -> (exit code, stdout lines, stderr); `capsys` is pytest's fixture.
+    split=False: stdout as one string."""
     try:
         main(argv)
         code = 0
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
-    return code, out.splitlines(), err
+    return code, out.splitlines() if split else out, err
 
 
 def reset_accelerate_state() -> None:
@@ -58,12 +61,27 @@ def fresh_accelerate():
 
 def accelerate_launch(script: Path, *args: str, processes: int = 2) -> list[str]:
     """The command for a real multi-process CPU run (gloo): the script must be given train.cpu=true."""
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # for the rendezvous
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(port), str(script), *args]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random SD model (ldm.pipeline.tiny.save_tiny_model), written once per session and shared by every
+    test that asks for it: read it only. A test that adds or changes files in a model directory makes its own."""
+    from ldm.pipeline.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model(tmp_path_factory) -> Path:
+    """`tiny_model`'s inpainting twin (a 9-channel U-Net), written once per session: read it only."""
+    from ldm.pipeline.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd-inpaint"), unet_in_channels=9)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from ldm.generate import main
 from ldm.pipeline.metadata import format_parameters, parse_parameters, unread_fields
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import sampler_from_label
-from ldm.pipeline.tiny import save_tiny_model
 from conftest import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,8 +37,8 @@ A1111_HIRES = (
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model(tiny_model) -> Path:
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
@@ -139,6 +138,7 @@ def test_bad_sizes_and_sampler_names_are_one_line(argv, expected, model, tmp_pat
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.slow
 def test_an_a1111_hires_png_replays_and_another_upscaler_needs_hires_upscaler(model, tmp_path, capsys):
     text = (A1111_HIRES.replace("Steps: 20", "Steps: 3").replace("Size: 512x768", "Size: 16x16")
             .replace("Hires steps: 10", "Hires steps: 4").replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+"))

@@ -10,7 +10,6 @@ import pickle
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 
+from conftest import free_port
 import ldm.checkpoint as ck
 import ldm.checkpoint.save as ck_save
 import ldm.checkpoint.validate as ck_validate
@@ -146,6 +146,7 @@ def snapshot(accelerator: Accelerator, vae, opt, sched, ema) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow  # trains a tiny VAE; the checks below are fast
 def test_round_trip_is_bit_exact(accelerator: Accelerator, tmp_path: Path) -> None:
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     vae, opt, sched, ema = build_vae_training(accelerator, seed=0)
@@ -723,12 +724,6 @@ DDP_SCRIPT = textwrap.dedent(
     os._exit(0)
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

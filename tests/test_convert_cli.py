@@ -30,6 +30,7 @@ def demo_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_demo_as_one_file_gives_diffusers_from_single_file_image(demo_file, tmp_path, capsys, monkeypatch):
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run
 from ldm.data.shapes import COLORS, Attributes, heldout_combinations, render, train_combinations
 from ldm.eval.adherence import Settings, inpaint_test, negative_prompt_test, prompt_adherence
 from ldm.eval.cli import main
 from ldm.eval.prompts import NEGATIVE_COLOR, prompt_sets
 from ldm.eval.reader import ATTRIBUTE_NAMES
 from ldm.pipeline.pipeline import Pipeline
-from ldm.pipeline.tiny import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,8 +47,8 @@ def constant_model(a: Attributes):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model_dir(tiny_model) -> Path:
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 def test_prompt_sets_are_fixed_and_disjoint():
@@ -116,15 +116,10 @@ def test_inpainting_keeps_the_unmasked_half_bit_for_bit(model_dir):
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run(main, argv, capsys, split=False)  # tests/conftest.py
 
 
+@pytest.mark.slow  # the whole quick eval (~20 s)
 def test_cli_quick_run_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
     path = tmp_path / "eval.json"
     argv = ["--model", str(model_dir), "--quick", "--steps", "2", "--json", str(path), "--vae", str(model_dir / "vae")]

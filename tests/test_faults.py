@@ -19,7 +19,6 @@ import random
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from conftest import free_port
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from ldm.data.shapes import write_dataset
 
@@ -221,12 +221,6 @@ def differences(a: dict[str, object], b: dict[str, object]) -> list[str]:
     if a.keys() != b.keys():
         return sorted(a.keys() ^ b.keys())
     return [k for k, x in a.items() if not (torch.equal(x, b[k]) if isinstance(x, torch.Tensor) else x == b[k])]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -17,7 +17,6 @@ from PIL import Image
 
 from conftest import run
 from ldm.generate import main
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.text.tiny import tiny_clip_text_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model(tiny_model) -> Path:
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +70,7 @@ def test_txt2img_writes_pngs_and_prints_only_their_paths(model, tmp_path, capsys
     assert code == 0 and Path(lines[0]).name == "00013-42-a-red-car.png"
 
 
+@pytest.mark.slow
 def test_replay_from_png_gives_the_same_pixels(model, tmp_path, capsys):
     code, lines, _ = generate(["a blue boat", "--model", str(model), "--negative", "ugly", "--num-images", "2",
                                "--sampler", "dpmpp_2m", "--karras", "--cfg", "5", "--outdir", str(tmp_path), "-q",
@@ -131,6 +131,7 @@ def test_fp16_on_cpu_falls_back_with_a_message(model, tmp_path, capsys):
     assert "warning: fp16 is not supported on the CPU; using fp32" in err
 
 
+@pytest.mark.slow  # starts a process
 def test_console_script_in_a_subprocess(model, images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "ldm.generate", "a red car", "--model", str(model), "--outdir", str(tmp_path), *FAST]
@@ -143,6 +144,7 @@ def test_console_script_in_a_subprocess(model, images, tmp_path):
     assert bad.stderr == "error: --strength only applies with --init-image\n"  # one line, no traceback
 
 
+@pytest.mark.slow  # starts two processes
 def test_inference_script_writes_what_ldm_generate_writes(model, tmp_path):
     console = shutil.which("ldm-generate")
     if console is None:

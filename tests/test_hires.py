@@ -13,7 +13,6 @@ from PIL import Image
 from ldm.generate import main
 from ldm.pipeline.hires import HiresFix
 from ldm.pipeline.pipeline import Pipeline
-from ldm.pipeline.tiny import save_tiny_model
 from conftest import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -21,8 +20,8 @@ BASE = dict(steps=4, cfg=7.5, sampler="euler_a", seed=5, height=16, width=16, sh
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model(tiny_model) -> Path:
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")

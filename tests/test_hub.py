@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import huggingface_hub.constants
 import pytest
 
+from conftest import free_port
 from ldm import hub
 from ldm.errors import UserError
 
@@ -49,9 +50,7 @@ def listening() -> Iterator[int]:
 @pytest.fixture
 def closed() -> int:
     """A port on 127.0.0.1 that nothing listens on: connecting is refused at once."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_port()
 
 
 def _hub_at(monkeypatch: pytest.MonkeyPatch, port: int, host: str = "127.0.0.1") -> None:

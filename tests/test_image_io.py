@@ -7,7 +7,6 @@ import base64
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import PIL.Image

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from conftest import free_port
 from ldm.data.shapes import write_dataset
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
@@ -258,12 +258,6 @@ def test_fp16_cache_and_a_shard_of_only_skipped_images(assets, clean, tmp_path, 
     for name in full.tensors:
         torch.testing.assert_close(half.tensors[name].float(), full.tensors[name], atol=1e-3, rtol=1e-3)
     assert half.row(0)["mean"].dtype == torch.float32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ from ldm.lora.load import KOHYA, read_lora
 from ldm.lora.prompt_tags import format_lora_hashes, lora_hash, parse_lora_hashes, parse_lora_option, split_tags
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import make_scheduler
-from ldm.pipeline.tiny import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,8 +34,8 @@ KW = dict(steps=3, cfg=7.5, sampler="ddim", seed=3, height=32, width=32, show_pr
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model_dir(tiny_model):
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 def _lora_weights(pipe: Pipeline, seeds: list[int]):
@@ -176,6 +175,7 @@ def test_lora_images_equal_diffusers_load_lora_weights(layout, model_dir, loras,
     assert ours.params[0].prompt == f"{PROMPT} <lora:{'ink-diffusers' if layout == 'diffusers' else 'ink'}:0.7>"
 
 
+@pytest.mark.slow
 def test_stacked_loras_and_prompt_tags_equal_diffusers_set_adapters(model_dir, loras, clean_pipe, caplog):
     """--lora ink:0.7 plus <lora:glow:0.5> (kohya, U-Net only) in the prompt = diffusers with both adapters."""
     pipe = clean_pipe
@@ -306,6 +306,7 @@ generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, std
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "5", "--sampler", "ddim", "-q"]
 
 
+@pytest.mark.slow
 def test_cli_records_loras_and_replays_them_from_the_png(model_dir, loras, tmp_path, capsys):
     argv = ["a red car <lora:glow:0.5>", "--model", str(model_dir), "--lora", f"{loras['kohya']}:0.7",
             "--lora-dir", str(loras["dir"]), "--outdir", str(tmp_path / "a"), *FAST]

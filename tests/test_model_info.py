@@ -77,3 +77,12 @@ def test_opening_a_model_reads_it_here(tmp_path):
     with pytest.raises(UserError) as direct:
         read_text_encoder_info(model)
     assert str(e.value) == str(direct.value)
+
+
+def test_a_single_files_entry_follows_the_same_rule(tmp_path):
+    """ldm-convert carries the entry in the file's `ldm` metadata; an invalid one is refused when the file is read."""
+    path = tmp_path / "m.safetensors"
+    meta = {"format": FORMAT, "ldm_model": {"kind": "clip", "layer": "first"}}
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, str(path), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(UserError, match="its 'ldm_model' entry is not a valid 'text_encoder' entry of ldm_model.json"):
+        detect(path)

@@ -23,7 +23,6 @@ from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.output import save_png, slug
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import SAMPLERS, make_scheduler, sampler_from_label, sampler_label
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE, check_request, steps_to_run
 from ldm.pixels import float_to_uint8
 from ldm.weights import check_safetensors_file
@@ -36,13 +35,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model_dir(tiny_model):
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")
-def inpaint_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd-inpaint"), unet_in_channels=9)
+def inpaint_model_dir(tiny_inpaint_model):
+    return tiny_inpaint_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +172,7 @@ def test_img2img_matches_diffusers(pipe, reference, init_image, sampler):
     assert np.abs(ours.decoded - theirs).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_stage2_export_loads_with_its_text_layer_and_matches_diffusers(pipe, tmp_path):
     """A model written by stage 2's exporter, with a penultimate-layer CLIP (recorded in its ldm_model.json)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -201,6 +201,7 @@ def test_stage2_export_loads_with_its_text_layer_and_matches_diffusers(pipe, tmp
 
 # ---------------------------------------------------------------------------------------------------- seeds/batches
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler_a", "ddpm"])  # both draw fresh noise at every step
 def test_images_do_not_depend_on_batch_size(pipe, sampler):
     kw = {"steps": 3, "cfg": 7.5, "sampler": sampler, "seed": 11, "num_images": 4, "height": SIZE, "width": SIZE,

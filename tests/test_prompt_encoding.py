@@ -16,7 +16,6 @@ from ldm.generate import main
 from ldm.pipeline.metadata import format_parameters, parse_parameters
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.pipeline import Pipeline
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.text import CLIPTextEncoder, tiny_clip_text_encoder
 from ldm.text.openclip import OpenCLIPTextEncoder
 from ldm.text.prompt_encoding import (
@@ -244,8 +243,8 @@ def test_clip_skip_in_png_metadata():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model_dir(tiny_model):
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from PIL import Image
 from conftest import accelerate_launch, run
 from ldm.errors import UserError
 from ldm.generate import main
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.prompts_file import default_seed, read_prompts_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate")
@@ -32,8 +31,8 @@ FAST = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "1", "-q"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def model(tiny_model) -> Path:
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
@@ -89,6 +88,7 @@ def test_every_bad_line_is_counted_and_an_empty_file_refused(tmp_path):
         read("\n# only a comment\n", tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_writes_deterministic_names_resumes_and_regenerates_edited_lines(model, tmp_path, capsys):
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text(FILE)
@@ -116,6 +116,7 @@ def test_cli_writes_deterministic_names_resumes_and_regenerates_edited_lines(mod
     assert not set(Path(p).name for p in edited) & set(names)
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_leaves_no_half_png_and_the_rerun_completes(model, tmp_path, capsys, monkeypatch):
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text('{"prompt": "a cat", "count": 3}\n')

@@ -15,6 +15,7 @@ from ldm.pipeline.pipeline import Pipeline
 DEMO = Path(__file__).resolve().parents[1] / "ldm/demo/shapes-32px"
 
 
+@pytest.mark.slow
 def test_the_file_holds_what_the_pipeline_decodes(tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("a small red circle in the center on a black background\n\n"

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port
 from ldm.data.shapes import Attributes
 from ldm.demo import NAME
 from ldm.generate import main as generate_main
-from serve_server import AUTH, ENV, MAX_PIXELS, ROOT, basic, free_port
+from serve_server import AUTH, ENV, MAX_PIXELS, ROOT, basic
 
 pytestmark = pytest.mark.slow  # starts processes
 

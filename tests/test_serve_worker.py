@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import free_port
 from ldm.errors import UserError
 from ldm.serve.api import Limits
 from ldm.serve.app import create_app
@@ -91,9 +91,7 @@ def app_server(worker: Worker):
                                inpainting_unet=False)
 
     app = create_app({"a": spec("a"), "b": spec("b")}, worker, Limits())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -382,6 +382,7 @@ def test_reader_accuracy_clean_jittered() -> None:
     _assert_accuracy(pairs, 0.99)
 
 
+@pytest.mark.slow
 def test_reader_accuracy_noise_and_blur() -> None:
     noise_rng = np.random.default_rng(0)
     noisy, blurred = [], []

@@ -255,6 +255,7 @@ def test_a_resumed_loader_restarts_at_the_same_shard_and_sample(shards):
     assert (records.shard_of(first), first - records.shard_starts[records.shard_of(first)]) == divmod(first, PER_SHARD)
 
 
+@pytest.mark.slow
 def test_a_bucketed_cache_exports_each_row_at_its_bucket_and_an_empty_one_is_refused(shards, cached, tmp_path):
     wide = tmp_path / "wide" / "00000.tar"  # 3:1 and 1:2 images: two non-square buckets
     wide.parent.mkdir()

@@ -19,7 +19,6 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm.errors import UserError
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import make_scheduler
-from ldm.pipeline.tiny import save_tiny_model
 from ldm.singlefile import keys
 from ldm.singlefile.detect import Detected, choose_prediction, detect, detect_shapes
 from ldm.models.spec import inspect_model
@@ -34,8 +33,8 @@ PROMPT = "a red circle"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"))
+def tiny_dir(tiny_model):
+    return tiny_model  # tests/conftest.py: written once per session, read-only
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +84,7 @@ def _configs_only(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_diffusers_from_single_file_reads_our_file_as_the_same_model(tiny_dir, tiny_file, tmp_path, monkeypatch):
     """The demo's case is tests/test_convert_cli.py (through both CLIs)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

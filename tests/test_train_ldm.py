@@ -71,6 +71,7 @@ def test_training_scheduler_never_clips_latents():
     assert out.max() > 4.9
 
 
+@pytest.mark.slow
 def test_v_prediction_and_min_snr_change_the_loss():
     torch.manual_seed(0)
     unet = build_unet("tiny", sample_size=8, latent_channels=4, cross_attention_dim=32)

@@ -183,6 +183,7 @@ def test_two_process_run_keeps_replicas_identical(tmp_path, shapes):
     assert AutoencoderKL.from_pretrained(out / "vae") is not None
 
 
+@pytest.mark.slow  # starts a process (~20 s of imports); the fine-tune settings' errors below stay fast
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train/train_vae.py"), "--config", str(ROOT / "configs/vae/tiny.yaml"),
@@ -212,6 +213,7 @@ def encoder_means(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
         return vae.encode(x).latent_dist.mean
 
 
+@pytest.mark.slow  # trains
 def test_decoder_only_fine_tune_keeps_the_encoder_and_the_scale(tmp_path, shapes, pretrained_vae, fresh_accelerate):
     out = tmp_path / "run"
     train(out, shapes, *FAST, f"model.pretrained={pretrained_vae}", "model.freeze_encoder=true",
@@ -225,6 +227,7 @@ def test_decoder_only_fine_tune_keeps_the_encoder_and_the_scale(tmp_path, shapes
     assert AutoencoderKL.from_pretrained(out / "vae").config.scaling_factor == 0.5
 
 
+@pytest.mark.slow  # trains twice
 def test_latent_anchor_holds_the_encoder_near_the_pretrained_one(tmp_path, shapes, pretrained_vae):
     x = images(shapes, 16)
     base = AutoencoderKL.from_pretrained(pretrained_vae / "vae")
@@ -267,6 +270,7 @@ def decoded(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z).sample
 
 
+@pytest.mark.slow  # trains twice
 def test_decoder_anchor_holds_the_decoder_on_the_sampled_latents(tmp_path, shapes, pretrained_vae, held_latents):
     z = load_file(held_latents)["latents"]
     base = AutoencoderKL.from_pretrained(pretrained_vae / "vae")
