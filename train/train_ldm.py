@@ -53,6 +53,14 @@ from ldm.vae.loading import load_vae
 log = logging.getLogger("train_ldm")
 
 
+def load_pretrained_unet(path: str) -> UNet2DConditionModel:
+    """`model.pretrained`: a single .safetensors checkpoint, or a diffusers model directory (its unet/).
+    (To be replaced by the package's shared model opener.)"""
+    if Path(path).is_file():
+        return load_unet_file(path)
+    return UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     cfg, resume = parse_train_args(LDMConfig, argv, description=__doc__.splitlines()[0])
@@ -83,10 +91,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)
-    if cfg.model.pretrained and Path(cfg.model.pretrained).is_file():  # a single .safetensors checkpoint
-        unet = load_unet_file(cfg.model.pretrained)
-    elif cfg.model.pretrained:
-        unet = UNet2DConditionModel.from_pretrained(cfg.model.pretrained, subfolder="unet", use_safetensors=True)
+    if cfg.model.pretrained:
+        unet = load_pretrained_unet(cfg.model.pretrained)
     else:
         unet = build_unet(
             cfg.model.preset, sample_size=cache.latent_shape[-1], latent_channels=cache.latent_shape[0],
