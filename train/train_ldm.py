@@ -13,7 +13,6 @@ Outputs in `train.output_dir`: `config.yaml`, `latents/`, `checkpoints/step-*/`,
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.buckets import check_unet_takes_buckets
@@ -30,11 +28,7 @@ from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.latents.text_cache import ensure_text_cache
-from ldm.lora.export import export_lora, require_lora_backend
-from ldm.lora.resume import STATE_KEY, check_lora_settings, lora_settings
-from ldm.lora.train import (
-    TEXT_KEY, AdapterWeights, add_lora, add_text_encoder_lora, check_targets, check_unet_targets_early,
-)
+from ldm.lora.trainable import trained_weights
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
@@ -42,15 +36,22 @@ from ldm.singlefile.load import load_unet_file
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
 from ldm.train_args import parse_train_args
-from ldm.training import NonFiniteSteps, apply_optimizer_settings, ema_weights, start_run
+from ldm.training import NonFiniteSteps, apply_optimizer_settings, start_run
 from ldm.unet.config import LDMConfig
-from ldm.unet.export import export_model
-from ldm.unet.objective import build_noise_scheduler, diffusion_loss, drop_captions
+from ldm.unet.objective import build_noise_scheduler, diffusion_loss
 from ldm.unet.presets import build_unet
 from ldm.unet.samples import sample_grid
 from ldm.vae.loading import load_vae
 
 log = logging.getLogger("train_ldm")
+
+
+def load_pretrained_unet(path: str) -> UNet2DConditionModel:
+    """`model.pretrained`: a single .safetensors checkpoint, or a diffusers model directory (its unet/).
+    (To be replaced by the package's shared model opener.)"""
+    if Path(path).is_file():
+        return load_unet_file(path)
+    return UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
 
 
 @exit_on_user_error
@@ -60,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
     accelerator = start_run(cfg, cfg.train, sharding=True)  # DDP, FSDP2 or DeepSpeed ZeRO-1/2 (configs/accelerate/)
     backend = backend_for(accelerator)  # all that differs between them, chosen once
-    if cfg.lora.enabled:  # before any latent is cached
-        require_lora_backend(backend)
-        check_unet_targets_early(cfg.model.pretrained, cfg.lora.targets)
+    # what trains: the whole U-Net, or LoRA adapters (ldm/lora/trainable.py); LoRA's settings checked before any
+    # latent is cached
+    trained = trained_weights(cfg, accelerator, backend)
     backend.configure(micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,  # DeepSpeed: before `prepare`
                       max_grad_norm=cfg.optim.max_grad_norm, mixed_precision=cfg.train.mixed_precision)
     vae.to(accelerator.device)  # decodes the validation samples
@@ -70,9 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- frozen text encoder and the latent cache (encoded once, by all processes, each its share)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     text_encoder = load_text_encoder(cfg.text_encoder, dtype=weight_dtype, device=accelerator.device)
-    train_text = cfg.lora.enabled and bool(cfg.lora.text_encoder_targets)  # adapters on the text encoder too
-    if train_text:
-        check_targets(text_encoder.model, cfg.lora.text_encoder_targets, "the text encoder", TEXT_KEY)
+    trained.check_text_encoder(text_encoder)  # LoRA: its adapter targets, with lora.text_encoder_targets
     cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=out / "latents")
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
     if cfg.latent_cache().text_embeddings:  # every caption encoded once: the steps look their embeddings up
@@ -83,10 +82,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)
-    if cfg.model.pretrained and Path(cfg.model.pretrained).is_file():  # a single .safetensors checkpoint
-        unet = load_unet_file(cfg.model.pretrained)
-    elif cfg.model.pretrained:
-        unet = UNet2DConditionModel.from_pretrained(cfg.model.pretrained, subfolder="unet", use_safetensors=True)
+    if cfg.model.pretrained:
+        unet = load_pretrained_unet(cfg.model.pretrained)
     else:
         unet = build_unet(
             cfg.model.preset, sample_size=cache.latent_shape[-1], latent_channels=cache.latent_shape[0],
@@ -99,51 +96,31 @@ def main(argv: list[str] | None = None) -> None:
         check_unet_takes_buckets(cache.buckets, cfg.data.resolution // cache.latent_shape[-1], unet)
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if cfg.lora.enabled:  # a frozen base (in the run's dtype) with fp32 adapters, the only parameters trained
-        trained = add_lora(unet, cfg.lora, base_dtype=weight_dtype)
-        if train_text:  # both adapter sets in one optimizer, clipped together and in one EMA
-            trained += add_text_encoder_lora(text_encoder, cfg.lora, base_dtype=weight_dtype)
-    else:
-        trained = list(unet.parameters())
+    # LoRA: a frozen base (in the run's dtype) with fp32 adapters (U-Net, text encoder), the only parameters trained
+    params = trained.parameters_to_train(unet, text_encoder, base_dtype=weight_dtype)
     set_seed(cfg.train.seed + accelerator.process_index)  # per-process noise, timesteps and caption dropout
     noise_scheduler = build_noise_scheduler(cfg.noise)
-    optimizer = torch.optim.AdamW(trained, lr=cfg.optim.lr, betas=cfg.optim.betas,
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
     # counts optimizer steps and is stepped by hand (accelerate would step it once per process)
     lr_schedule = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                 num_training_steps=cfg.train.max_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer = trained.prepare(unet, optimizer)  # accelerate's wrappers (a trained text encoder's too)
     raw = accelerator.unwrap_model(unet)
-    # a trained text encoder is prepared too: under DDP its adapters' gradients are all-reduced by its own wrapper
-    # (called as text(ids)); `text_encoder` stays the unwrapped module (tokenizer, sampling, export)
-    text = accelerator.prepare(text_encoder) if train_text else text_encoder
-    # clipped together (one gradient norm over both adapter sets) and checked together at checkpoints
-    trained_modules = torch.nn.ModuleList([unet, text]) if train_text else unet
-    ema = None  # made after `prepare`, so under FSDP it holds (and updates) each process's shard only
-    if cfg.train.ema_decay > 0 and cfg.lora.enabled:
-        ema = EMAModel(trained, decay=cfg.train.ema_decay)
-    elif cfg.train.ema_decay > 0:  # it follows the fp32 master weights under DeepSpeed with mixed precision
-        ema = EMAModel(backend.ema_source(unet), decay=cfg.train.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=raw.config)
+    # made after `prepare`, so under FSDP it holds (and updates) each process's shard only
+    ema = trained.make_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     if (setup := backend.describe("the U-Net")) is not None:
         log.info(setup)
 
     # ---- resume
     ckpt_root = out / "checkpoints"
     step, batches_done = 0, 0
-    ckpt = dict(models={"unet": unet}, optimizers={"unet": optimizer}, schedulers={"lr": lr_schedule},
-                emas={"unet": ema} if ema is not None else {})
-    if cfg.lora.enabled:  # the adapters, their optimizer and EMA: the frozen base comes from model.pretrained again
-        adapters = {"lora": AdapterWeights(raw)}
-        if train_text:
-            adapters["lora_text_encoder"] = AdapterWeights(text_encoder)
-        ckpt = dict(ckpt, models=adapters, optimizers={"lora": optimizer},
-                    emas={"lora": ema} if ema is not None else {})
+    # "unet", or LoRA's adapters only ("lora", "lora_text_encoder"): its frozen base comes from model.pretrained again
+    ckpt = dict(trained.checkpoint(optimizer, ema), schedulers={"lr": lr_schedule})
     resume_path = resolve_resume(resume, ckpt_root)
     if resume_path is not None:
         # a LoRA checkpoint trained with another base, rank, alpha, dropout or targets is refused before loading
-        check = (lambda saved: check_lora_settings(resume_path, saved, cfg)) if cfg.lora.enabled else None
-        state = load_checkpoint(accelerator, resume_path, check_state=check, **ckpt)
+        state = load_checkpoint(accelerator, resume_path, check_state=trained.resume_check(resume_path), **ckpt)
         step, batches_done = state["step"], state["batches_consumed"][accelerator.process_index]
         changed = apply_optimizer_settings(optimizer, lr_schedule, cfg.optim.lr, betas=cfg.optim.betas,
                                            weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
@@ -165,31 +142,19 @@ def main(argv: list[str] | None = None) -> None:
         return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch["captions"]
 
     def save(step: int) -> Path:
-        if backend.replicated and not replicas_identical(accelerator, trained_modules):
+        if backend.replicated and not replicas_identical(accelerator, trained.modules):
             raise RuntimeError(f"the trained replicas differ across processes at step {step}")
         consumed = accelerator.gather(torch.tensor([batches_done], device=accelerator.device)).tolist()
-        state = {"step": step, "batches_consumed": consumed}
-        if cfg.lora.enabled:
-            state[STATE_KEY] = lora_settings(cfg)
+        state = {"step": step, "batches_consumed": consumed, **trained.state()}  # LoRA: its settings
         return save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last, state=state, **ckpt)
 
     def sample(step: int) -> None:
         text_encoder.eval()  # an adapted text encoder trains (adapter dropout); the samples use it as inference will
-        with ema_weights(ema, trained if cfg.lora.enabled else raw.parameters()):
+        with trained.ema_weights(ema):
             grid = sample_grid(accelerator, raw, vae, text_encoder, noise_scheduler, cfg.sample)
         text_encoder.train()
         if grid is not None:
             log_image(accelerator, "samples", grid, step)
-
-    def condition(captions: list[str]) -> torch.Tensor:
-        """Captions -> (B, 77, D) text states, `train.caption_dropout` of them the empty prompt's."""
-        if not train_text:
-            with torch.no_grad():
-                return drop_captions(encode_text(captions), empty, cfg.train.caption_dropout)
-        # through the adapted encoder, with gradients; the empty prompt too (row B), since inference's unconditional
-        # branch is the adapted encoder's
-        states = text(text_encoder.tokenize([*captions, ""]))  # (B + 1, 77, D)
-        return drop_captions(states[:-1], states[-1:], cfg.train.caption_dropout)
 
     # ---- the loop: one iteration = one optimizer step over `grad_accum` micro-batches
     accum = cfg.train.grad_accum
@@ -201,16 +166,17 @@ def main(argv: list[str] | None = None) -> None:
         for micro in range(accum):
             x0, captions = next_batch()  # (B, C, h, w) scaled latents
             last = micro == accum - 1  # gradients are reduced after the last
-            text_sync = backend.micro_step(text, last=last) if train_text else contextlib.nullcontext()
-            with backend.micro_step(unet, last=last), text_sync:
-                states = condition(captions)  # (B, 77, D)
+            with backend.micro_step(unet, last=last), trained.text_sync(last=last):
+                # (B, 77, D), `train.caption_dropout` of them the empty prompt's; through a trained text encoder's
+                # adapters with gradients, else the frozen encoder's (or the text cache's) without
+                states = trained.condition(captions, encode_text, empty)
                 loss = diffusion_loss(unet, noise_scheduler, x0, states, cfg.noise)  # autocast by accelerate
                 finite &= bool(torch.isfinite(loss))
                 backend.backward(unet, loss)  # of the mean over the `accum` micro-batches
             losses.append(loss.detach())
 
         # clipped and applied unless a loss (on any process) or the gradient norm is not finite
-        finite, grad_norm = backend.step(trained_modules, optimizer, all_processes(accelerator, finite))
+        finite, grad_norm = backend.step(trained.modules, optimizer, all_processes(accelerator, finite))
         if not finite:
             if nonfinite.skip(step, (optimizer,)):
                 saved = save(step)
@@ -220,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(trained if cfg.lora.enabled else backend.ema_source(unet))
+            ema.step(trained.ema_source())
         step += 1
         progress.update(1)
 
@@ -238,20 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.num_processes > 1 and backend.replicated:
         log.info("replicas identical across %d processes (checked at every checkpoint)", accelerator.num_processes)
 
-    # ---- a complete diffusers model directory with the EMA weights (whole fp32 tensors, gathered when sharded)
-    if cfg.lora.enabled:  # the adapter (its EMA weights) in diffusers' and kohya's formats, in lora/
-        if accelerator.is_main_process:
-            text_encoder.eval()
-            with ema_weights(ema, trained):
-                export_lora(out, raw, cfg, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler)
-    else:
-        weights = backend.whole_weights(unet, ema)  # collective; complete on the main process
-        if accelerator.is_main_process:
-            final = UNet2DConditionModel.from_config(raw.config)
-            final.load_state_dict(weights)
-            export_model(out / "model", unet=final, vae=vae, text_encoder=text_encoder,
-                         noise_scheduler=noise_scheduler, text_cfg=cfg.text_encoder)
-            log.info("saved the model to %s", out / "model")
+    # ---- the EMA weights: model/, a complete diffusers model directory (whole fp32 tensors, gathered when sharded);
+    # LoRA: lora/, the adapter in diffusers' and kohya's formats (and with lora.export_merged, model/ fused)
+    trained.export(out, ema, vae=vae, noise_scheduler=noise_scheduler)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
