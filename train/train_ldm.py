@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
@@ -29,10 +28,11 @@ from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.latents.text_cache import ensure_text_cache
 from ldm.lora.trainable import trained_weights
+from ldm.models.load import load_unet
+from ldm.models.spec import inspect_model
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
-from ldm.singlefile.load import load_unet_file
 from ldm.text.loading import load_text_encoder
 from ldm.tracking import log_image
 from ldm.train_args import parse_train_args
@@ -46,14 +46,6 @@ from ldm.vae.loading import load_vae
 log = logging.getLogger("train_ldm")
 
 
-def load_pretrained_unet(path: str) -> UNet2DConditionModel:
-    """`model.pretrained`: a single .safetensors checkpoint, or a diffusers model directory (its unet/).
-    (To be replaced by the package's shared model opener.)"""
-    if Path(path).is_file():
-        return load_unet_file(path)
-    return UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     cfg, resume = parse_train_args(LDMConfig, argv, description=__doc__.splitlines()[0])
@@ -63,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     backend = backend_for(accelerator)  # all that differs between them, chosen once
     # what trains: the whole U-Net, or LoRA adapters (ldm/lora/trainable.py); LoRA's settings checked before any
     # latent is cached
-    trained = trained_weights(cfg, accelerator, backend)
+    # model.pretrained, checked as every model is (ldm/models/spec.py): a diffusers directory, a single file, a hub id
+    base = inspect_model(cfg.model.pretrained) if cfg.model.pretrained else None
+    trained = trained_weights(cfg, accelerator, backend, base)
     backend.configure(micro_batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,  # DeepSpeed: before `prepare`
                       max_grad_norm=cfg.optim.max_grad_norm, mixed_precision=cfg.train.mixed_precision)
     vae.to(accelerator.device)  # decodes the validation samples
@@ -82,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)
-    if cfg.model.pretrained:
-        unet = load_pretrained_unet(cfg.model.pretrained)
+    if base is not None:
+        unet = load_unet(base)
     else:
         unet = build_unet(
             cfg.model.preset, sample_size=cache.latent_shape[-1], latent_channels=cache.latent_shape[0],

@@ -10,7 +10,6 @@ frozen base may be fp16/bf16 to save memory, but every trainable parameter is fp
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -43,25 +42,15 @@ def check_targets(model: nn.Module, targets: list[str], what: str = "the U-Net",
                             f"convolution layer; name the layers inside it (e.g. to_out.0 rather than to_out)")
 
 
-def check_unet_targets_early(pretrained: str, targets: list[str]) -> None:
-    """`check_targets` on the base U-Net's modules built from its config alone (no weights, on the meta device), so
-    that a misspelt target stops the run before the latent cache is built. A base that cannot be read is left to
-    the real load, which names the problem."""
+def check_unet_targets_early(unet_config: dict, targets: list[str]) -> None:
+    """`check_targets` on the base U-Net's modules built from its config alone (`ModelSpec.unet_config`: no weights,
+    on the meta device), so that a misspelt target stops the run before the latent cache is built."""
     from accelerate import init_empty_weights
 
-    from ldm.singlefile.detect import detect
-
-    try:
-        if Path(pretrained).is_file():
-            config = detect(pretrained).unet_config
-        else:
-            config = UNet2DConditionModel.load_config(pretrained, subfolder="unet")
-    except (OSError, ValueError, UserError):
-        return
-    if config is None:
+    if not unet_config:  # a file without a U-Net: loading it says so
         return
     with init_empty_weights(include_buffers=False):
-        check_targets(UNet2DConditionModel.from_config(config), targets)
+        check_targets(UNet2DConditionModel.from_config(unet_config), targets)
 
 
 def lora_config(cfg: LoRAConfig, targets: list[str]) -> LoraConfig:

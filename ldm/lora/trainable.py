@@ -38,6 +38,7 @@ from ldm.lora.resume import STATE_KEY, check_lora_settings, lora_settings
 from ldm.lora.train import (
     TEXT_KEY, AdapterWeights, add_lora, add_text_encoder_lora, check_targets, check_unet_targets_early,
 )
+from ldm.models.spec import ModelSpec
 from ldm.training import ema_weights
 from ldm.unet.export import export_model
 from ldm.unet.objective import drop_captions
@@ -54,13 +55,14 @@ log = logging.getLogger("train_ldm")
 Encode = Callable[[Sequence[str]], torch.Tensor]  # captions -> (B, 77, D) text states
 
 
-def trained_weights(cfg: LDMConfig, accelerator: Accelerator, backend: Backend) -> TrainedWeights:
-    """What this run trains. With `lora.enabled`, the backend and the U-Net targets are checked here: call it before
-    any latent is cached, so that a misconfigured run stops at once."""
+def trained_weights(cfg: LDMConfig, accelerator: Accelerator, backend: Backend,
+                    base: ModelSpec | None) -> TrainedWeights:
+    """What this run trains. With `lora.enabled`, the backend and the U-Net targets (on `base`, model.pretrained's
+    spec) are checked here: call it before any latent is cached, so that a misconfigured run stops at once."""
     if not cfg.lora.enabled:
         return TrainedWeights(cfg, accelerator, backend)
     require_lora_backend(backend)
-    check_unet_targets_early(cfg.model.pretrained, cfg.lora.targets)
+    check_unet_targets_early(base.unet_config, cfg.lora.targets)
     return LoRAWeights(cfg, accelerator, backend)
 
 
