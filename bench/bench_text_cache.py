@@ -36,7 +36,7 @@ from ldm.latents.cache import sample_latents
 from ldm.latents.text_cache import TextEmbeddingCache, build_text_cache, encoder_key
 from ldm.text.config import TextEncoderConfig
 from ldm.text.encoder import CLIPTextEncoder
-from ldm.text.loading import load_text_encoder
+from ldm.text.load_encoder import load_text_encoder
 from ldm.text.tokenizer import offline_clip_tokenizer
 from ldm.unet.objective import NoiseConfig, build_noise_scheduler, diffusion_loss, drop_captions
 

@@ -219,7 +219,7 @@ def main() -> None:
     import diffusers
 
     from bench_ldm_cache import cpu_model  # noqa: PLC0415
-    from ldm.data.shapes import write_dataset
+    from ldm.demo.shapes import write_dataset
 
     model, data = work / "model", work / "data"
     if not (model / "model_index.json").is_file():

@@ -1,4 +1,5 @@
-"""The README's picture of the bundled demo model: a few prompts x seeds, cfg 7.5, 25 steps, scaled up for display.
+"""The picture of the bundled demo model (docs/demo.md): a few prompts x seeds, cfg 7.5, 25 steps, scaled up for
+display.
 
     python bench/demo_grid.py                 # -> bench/demo-samples.png (rows: prompts; columns: seeds 0..N-1)
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm.data.shapes import canonical_caption, heldout_combinations
+from ldm.demo.shapes import canonical_caption, heldout_combinations
 from ldm.demo import MODEL_DIR
 from ldm.pipeline import Pipeline
 

@@ -15,11 +15,11 @@ import json
 import sys
 import time
 
-from ldm.data.shapes import new_color_combinations
-from ldm.eval.adherence import Settings, prompt_adherence
-from ldm.eval.prompts import prompt_sets, spread
+from ldm.demo.shapes import new_color_combinations
+from ldm.demo.adherence import Settings, prompt_adherence
+from ldm.demo.prompts import prompt_sets, spread
 from ldm.eval.report import _accuracy_row, _table
-from ldm.eval.reader import ATTRIBUTE_NAMES
+from ldm.demo.reader import ATTRIBUTE_NAMES
 from ldm.pipeline.pipeline import Pipeline
 
 

@@ -112,7 +112,7 @@ class Run:
 
 
 def vae_setup(work: Path, args: argparse.Namespace) -> tuple[Path, list[str], str]:
-    from ldm.data.shapes import write_dataset
+    from ldm.demo.shapes import write_dataset
 
     data = work / "shapes"
     if not (data / "metadata.jsonl").is_file():

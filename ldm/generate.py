@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", nargs="?", default=None,
                    help="what to draw, in A1111 syntax: (word:1.2), (word), [word], BREAK; any length (see the "
-                   "README's 'Prompt syntax'). May come from --from-png instead")
+                   "docs/inference.md, 'Prompt syntax'). May come from --from-png instead")
     p.add_argument("--negative", "--negative-prompt", dest="negative_prompt", default=None,
                    help="negative prompt: used as the unconditional branch of guidance (default: empty)")
     p.add_argument("--model", default=None,

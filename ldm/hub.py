@@ -1,7 +1,7 @@
 """The Hugging Face hub, asked the same way by every loader: what is a hub id, is offline mode on, can it be reached.
 
 Without a network the hub libraries retry each request with backoff for half a minute before failing. So every
-loader (datasets in ldm.data.sources, text encoders in ldm.text.loading, pipeline models in ldm.models.spec)
+loader (datasets in ldm.data.sources, text encoders in ldm.text.load_encoder, pipeline models in ldm.models.spec)
 asks `reachable()` first and goes offline up front when it says no: whatever the local cache holds still loads,
 anything else fails in seconds with a message that names the fix.
 

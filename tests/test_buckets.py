@@ -28,7 +28,7 @@ from ldm.latents.cache import LatentCache
 from ldm.pixels import pil_to_tensor
 from ldm.text.encoder import FrozenTextEncoder
 from ldm.unet.tiny import write_tiny_stage2_inputs
-from ldm.vae.loading import load_vae
+from ldm.vae.load_vae import load_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))

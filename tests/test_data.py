@@ -1,4 +1,4 @@
-"""Tests for image-caption datasets (ldm.data.transforms, .decoding, .dataset, .sources) and ldm.data.sampler
+"""Tests for image-caption datasets (ldm.data.transforms, .decoding, .dataset, .sources) and ldm.data.batch_order
 (the exact-resume batch sampler)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ldm import hub
 from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_val
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
-from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.batch_order import ResumableBatchSampler
 from ldm.errors import UserError
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}

@@ -145,7 +145,7 @@ def test_zero2_skips_counts_and_stops_on_nonfinite_steps(runs, tmp_path):
     args = train_args(runs, tmp_path / "run", "optim.lr=1e30", "optim.warmup_steps=0", "train.max_steps=10",
                       "train.max_nonfinite_steps=3", "train.checkpoint_every=100", "sample.every=0")
     log = run(zero_launch(*args), tmp_path / "run.log", expect=1)
-    skipped = re.findall(r"\[rank 0\] WARNING ldm.training: step (\d+): non-finite loss or gradient, step skipped "
+    skipped = re.findall(r"\[rank 0\] WARNING ldm.training.run: step (\d+): non-finite loss or gradient, step skipped "
                          r"\((\d+) in a row\)", log)
     assert [int(n) for _, n in skipped] == [1, 2, 3], skipped
     assert "error: 3 non-finite steps in a row at step 1: training stopped, this state is saved in " in log

@@ -11,18 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.shapes import Attributes, heldout_combinations
+from ldm.demo.shapes import Attributes, heldout_combinations
 from ldm.demo import MODEL_DIR, NAME
-from ldm.eval.adherence import Settings, prompt_adherence
-from ldm.eval.prompts import spread
-from ldm.eval.reader import ATTRIBUTE_NAMES, read_attributes
+from ldm.demo.adherence import Settings, prompt_adherence
+from ldm.demo.prompts import spread
+from ldm.demo.reader import ATTRIBUTE_NAMES, read_attributes
 from ldm.generate import main as generate_main
 from ldm.models.spec import inspect_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README_PROMPT = "a large red circle in the center on a black background"
 MAX_BYTES = 30 * 2**20
-PINK_DIR = ROOT / "ldm/demo/pink"  # the pink demo's fine-tuned VAE and LoRA (README, "The pink demo")
+PINK_DIR = ROOT / "ldm/demo/pink"  # the pink demo's fine-tuned VAE and LoRA (docs/demo.md, "The pink demo")
 
 
 def test_bundled_model_is_complete_small_and_packaged():
@@ -54,7 +54,7 @@ def test_ldm_generate_defaults_to_the_demo_and_says_so(tmp_path, capsys, one_tor
 
 @pytest.mark.slow
 def test_follows_prompts_of_held_out_combinations(one_torch_thread):
-    """The issue's targets on combinations it never saw, on a 32-image sample (README, "The demo model", has the
+    """The issue's targets on combinations it never saw, on a 32-image sample (docs/demo.md has the
     full 252-image table: 93.7% all five at cfg 7.5). Measured on these 32 images: every attribute >= 96.9% and all
     five 96.9% at cfg 7.5; all five 71.9% at cfg 1.0. Chance is 33%/14%/33%/50%/20%, all five 0.2%."""
     from ldm.pipeline import Pipeline
@@ -83,11 +83,11 @@ def test_loads_unchanged_in_diffusers(one_torch_thread):
 
 @pytest.mark.slow
 def test_the_shipped_pink_vae_and_lora_teach_the_demo_pink(one_torch_thread):
-    """The shipped outputs of the pink demo, on a sample of its measurement (README: 67% of the held-out pink
+    """The shipped outputs of the pink demo, on a sample of its measurement (docs/demo.md: 67% of the held-out pink
     prompts' images read as pink, 0% without them): the VAE reconstructs every pink render as pink and keeps the
     known colours; with the LoRA, pink prompts come out pink; without it, never."""
-    from ldm.data.shapes import all_combinations, new_color_combinations
-    from ldm.eval.vae import reconstruction_accuracy
+    from ldm.demo.shapes import all_combinations, new_color_combinations
+    from ldm.demo.vae_check import reconstruction_accuracy
     from ldm.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(MODEL_DIR, device="cpu", vae=PINK_DIR / "vae")
@@ -105,9 +105,9 @@ def test_the_shipped_pink_vae_and_lora_teach_the_demo_pink(one_torch_thread):
 @pytest.mark.slow
 def test_the_shipped_pink_vae_draws_the_demo_models_samples_as_its_own_vae_does(one_torch_thread):
     """The decoder anchor's point (ldm/vae/finetune.py): on latents the bundled U-Net generates for known-colour
-    prompts, the pink VAE reads back the colour the demo's own VAE gives (98.2% of 567 measured, README)."""
-    from ldm.data.shapes import canonical_caption, train_combinations
-    from ldm.eval.reader import read_attributes
+    prompts, the pink VAE reads back the colour the demo's own VAE gives (98.2% of 567 measured, docs/demo.md)."""
+    from ldm.demo.shapes import canonical_caption, train_combinations
+    from ldm.demo.reader import read_attributes
     from ldm.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(MODEL_DIR, device="cpu")

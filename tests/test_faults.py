@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from conftest import free_port
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
-from ldm.data.shapes import write_dataset
+from ldm.demo.shapes import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 VAE_SCRIPT = ROOT / "train/train_vae.py"

@@ -25,7 +25,7 @@ OPENERS = {
     "load_components": {"ldm/models/load.py", "ldm/pipeline/pipeline.py"},
     "load_single_file": {"ldm/models/load.py", "ldm/singlefile/load.py", "ldm/singlefile/save.py"},
     "load_unet_file": {"ldm/models/load.py", "ldm/singlefile/load.py"},
-    "Pipeline": {"ldm/pipeline/pipeline.py", "ldm/unet/samples.py"},  # validation samples: parts already in memory
+    "Pipeline": {"ldm/pipeline/pipeline.py", "ldm/unet/validation_grid.py"},  # validation samples: parts already in memory
 }
 
 

@@ -80,7 +80,7 @@ def test_not_hub_ids(name: str) -> None:
 
 def test_a_bare_missing_text_encoder_folder_is_reported_as_missing_not_offline() -> None:
     from ldm.text.config import TextEncoderConfig
-    from ldm.text.loading import load_text_encoder
+    from ldm.text.load_encoder import load_text_encoder
 
     with pytest.raises(UserError, match="text encoder directory 'text-encoder' does not exist"):
         load_text_encoder(TextEncoderConfig(path="text-encoder"))
@@ -202,7 +202,7 @@ def test_every_loader_asks_the_one_probe(online, monkeypatch, tmp_path) -> None:
     from ldm.data.transforms import ImageTransform
     from ldm.models.spec import resolve_model
     from ldm.text.config import TextEncoderConfig
-    from ldm.text.loading import load_text_encoder
+    from ldm.text.load_encoder import load_text_encoder
 
     asked: list[str] = []
 
@@ -217,4 +217,4 @@ def test_every_loader_asks_the_one_probe(online, monkeypatch, tmp_path) -> None:
         load_text_encoder(TextEncoderConfig(path="someone/some-encoder"))
     with pytest.raises(UserError, match="'someone/some-model' is not a local directory"):
         resolve_model("someone/some-model")
-    assert asked == ["ldm.data.sources", "ldm.text.loading", "ldm.models.spec"]
+    assert asked == ["ldm.data.sources", "ldm.text.load_encoder", "ldm.models.spec"]

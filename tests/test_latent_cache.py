@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from conftest import free_port
-from ldm.data.shapes import write_dataset
+from ldm.demo.shapes import write_dataset
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
 from ldm.latents import (

@@ -1,9 +1,9 @@
 """The package's layers, read from every import statement (those inside functions and `if TYPE_CHECKING:` too): no
 upward imports and no import cycles.
 
-Layers, bottom to top: neutral helpers (errors, config, files, hub, pixels, weights, progress, the demo's data) <
-components (data, text, vae, unet, latents, checkpoint, parallel, models, lora, training) < inference and evaluation
-(pipeline, generate, prompts_file, eval, serve). A function-level import is still an import: it runs on the first
+Layers, bottom to top: neutral helpers (errors, config, files, hub, pixels, weights, progress, image_io,
+model_info) < components (data, text, vae, unet, latents, checkpoint, parallel, models, lora, training, demo) <
+inference and evaluation (pipeline, generate, prompts_file, eval, serve). A function-level import is still an import: it runs on the first
 call, and two modules that import each other that way are one module split in two files.
 """
 
@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ldm"
-NEUTRAL = {"ldm.errors", "ldm.config", "ldm.files", "ldm.hub", "ldm.pixels", "ldm.weights", "ldm.progress"}
+NEUTRAL = {"ldm.errors", "ldm.config", "ldm.files", "ldm.hub", "ldm.pixels", "ldm.weights", "ldm.progress",
+           "ldm.image_io", "ldm.model_info"}
 INFERENCE = ("ldm.pipeline", "ldm.generate", "ldm.prompts_file", "ldm.eval", "ldm.serve")
 # the one allowed upward import: stage-2 validation sampling runs the pipeline's one denoising loop, not a copy
-ALLOWED_UPWARD = {"ldm.unet.samples": {"ldm.pipeline"}}
+ALLOWED_UPWARD = {"ldm.unet.validation_grid": {"ldm.pipeline"}}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -61,7 +62,7 @@ GRAPH = import_graph(PACKAGE)
 
 
 def test_modules_are_found():
-    assert {"ldm.files", "ldm.pipeline.pipeline", "ldm.unet.samples", "ldm.models.spec"} <= MODULES.keys()
+    assert {"ldm.files", "ldm.pipeline.pipeline", "ldm.unet.validation_grid", "ldm.models.spec"} <= MODULES.keys()
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if not within(n, INFERENCE)))

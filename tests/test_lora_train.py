@@ -18,16 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch
-from ldm.data.shapes import NEW_COLORS, new_color_combinations, render
+from ldm.demo.shapes import NEW_COLORS, new_color_combinations, render
 from ldm.errors import UserError
-from ldm.eval.reader import read_attributes
+from ldm.demo.reader import read_attributes
 from ldm.lora.config import CLIP_TEXT_TARGETS, LoRAConfig
 from ldm.lora.export import require_lora_backend
 from ldm.lora.train import AdapterWeights, add_lora, add_text_encoder_lora, check_targets
 from ldm.pipeline.pipeline import Pipeline
 from ldm.text.config import TextEncoderConfig
 from ldm.text.encoder import CLIPTextEncoder
-from ldm.text.loading import load_text_encoder
+from ldm.text.load_encoder import load_text_encoder
 from ldm.unet.presets import build_unet
 from ldm.unet.tiny import write_tiny_stage2_inputs
 
@@ -278,7 +278,7 @@ def test_sharded_backends_are_refused():
 
 
 def test_the_new_colour_is_outside_the_spec_and_readable():
-    assert set(NEW_COLORS).isdisjoint(__import__("ldm.data.shapes", fromlist=["COLORS"]).COLORS)
+    assert set(NEW_COLORS).isdisjoint(__import__("ldm.demo.shapes", fromlist=["COLORS"]).COLORS)
     combos = new_color_combinations("pink")
     heldout = new_color_combinations("pink", "heldout")
     assert len(combos) == 90 and len(heldout) == 9 and set(heldout) <= set(combos)

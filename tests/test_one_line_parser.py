@@ -33,7 +33,7 @@ def test_plain_argparse_would_print_a_usage_block(capsys):
 
 
 def _train_main(argv):
-    from ldm.train_args import parse_train_args
+    from ldm.training.args import parse_train_args
     from ldm.vae.config import VAEConfig
 
     return exit_on_user_error(lambda: parse_train_args(VAEConfig, argv, "train a VAE"))()
@@ -41,8 +41,8 @@ def _train_main(argv):
 
 def _commands():
     from ldm.convert import main as convert
-    from ldm.data.new_color import main as new_color
-    from ldm.data.shapes import main as shapes
+    from ldm.demo.new_color import main as new_color
+    from ldm.demo.shapes import main as shapes
     from ldm.latents.shard_writer import main as shard_writer
     from ldm.serve.cli import main as serve
     from ldm.text.tiny import main as tiny
@@ -52,14 +52,14 @@ def _commands():
         "ldm-serve": (serve, ["--port", "eighty"]),
         "ldm-latent-shards": (shard_writer, []),
         "ldm-tiny-text-encoder": (tiny, ["--layers", "2"]),
-        "python -m ldm.data.new_color": (new_color, ["out", "--color", "ultraviolet"]),
+        "python -m ldm.demo.new_color": (new_color, ["out", "--color", "ultraviolet"]),
         "ldm-shapes": (shapes, ["out"]),
         "train": (_train_main, ["--bogus"]),
     }
 
 
 @pytest.mark.parametrize("prog", ["ldm-convert", "ldm-serve", "ldm-latent-shards", "ldm-tiny-text-encoder",
-                                  "python -m ldm.data.new_color", "ldm-shapes", "train"])
+                                  "python -m ldm.demo.new_color", "ldm-shapes", "train"])
 def test_every_command_reports_a_bad_command_line_in_one_line(prog, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main, argv = _commands()[prog]

@@ -293,7 +293,7 @@ def test_stage2_validation_samples_use_prompt_syntax(pipe, fresh_accelerate):
     from diffusers import DDPMScheduler
 
     from ldm.unet.config import SampleConfig
-    from ldm.unet.samples import sample_grid
+    from ldm.unet.validation_grid import sample_grid
 
     cfg = SampleConfig(prompts=["a (red:1.3) car BREAK at night, " + words(80)], steps=2, cfg=5.0, sampler="euler",
                        seed=4)

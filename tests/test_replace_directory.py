@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ldm import files
-from ldm.data.shapes import write_dataset
+from ldm.demo.shapes import write_dataset
 from ldm.files import OLD_PREFIX, replace_directory
 
 

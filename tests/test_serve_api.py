@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from conftest import free_port
-from ldm.data.shapes import Attributes
+from ldm.demo.shapes import Attributes
 from ldm.demo import NAME
 from ldm.generate import main as generate_main
 from serve_server import AUTH, ENV, MAX_PIXELS, ROOT, basic
@@ -80,7 +80,7 @@ def test_txt2img_equals_ldm_generate_and_carries_its_parameters(server, tmp_path
     assert images[0].info["parameters"] == cli_image.info["parameters"]
     assert images[0].info["parameters"] == (f"{README_PROMPT}\nNegative prompt: blurry\nSteps: 25, Sampler: Euler a, "
                                             f"CFG scale: 7.5, Seed: 0, Size: 32x32, Model: {NAME}")
-    from ldm.eval.reader import read_attributes
+    from ldm.demo.reader import read_attributes
 
     assert read_attributes(images[0]) == Attributes("circle", "red", "black", "large", "center")
 

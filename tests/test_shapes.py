@@ -1,4 +1,4 @@
-"""Tests for the shapes domain (ldm.data.shapes) and the pixel-analysis attribute reader (ldm.eval.reader)."""
+"""Tests for the shapes domain (ldm.demo.shapes) and the pixel-analysis attribute reader (ldm.demo.reader)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from ldm.data import shapes
-from ldm.data.shapes import (
+from ldm.demo import shapes
+from ldm.demo.shapes import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from ldm.data.dataset import collate_images
-from ldm.data.loading import train_loader
+from ldm.data.loader import train_loader
 from ldm.data.shards import expand_pattern, load_shards, process_indices
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform

@@ -11,7 +11,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 from ldm.config import load_config
-from ldm.text.contrastive import PretrainConfig
+from ldm.demo.text_tower import PretrainConfig
 from ldm.unet.config import LDMConfig
 from ldm.vae.config import VAEConfig
 

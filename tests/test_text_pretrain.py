@@ -1,4 +1,4 @@
-"""Contrastive pre-training of the demo's text encoder (ldm/text/contrastive.py, train/train_text_encoder.py)."""
+"""Contrastive pre-training of the demo's text encoder (ldm/demo/text_tower.py, train/train_text_encoder.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
-from ldm.data.shapes import (
+from ldm.demo.shapes import (
     ALL_ATTRIBUTES,
     BACKGROUNDS,
     COLORS,
@@ -24,14 +24,14 @@ from ldm.data.shapes import (
     train_combinations,
 )
 from ldm.text.config import TextEncoderConfig
-from ldm.text.contrastive import (
+from ldm.demo.text_tower import (
     PretrainConfig,
     build_clip,
     describes,
     make_pairs,
     multi_positive_clip_loss,
 )
-from ldm.text.loading import load_text_encoder
+from ldm.text.load_encoder import load_text_encoder
 
 SCRIPT = Path(__file__).parents[1] / "train" / "train_text_encoder.py"
 VALUES = {"color": COLORS, "background": BACKGROUNDS, "size": SIZES, "position": POSITIONS}

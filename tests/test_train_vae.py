@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import accelerate_launch, reset_accelerate_state
 from ldm.config import load_config
-from ldm.data.shapes import write_dataset
+from ldm.demo.shapes import write_dataset
 from ldm.errors import UserError
 from ldm.vae.config import VAEConfig
 from ldm.vae.export import export_vae
@@ -259,7 +259,7 @@ def test_latent_anchor_loss_is_the_squared_distance_of_the_means():
 
 @pytest.fixture(scope="module")
 def held_latents(tmp_path_factory) -> Path:
-    """Latents for the tiny VAE (4 channels, 32 px / 2) that no encoder produced, as a sampled_latents file."""
+    """Latents for the tiny VAE (4 channels, 32 px / 2) that no encoder produced, as an anchor_latents file."""
     path = tmp_path_factory.mktemp("held") / "latents.safetensors"
     save_file({"latents": torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(5))}, str(path))
     return path
@@ -309,9 +309,9 @@ def test_missing_or_wrong_decoder_anchor_latents_are_one_line(tmp_path, shapes, 
     save_file({"latents": torch.randn(4, 8, 8, 8)}, str(wrong))
     messages = {
         wrong: f"loss.decoder_anchor_latents: {wrong} holds latents of shape (4, 8, 8, 8), not (N, 4, h, w) for "
-               "this VAE; write it with python -m ldm.pipeline.sampled_latents for a model using this VAE",
+               "this VAE; write it with python -m ldm.pipeline.anchor_latents for a model using this VAE",
         tmp_path / "nope.safetensors": f"loss.decoder_anchor_latents: {tmp_path / 'nope.safetensors'} is not a "
-                                       "file; write it with python -m ldm.pipeline.sampled_latents",
+                                       "file; write it with python -m ldm.pipeline.anchor_latents",
     }
     for path, message in messages.items():
         reset_accelerate_state()
@@ -327,7 +327,7 @@ def test_missing_or_wrong_decoder_anchor_latents_are_one_line(tmp_path, shapes, 
     (["loss.decoder_anchor_weight=1", "loss.decoder_anchor_latents=HELD"], "config key "
      "'loss.decoder_anchor_weight': holds the decoder to model.pretrained's: set model.pretrained"),
     (["model.pretrained=PRE", "loss.decoder_anchor_weight=1"], "config key 'loss.decoder_anchor_latents': is "
-     "needed with loss.decoder_anchor_weight: write one with python -m ldm.pipeline.sampled_latents"),
+     "needed with loss.decoder_anchor_weight: write one with python -m ldm.pipeline.anchor_latents"),
     (["model.pretrained=PRE", "loss.decoder_anchor_latents=HELD"], "config key 'loss.decoder_anchor_latents': "
      "is only used with loss.decoder_anchor_weight > 0"),
     (["loss.latent_anchor_weight=1"], "config key 'loss.latent_anchor_weight': anchors the latents to "

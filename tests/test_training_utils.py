@@ -11,7 +11,7 @@ from diffusers.training_utils import EMAModel
 
 from ldm.errors import UserError
 from ldm.parallel.setup import require_supported_setup
-from ldm.training import SkippedImages, ema_weights
+from ldm.training.run import SkippedImages, ema_weights
 
 
 def test_unsupported_setups_are_refused_up_front():

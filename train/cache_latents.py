@@ -17,10 +17,10 @@ from accelerate import Accelerator
 
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents import ensure_latent_cache
-from ldm.train_args import parse_train_args
-from ldm.train_logging import setup_logging
+from ldm.training.args import parse_train_args
+from ldm.training.logs import setup_logging
 from ldm.unet.config import LDMConfig
-from ldm.vae.loading import check_vae
+from ldm.vae.load_vae import check_vae
 
 log = logging.getLogger("cache_latents")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the bundled demo model (ldm/demo/shapes-32px) from nothing, with the package's own scripts, on a CPU.
-# About two hours on a 2-core CPU (README.md, "The demo model", has the measured times and the results).
+# About two hours on a 2-core CPU (docs/demo.md has the measured times and the results).
 #
 #   bash train/demo.sh [OUT_DIR]      # default runs/demo; then: ldm-generate "..." --model OUT_DIR/ldm-offset/model
 set -euo pipefail

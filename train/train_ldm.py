@@ -22,7 +22,7 @@ from diffusers.optimization import get_scheduler
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.buckets import check_unet_takes_buckets
-from ldm.data.loading import train_loader
+from ldm.data.loader import train_loader
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
@@ -33,15 +33,15 @@ from ldm.models.spec import inspect_model
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
-from ldm.text.loading import load_text_encoder
-from ldm.tracking import log_image
-from ldm.train_args import parse_train_args
-from ldm.training import NonFiniteSteps, apply_optimizer_settings, start_run
+from ldm.text.load_encoder import load_text_encoder
+from ldm.training.tracking import log_image
+from ldm.training.args import parse_train_args
+from ldm.training.run import NonFiniteSteps, apply_optimizer_settings, start_run
 from ldm.unet.config import LDMConfig
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss
 from ldm.unet.presets import build_unet
-from ldm.unet.samples import sample_grid
-from ldm.vae.loading import load_vae
+from ldm.unet.validation_grid import sample_grid
+from ldm.vae.load_vae import load_vae
 
 log = logging.getLogger("train_ldm")
 

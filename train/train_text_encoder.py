@@ -3,7 +3,7 @@
     python train/train_text_encoder.py --config configs/text/shapes-demo.yaml [key=value ...]
 
 Each step renders a fresh batch of training-split pairs and trains a text tower and a small ViT image tower with a
-CLIP loss whose targets count every image a (possibly partial) caption truly describes (ldm/text/contrastive.py).
+CLIP loss whose targets count every image a (possibly partial) caption truly describes (ldm/demo/text_tower.py).
 `output_dir/` is written in one atomic step when training ends: the text tower as a transformers `CLIPTextModel` with
 the offline CLIP tokenizer (what an LDM config's `text_encoder.path` takes), `config.yaml`, and `pretrain.json` with
 caption -> image retrieval accuracy on the held-out combinations, which neither tower has seen. A run takes minutes,
@@ -22,10 +22,10 @@ import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from ldm.config import save_config
-from ldm.data.shapes import heldout_combinations, train_combinations
+from ldm.demo.shapes import heldout_combinations, train_combinations
 from ldm.errors import UserError, exit_on_user_error
 from ldm.files import atomic_directory
-from ldm.text.contrastive import (
+from ldm.demo.text_tower import (
     PretrainConfig,
     build_clip,
     eval_pairs,
@@ -35,8 +35,8 @@ from ldm.text.contrastive import (
     text_encoder_from,
 )
 from ldm.text.tokenizer import CONTEXT_LENGTH, offline_clip_tokenizer, tokenize_prompts
-from ldm.train_args import parse_train_args
-from ldm.train_logging import setup_logging
+from ldm.training.args import parse_train_args
+from ldm.training.logs import setup_logging
 
 log = logging.getLogger("train_text_encoder")
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its learned temperature at 100 (Radford et al. 2021, section 2.5)

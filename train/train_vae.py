@@ -20,14 +20,14 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from ldm.data.loading import build_datasets, train_loader
+from ldm.data.loader import build_datasets, train_loader
 from ldm.errors import exit_on_user_error
 from ldm.parallel.backend import clip_gradients
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.progress import progress_bar
-from ldm.tracking import log_image
-from ldm.train_args import parse_train_args
-from ldm.training import apply_optimizer_settings, NonFiniteSteps, start_run, SkippedImages, ema_weights
+from ldm.training.tracking import log_image
+from ldm.training.args import parse_train_args
+from ldm.training.run import apply_optimizer_settings, NonFiniteSteps, start_run, SkippedImages, ema_weights
 from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator

@@ -10,7 +10,7 @@ aspect ratio, never stretched: diffusers #14158) and cropped to it, and every ba
 - `nearest_bucket`: the bucket whose log aspect ratio is nearest the image's (ties: the first in the table).
 - `BucketTransform`: decoded image -> (3, H, W) in [-1, 1], at the image's bucket.
 - `BucketBatchSampler`: batches as a pure function of (seed, epoch, position in the epoch) and the process rank,
-  like `ldm.data.sampler.ResumableBatchSampler`, so a resumed run sees exactly the batches it would have seen.
+  like `ldm.data.batch_order.ResumableBatchSampler`, so a resumed run sees exactly the batches it would have seen.
 
 The latent cache (`ldm.latents`) stores each image's bucket with its latents, keyed by the image's index, never by
 step: a cache indexed by step falls out of sync as soon as the buckets are reshuffled (diffusers #13353, #13712).
@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import PIL.Image
 import torch
 
-from ldm.data.sampler import check_sampler_arguments
+from ldm.data.batch_order import check_sampler_arguments
 from ldm.errors import UserError
 from ldm.image_io import to_rgb
 from ldm.pixels import pil_to_tensor

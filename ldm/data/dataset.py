@@ -1,7 +1,7 @@
 """`ImageCaptionDataset` (built by `ldm.data.sources.build_image_dataset`), its collate function, the val split.
 
 Augmentation randomness is a pure function of (seed, key), with key = epoch * len(dataset) + index (see
-`ldm.data.sampler.ResumableBatchSampler`), so a run resumed mid-epoch, or run with a different number of loader
+`ldm.data.batch_order.ResumableBatchSampler`), so a run resumed mid-epoch, or run with a different number of loader
 workers, sees exactly the same crops and flips.
 """
 

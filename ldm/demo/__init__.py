@@ -1,9 +1,11 @@
-"""The bundled default model: the 32-px shapes demo, trained by this package on its own synthetic data.
+"""The shapes demo, all in one place: its synthetic data (`shapes`, `new_color`), its text tower's pretraining
+(`text_tower`), its judges (`reader`, `prompts`, `adherence`, `vae_check`; run by `ldm-eval`), and the bundled
+default model they made (`shapes-32px/`, and the pink LoRA demo's files in `pink/`).
 
-One filled circle, square or triangle on a plain background (`ldm.data.shapes`), drawn from captions like
+One filled circle, square or triangle on a plain background (`ldm.demo.shapes`), drawn from captions like
 "a large red circle in the center on a black background". It exists so that `ldm-generate` works right after
 `pip install` on a machine that cannot download weights; it is a toy, not a general text-to-image model.
-How it was trained and how well it follows prompts: README.md, "The demo model".
+How it was trained and how well it follows prompts: docs/demo.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Evaluation tools: reading shapes-domain attributes back from images and scoring a model's prompt adherence."""
+"""`ldm-eval`: the command and its report. The shapes-domain judges it runs (attribute reader, prompt sets, prompt
+adherence, VAE reconstructions) live with the demo, in `ldm.demo`."""
 
-from ldm.eval.adherence import Settings, img2img_test, inpaint_test, negative_prompt_test, prompt_adherence
-from ldm.eval.prompts import prompt_sets
-from ldm.eval.reader import attribute_accuracy, read_attributes
+from ldm.demo.adherence import Settings, img2img_test, inpaint_test, negative_prompt_test, prompt_adherence
+from ldm.demo.prompts import prompt_sets
+from ldm.demo.reader import attribute_accuracy, read_attributes
 
 __all__ = [
     "Settings",

@@ -7,7 +7,7 @@
 Sections: the attribute reader on rendered ground truth (is the judge right?), the model's VAE reconstructions (the
 ceiling for generation), prompt adherence on held-out and training combinations at the guidance scale and at the
 baseline scale, a negative prompt, img2img recolouring and inpainting. All prompts and seeds are fixed
-(`ldm.eval.prompts`), so a model gets the same numbers every run on the same device.
+(`ldm.demo.prompts`), so a model gets the same numbers every run on the same device.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA to the model under test (as ldm-generate --lora); repeatable")
     p.add_argument("--new-color", action="append", default=[], metavar="NAME",
-                   help="a colour outside the training spec (ldm.data.shapes.NEW_COLORS, e.g. pink) that the reader "
+                   help="a colour outside the training spec (ldm.demo.shapes.NEW_COLORS, e.g. pink) that the reader "
                         "also knows, with its own prompt section; repeatable")
     p.add_argument("--quick", action="store_true",
                    help="a few prompts per test, 1 seed, fewer steps: a smoke test, labelled as one")
@@ -70,11 +70,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("cfg", "baseline_cfg"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    from ldm.data.shapes import NEW_COLORS
+    from ldm.demo.shapes import NEW_COLORS
 
     for name in args.new_color:
         if name not in NEW_COLORS:
-            raise UserError(f"--new-color {name!r} is not one of {', '.join(NEW_COLORS)} (ldm.data.shapes.NEW_COLORS)")
+            raise UserError(f"--new-color {name!r} is not one of {', '.join(NEW_COLORS)} (ldm.demo.shapes.NEW_COLORS)")
     if args.json is not None and not Path(args.json).absolute().parent.is_dir():
         raise UserError(f"--json '{args.json}': directory '{Path(args.json).absolute().parent}' does not exist")
 
@@ -91,8 +91,8 @@ def _timed(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def _reader_check(size: int, new_colors: tuple[str, ...] = ()) -> dict[str, Any]:
     """The judge on ground truth: jittered renders of all 630 combinations (and the 90 of each new colour), which it
     should read ~100% right."""
-    from ldm.data.shapes import all_combinations, new_color_combinations, render
-    from ldm.eval.reader import attribute_accuracy, read_attributes
+    from ldm.demo.shapes import all_combinations, new_color_combinations, render
+    from ldm.demo.reader import attribute_accuracy, read_attributes
 
     rng = random.Random(READER_SEED)
     combos = all_combinations() + [a for name in new_colors for a in new_color_combinations(name)]
@@ -103,9 +103,9 @@ def _reader_check(size: int, new_colors: tuple[str, ...] = ()) -> dict[str, Any]
 def _vae_check(vae, size: int, quick: bool, new_colors: tuple[str, ...] = ()) -> dict[str, Any]:
     """The VAE's reconstructions of 2 jittered renders of each of the 630 combinations (and the 90 of each new
     colour; --quick: 63 of them, once)."""
-    from ldm.data.shapes import all_combinations, new_color_combinations
-    from ldm.eval.prompts import spread
-    from ldm.eval.vae import reconstruction_accuracy
+    from ldm.demo.shapes import all_combinations, new_color_combinations
+    from ldm.demo.prompts import spread
+    from ldm.demo.vae_check import reconstruction_accuracy
 
     combos = all_combinations() + [a for name in new_colors for a in new_color_combinations(name)]
     combos = spread(combos, QUICK_VAE_IMAGES) if quick else combos
@@ -116,7 +116,7 @@ def _vae_check(vae, size: int, quick: bool, new_colors: tuple[str, ...] = ()) ->
 
 def _adherence(pipe, sets, s, baseline_cfg: float) -> dict[str, Any]:
     """Rows heldout/train x cfg/baseline, and guidance's gain in points of all-five accuracy per set."""
-    from ldm.eval.adherence import prompt_adherence
+    from ldm.demo.adherence import prompt_adherence
 
     rows, gains = [], {}
     for name in ("heldout", "train"):
@@ -129,10 +129,10 @@ def _adherence(pipe, sets, s, baseline_cfg: float) -> dict[str, Any]:
 
 def _new_colors(pipe, s, quick: bool) -> dict[str, Any]:
     """Per new colour: prompts of its 9 held-out combinations and of 27 of its training ones (for a LoRA that taught
-    it, ldm.data.new_color), at the guidance scale."""
-    from ldm.data.shapes import new_color_combinations
-    from ldm.eval.adherence import prompt_adherence
-    from ldm.eval.prompts import QUICK_PROMPTS, spread
+    it, ldm.demo.new_color), at the guidance scale."""
+    from ldm.demo.shapes import new_color_combinations
+    from ldm.demo.adherence import prompt_adherence
+    from ldm.demo.prompts import QUICK_PROMPTS, spread
 
     rows = []
     for name in s.new_colors:
@@ -145,8 +145,8 @@ def _new_colors(pipe, s, quick: bool) -> dict[str, Any]:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Validate, load the model, run every section; returns the report (see `ldm.eval.report`)."""
-    from ldm.eval import adherence as ad
-    from ldm.eval.prompts import FIRST_SEED, prompt_sets
+    from ldm.demo import adherence as ad
+    from ldm.demo.prompts import FIRST_SEED, prompt_sets
     from ldm.lora.prompt_tags import parse_lora_option
     from ldm.models.spec import inspect_model
     from ldm.pipeline.device import dtype_name, pick_device

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ldm.eval.reader import ATTRIBUTE_NAMES
+from ldm.demo.reader import ATTRIBUTE_NAMES
 from ldm.files import atomic_write_text
 
 _COLUMNS = (*ATTRIBUTE_NAMES, "all")
@@ -32,7 +32,7 @@ def format_report(r: dict[str, Any]) -> str:
     seeds = f"{s['first_seed']}..{s['first_seed'] + s['seeds'] - 1}"
     intro = (f"Model `{r['model']}` at {s['size']}x{s['size']} px on {r['device']} ({r['dtype']}): {s['steps']} "
              f"steps, sampler {s['sampler']}, {s['seeds']} image(s) per prompt (seeds {seeds}), attributes read back "
-             "by pixel analysis (`ldm.eval.reader`).")
+             "by pixel analysis (`ldm.demo.reader`).")
     out = [f"## Prompt adherence{quick}", "", intro, ""]
     rows = [_accuracy_row("reader on jittered renders", r["reader"]), _accuracy_row("VAE reconstructions", r["vae"])]
     rows += [_accuracy_row(f"{row['set']} prompts @ cfg {float(row['cfg'])}", row) for row in r["adherence"]["rows"]]

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from ldm.data.buckets import BucketTransform, bucket_counts, bucket_settings, bucket_sizes, format_bucket_table
 from ldm.data.config import DataConfig
 from ldm.data.dataset import ImageCaptionDataset, collate_images
-from ldm.data.loading import resolve_source
+from ldm.data.loader import resolve_source
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
@@ -46,7 +46,7 @@ from ldm.latents.cache_key import CacheSpec
 from ldm.latents.config import LatentCacheConfig
 from ldm.parallel.collective import main_process_first, run_on_all
 from ldm.progress import ProgressCounter, progress_bar
-from ldm.vae.loading import load_vae, vae_factor
+from ldm.vae.load_vae import load_vae, vae_factor
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

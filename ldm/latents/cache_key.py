@@ -12,7 +12,7 @@ from typing import Any
 
 from ldm.errors import UserError
 from ldm.files import sha256_file
-from ldm.vae.loading import HINT, check_vae
+from ldm.vae.load_vae import HINT, check_vae
 
 FORMAT_VERSION = 1  # of the cache's files (ldm.latents.cache); a newer one is refused, an older one rebuilt
 

@@ -39,7 +39,7 @@ from ldm.lora.train import (
     TEXT_KEY, AdapterWeights, add_lora, add_text_encoder_lora, check_targets, check_unet_targets_early,
 )
 from ldm.models.spec import ModelSpec
-from ldm.training import ema_weights
+from ldm.training.run import ema_weights
 from ldm.unet.export import export_model
 from ldm.unet.objective import drop_captions
 

@@ -65,7 +65,7 @@ def _load_directory(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -
         text_encoder = FrozenTextEncoder.from_clip(tokenizer, clip, layer=layer)
     else:
         from ldm.text.config import TextEncoderConfig
-        from ldm.text.loading import load_text_encoder
+        from ldm.text.load_encoder import load_text_encoder
 
         cfg = TextEncoderConfig(kind=info["kind"], path=info.get("path", ""), pretrained=info.get("pretrained"),
                                 layer=layer)

@@ -26,7 +26,7 @@ from ldm.errors import UserError
 from ldm.model_info import read_text_encoder_info
 from ldm.singlefile.detect import PREDICTION_TYPES, Detected, choose_prediction, detect
 from ldm.singlefile.load import SD_SCHEDULER, check_vae_source, unet_config_for
-from ldm.vae.loading import vae_factor
+from ldm.vae.load_vae import vae_factor
 from ldm.weights import COMPONENTS, check_model_dir
 
 # What --model defaults to: the bundled 32-px shapes demo (ldm/demo). None would make --model required.

@@ -41,7 +41,7 @@ from ldm.pipeline.validation import steps_to_run
 from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
 from ldm.progress import progress_bar
 from ldm.text.prompt_encoding import encode_prompt_pair
-from ldm.vae.loading import vae_factor
+from ldm.vae.load_vae import vae_factor
 
 log = logging.getLogger(__name__)
 

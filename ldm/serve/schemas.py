@@ -6,7 +6,7 @@ Fields A1111 accepts that this package has no use for (restore_faces, scripts, h
 A1111 ignores fields it does not know, so a client that sends them works unchanged. A field left out takes the
 value `ldm-generate` would use, so the same request and the same CLI command give the same image; the exceptions
 to A1111's defaults (steps 25 instead of 50, cfg 7.5 instead of 7, the model's native size instead of 512 px) are
-said in the README.
+said in docs/serving.md.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def check_vae_source(source: str | Path) -> None:
     """`--vae` checked before any model is loaded: an existing directory's files, or a file's header."""
     path = Path(source).expanduser()
     if path.is_dir():
-        from ldm.vae.loading import check_vae
+        from ldm.vae.load_vae import check_vae
 
         check_vae(path)
     elif path.is_file():
@@ -182,7 +182,7 @@ def load_vae_override(source: str | Path, scaling_factor: float | None, dtype: t
     decoder of the same latent space, so the U-Net's scale stays right."""
     path = Path(source).expanduser()
     if path.is_dir():
-        from ldm.vae.loading import load_vae
+        from ldm.vae.load_vae import load_vae
 
         vae = load_vae(path)
         return vae if dtype == torch.float32 else vae.to(dtype)

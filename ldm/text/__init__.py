@@ -2,7 +2,7 @@
 
 from ldm.text.config import TextEncoderConfig
 from ldm.text.encoder import CLIPTextEncoder, FrozenTextEncoder
-from ldm.text.loading import load_text_encoder
+from ldm.text.load_encoder import load_text_encoder
 from ldm.text.tiny import tiny_clip_text_config, tiny_clip_text_encoder, tiny_clip_text_model
 from ldm.text.tokenizer import PromptTruncatedWarning, offline_clip_tokenizer
 

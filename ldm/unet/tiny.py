@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.data.shapes import write_dataset
+from ldm.demo.shapes import write_dataset
 from ldm.text.tiny import tiny_clip_text_encoder
 from ldm.vae.presets import build_vae
 

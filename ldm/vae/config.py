@@ -7,7 +7,7 @@ from typing import Literal
 
 from ldm.config import check
 from ldm.data.config import DataConfig
-from ldm.vae.loading import check_vae, vae_directory
+from ldm.vae.load_vae import check_vae, vae_directory
 from ldm.vae.presets import VAE_PRESETS, downsampling_factor
 
 
@@ -55,7 +55,7 @@ class VAELossConfig:
     latent_anchor_weight: float = 0.0
     # with model.pretrained: weight of the squared difference (summed per image, pixels in [-1, 1]) between the
     # decoder's images and the pretrained decoder's on latents a U-Net generated (`decoder_anchor_latents`, a file from
-    # `python -m ldm.pipeline.sampled_latents`), a batch of them each step
+    # `python -m ldm.pipeline.anchor_latents`), a batch of them each step
     decoder_anchor_weight: float = 0.0
     decoder_anchor_latents: str = ""
 
@@ -132,7 +132,7 @@ class VAEConfig:
             check(bool(self.model.pretrained), "loss.decoder_anchor_weight",
                   "holds the decoder to model.pretrained's: set model.pretrained, or the weight to 0")
             check(bool(self.loss.decoder_anchor_latents), "loss.decoder_anchor_latents",
-                  "is needed with loss.decoder_anchor_weight: write one with python -m ldm.pipeline.sampled_latents")
+                  "is needed with loss.decoder_anchor_weight: write one with python -m ldm.pipeline.anchor_latents")
         else:
             check(not self.loss.decoder_anchor_latents, "loss.decoder_anchor_latents",
                   "is only used with loss.decoder_anchor_weight > 0: set the weight, or drop the file")

@@ -10,10 +10,10 @@ thing. Two ways, both from `train/train_vae.py`'s config:
 - `loss.latent_anchor_weight`: train both, plus a penalty on how far the encoder's posterior means move from the
   pretrained encoder's, on every training image. Known content, already reconstructed, keeps its latents (its
   reconstruction gives no reason to move); new content's latents move only as far as the anchor lets them (in the
-  pink demo, little: pink stays 4.0 from orange, README "The pink demo").
+  pink demo, little: pink stays 4.0 from orange, docs/demo.md, "The pink demo").
 
 And for the decoder, `loss.decoder_anchor_weight`: its output on latents a U-Net generated
-(`python -m ldm.pipeline.sampled_latents`) stays the pretrained decoder's. Samples sit off the encoded images, so a
+(`python -m ldm.pipeline.anchor_latents`) stays the pretrained decoder's. Samples sit off the encoded images, so a
 decoder that still reconstructs every known image can draw them differently; in the pink demo generated orange and
 yellow latents came out pink until this anchor held them.
 
@@ -31,7 +31,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from ldm.errors import UserError
-from ldm.vae.loading import load_vae, vae_directory
+from ldm.vae.load_vae import load_vae, vae_directory
 from ldm.weights import read_safetensors
 
 
@@ -70,10 +70,10 @@ class LatentAnchor(nn.Module):
 
 
 def load_anchor_latents(path: str | Path, vae: AutoencoderKL) -> torch.Tensor:
-    """The `latents` (N, C, h, w) of a `sampled_latents` file, checked against the VAE's latent channels."""
+    """The `latents` (N, C, h, w) of an `anchor_latents` file, checked against the VAE's latent channels."""
     if not Path(path).is_file():
         raise UserError(f"loss.decoder_anchor_latents: {path} is not a file; write it with python -m "
-                        "ldm.pipeline.sampled_latents")
+                        "ldm.pipeline.anchor_latents")
     tensors, _ = read_safetensors(Path(path), lambda k: k == "latents",
                                   problem=lambda why: f"loss.decoder_anchor_latents: cannot read {path}: {why}")
     latents = tensors.get("latents")
@@ -81,7 +81,7 @@ def load_anchor_latents(path: str | Path, vae: AutoencoderKL) -> torch.Tensor:
     if latents is None or latents.ndim != 4 or latents.shape[1] != channels:
         found = "no 'latents' tensor" if latents is None else f"latents of shape {tuple(latents.shape)}"
         raise UserError(f"loss.decoder_anchor_latents: {path} holds {found}, not (N, {channels}, h, w) for this VAE; "
-                        "write it with python -m ldm.pipeline.sampled_latents for a model using this VAE")
+                        "write it with python -m ldm.pipeline.anchor_latents for a model using this VAE")
     return latents.float()
 
 

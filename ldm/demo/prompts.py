@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from ldm.data.shapes import (
+from ldm.demo.shapes import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,

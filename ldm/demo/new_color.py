@@ -1,11 +1,11 @@
 """A shapes dataset that teaches a colour the demo model never saw (`NEW_COLORS`, e.g. pink), for the LoRA demo.
 
-    python -m ldm.data.new_color OUT_DIR --color pink --num-images 4000 --share 0.5 [--seed 0]
+    python -m ldm.demo.new_color OUT_DIR --color pink --num-images 4000 --share 0.5 [--seed 0]
 
 Each image is, with probability `share`, one of the colour's 81 training combinations (its 9 held-out ones, chosen
 by the spec's rule, are never drawn), and otherwise one of the 567 ordinary training combinations: the known colours
 stay in the data so that learning the new one does not overwrite them. Same layout, captions and jitter as
-`ldm.data.shapes` (imagefolder + metadata.jsonl); the same arguments give byte-identical files.
+`ldm.demo.shapes` (imagefolder + metadata.jsonl); the same arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ldm.data.shapes import NEW_COLORS, new_color_combinations, train_combinations, write_dataset
+from ldm.demo.shapes import NEW_COLORS, new_color_combinations, train_combinations, write_dataset
 from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 
@@ -28,7 +28,7 @@ def new_color_mix(color: str, num_images: int, share: float, seed: int = 0) -> l
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineArgumentParser(prog="python -m ldm.data.new_color", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m ldm.demo.new_color", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--color", default="pink", choices=list(NEW_COLORS))
     parser.add_argument("--num-images", type=int, default=4000)

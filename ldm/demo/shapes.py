@@ -70,7 +70,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 
 # Colours outside the spec above: never in the demo model's data (no combination, split or caption uses them). The
-# LoRA demo teaches one to the bundled model (README, "LoRA: training and using adapters"); `render` draws them.
+# LoRA demo teaches one to the bundled model (docs/formats.md); `render` draws them.
 NEW_COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 100, 180),
 }

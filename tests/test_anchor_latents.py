@@ -1,4 +1,4 @@
-"""`python -m ldm.pipeline.sampled_latents`: the latents a model generates, for the VAE's decoder anchor."""
+"""`python -m ldm.pipeline.anchor_latents`: the latents a model generates, for the VAE's decoder anchor."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ldm.pipeline import sampled_latents
+from ldm.pipeline import anchor_latents
 from ldm.pipeline.pipeline import Pipeline
 
 DEMO = Path(__file__).resolve().parents[1] / "ldm/demo/shapes-32px"
@@ -21,14 +21,14 @@ def test_the_file_holds_what_the_pipeline_decodes(tmp_path, capsys):
     captions.write_text("a small red circle in the center on a black background\n\n"
                         "a large blue square in the top left on a white background\n")
     out = tmp_path / "held" / "latents.safetensors"
-    sampled_latents.main([str(DEMO), str(out), "--captions", str(captions), "--num", "3", "--steps", "2",
+    anchor_latents.main([str(DEMO), str(out), "--captions", str(captions), "--num", "3", "--steps", "2",
                           "--seed", "9"])
     assert "(3, 4, 16, 16) latents from 2 captions" in capsys.readouterr().out
     with safe_open(str(out), "pt") as f:
         latents, meta = f.get_tensor("latents"), f.metadata()
     assert meta["seed"] == "9" and meta["steps"] == "2"
     # image i: the i-th picked caption at seed 9 + i; decoding the stored latent gives the pipeline's image
-    picked = sampled_latents.pick_captions(sampled_latents.read_captions(captions), 3, 9)
+    picked = anchor_latents.pick_captions(anchor_latents.read_captions(captions), 3, 9)
     pipe = Pipeline.from_pretrained(DEMO, device="cpu")
     result = pipe(picked[2], steps=2, seed=11, show_progress=False)
     assert torch.equal(result.latents[0], latents[2])
@@ -40,8 +40,8 @@ def test_the_file_holds_what_the_pipeline_decodes(tmp_path, capsys):
 def test_captions_from_a_dataset_directory_are_its_distinct_ones(tmp_path):
     rows = [{"file_name": f"{i}.png", "text": t} for i, t in enumerate(["b", "a", "b", " "])]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert sampled_latents.read_captions(tmp_path) == ["a", "b"]
-    assert sorted(sampled_latents.pick_captions(["a", "b"], 4, 0)) == ["a", "a", "b", "b"]
+    assert anchor_latents.read_captions(tmp_path) == ["a", "b"]
+    assert sorted(anchor_latents.pick_captions(["a", "b"], 4, 0)) == ["a", "a", "b", "b"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -52,7 +52,7 @@ def test_captions_from_a_dataset_directory_are_its_distinct_ones(tmp_path):
 def test_bad_arguments_are_one_line_exit_2(args, message, tmp_path, capsys):
     args = [a.replace("NOPE", str(tmp_path / "nope")).replace("DIR", str(tmp_path)) for a in args]
     with pytest.raises(SystemExit) as exit_:
-        sampled_latents.main([str(DEMO), str(tmp_path / "out.safetensors"), *args])
+        anchor_latents.main([str(DEMO), str(tmp_path / "out.safetensors"), *args])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.data.buckets import BucketBatchSampler
 from ldm.data.config import DataConfig
 from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_val
-from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.batch_order import ResumableBatchSampler
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
 from ldm.parallel.collective import main_process_first
@@ -43,7 +43,7 @@ def resolve_source(cfg: DataConfig, accelerator: Accelerator) -> str:
     """The dataset path to load; for `path: shapes`, the synthetic set is generated once (by the main process)."""
     if cfg.path != "shapes":
         return cfg.path
-    from ldm.data.shapes import write_dataset
+    from ldm.demo.shapes import write_dataset
 
     target = Path(cfg.shapes_dir) / f"shapes-{cfg.shapes_count}-{cfg.resolution}px-seed0"
     with main_process_first(accelerator):

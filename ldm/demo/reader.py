@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from ldm.data.shapes import BACKGROUNDS, COLORS, NEW_COLORS, POSITIONS, SIZES, Attributes
+from ldm.demo.shapes import BACKGROUNDS, COLORS, NEW_COLORS, POSITIONS, SIZES, Attributes
 
 ATTRIBUTE_NAMES: tuple[str, ...] = ("shape", "color", "background", "size", "position")
 

@@ -2,7 +2,7 @@
 
 A frozen *random* text transformer gives every prompt a distinct embedding, but the words a picture depends on most
 (colour, background) move its states by only a fraction of their norm, and a U-Net trained on it learned to ignore
-them (README, "The demo model"). Training the text tower CLIP-style against a small image tower first makes exactly
+them (docs/demo.md). Training the text tower CLIP-style against a small image tower first makes exactly
 those words stand apart; the U-Net is then trained on the frozen result, as with any pretrained CLIP.
 
 Pairs are made on the fly from the *training* combinations only (fresh jitter and caption each time), so the held-out
@@ -21,7 +21,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionConfig
 
 from ldm.config import check
-from ldm.data.shapes import (
+from ldm.demo.shapes import (
     ALL_ATTRIBUTES,
     MIN_IMAGE_SIZE,
     Attributes,

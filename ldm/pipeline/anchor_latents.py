@@ -1,6 +1,6 @@
 """Latents a model generates, saved for a VAE fine-tune to keep decoding them as the old decoder does.
 
-    python -m ldm.pipeline.sampled_latents MODEL OUT.safetensors --captions DATA_DIR_OR_TXT [--num 512] [--seed 1000]
+    python -m ldm.pipeline.anchor_latents MODEL OUT.safetensors --captions DATA_DIR_OR_TXT [--num 512] [--seed 1000]
 
 A U-Net's samples are not the encoder's latents: they sit off the encoded images, in ways the encoder never
 produces. A fine-tuned decoder that agrees with the old one on every encoded image can still draw those differently
@@ -64,7 +64,7 @@ def pick_captions(captions: list[str], num: int, seed: int) -> list[str]:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = OneLineArgumentParser(prog="python -m ldm.pipeline.sampled_latents", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="python -m ldm.pipeline.anchor_latents", description=__doc__.splitlines()[0])
     p.add_argument("model", help="the model whose U-Net samples (directory or single file)")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--captions", required=True, help="a dataset directory (metadata.jsonl) or a text file")

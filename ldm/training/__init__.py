@@ -1,0 +1,2 @@
+"""What the training scripts in train/ share: starting a run, its command line, its logs and trackers,
+non-finite steps, EMA weights in and out."""
