@@ -3,8 +3,8 @@ upward imports and no import cycles.
 
 Layers, bottom to top: neutral helpers (errors, config, files, hub, pixels, weights, progress, image_io,
 model_info) < components (data, text, vae, unet, latents, checkpoint, parallel, models, lora, training, demo) <
-inference and evaluation (pipeline, generate, prompts_file, eval, serve). A function-level import is still an import: it runs on the first
-call, and two modules that import each other that way are one module split in two files.
+inference and evaluation (pipeline, generate, prompts_file, eval, serve). A function-level import is still an
+import: it runs on the first call, and two modules that import each other that way are one module split in two files.
 """
 
 from __future__ import annotations
