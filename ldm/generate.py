@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# options whose value is not a request field (or not the same value): the model's, the images' files, the run's
+# options named like a request field that hold something else: the images' paths (the request holds them decoded)
 NOT_REQUEST = {"init_image", "mask"}
 
 
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         restore_logging()
 
 
-def inspect(args: argparse.Namespace, model: str | None):
+def model_spec(args: argparse.Namespace, model: str | None):
     """The model's spec (`ldm.models.spec.inspect_model`); a model named only by --from-png says so when missing."""
     from ldm.models.spec import inspect_model
 
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     # 1. the request and the model's spec (headers and configs only), checked against each other
     request = build_request(args)
-    spec = inspect(args, request.model)
+    spec = model_spec(args, request.model)
     request = request.resolve(spec)
     # 2. the rest of the inputs: device, output directory, LoRA files (all before any weight is loaded)
     device = pick_device(args.device)
@@ -287,7 +287,7 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
         if value:
             raise UserError(f"--prompts-file takes its prompts from the file: drop {option}")
     typed = typed_layer(args)
-    spec = inspect(args, typed.get("model"))
+    spec = model_spec(args, typed.get("model"))
     return run_prompts_file(args.prompts_file, spec, typed, outdir=args.outdir, loras=args.lora,
                             lora_dir=args.lora_dir, device=args.device, dtype=args.dtype,
                             vae_tiling=args.vae_tiling, compile_unet=args.compile, quiet=args.quiet)
