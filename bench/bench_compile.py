@@ -59,9 +59,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from ldm.pipeline.device import DTYPES
     from ldm.models.load import load_components
     from ldm.models.spec import inspect_model
+    from ldm.pipeline.device import DTYPES
     from ldm.pipeline.pipeline import Pipeline
 
     model = args.model

@@ -56,8 +56,8 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
     from diffusers import __version__ as diffusers_version
 
-    from ldm.pipeline.device import DTYPES
     from ldm.models.components import Components
+    from ldm.pipeline.device import DTYPES
     from ldm.pipeline.pipeline import Pipeline
     from ldm.pipeline.samplers import make_scheduler
     from ldm.text.encoder import FrozenTextEncoder

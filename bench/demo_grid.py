@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm.demo.shapes import canonical_caption, heldout_combinations
 from ldm.demo import MODEL_DIR
+from ldm.demo.shapes import canonical_caption, heldout_combinations
 from ldm.pipeline import Pipeline
 
 PROMPTS = [

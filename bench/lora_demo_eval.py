@@ -15,11 +15,11 @@ import json
 import sys
 import time
 
-from ldm.demo.shapes import new_color_combinations
 from ldm.demo.adherence import Settings, prompt_adherence
 from ldm.demo.prompts import prompt_sets, spread
-from ldm.eval.report import _accuracy_row, _table
 from ldm.demo.reader import ATTRIBUTE_NAMES
+from ldm.demo.shapes import new_color_combinations
+from ldm.eval.report import _accuracy_row, _table
 from ldm.pipeline.pipeline import Pipeline
 
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from ldm import hub
+from ldm.data.batch_order import ResumableBatchSampler
 from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_val
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
-from ldm.data.batch_order import ResumableBatchSampler
 from ldm.errors import UserError
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}

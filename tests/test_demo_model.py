@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.demo.shapes import Attributes, heldout_combinations
 from ldm.demo import MODEL_DIR, NAME
 from ldm.demo.adherence import Settings, prompt_adherence
 from ldm.demo.prompts import spread
 from ldm.demo.reader import ATTRIBUTE_NAMES, read_attributes
+from ldm.demo.shapes import Attributes, heldout_combinations
 from ldm.generate import main as generate_main
 from ldm.models.spec import inspect_model
 
@@ -106,8 +106,8 @@ def test_the_shipped_pink_vae_and_lora_teach_the_demo_pink(one_torch_thread):
 def test_the_shipped_pink_vae_draws_the_demo_models_samples_as_its_own_vae_does(one_torch_thread):
     """The decoder anchor's point (ldm/vae/finetune.py): on latents the bundled U-Net generates for known-colour
     prompts, the pink VAE reads back the colour the demo's own VAE gives (98.2% of 567 measured, docs/demo.md)."""
-    from ldm.demo.shapes import canonical_caption, train_combinations
     from ldm.demo.reader import read_attributes
+    from ldm.demo.shapes import canonical_caption, train_combinations
     from ldm.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(MODEL_DIR, device="cpu")

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from conftest import run
-from ldm.demo.shapes import COLORS, Attributes, heldout_combinations, render, train_combinations
 from ldm.demo.adherence import Settings, inpaint_test, negative_prompt_test, prompt_adherence
-from ldm.eval.cli import main
 from ldm.demo.prompts import NEGATIVE_COLOR, prompt_sets
 from ldm.demo.reader import ATTRIBUTE_NAMES
+from ldm.demo.shapes import COLORS, Attributes, heldout_combinations, render, train_combinations
+from ldm.eval.cli import main
 from ldm.pipeline.pipeline import Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

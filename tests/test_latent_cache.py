@@ -16,9 +16,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from conftest import free_port
-from ldm.demo.shapes import write_dataset
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
+from ldm.demo.shapes import write_dataset
 from ldm.latents import (
     CorruptCacheError, LatentCache, MissingCacheError, StaleCacheError, collate_latents, sample_latents,
 )

@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch
+from ldm.demo.reader import read_attributes
 from ldm.demo.shapes import NEW_COLORS, new_color_combinations, render
 from ldm.errors import UserError
-from ldm.demo.reader import read_attributes
 from ldm.lora.config import CLIP_TEXT_TARGETS, LoRAConfig
 from ldm.lora.export import require_lora_backend
 from ldm.lora.train import AdapterWeights, add_lora, add_text_encoder_lora, check_targets

@@ -19,9 +19,9 @@ from ldm.pipeline.denoise import denoise
 from ldm.pipeline.device import pick_dtype
 from ldm.pipeline.guidance import classifier_free_guidance, rescale_guidance
 from ldm.pipeline.metadata import format_parameters, parse_parameters
-from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.output import save_png, slug
 from ldm.pipeline.pipeline import Pipeline
+from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import SAMPLERS, make_scheduler, sampler_from_label, sampler_label
 from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE, check_request, steps_to_run
 from ldm.pixels import float_to_uint8

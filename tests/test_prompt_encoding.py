@@ -14,8 +14,8 @@ from conftest import run
 from ldm.errors import UserError
 from ldm.generate import main
 from ldm.pipeline.metadata import format_parameters, parse_parameters
-from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.pipeline import Pipeline
+from ldm.pipeline.request import GenerationRequest
 from ldm.text import CLIPTextEncoder, tiny_clip_text_encoder
 from ldm.text.openclip import OpenCLIPTextEncoder
 from ldm.text.prompt_encoding import (

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from conftest import free_port
-from ldm.demo.shapes import Attributes
 from ldm.demo import NAME
+from ldm.demo.shapes import Attributes
 from ldm.generate import main as generate_main
 from serve_server import AUTH, ENV, MAX_PIXELS, ROOT, basic
 

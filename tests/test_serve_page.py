@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from browser import ensure_chromium, headless_chromium
-from ldm.demo.shapes import Attributes
 from ldm.demo.reader import read_attributes
+from ldm.demo.shapes import Attributes
 
 pytestmark = pytest.mark.slow  # starts processes
 

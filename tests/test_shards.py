@@ -26,9 +26,9 @@ from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.latents import LatentCache
+from ldm.latents import shard_writer
 from ldm.latents.build import shard_plan
 from ldm.latents.cache import parse_shard
-from ldm.latents import shard_writer
 from ldm.latents.shard_writer import write_latent_shards
 from ldm.vae.presets import build_vae
 

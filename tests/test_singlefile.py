@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.errors import UserError
+from ldm.models.spec import inspect_model
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.samplers import make_scheduler
 from ldm.singlefile import keys
 from ldm.singlefile.detect import Detected, choose_prediction, detect, detect_shapes
-from ldm.models.spec import inspect_model
 from ldm.singlefile.load import load_unet_file, load_vae_override
 from ldm.singlefile.save import directory_to_file, file_to_directory
 from ldm.text.tiny import BOS_ID, EOS_ID

@@ -27,19 +27,19 @@ from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.latents.text_cache import ensure_text_cache
-from ldm.lora.trainable import trained_weights
 from ldm.models.load import load_unet
 from ldm.models.spec import inspect_model
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
 from ldm.text.load_encoder import load_text_encoder
-from ldm.training.tracking import log_image
 from ldm.training.args import parse_train_args
 from ldm.training.run import NonFiniteSteps, apply_optimizer_settings, start_run
+from ldm.training.tracking import log_image
 from ldm.unet.config import LDMConfig
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss
 from ldm.unet.presets import build_unet
+from ldm.unet.trained_weights import trained_weights
 from ldm.unet.validation_grid import sample_grid
 from ldm.vae.load_vae import load_vae
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
     accelerator = start_run(cfg, cfg.train, sharding=True)  # DDP, FSDP2 or DeepSpeed ZeRO-1/2 (configs/accelerate/)
     backend = backend_for(accelerator)  # all that differs between them, chosen once
-    # what trains: the whole U-Net, or LoRA adapters (ldm/lora/trainable.py); LoRA's settings checked before any
+    # what trains: the whole U-Net, or LoRA adapters (ldm/unet/trained_weights.py); LoRA's settings checked before any
     # latent is cached
     # model.pretrained, checked as every model is (ldm/models/spec.py): a diffusers directory, a single file, a hub id
     base = inspect_model(cfg.model.pretrained) if cfg.model.pretrained else None

@@ -25,9 +25,9 @@ from ldm.errors import exit_on_user_error
 from ldm.parallel.backend import clip_gradients
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.progress import progress_bar
-from ldm.training.tracking import log_image
 from ldm.training.args import parse_train_args
 from ldm.training.run import apply_optimizer_settings, NonFiniteSteps, start_run, SkippedImages, ema_weights
+from ldm.training.tracking import log_image
 from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator

@@ -23,8 +23,8 @@ from ldm.checkpoint.support import check_supported, class_name
 from ldm.checkpoint.tensors import read_tensors
 from ldm.checkpoint.validate import validate_checkpoint
 from ldm.errors import UserError
-from ldm.parallel.collective import run_on_all
 from ldm.parallel.backend import keyed_by_name
+from ldm.parallel.collective import run_on_all
 from ldm.parallel.setup import backend_for
 
 if TYPE_CHECKING:

@@ -10,10 +10,10 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.data.batch_order import ResumableBatchSampler
 from ldm.data.buckets import BucketBatchSampler
 from ldm.data.config import DataConfig
 from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_val
-from ldm.data.batch_order import ResumableBatchSampler
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
 from ldm.parallel.collective import main_process_first

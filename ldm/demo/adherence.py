@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from ldm.demo.shapes import COLORS, Attributes, canonical_caption, render
 from ldm.demo.prompts import FIRST_SEED, NEGATIVE_COLOR, Recolor, colorless_caption
 from ldm.demo.reader import attribute_accuracy, read_attributes
+from ldm.demo.shapes import COLORS, Attributes, canonical_caption, render
 from ldm.progress import progress_bar
 
 IMG2IMG_STRENGTH = 0.6

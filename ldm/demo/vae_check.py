@@ -11,8 +11,8 @@ import random
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.demo.shapes import Attributes, all_combinations, render
 from ldm.demo.reader import attribute_accuracy, read_attributes
+from ldm.demo.shapes import Attributes, all_combinations, render
 from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
 
 

@@ -91,8 +91,8 @@ def _timed(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def _reader_check(size: int, new_colors: tuple[str, ...] = ()) -> dict[str, Any]:
     """The judge on ground truth: jittered renders of all 630 combinations (and the 90 of each new colour), which it
     should read ~100% right."""
-    from ldm.demo.shapes import all_combinations, new_color_combinations, render
     from ldm.demo.reader import attribute_accuracy, read_attributes
+    from ldm.demo.shapes import all_combinations, new_color_combinations, render
 
     rng = random.Random(READER_SEED)
     combos = all_combinations() + [a for name in new_colors for a in new_color_combinations(name)]
@@ -103,8 +103,8 @@ def _reader_check(size: int, new_colors: tuple[str, ...] = ()) -> dict[str, Any]
 def _vae_check(vae, size: int, quick: bool, new_colors: tuple[str, ...] = ()) -> dict[str, Any]:
     """The VAE's reconstructions of 2 jittered renders of each of the 630 combinations (and the 90 of each new
     colour; --quick: 63 of them, once)."""
-    from ldm.demo.shapes import all_combinations, new_color_combinations
     from ldm.demo.prompts import spread
+    from ldm.demo.shapes import all_combinations, new_color_combinations
     from ldm.demo.vae_check import reconstruction_accuracy
 
     combos = all_combinations() + [a for name in new_colors for a in new_color_combinations(name)]
@@ -130,9 +130,9 @@ def _adherence(pipe, sets, s, baseline_cfg: float) -> dict[str, Any]:
 def _new_colors(pipe, s, quick: bool) -> dict[str, Any]:
     """Per new colour: prompts of its 9 held-out combinations and of 27 of its training ones (for a LoRA that taught
     it, ldm.demo.new_color), at the guidance scale."""
-    from ldm.demo.shapes import new_color_combinations
     from ldm.demo.adherence import prompt_adherence
     from ldm.demo.prompts import QUICK_PROMPTS, spread
+    from ldm.demo.shapes import new_color_combinations
 
     rows = []
     for name in s.new_colors:

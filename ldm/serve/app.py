@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ldm.errors import UserError
+from ldm.models.spec import ModelSpec
 from ldm.serve.api import Limits, build_router
 from ldm.serve.auth import BasicAuth
-from ldm.models.spec import ModelSpec
 from ldm.serve.page import mount_page
 from ldm.serve.worker import ModelUnavailable, QueueFull, ServerStopping, Worker, first_line
 

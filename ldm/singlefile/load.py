@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ldm.models.components import Components
 from ldm.errors import UserError
+from ldm.models.components import Components
 from ldm.singlefile import keys
 from ldm.singlefile.detect import SD_SCALING_FACTOR, Detected, choose_prediction, detect, read_header
 from ldm.singlefile.detect import vae_config_from_shapes

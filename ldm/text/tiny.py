@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm.files import atomic_directory
 from ldm.errors import OneLineArgumentParser, UserError, exit_on_user_error
+from ldm.files import atomic_directory
 from ldm.text.encoder import CLIPTextEncoder, Layer
 from ldm.text.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, offline_clip_tokenizer
 

@@ -17,8 +17,8 @@ from ldm.config import save_config, to_dict
 from ldm.errors import UserError
 from ldm.parallel.collective import gather_json
 from ldm.parallel.setup import require_supported_setup
-from ldm.training.tracking import flat_config
 from ldm.training.logs import setup_logging
+from ldm.training.tracking import flat_config
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torchvision.utils import make_grid
 
 from ldm.models.components import Components
-from ldm.pipeline.pipeline import Pipeline
 from ldm.parallel.fsdp import is_fsdp
+from ldm.pipeline.pipeline import Pipeline
 from ldm.text.encoder import FrozenTextEncoder
 from ldm.unet.config import SampleConfig
 

@@ -1,4 +1,4 @@
-"""ldm/lora/trainable.py, what the stage-2 loop asks of what it trains (the whole U-Net, LoRA on the U-Net, LoRA on the
+"""ldm/unet/trained_weights.py, what the stage-2 loop asks of what it trains (the whole U-Net, LoRA on the U-Net, LoRA on the
 U-Net and the text encoder): the parameters, the modules clipped, the checkpoint's names (those every existing
 checkpoint has, so that it still resumes), the state, the EMA's source and the conditioning of a batch. The training
 runs themselves are tested in test_lora_train.py and test_train_ldm.py."""
@@ -6,6 +6,7 @@ runs themselves are tested in test_lora_train.py and test_train_ldm.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +15,11 @@ from accelerate import Accelerator
 from ldm.errors import UserError
 from ldm.lora.config import LoRAConfig
 from ldm.lora.resume import lora_settings
-from ldm.lora.trainable import LoRAWeights, TrainedWeights, trained_weights
 from ldm.parallel.setup import backend_for
 from ldm.text.tiny import tiny_clip_text_encoder
 from ldm.unet.config import LDMConfig
 from ldm.unet.presets import build_unet
+from ldm.unet.trained_weights import LoRAWeights, TrainedWeights, trained_weights
 
 
 @pytest.fixture
@@ -37,8 +38,9 @@ def build(accelerator: Accelerator, *, lora: bool = False, text: bool = False, c
     cfg.lora = LoRAConfig(enabled=lora, rank=2, targets=["to_q", "to_v"],
                           text_encoder_targets=["q_proj"] if text else [])
     cfg.train.caption_dropout = caption_dropout
-    trained = trained_weights(cfg, accelerator, backend_for(accelerator))
     unet = build_unet("tiny", sample_size=8, latent_channels=4, cross_attention_dim=32)
+    base = SimpleNamespace(unet_config=dict(unet.config))  # model.pretrained's spec, as far as the check reads it
+    trained = trained_weights(cfg, accelerator, backend_for(accelerator), base)
     encoder = tiny_clip_text_encoder()
     trained.check_text_encoder(encoder)
     params = trained.parameters_to_train(unet, encoder, base_dtype=torch.float32)
@@ -118,5 +120,5 @@ def test_lora_refuses_a_sharded_backend_before_anything_is_built():
     cfg = LDMConfig()
     cfg.lora = LoRAConfig(enabled=True)
     with pytest.raises(UserError, match="lora.enabled runs under one process or DDP"):
-        trained_weights(cfg, None, Sharded())
-    assert type(trained_weights(LDMConfig(), None, Sharded())) is TrainedWeights
+        trained_weights(cfg, None, Sharded(), None)
+    assert type(trained_weights(LDMConfig(), None, Sharded(), None)) is TrainedWeights
