@@ -111,8 +111,8 @@ def _line_request(raw: str, cli: dict[str, Any], model: ModelFacts, lora_dir) ->
         raise UserError("no prompt (a JSON line needs a non-empty \"prompt\")")
     if line.get("seed") == -1:
         del line["seed"]
-    request = GenerationRequest.layered(line, cli, {"seed": default_seed(line["prompt"])})
-    if request.seed == -1:  # never random: the same file gives the same images
+    request = GenerationRequest.layered(line, cli)
+    if request.seed == -1:  # no seed given: never random, so the same file gives the same images
         request = replace(request, seed=default_seed(line["prompt"]))
     check_lora_inputs([], request.prompt, lora_dir)  # <lora:NAME:W> tags name files in --lora-dir
     return request.resolve(model)

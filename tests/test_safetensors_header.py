@@ -30,6 +30,17 @@ def with_header(header: dict, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
+def checkpoint_holding(root, data: bytes):
+    """A training checkpoint whose one weight file is `data`, its manifest matching the file's size."""
+    checkpoint = root / "step-00000001"
+    (checkpoint / "models").mkdir(parents=True)
+    (checkpoint / "models" / "net.safetensors").write_bytes(data)
+    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": 1,
+                "files": {"models/net.safetensors": {"bytes": len(data)}}}
+    (checkpoint / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return checkpoint
+
+
 def test_a_good_file_gives_its_table_and_metadata(tmp_path):
     (tmp_path / "good.safetensors").write_bytes(GOOD)
     for source in (GOOD, tmp_path / "good.safetensors"):
@@ -110,12 +121,7 @@ def test_a_truncated_file_is_refused_by_every_caller_with_its_message(tmp_path):
     assert str(e.value) == f"'{tmp_path / 'model.safetensors'}' is truncated: {needs}; download it again"
 
     # a training checkpoint whose manifest matches the (truncated) file's size: only the header check catches it
-    checkpoint = tmp_path / "step-00000001"
-    (checkpoint / "models").mkdir(parents=True)
-    (checkpoint / "models" / "net.safetensors").write_bytes(cut)
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": 1,
-                "files": {"models/net.safetensors": {"bytes": len(cut)}}}
-    (checkpoint / MANIFEST_NAME).write_text(json.dumps(manifest))
+    checkpoint = checkpoint_holding(tmp_path, cut)
     with pytest.raises(UserError) as e:
         validate_checkpoint(checkpoint)
     assert str(e.value).startswith(f"corrupt checkpoint {checkpoint}: models/net.safetensors is not a valid "
@@ -132,12 +138,7 @@ def test_a_truncated_file_is_refused_by_every_caller_with_its_message(tmp_path):
 
 def test_a_git_lfs_pointer_is_named_by_every_caller(tmp_path):
     pointer = damaged()["lfs"][0]
-    checkpoint = tmp_path / "step-00000001"
-    (checkpoint / "models").mkdir(parents=True)
-    (checkpoint / "models" / "net.safetensors").write_bytes(pointer)
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": 1,
-                "files": {"models/net.safetensors": {"bytes": len(pointer)}}}
-    (checkpoint / MANIFEST_NAME).write_text(json.dumps(manifest))
+    checkpoint = checkpoint_holding(tmp_path, pointer)
     with pytest.raises(UserError, match=r"models/net\.safetensors is not a valid safetensors file \(a git-lfs "
                                         r"pointer file, not the weights\)"):
         validate_checkpoint(checkpoint)

@@ -38,8 +38,7 @@ from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.files import TMP_PREFIX, atomic_write_bytes, atomic_write_text
 from ldm.latents.cache import (
-    BUCKET_KEY, DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME,
-    LatentCache,
+    BUCKET_KEY, DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, LatentCache,
     MissingCacheError, Shard, content_sha256, parse_shard, shard_name, vae_identity,
 )
 from ldm.latents.cache_key import CacheSpec

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ def inspect_model(model: str | Path | None, *, prediction_type: str | None = Non
     spec = _inspect_file(name, root, prediction_type) if root.is_file() else _inspect_dir(name, root, prediction_type)
     if vae is not None:
         check_vae_source(vae)
-        spec = ModelSpec(**{**spec.__dict__, "vae": str(vae)})
+        spec = replace(spec, vae=str(vae))
     return spec
 
 
