@@ -85,6 +85,30 @@ def tiny_inpaint_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """The tiny random SDXL base (ldm.pipeline.tiny.save_tiny_sdxl_model), written once per session: read it only."""
+    from ldm.pipeline.tiny import save_tiny_sdxl_model
+
+    return save_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory) -> Path:
+    """The tiny SDXL refiner (bigG-like text tower only, aesthetic-score time ids), once per session: read only."""
+    from ldm.pipeline.tiny import save_tiny_sdxl_model
+
+    return save_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl-refiner"), kind="refiner")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint_model(tmp_path_factory) -> Path:
+    """The tiny SDXL base's inpainting twin (a 9-channel U-Net), once per session: read it only."""
+    from ldm.pipeline.tiny import save_tiny_sdxl_model
+
+    return save_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl-inpaint"), kind="inpaint")
+
+
+@pytest.fixture(scope="session")
 def serve_server():
     """One real `ldm-serve` (demo model, basic auth, small limits) for test_serve_api.py and test_serve_page.py."""
     from serve_server import shared_server
