@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("device and precision")
     d.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto (default) = fp16 on a GPU, fp32 on the CPU; fp16 on the CPU falls back to fp32 with a warning. "
-                   "An fp16 VAE decode that gives NaN is redone in fp32")
+                   help="auto (default) = fp16 on a GPU; on the CPU bf16 if it has native bf16 (AVX512-BF16 or AMX), "
+                   "else fp32; fp32 = exact fp32 anywhere. fp16 on the CPU falls back to fp32 with a warning. An fp16 "
+                   "VAE decode that gives NaN is redone in fp32")
     d.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images in less memory)")
     d.add_argument("--compile", nargs="?", const="regional", default=None, choices=["regional", "full"],
                    help="torch.compile the U-Net: regional (the default for a bare --compile: each transformer block "

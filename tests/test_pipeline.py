@@ -16,7 +16,7 @@ from PIL import Image
 from ldm.errors import UserError
 from ldm.pipeline import images as im
 from ldm.pipeline.denoise import denoise
-from ldm.pipeline.device import pick_dtype
+from ldm.pipeline.device import cpu_has_native_bf16, pick_dtype
 from ldm.pipeline.guidance import classifier_free_guidance, rescale_guidance
 from ldm.pipeline.metadata import format_parameters, parse_parameters
 from ldm.pipeline.output import save_png, slug
@@ -370,8 +370,20 @@ def test_fp16_on_cpu_falls_back_to_fp32(caplog):
     with caplog.at_level(logging.WARNING, logger="ldm"):
         assert pick_dtype("fp16", torch.device("cpu")) == torch.float32
     assert "fp16 is not supported on the CPU" in caplog.text
-    assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    assert pick_dtype(None, torch.device("cpu")) == torch.float32
+    assert pick_dtype("fp32", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("caps, native", [({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
+                                          ({"avx2": True, "avx512_bf16": False}, False), ({}, False)])
+def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, caplog, caps, native):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    cpu = torch.device("cpu")
+    assert cpu_has_native_bf16() is native
+    assert pick_dtype("auto", cpu) == pick_dtype(None, cpu) == (torch.bfloat16 if native else torch.float32)
+    assert pick_dtype("fp32", cpu) == torch.float32  # exactness on request, whatever the CPU
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        assert pick_dtype("bf16", cpu) == torch.bfloat16  # honoured either way; said out loud where it is slow
+    assert ("no native bf16" in caplog.text) is not native
 
 
 # ------------------------------------------------------------------------------------------- metadata and output

@@ -32,19 +32,43 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware: AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX-BF16
+    (Sapphire Rapids and later). Without them torch still runs bf16, but its convolutions take a slow generic path
+    (one 3x3 conv of SD's first U-Net block: ~100x fp32's time on an AVX2 EPYC, bench/RESULTS.md)."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch's own cpuinfo check (torch >= 2.9)
+    if get_capabilities is not None:
+        caps = get_capabilities()
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags"):
+                return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """'auto'/None: fp16 on a GPU, fp32 on the CPU. fp16 on the CPU falls back to fp32 with a warning.
+    """'auto'/None: fp16 on a GPU; on the CPU bf16 where it has native bf16 (`cpu_has_native_bf16`), else fp32.
+    fp16 on the CPU falls back to fp32 with a warning; 'fp32' is always exact fp32.
 
     CPU kernels for half precision are missing or far slower than fp32 for convolutions, so honouring the request
-    would only make generation slower (or fail deep inside the U-Net); bf16 has real CPU kernels and is kept.
+    would only make generation slower (or fail deep inside the U-Net); bf16 has real CPU kernels and is kept (an
+    explicit bf16 on a CPU without native bf16 is honoured with a warning: it is correct, but many times slower).
     """
     if name in (None, "auto"):
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if device.type in ("cuda", "mps"):
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if name not in DTYPES:
-        raise UserError(f"unknown dtype '{name}' (use {', '.join(DTYPES)})")
+        raise UserError(f"unknown dtype '{name}' (use auto, {', '.join(DTYPES)})")
     if name == "fp16" and device.type == "cpu":
         log.warning("fp16 is not supported on the CPU; using fp32 (bf16 is available on the CPU)")
         return torch.float32
+    if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs, but its convolutions are many "
+                    "times slower than fp32 here (--dtype fp32 or auto is faster)")
     return DTYPES[name]
 
 
