@@ -8,7 +8,7 @@ aspect ratio, never stretched: diffusers #14158) and cropped to it, and every ba
   `min_side` and `max_side`, the aspect ratio at most `max_aspect`, and the area as close to `resolution`² as the
   step allows.
 - `nearest_bucket`: the bucket whose log aspect ratio is nearest the image's (ties: the first in the table).
-- `BucketTransform`: decoded image -> (3, H, W) in [-1, 1], at the image's bucket.
+- `BucketTransform`: decoded image -> (3, H, W) in [-1, 1], at the image's bucket (and its `CropGeometry`).
 - `BucketBatchSampler`: batches as a pure function of (seed, epoch, position in the epoch) and the process rank,
   like `ldm.data.batch_order.ResumableBatchSampler`, so a resumed run sees exactly the batches it would have seen.
 
@@ -29,6 +29,7 @@ import PIL.Image
 import torch
 
 from ldm.data.batch_order import check_sampler_arguments
+from ldm.data.crops import CropGeometry
 from ldm.errors import UserError
 from ldm.image_io import to_rgb
 from ldm.pixels import pil_to_tensor
@@ -107,15 +108,22 @@ class BucketTransform:
     random_flip: bool = False
 
     def __call__(self, image: PIL.Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.apply(image, rng)[0]  # (3, H, W)
+
+    def apply(self, image: PIL.Image.Image, rng: random.Random) -> tuple[torch.Tensor, CropGeometry]:
+        """The (3, H, W) pixels of the image's bucket and their crop geometry (`ldm.data.crops`)."""
         image = to_rgb(image)
+        original_size = (image.height, image.width)
         bucket = self.buckets[nearest_bucket(image.size, self.buckets)]
         box = cover_crop_box(image.size, bucket, self.center_crop, rng)
         if image.size != bucket:
             # one antialiased resample of just the box, as `ImageTransform` does for squares
             image = image.resize(bucket, resample=PIL.Image.Resampling.BICUBIC, box=box)
-        if self.random_flip and rng.random() < 0.5:
+        flipped = self.random_flip and rng.random() < 0.5
+        if flipped:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(image)[0]  # (3, H, W)
+        crop = CropGeometry(original_size, box, (bucket[1], bucket[0]), flipped)
+        return pil_to_tensor(image)[0], crop  # (3, H, W)
 
 
 def format_bucket_table(sizes: Sequence[Size], counts: Sequence[int]) -> str:
