@@ -3,9 +3,9 @@ checked against hand-computed values and against the pixels they name; old cache
 
 from __future__ import annotations
 
-import io
 import json
 import random
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -224,8 +224,6 @@ def test_a_cached_random_crop_records_its_own_offset_and_the_mirrored_one(parts,
 
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_an_old_format_cache_is_stale_in_one_line_and_rebuilt(parts, square, tmp_path, capsys):
-    import shutil
-
     directory = shutil.copytree(square.directory, tmp_path / "old")
     manifest = json.loads((directory / "manifest.json").read_text())
     (directory / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))  # before the crop offsets

@@ -12,8 +12,9 @@ W' - left - w (W' the resized width, w the target width), not at w - left: the u
 the same in SimpleTuner) tells the model the wrong offset for every flipped image.
 
 Offsets are computed in floats and rounded at the end (Python's `round`, half to even, as diffusers'
-`int(round(...))`). When the resized width W' is whole, crop_left + flipped crop_left = W' - w exactly, except for a
-box whose edge falls on half a resized pixel (then it can be off by one).
+`int(round(...))`). When W' - w is whole, crop_left + flipped crop_left = W' - w exactly, except when the box starts
+on half a resized pixel and W' - w is odd: then both offsets end in .5 and round the same way, and the sum is off by
+one.
 """
 
 from __future__ import annotations
