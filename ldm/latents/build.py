@@ -9,9 +9,10 @@ collective: call it on every process. The cache directory must be on a filesyste
 - Process r of n encodes images r, r+n, r+2n, ... in shards of `cache.shard_size` images; each shard is written to
   a temporary file and renamed into place, so a shard file is always complete.
 - With `data.buckets: true` each image is encoded at its aspect-ratio bucket (`ldm.data.buckets`), centre-cropped
-  (and flipped); a batch's images of one size go through the VAE together. Every row also records the image's
-  original size and its crop's offset (and its flip's), SDXL's micro-conditioning (`ldm.latents.micro_conditioning`). A rerun after an interruption keeps
+  (and flipped); a batch's images of one size go through the VAE together. A rerun after an interruption keeps
   every shard that verifies (its content hash, its build id, the images it should hold) and encodes only the rest.
+- Every row also records the image's original size and its crop's offset (and its flip's): SDXL's
+  micro-conditioning (`ldm.latents.micro_conditioning`).
 - The main process writes manifest.json last, after all processes finished, atomically; it vouches for every shard
   by size and sha256. Failures on any process are shared with all, so none is left waiting.
 """
