@@ -22,8 +22,9 @@ to L = C * the largest bucket's latent area, and `bucket` (R,) int64 holds the r
 the manifest's data.buckets.sizes lists ([W, H] pixels). Rows are keyed by dataset index, never by step.
 
 and, in the safetensors metadata: "format", "version" (2 since the crop offsets; an older cache is stale), "build"
-(hash of everything the latents depend on), "captions" (JSON list, one per row), "skipped" (JSON list of {index, name, reason} for undecodable images) and
-"content_sha256" (hash of tensors + captions + skipped), so a shard verifies itself even before a manifest exists.
+(hash of everything the latents depend on), "captions" (JSON list, one per row), "skipped" (JSON list of {index,
+name, reason} for undecodable images) and "content_sha256" (hash of tensors + captions + skipped), so a shard
+verifies itself even before a manifest exists.
 
 The manifest records the VAE identity (sha256 of its weights and of its config.json without "_"-keys, the config,
 scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, buckets, dataset
