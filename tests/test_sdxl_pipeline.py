@@ -236,3 +236,28 @@ def test_server_txt2img_with_refiner_checkpoint(tiny_sdxl_model, tiny_sdxl_refin
             assert status == 422 and "is an SDXL refiner" in out["detail"]
     finally:
         worker.stop()
+
+
+def test_hires_second_pass_is_conditioned_on_its_own_size(pipe):
+    seen = []
+    unet = pipe._unet_fn
+
+    def recording(x, t, **kw):
+        seen.append(kw["added_cond_kwargs"]["time_ids"][0].tolist())
+        return unet(x, t, **kw)
+
+    pipe._unet_fn = recording
+    try:
+        result = pipe(PROMPT, NEGATIVE, steps=2, seed=1, hires_scale=1.5, show_progress=False)
+    finally:
+        pipe._unet_fn = unet
+    assert result.images[0].size == (96, 96)
+    assert seen[0] == [64, 64, 0, 0, 64, 64] and seen[-1] == [96, 96, 0, 0, 96, 96]
+
+
+def test_four_channel_inpainting_keeps_the_unmasked_pixels(pipe, init_image):
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    out = pipe(PROMPT, steps=3, seed=2, init_image=init_image, mask=mask, mask_blur=0, show_progress=False)
+    kept = np.asarray(mask) == 0
+    assert np.array_equal(np.asarray(out.images[0])[kept], np.asarray(init_image)[kept])
