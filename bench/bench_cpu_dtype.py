@@ -10,7 +10,7 @@ wall and process CPU time (the steadier one on a shared machine).
 
 bf16 speed is only timed where the CPU multiplies bf16 in hardware (`cpu_has_native_bf16`) or with
 `--time-bf16 yes`: elsewhere torch's bf16 convolutions take a generic path some 100x slower than fp32 (the table's
-first line measures one), and an SD 1.5 image would take the best part of an hour. The closeness check still runs
+first line measures one), and an SD 1.5 image would take over an hour. The closeness check still runs
 there, with every bf16 convolution computed in fp32 from the bf16 inputs and weights and rounded back to bf16: what
 a native bf16 kernel does (bf16 products are exact in fp32, accumulation is fp32), up to summation order.
 
@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-from contextlib import nullcontext
 import platform
 import shlex
 import statistics
 import sys
 import time
 import warnings
+from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -150,15 +151,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, images, latents, eps = [], {}, {}, {}
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         pipe = ours_for(dtype)
-        with torch.inference_mode():
-            with Bf16ConvInFp32() if (dtype == torch.bfloat16 and not native) else nullcontext():
-                eps[name] = ref.unet(probe_x.to(dtype), probe_t, probe_ctx.to(dtype)).sample.float()
+        stand_in = Bf16ConvInFp32() if (dtype == torch.bfloat16 and not native) else nullcontext()
+        with torch.inference_mode(), stand_in:
+            eps[name] = ref.unet(probe_x.to(dtype), probe_t, probe_ctx.to(dtype)).sample.float()
         if dtype == torch.float32 or time_bf16:
-            timed(lambda: run_ours(pipe)), timed(lambda: run_diffusers(pipe))  # warm-up
+            ours, theirs = partial(run_ours, pipe), partial(run_diffusers, pipe)
+            timed(ours), timed(theirs)  # warm-up
             t_ours, t_ref = [], []
             for _ in range(args.repeats):
-                *a, result = timed(lambda: run_ours(pipe))
-                *b, _ = timed(lambda: run_diffusers(pipe))
+                *a, result = timed(ours)
+                *b, _ = timed(theirs)
                 t_ours.append(a)
                 t_ref.append(b)
                 print(f"{name}: ours {a[0]:.2f} s, diffusers {b[0]:.2f} s", file=sys.stderr, flush=True)

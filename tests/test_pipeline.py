@@ -392,6 +392,18 @@ def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, caplog, ca
     assert ("no native bf16" in caplog.text) is not native
 
 
+def test_native_bf16_from_proc_cpuinfo_on_a_torch_without_get_capabilities(monkeypatch, tmp_path):
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    real_open = open
+    for flags, native in (("fpu avx2 avx512f avx512_bf16 amx_tile", True), ("fpu avx2 amx_bf16", True),
+                          ("fpu avx2 avx512f", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+            cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+        assert cpu_has_native_bf16() is native
+
+
 # ------------------------------------------------------------------------------------------- metadata and output
 
 def test_parameters_text_round_trips():

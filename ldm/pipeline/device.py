@@ -41,12 +41,11 @@ def cpu_has_native_bf16() -> bool:
         caps = get_capabilities()
         return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("flags"):
-                return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "flags:")
+    except OSError:  # not Linux: no way to tell, so the safe choice
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
 
 
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:

@@ -45,7 +45,9 @@ class LatentCodec:
         """Latents (b, C, h, w) -> images (b, 3, H, W) in [-1, 1]; an fp16 decode that overflows is redone in fp32.
 
         The SD 1.x/2.x VAE decoder's activations exceed fp16's range on some images and come out NaN (black images,
-        A1111 #7633); decoding those again in fp32 costs one extra decode and only when it happens.
+        A1111 #7633); decoding those again in fp32 costs one extra decode and only when it happens. bf16 keeps fp32's
+        exponent range, so it cannot overflow where fp32 does not: a bf16 decode needs no fallback (its rounding,
+        measured against fp32 by bench/bench_cpu_dtype.py, is in docs/inference.md's Precision section).
         """
         z = self.unscale(latents)
         decoded = self.vae.decode(z, return_dict=False)[0]
