@@ -38,6 +38,7 @@ import gc
 import math
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -108,6 +109,7 @@ def inference_rows(model: str, args: argparse.Namespace, device: torch.device, d
             raise
 
     ours, note = open_ours()
+    shutil.rmtree(directory)  # loaded: the files (5 GB for SDXL in bf16) are not needed any more
     scheduler_config = dict(ref.scheduler.config)
 
     def run_ours() -> np.ndarray:
