@@ -86,6 +86,9 @@ def detect_sdxl(shapes: Shapes, path: Path, family: str) -> Detected:
     d = Detected(path, family, shapes)
     clip_prefix, bigg_prefix = text_prefixes(family)
     bigg = _part(shapes, bigg_prefix)
+    if not bigg and clip_prefix is not None and any(k.startswith(clip_prefix) for k in shapes):
+        raise UserError(f"'{path}' is an SDXL checkpoint with CLIP ViT-L but without its OpenCLIP ViT-bigG text "
+                        f"encoder ({bigg_prefix}*); the file is damaged or incomplete")
     if bigg:
         d.text_config_2 = bigg_config(bigg, path)
         d.tokenizer_2 = {"pad_token": "!"}  # OpenCLIP pads with id 0, the token '!'
@@ -102,9 +105,6 @@ def detect_sdxl(shapes: Shapes, path: Path, family: str) -> Detected:
                         "force_upcast": True, "sample_size": 1024}
     d.scheduler_config = dict(SDXL_SCHEDULER)
     d.ema_keys = sum(k.startswith("model_ema.") for k in shapes)
-    if not bigg and (d.unet_config is None or d.text_config is not None):
-        raise UserError(f"'{path}' is an SDXL checkpoint without its OpenCLIP ViT-bigG text encoder "
-                        f"({bigg_prefix}*); the file is damaged or incomplete")
     return d
 
 
