@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -82,7 +87,7 @@ def test_each_kind_is_detected_and_described_in_one_line(files):
             "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
             "first_stage_model.decoder.mid.attn_1.q.weight"} <= names
     with safe_open(str(files["refiner"][1]), "pt") as f:
-        assert any(k.startswith("conditioner.embedders.0.model.") for k in f.keys())
+        assert any(k.startswith("conditioner.embedders.0.model.") for k in f.keys())  # noqa: SIM118 - safe_open is no dict
     spec = inspect_model(str(files["refiner"][1]))
     assert (spec.family, spec.parts, spec.prediction_type) == ("sdxl-refiner", ("unet", "vae", "text_encoder"),
                                                                "epsilon")
@@ -161,7 +166,7 @@ def test_full_size_presets_map_every_key_both_ways(family):
 
 
 def test_full_size_inpainting_shapes_are_sdxl_with_nine_channels():
-    unet, vae, clip, bigg = _full_size("sdxl", in_channels=9)
+    unet, _, clip, bigg = _full_size("sdxl", in_channels=9)
     shapes = {k: tuple(x.shape) for k, x in {**keys.unet_to_original(unet.state_dict(), unet.config),
                                              **keys.clip_to_original(clip.state_dict(), keys.SDXL_CLIP_PREFIX),
                                              **keys.open_clip_to_original(bigg.state_dict(), keys.SDXL_BIGG_PREFIX),
@@ -175,7 +180,10 @@ def test_full_size_inpainting_shapes_are_sdxl_with_nine_channels():
 
 def _same_config(a, b) -> None:
     skip = {"_use_default_values", "_class_name", "_diffusers_version"}
-    norm = lambda c: {k: list(v) if isinstance(v, tuple) else v for k, v in c.items() if k not in skip}  # noqa: E731
+
+    def norm(c):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in c.items() if k not in skip}
+
     assert norm(a) == norm(b)
 
 
