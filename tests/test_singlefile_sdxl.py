@@ -25,7 +25,7 @@ from ldm.errors import UserError
 from ldm.models.spec import inspect_model
 from ldm.singlefile import keys
 from ldm.singlefile.detect import detect, detect_shapes
-from ldm.singlefile.load import load_vae_override
+from ldm.singlefile.load import load_unet_file, load_vae_override
 from ldm.singlefile.load_sdxl import load_sdxl_modules
 from ldm.singlefile.save import directory_to_file, file_to_directory
 from ldm.singlefile.sdxl import BIGG, CLIP_L, SDXL_SCHEDULER
@@ -255,6 +255,8 @@ def test_bad_sdxl_inputs_are_one_clear_line(files, tiny_model, tmp_path):
     save_file(state, str(tmp_path / "adm.safetensors"))
     with pytest.raises(UserError, match="label_emb takes 71 features"):
         detect(tmp_path / "adm.safetensors")
+    with pytest.raises(UserError, match="is an SDXL model; stage 2 fine-tunes SD 1.x/2.x-style U-Nets only"):
+        load_unet_file(files["base"][1])
 
 
 def test_an_sdxl_vae_swap_keeps_sdxl_latent_scale(files, tmp_path):
