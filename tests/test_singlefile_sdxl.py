@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ldm.convert import main as convert_main
 from ldm.errors import UserError
 from ldm.models.spec import inspect_model
 from ldm.singlefile import keys
@@ -96,10 +98,10 @@ def test_each_kind_is_detected_and_described_in_one_line(files):
 
 # ------------------------------------------------------------------------------------------------------ round trips
 @pytest.mark.parametrize("kind", ["base", "refiner"])
-def test_directory_file_directory_is_exact(files, kind, tmp_path):
+def test_directory_file_directory_is_exact(files, kind, tmp_path, capsys):
     directory, path = files[kind]
     back = tmp_path / "back"
-    file_to_directory(path, back)
+    assert run(convert_main, [str(path), str(back)], capsys)[:2] == (0, [str(back)])  # ldm-convert FILE DIR
     ours, theirs = _tensors(directory), _tensors(back)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
