@@ -21,7 +21,9 @@ from typing import BinaryIO
 from ldm.errors import UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHTED = ("unet", "vae", "text_encoder")
+WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "scheduler")
+SDXL_REFINER_COMPONENTS = ("unet", "vae", "text_encoder_2", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
 SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors refuses longer JSON headers (its MAX_HEADER_SIZE)

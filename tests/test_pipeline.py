@@ -22,9 +22,15 @@ from ldm.pipeline.metadata import format_parameters, parse_parameters
 from ldm.pipeline.output import save_png, slug
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.request import GenerationRequest
-from ldm.pipeline.samplers import SAMPLERS, make_scheduler, sampler_from_label, sampler_label
+from ldm.pipeline.samplers import (
+    SAMPLERS,
+    make_scheduler,
+    sampler_from_label,
+    sampler_label,
+)
 from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE, check_request, steps_to_run
 from ldm.pixels import float_to_uint8
+from ldm.text.conditioning import Conditioning
 from ldm.weights import check_safetensors_file
 
 PROMPT, NEGATIVE = "a red car", "blurry"
@@ -248,7 +254,7 @@ def _constant_x0_unet():
 def _run_to_the_end(scheduler) -> torch.Tensor:
     scheduler.set_timesteps(4)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
-    return denoise(_constant_x0_unet(), scheduler, latents, scheduler.timesteps, torch.zeros(1, 77, 8), None, 1.0,
+    return denoise(_constant_x0_unet(), scheduler, latents, scheduler.timesteps, Conditioning(torch.zeros(1, 77, 8)), None, 1.0,
                    generators=_generators(0, 1))
 
 

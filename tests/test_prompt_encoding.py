@@ -8,15 +8,16 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import run
 from PIL import Image
 
-from conftest import run
 from ldm.errors import UserError
 from ldm.generate import main
 from ldm.pipeline.metadata import format_parameters, parse_parameters
 from ldm.pipeline.pipeline import Pipeline
 from ldm.pipeline.request import GenerationRequest
 from ldm.text import CLIPTextEncoder, tiny_clip_text_encoder
+from ldm.text.conditioning import Conditioning
 from ldm.text.openclip import OpenCLIPTextEncoder
 from ldm.text.prompt_encoding import (
     ClipSkipIgnoredWarning,
@@ -24,14 +25,26 @@ from ldm.text.prompt_encoding import (
     apply_weights,
     chunk_input_ids,
     chunk_tokens,
-    encode_prompt,
-    encode_prompt_pair,
     uses_open_clip_padding,
 )
+from ldm.text.prompt_encoding import encode_prompt as encode_conditioning
+from ldm.text.prompt_encoding import encode_prompt_pair as encode_conditioning_pair
 from ldm.text.prompt_syntax import parse_prompt
 from ldm.text.tiny import tiny_open_clip_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def encode_prompt(encoder, prompt, clip_skip=1, what="prompt"):
+    """The context alone (SD encoders give no pooled embedding)."""
+    conditioning = encode_conditioning(encoder, prompt, clip_skip, what)
+    assert conditioning.pooled is None
+    return conditioning.context
+
+
+def encode_prompt_pair(encoder, prompt, negative, clip_skip=1):
+    cond, uncond = encode_conditioning_pair(encoder, prompt, negative, clip_skip)
+    return cond.context, None if uncond is None else uncond.context
 
 SHORT = [
     "a photo of a cat",
@@ -42,7 +55,7 @@ SHORT = [
     "a red cube on a blue sphere, studio lighting, octane render " * 5,  # 71 tokens: still one chunk
 ]
 # words that are one CLIP token each, so that N words are N tokens
-WORDS = ("cat dog red blue house tree car sky sun moon river stone field road bird fish hill lake boat star").split()
+WORDS = ["cat", "dog", "red", "blue", "house", "tree", "car", "sky", "sun", "moon", "river", "stone", "field", "road", "bird", "fish", "hill", "lake", "boat", "star"]
 
 
 def _shift(layer_norm: torch.nn.LayerNorm) -> None:
@@ -259,7 +272,8 @@ def test_short_prompts_give_the_images_of_the_old_encoding_path(pipe, monkeypatc
     new = pipe("a red car", "blurry", cfg=5.0, **FAST)
 
     def old_path(encoder, prompt, negative, clip_skip=1):  # the pipeline's encoding before prompt syntax existed
-        return encoder.encode([prompt]), None if negative is None else encoder.encode([negative])
+        return (Conditioning(encoder.encode([prompt])),
+                None if negative is None else Conditioning(encoder.encode([negative])))
 
     monkeypatch.setattr("ldm.pipeline.pipeline.encode_prompt_pair", old_path)
     old = pipe("a red car", "blurry", cfg=5.0, **FAST)

@@ -41,7 +41,7 @@ generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, std
 def read(text: str, tmp_path: Path, **defaults):
     path = tmp_path / "prompts.txt"
     path.write_text(text)
-    model = SimpleNamespace(vae_factor=2, default_size=32, train_timesteps=1000, inpainting_unet=False)
+    model = SimpleNamespace(vae_factor=2, default_size=32, train_timesteps=1000, inpainting_unet=False, arch="sd")
     return read_prompts_file(path, defaults, model)
 
 

@@ -12,7 +12,7 @@ from ldm.errors import UserError
 from ldm.pipeline.metadata import format_parameters, parse_parameters
 from ldm.pipeline.request import PROMPTS_FILE_KEYS, GenerationRequest, from_a1111
 
-MODEL = SimpleNamespace(vae_factor=8, default_size=512, train_timesteps=1000, inpainting_unet=False)
+MODEL = SimpleNamespace(vae_factor=8, default_size=512, train_timesteps=1000, inpainting_unet=False, arch="sd")
 PNG = ("a red car\nNegative prompt: blurry\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 42, "
        "Size: 640x384, Model: sd15, Clip skip: 2")
 

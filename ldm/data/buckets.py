@@ -6,9 +6,10 @@ aspect ratio, never stretched: diffusers #14158) and cropped to it, and every ba
 
 - `bucket_sizes`: the table. Sides are multiples of `data.bucket_step` (itself a multiple of the VAE factor), between
   `min_side` and `max_side`, the aspect ratio at most `max_aspect`, and the area as close to `resolution`² as the
-  step allows.
+  step allows (`data.bucket_area: nearest`, the default below 1024 px) or the largest up to `resolution`²
+  (`at_most`, SDXL's rule and the default from 1024 px: about 1 megapixel in 64 px steps).
 - `nearest_bucket`: the bucket whose log aspect ratio is nearest the image's (ties: the first in the table).
-- `BucketTransform`: decoded image -> (3, H, W) in [-1, 1], at the image's bucket.
+- `BucketTransform`: decoded image -> (3, H, W) in [-1, 1], at the image's bucket (and its `CropGeometry`).
 - `BucketBatchSampler`: batches as a pure function of (seed, epoch, position in the epoch) and the process rank,
   like `ldm.data.batch_order.ResumableBatchSampler`, so a resumed run sees exactly the batches it would have seen.
 
@@ -29,6 +30,7 @@ import PIL.Image
 import torch
 
 from ldm.data.batch_order import check_sampler_arguments
+from ldm.data.crops import CropGeometry
 from ldm.errors import UserError
 from ldm.image_io import to_rgb
 from ldm.pixels import pil_to_tensor
@@ -36,12 +38,27 @@ from ldm.pixels import pil_to_tensor
 Size = tuple[int, int]  # (width, height) in pixels, as PIL writes sizes
 
 
+# From this resolution up, `data.bucket_area: auto` makes SDXL's table: no bucket holds more pixels than resolution²
+# (SDXL's own buckets, 1024² at most, are what its U-Net saw; a batch size tuned on 1024 x 1024 then fits every
+# bucket). Below it, "nearest", the table SD 1.x/2.x runs have always used.
+AT_MOST_FROM_RESOLUTION = 1024
+
+
 def bucket_settings(data_cfg: Any) -> dict[str, Any] | None:
     """What a bucket table depends on (for cache keys), or None without buckets."""
     if not data_cfg.buckets:
         return None
-    return {"step": data_cfg.bucket_step, "min_side": effective_min_side(data_cfg),
-            "max_side": effective_max_side(data_cfg), "max_aspect": float(data_cfg.max_aspect)}
+    settings = {"step": data_cfg.bucket_step, "min_side": effective_min_side(data_cfg),
+                "max_side": effective_max_side(data_cfg), "max_aspect": float(data_cfg.max_aspect)}
+    if effective_bucket_area(data_cfg) == "at_most":  # only then: "nearest" settings read (and key) as before
+        settings["area"] = "at_most"
+    return settings
+
+
+def effective_bucket_area(data_cfg: Any) -> str:
+    if data_cfg.bucket_area != "auto":
+        return data_cfg.bucket_area
+    return "at_most" if data_cfg.resolution >= AT_MOST_FROM_RESOLUTION else "nearest"
 
 
 def effective_min_side(data_cfg: Any) -> int:
@@ -53,9 +70,10 @@ def effective_max_side(data_cfg: Any) -> int:
 
 
 def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int, max_aspect: float,
-                 factor: int = 1) -> list[Size]:
+                 factor: int = 1, area: str = "nearest") -> list[Size]:
     """The bucket table, sorted by width: for each width >= resolution a multiple of `step`, the height that brings
-    the area nearest `resolution`² (both ways round: portrait buckets mirror landscape ones); sizes outside
+    the area nearest `resolution`² (`area="nearest"`) or the largest one whose area is at most `resolution`²
+    (`area="at_most"`, SDXL's rule), both ways round (portrait buckets mirror landscape ones); sizes outside
     [min_side, max_side] or beyond `max_aspect` are left out.
 
     Raises a one-line `UserError` naming the setting when the step does not fit the VAE factor or the resolution.
@@ -69,10 +87,13 @@ def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int, max_a
     if not step <= min_side <= resolution <= max_side:
         raise UserError(f"config keys 'data.min_side'/'data.max_side': need bucket_step ({step}) <= min_side "
                         f"({min_side}) <= resolution ({resolution}) <= max_side ({max_side})")
-    area = resolution * resolution
+    pixels = resolution * resolution
     sizes = set()
     for width in range(resolution, max_side + 1, step):  # landscape (and square) sizes, then their transposes
-        height = max(step, round(area / width / step) * step)
+        if area == "at_most":
+            height = pixels // width // step * step  # (0 when even one step is too many: below min_side)
+        else:
+            height = max(step, round(pixels / width / step) * step)
         if min_side <= height <= max_side and width / height <= max_aspect + 1e-9:
             sizes |= {(width, height), (height, width)}
     return sorted(sizes)
@@ -107,15 +128,22 @@ class BucketTransform:
     random_flip: bool = False
 
     def __call__(self, image: PIL.Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.apply(image, rng)[0]  # (3, H, W)
+
+    def apply(self, image: PIL.Image.Image, rng: random.Random) -> tuple[torch.Tensor, CropGeometry]:
+        """The (3, H, W) pixels of the image's bucket and their crop geometry (`ldm.data.crops`)."""
         image = to_rgb(image)
+        original_size = (image.height, image.width)
         bucket = self.buckets[nearest_bucket(image.size, self.buckets)]
         box = cover_crop_box(image.size, bucket, self.center_crop, rng)
         if image.size != bucket:
             # one antialiased resample of just the box, as `ImageTransform` does for squares
             image = image.resize(bucket, resample=PIL.Image.Resampling.BICUBIC, box=box)
-        if self.random_flip and rng.random() < 0.5:
+        flipped = self.random_flip and rng.random() < 0.5
+        if flipped:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(image)[0]  # (3, H, W)
+        crop = CropGeometry(original_size, box, (bucket[1], bucket[0]), flipped)
+        return pil_to_tensor(image)[0], crop  # (3, H, W)
 
 
 def format_bucket_table(sizes: Sequence[Size], counts: Sequence[int]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ldm.config import check
 from ldm.image_io import MAX_PIXELS
@@ -29,6 +30,9 @@ class DataConfig:
     # of bucket_step (a multiple of the VAE factor); 0 for min_side / max_side: resolution // 2 / resolution * 2.
     buckets: bool = False
     bucket_step: int = 64
+    # Each bucket's area: "nearest" resolution² or "at_most" resolution² (SDXL's buckets); "auto": at_most from
+    # resolution 1024 up (SDXL), nearest below (SD 1.x/2.x, the table those runs have always had).
+    bucket_area: Literal["auto", "nearest", "at_most"] = "auto"
     min_side: int = 0
     max_side: int = 0
     max_aspect: float = 4.0

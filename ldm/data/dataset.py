@@ -25,7 +25,8 @@ _REASON_MAX_CHARS = 160
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Images (and captions) indexed by key = epoch * len(self) + index; built by `build_image_dataset`.
 
-    `__getitem__` returns `{"pixel_values", "caption", "index"}`, or, for a file that cannot be decoded,
+    `__getitem__` returns `{"pixel_values", "caption", "index", "crop"}` (crop: where the pixels came from, a
+    `ldm.data.crops.CropGeometry`, for SDXL's micro-conditioning), or, for a file that cannot be decoded,
     `{"skipped": name, "reason": why, "index": index, "resolution": R}`; `collate_images` turns both into batches.
     "index" is always the record's index in the *full* dataset, also for a `select`ed subset, so caches keyed by
     index stay valid.
@@ -107,9 +108,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 "index": index,
                 "resolution": self.transform.resolution,
             }
-        pixel_values = self.transform(image, rng)
+        pixel_values, crop = self.transform.apply(image, rng)
         caption = _pick_caption(record.get(self.caption_column) if self.caption_column else None, rng)
-        return {"pixel_values": pixel_values, "caption": caption, "index": index}
+        return {"pixel_values": pixel_values, "caption": caption, "index": index, "crop": crop}
 
     def _display_name(self, image_record: Any, index: int) -> str:
         path = image_record.get("path") if isinstance(image_record, dict) else None
@@ -144,6 +145,7 @@ def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
         "pixel_values": pixel_values,
         "captions": [item["caption"] for item in good],
         "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
+        "crops": [item["crop"] for item in good],
         "skipped": skipped,
     }
 

@@ -11,6 +11,8 @@ collective: call it on every process. The cache directory must be on a filesyste
 - With `data.buckets: true` each image is encoded at its aspect-ratio bucket (`ldm.data.buckets`), centre-cropped
   (and flipped); a batch's images of one size go through the VAE together. A rerun after an interruption keeps
   every shard that verifies (its content hash, its build id, the images it should hold) and encodes only the rest.
+- Every row also records the image's original size and its crop's offset (and its flip's): SDXL's
+  micro-conditioning (`ldm.latents.micro_conditioning`).
 - The main process writes manifest.json last, after all processes finished, atomically; it vouches for every shard
   by size and sha256. Failures on any process are shared with all, so none is left waiting.
 """
@@ -26,11 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader, Subset
 
 from ldm.data.buckets import BucketTransform, bucket_counts, bucket_settings, bucket_sizes, format_bucket_table
 from ldm.data.config import DataConfig
+from ldm.data.crops import CropGeometry
 from ldm.data.dataset import ImageCaptionDataset, collate_images
 from ldm.data.loader import resolve_source
 from ldm.data.sources import build_image_dataset
@@ -38,11 +40,12 @@ from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.files import TMP_PREFIX, atomic_write_bytes, atomic_write_text
 from ldm.latents.cache import (
-    BUCKET_KEY, DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, SHARD_FORMAT_NAME, LatentCache,
-    MissingCacheError, Shard, content_sha256, parse_shard, shard_name, vae_identity,
+    BUCKET_KEY, DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, LatentCache, MissingCacheError, Shard,
+    parse_shard, serialize_shard, shard_name, vae_identity,
 )
 from ldm.latents.cache_key import CacheSpec
 from ldm.latents.config import LatentCacheConfig
+from ldm.latents.micro_conditioning import crop_tensors
 from ldm.parallel.collective import main_process_first, run_on_all
 from ldm.progress import ProgressCounter, progress_bar
 from ldm.vae.load_vae import load_vae, vae_factor
@@ -206,7 +209,7 @@ def _encode_own_shards(
                 if vae is None:
                     vae = load_vae(vae_dir, device=accelerator.device)
                 shard = _encode_shard(vae, dataset, indices, spec, cache_cfg, data_cfg, accelerator, progress)
-                data = _serialize_shard(shard)
+                data = serialize_shard(shard)
                 atomic_write_bytes(path, data)
             else:
                 log.info("keeping %s (already written and intact)", path.name)
@@ -251,6 +254,7 @@ def _encode_shard(
         "mean": [], "std": [], "flip_mean": [], "flip_std": [], "index": [], BUCKET_KEY: []
     }
     captions: list[str] = []
+    crops: list[CropGeometry] = []  # where each row's (unflipped) pixels came from
     skipped: list[dict[str, Any]] = []
     store = _flattener(spec)  # (B, C, h, w) -> what a shard row holds
     for batch in (group for groups in loader for group in (groups if spec.buckets else [groups])):
@@ -272,6 +276,7 @@ def _encode_shard(
                 bucket = spec.buckets["sizes"].index([x.shape[-1], x.shape[-2]])  # [W, H]
                 parts[BUCKET_KEY].append(torch.full((n,), bucket, dtype=torch.long))
             captions.extend(batch["captions"])
+            crops.extend(batch["crops"])
         progress.update(len(batch["indices"]) + len(batch["skipped_items"]))
 
     dtype = DTYPES[spec.dtype]
@@ -285,6 +290,7 @@ def _encode_shard(
         tensors["index"] = torch.cat(parts["index"]).to(torch.long)
     if spec.buckets is not None:
         tensors[BUCKET_KEY] = torch.cat(parts[BUCKET_KEY]) if parts[BUCKET_KEY] else torch.zeros(0, dtype=torch.long)
+    tensors.update(crop_tensors(crops, flips=spec.random_flip))
     return Shard(tensors, captions, skipped, spec.build_id())
 
 
@@ -350,20 +356,6 @@ def _latent_shape(vae: AutoencoderKL, resolution: int, accelerator: Accelerator)
 # ----------------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _serialize_shard(shard: Shard) -> bytes:
-    captions_json = json.dumps(shard.captions, ensure_ascii=False)
-    skipped_json = json.dumps(shard.skipped, ensure_ascii=False)
-    metadata = {
-        "format": SHARD_FORMAT_NAME,
-        "version": str(FORMAT_VERSION),
-        "build": shard.build,
-        "captions": captions_json,
-        "skipped": skipped_json,
-        "content_sha256": content_sha256(shard.tensors, captions_json, skipped_json, shard.build),
-    }
-    return save_safetensors({k: v.contiguous() for k, v in shard.tensors.items()}, metadata=metadata)
 
 
 def _manifest_entry(name: str, rank: int, data: bytes) -> dict[str, Any]:

@@ -10,15 +10,21 @@ Each shard holds, for its R encoded images (skipped ones have no row):
     mean, std            (R, C, h, w)  posterior mean and std of the centre-cropped, unflipped image (fp32 or fp16)
     flip_mean, flip_std  (R, C, h, w)  the same for the horizontally flipped image (only when built with flips)
     index                (R,) int64    the image's index in the full dataset
+    original_size        (R, 2) int64  (h, w) of the image as decoded, before any resize
+    crop_top_left        (R, 2) int64  (top, left) of the crop in the resized image (SDXL's micro-conditioning)
+    flip_crop_top_left   (R, 2) int64  the same for the flipped copy: mirrored (only when built with flips)
+
+(`ldm.latents.micro_conditioning` explains the last three and turns a row into SDXL's time ids.)
 
 With aspect-ratio buckets (`data.buckets: true`, see `ldm.data.buckets`) each image is encoded at its bucket, so
 latent sizes differ: mean, std and the flips are then (R, L), each row a (C, H/f, W/f) latent flattened and zero-padded
 to L = C * the largest bucket's latent area, and `bucket` (R,) int64 holds the row's index into the bucket table that
 the manifest's data.buckets.sizes lists ([W, H] pixels). Rows are keyed by dataset index, never by step.
 
-and, in the safetensors metadata: "format", "version", "build" (hash of everything the latents depend on),
-"captions" (JSON list, one per row), "skipped" (JSON list of {index, name, reason} for undecodable images) and
-"content_sha256" (hash of tensors + captions + skipped), so a shard verifies itself even before a manifest exists.
+and, in the safetensors metadata: "format", "version" (2 since the crop offsets; an older cache is stale), "build"
+(hash of everything the latents depend on), "captions" (JSON list, one per row), "skipped" (JSON list of {index,
+name, reason} for undecodable images) and "content_sha256" (hash of tensors + captions + skipped), so a shard
+verifies itself even before a manifest exists.
 
 The manifest records the VAE identity (sha256 of its weights and of its config.json without "_"-keys, the config,
 scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, buckets, dataset
@@ -44,10 +50,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch.utils.data import Dataset
 
 from ldm.errors import UserError
 from ldm.latents.cache_key import FORMAT_VERSION, UNCHECKED, VAEIdentity, differences, vae_identity
+from ldm.latents.micro_conditioning import CROP_KEY, FLIP_CROP_KEY, ORIGINAL_SIZE_KEY, row_fields
 from ldm.weights import BadSafetensors, read_safetensors_header
 
 FORMAT_NAME = "ldm-latent-cache"
@@ -85,7 +93,7 @@ class CorruptCacheError(UserError):
 class Shard:
     """One shard file's contents: tensors with one row per encoded image, captions and skipped images."""
 
-    tensors: dict[str, torch.Tensor]  # mean, std, [flip_mean, flip_std]: (R, C, h, w); index: (R,)
+    tensors: dict[str, torch.Tensor]  # mean, std, [flip_mean, flip_std]: (R, C, h, w); index: (R,); crops (R, 2)
     captions: list[str]
     skipped: list[dict[str, Any]]  # {"index", "name", "reason"}
     build: str
@@ -122,6 +130,21 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], *texts: str) -> str:
     return digest.hexdigest()
 
 
+def serialize_shard(shard: Shard) -> bytes:
+    """A shard file's bytes: the tensors, and captions, skipped images and hashes in the metadata."""
+    captions_json = json.dumps(shard.captions, ensure_ascii=False)
+    skipped_json = json.dumps(shard.skipped, ensure_ascii=False)
+    metadata = {
+        "format": SHARD_FORMAT_NAME,
+        "version": str(FORMAT_VERSION),
+        "build": shard.build,
+        "captions": captions_json,
+        "skipped": skipped_json,
+        "content_sha256": content_sha256(shard.tensors, captions_json, skipped_json, shard.build),
+    }
+    return save_safetensors({k: v.contiguous() for k, v in shard.tensors.items()}, metadata=metadata)
+
+
 def parse_shard(data: bytes) -> Shard:
     """Decode and self-verify a shard file's bytes; raise ValueError saying what is wrong."""
     try:
@@ -156,7 +179,7 @@ class LatentCache:
     def __init__(self, directory: Path, manifest: dict[str, Any], shards: Sequence[Shard]) -> None:
         self.directory = directory
         self.manifest = manifest
-        names = list(_LATENT_KEYS) + (list(_FLIP_KEYS) if self.has_flips else [])
+        names = [*_LATENT_KEYS, ORIGINAL_SIZE_KEY, CROP_KEY] + ([*_FLIP_KEYS, FLIP_CROP_KEY] if self.has_flips else [])
         names += [BUCKET_KEY] if self.buckets is not None else []
         indices = torch.cat([s.tensors["index"] for s in shards]) if shards else torch.zeros(0, dtype=torch.long)
         order = torch.argsort(indices)  # rows by dataset index, whichever process encoded them
@@ -202,10 +225,7 @@ class LatentCache:
             expected["buckets"] = buckets
         diffs = differences(manifest, expected)
         if diffs:
-            raise StaleCacheError(
-                f"latent cache {directory} is stale: it was built with {', '.join(diffs)} (cache != this run): "
-                f"{REBUILD_HINT}"
-            )
+            raise stale_cache_error(directory, diffs)
         return cls._load(directory, manifest)
 
     @classmethod
@@ -274,8 +294,16 @@ class LatentCache:
         """Rows of the given dataset indices; skipped images (no row) are left out."""
         return [self._position[i] for i in indices if i in self._position]
 
+    def target_size(self, position: int) -> tuple[int, int]:
+        """(H, W) pixels the row's latents were encoded from: its bucket, or data.resolution squared."""
+        if self.buckets is None:
+            return self.manifest["data"]["resolution"], self.manifest["data"]["resolution"]
+        width, height = self.buckets[int(self.tensors[BUCKET_KEY][position])]
+        return height, width
+
     def row(self, position: int, flipped: bool = False) -> dict[str, Any]:
-        """{"mean": (C, h, w) float32, "std": (C, h, w) float32, "caption", "index", "flipped"} of one row."""
+        """{"mean": (C, h, w) float32, "std": (C, h, w) float32, "caption", "index", "flipped", and SDXL's
+        "original_size", "crop_top_left" (of this copy, flipped or not), "target_size": (int, int)} of one row."""
         if flipped and not self.has_flips:
             raise ValueError(f"latent cache {self.directory} was built without flipped latents")
         mean, std = _FLIP_KEYS if flipped else _LATENT_KEYS
@@ -288,6 +316,8 @@ class LatentCache:
             "caption": self.captions[position],
             "index": int(self.indices[position]),
             "flipped": flipped,
+            **row_fields(self.tensors, position, flipped),
+            "target_size": self.target_size(position),
         }
 
     def dataset(self, seed: int, indices: Sequence[int] | None = None) -> LatentDataset:
@@ -312,10 +342,18 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"latent cache {directory} has format version {manifest['version']}, newer than this code "
             f"({FORMAT_VERSION}): update ldm or {REBUILD_HINT}"
         )
+    if manifest.get("version", 0) < FORMAT_VERSION:  # its shards lack what this code reads (e.g. crop offsets)
+        raise stale_cache_error(directory, [f"format version {manifest.get('version', 0)} != {FORMAT_VERSION}"])
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:
         raise CorruptCacheError(f"latent cache {directory}: {MANIFEST_NAME} lacks {', '.join(missing)}: {REBUILD_HINT}")
     return manifest
+
+
+def stale_cache_error(directory: Path, diffs: Sequence[str]) -> StaleCacheError:
+    return StaleCacheError(
+        f"latent cache {directory} is stale: it was built with {', '.join(diffs)} (cache != this run): {REBUILD_HINT}"
+    )
 
 
 def load_shard(directory: Path, entry: dict[str, Any], build: str) -> Shard:
@@ -378,13 +416,16 @@ class LatentDataset(Dataset):
 
 
 def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """{"mean": (B, C, h, w), "std": (B, C, h, w), "captions": [B], "indices": (B,) int64, "flipped": (B,) bool}."""
+    """{"mean": (B, C, h, w), "std": (B, C, h, w), "captions": [B], "indices": (B,) int64, "flipped": (B,) bool,
+    "original_size", "crop_top_left", "target_size": (B, 2) int64} (SDXL's time ids: `batch_time_ids`)."""
+    pairs = ("original_size", "crop_top_left", "target_size")
     return {
         "mean": torch.stack([item["mean"] for item in items]),
         "std": torch.stack([item["std"] for item in items]),
         "captions": [item["caption"] for item in items],
         "indices": torch.tensor([item["index"] for item in items], dtype=torch.long),
         "flipped": torch.tensor([item["flipped"] for item in items], dtype=torch.bool),
+        **{key: torch.tensor([item[key] for item in items], dtype=torch.long).reshape(-1, 2) for key in pairs},
     }
 
 

@@ -14,7 +14,9 @@ from ldm.errors import UserError
 from ldm.files import sha256_file
 from ldm.vae.load_vae import HINT, check_vae
 
-FORMAT_VERSION = 1  # of the cache's files (ldm.latents.cache); a newer one is refused, an older one rebuilt
+# Of the cache's files (ldm.latents.cache); a newer one is refused, an older one is stale (rebuilt with
+# cache.rebuild=true). 2: rows hold the original size and crop offsets (ldm.latents.micro_conditioning).
+FORMAT_VERSION = 2
 
 # ----------------------------------------------------------------------------------------------------------------
 # VAE identity

@@ -11,7 +11,10 @@ One sample per cached image, keyed by its zero-padded dataset index (`000000017`
                                 cache directory holds a text-embedding cache (`cache.text_embeddings: true`); the
                                 empty caption's (for caption dropout) goes into every shard as `empty.text.safetensors`
     <key>.json                  {"index", "scaling_factor", "shift_factor", "build"}, and "bucket": [W, H] pixels
-                                for a cache built with aspect-ratio buckets (the latents are then (C, H/f, W/f))
+                                for a cache built with aspect-ratio buckets (the latents are then (C, H/f, W/f));
+                                SDXL's micro-conditioning: "original_size" [h, w], "crop_top_left" [top, left],
+                                "target_size" [H, W], and "flip_crop_top_left" with flips (the flipped copy's
+                                mirrored offset; `ldm.latents.micro_conditioning`)
 
 Safetensors rather than webdataset's `.pth` (a pickle) so reading a shard never runs code. Each tar (one shard of
 small latents) is built in memory and written through `ldm.files.atomic_write_bytes`, so a shard on disk is always
@@ -66,6 +69,10 @@ def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_00
                 tensors = {prefix + name: row[name].to(dtype).contiguous() for prefix, row in rows
                            for name in ("mean", "std")}
                 info = {"index": index, **meta}
+                for prefix, row in rows:  # SDXL's time ids, in pixels (`ldm.latents.micro_conditioning`)
+                    info[prefix + "crop_top_left"] = list(row["crop_top_left"])
+                info.update(original_size=list(rows[0][1]["original_size"]),
+                            target_size=list(rows[0][1]["target_size"]))
                 if bucket_ids is not None:
                     info["bucket"] = list(cache.buckets[bucket_ids[position]])  # [W, H] pixels
                 sample = {

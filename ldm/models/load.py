@@ -52,6 +52,11 @@ def _load_directory(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -
         root, subfolder="unet", use_safetensors=True, variant=variants["unet"], torch_dtype=dtype))
     vae = _load(spec, "vae", lambda: AutoencoderKL.from_pretrained(
         root, subfolder="vae", use_safetensors=True, variant=variants["vae"], torch_dtype=dtype))
+    if spec.arch != "sd":
+        text_encoder = _sdxl_text_encoder(spec, dtype)
+        for module in (unet, vae, text_encoder):
+            module.to(device).eval().requires_grad_(False)
+        return Components(unet, vae, text_encoder, dict(spec.scheduler_config), spec.name)
     info = spec.text_info or {}
     layer = info.get("layer", "last")
     if info.get("kind", "clip") == "clip":
@@ -73,3 +78,25 @@ def _load_directory(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
     return Components(unet, vae, text_encoder, dict(spec.scheduler_config), spec.name)
+
+
+def _sdxl_text_encoder(spec: ModelSpec, dtype: torch.dtype):
+    """SDXL's towers from text_encoder/ (absent in a refiner) and text_encoder_2/, tokenized with the ordinary CLIP
+    tokenizer (ldm/text/sdxl.py says why not tokenizer_2/): the model's tokenizer/, or for a refiner (which has only
+    tokenizer_2/) open_clip's bundled vocabulary, the same one."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ldm.text.sdxl import SDXLTextEncoder
+    from ldm.text.tokenizer import offline_clip_tokenizer
+
+    root, variants = spec.root, spec.variants
+    if spec.arch == "sdxl":
+        tokenizer = _load(spec, "tokenizer", lambda: CLIPTokenizer.from_pretrained(root / "tokenizer"))
+        clip_l = _load(spec, "text_encoder", lambda: CLIPTextModel.from_pretrained(
+            root / "text_encoder", use_safetensors=True, variant=variants["text_encoder"], dtype=dtype))
+    else:
+        tokenizer, clip_l = offline_clip_tokenizer(), None
+    clip_g = _load(spec, "text_encoder_2", lambda: CLIPTextModelWithProjection.from_pretrained(
+        root / "text_encoder_2", use_safetensors=True, variant=variants["text_encoder_2"], dtype=dtype))
+    return SDXLTextEncoder.from_models(tokenizer, clip_l, clip_g,
+                                       force_zeros_for_empty_prompt=spec.force_zeros_for_empty_prompt)

@@ -27,7 +27,17 @@ from ldm.model_info import read_text_encoder_info
 from ldm.singlefile.detect import PREDICTION_TYPES, Detected, choose_prediction, detect
 from ldm.singlefile.load import SD_SCHEDULER, check_vae_source, unet_config_for
 from ldm.vae.load_vae import vae_factor
-from ldm.weights import COMPONENTS, check_model_dir
+from ldm.weights import (
+    COMPONENTS,
+    SDXL_COMPONENTS,
+    SDXL_REFINER_COMPONENTS,
+    check_model_dir,
+)
+
+# what a model is, for the pipeline and the request: SD 1.x/2.x (one pipeline for both), an SDXL base (also its
+# 9-channel inpainting twin), an SDXL refiner (bigG text tower only, aesthetic-score conditioning)
+ARCHS = ("sd", "sdxl", "sdxl-refiner")
+ARCH_NAMES = {"sd": "an SD 1.x/2.x model", "sdxl": "an SDXL base model", "sdxl-refiner": "an SDXL refiner"}
 
 # What --model defaults to: the bundled 32-px shapes demo (ldm/demo). None would make --model required.
 DEFAULT_MODEL: str | None = DEMO_NAME
@@ -59,6 +69,13 @@ class ModelSpec:
     detected: Detected | None = field(default=None, compare=False, repr=False)  # a single file's header reading
     vae: str | None = None  # a VAE replacing the model's (--vae), checked
     prediction_override: str | None = None  # --prediction-type as given
+    arch: str = "sd"  # ARCHS
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt's conditioning is zeros
+
+    @property
+    def kind(self) -> str:
+        """What the model is, in words: 'an SDXL refiner'."""
+        return ARCH_NAMES[self.arch]
 
     @property
     def single_file(self) -> bool:
@@ -121,6 +138,20 @@ def _inspect_file(name: str, root: Path, prediction_type: str | None) -> ModelSp
 
 
 def _inspect_dir(name: str, root: Path, prediction_type: str | None) -> ModelSpec:
+    arch, index = _dir_arch(root)
+    if arch != "sd":
+        variants = check_model_dir(root, SDXL_COMPONENTS if arch == "sdxl" else SDXL_REFINER_COMPONENTS)
+        unet = read_json(root / "unet" / "config.json")
+        scheduler = read_json(root / "scheduler" / "scheduler_config.json")
+        source = "the model's scheduler config"
+        if prediction_type is not None:
+            scheduler, source = {**scheduler, "prediction_type": prediction_type}, "--prediction-type"
+        factor = vae_factor(read_json(root / "vae" / "config.json"))
+        parts = ("unet", "vae", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "vae",
+                                                                                         "text_encoder_2")
+        return ModelSpec(name, root, "diffusers", unet, scheduler, source, factor, _side(unet) * factor, parts,
+                         variants=variants, prediction_override=prediction_type, arch=arch,
+                         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", arch == "sdxl")))
     text_info = read_text_encoder_info(root)
     # an open_clip text encoder (stage 2 with SD 2.x-style conditioning) is rebuilt from its description, so the
     # directory has no text_encoder/ or tokenizer/
@@ -135,6 +166,19 @@ def _inspect_dir(name: str, root: Path, prediction_type: str | None) -> ModelSpe
     return ModelSpec(name, root, "diffusers", unet, scheduler, source, factor, _side(unet) * factor,
                      ("unet", "vae", "text_encoder"), text_info=text_info, variants=variants,
                      prediction_override=prediction_type)
+
+
+def _dir_arch(root: Path) -> tuple[str, dict[str, Any]]:
+    """A diffusers directory's family from its model_index.json: SDXL has a text_encoder_2 (a refiner no
+    text_encoder); no index (stage 2's exports) or no text_encoder_2 is SD 1.x/2.x."""
+    path = root / "model_index.json"
+    index = read_json(path) if path.is_file() else {}
+    def present(key: str) -> bool:
+        value = index.get(key)
+        return isinstance(value, list) and value[0] is not None
+    if not present("text_encoder_2"):
+        return "sd", index
+    return ("sdxl" if present("text_encoder") else "sdxl-refiner"), index
 
 
 def _side(unet_config: dict[str, Any]) -> int:

@@ -14,8 +14,10 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm.pipeline.guidance import classifier_free_guidance, rescale_guidance
+from ldm.text.conditioning import Conditioning
 
-UNetFn = Callable[..., tuple[torch.Tensor, ...]]  # unet(x, t, encoder_hidden_states=..., return_dict=False)
+UNetFn = Callable[..., tuple[torch.Tensor, ...]]  # unet(x, t, encoder_hidden_states=..., [added_cond_kwargs=...],
+#                                                     return_dict=False)
 
 
 @dataclass
@@ -23,7 +25,8 @@ class Inpaint:
     """What an inpainting job adds to the loop. Latent shapes (B, C, h, w) with h = H / vae factor."""
 
     blend_mask: torch.Tensor  # (B, 1, h, w) 1 = repaint; a latent pixel is repainted if any pixel under it is
-    known_latents: torch.Tensor  # (B, C, h, w) the init image's clean latents (x0 of the known region)
+    known_latents: torch.Tensor | None  # (B, C, h, w) the init image's clean latents (x0 of the known region);
+    #                                     None for a 9-channel U-Net repainting from noise (it never blends)
     noise: torch.Tensor  # (B, C, h, w) the noise the starting latents were made with, reused to re-noise x0
     # 9-channel inpainting U-Nets only: their extra input, concatenated after the (scaled) latents
     unet_mask: torch.Tensor | None = None  # (B, 1, h, w) nearest-downsampled mask, the U-Net's training convention
@@ -35,8 +38,8 @@ def denoise(
     scheduler: SchedulerMixin,
     latents: torch.Tensor,  # (B, C, h, w) at timesteps[0]'s noise level
     timesteps: torch.Tensor,  # (S,) the part of the schedule to run
-    cond: torch.Tensor,  # (B, 77, D) prompt embedding
-    uncond: torch.Tensor | None,  # (B, 77, D) negative (or empty) prompt embedding; None = no guidance
+    cond: Conditioning,  # the prompt's: context (B, 77 * n, D) [, SDXL's pooled and time ids]
+    uncond: Conditioning | None,  # the negative (or empty) prompt's; None = no guidance
     guidance_scale: float,
     guidance_rescale: float = 0.0,
     generators: list[torch.Generator] | None = None,
@@ -50,8 +53,9 @@ def denoise(
     elif guidance_scale == 0.0:
         branches, context = "uncond", uncond
     else:
-        branches, context = "both", torch.cat([uncond, cond])  # (2B, 77, D), one batched U-Net call per step
+        branches, context = "both", Conditioning.cat([uncond, cond])  # (2B, ...), one batched U-Net call per step
     copies = 2 if branches == "both" else 1
+    unet_kwargs = context.unet_kwargs()
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     if inpaint is not None and inpaint.masked_image_latents is not None:
         extra = torch.cat([inpaint.unet_mask, inpaint.masked_image_latents], dim=1)  # (B, 1 + C, h, w)
@@ -64,7 +68,7 @@ def denoise(
         x = scheduler.scale_model_input(x, t)  # sigma-parameterised samplers divide by sqrt(sigma^2 + 1)
         if extra is not None:
             x = torch.cat([x, extra], dim=1)  # (copies * B, 2C + 1, h, w) for a 9-channel inpainting U-Net
-        pred = unet(x, t, encoder_hidden_states=context, return_dict=False)[0]  # eps or v, (copies * B, C, h, w)
+        pred = unet(x, t, **unet_kwargs, return_dict=False)[0]  # eps or v, (copies * B, C, h, w)
         if branches == "both":
             pred_uncond, pred_cond = pred.chunk(2)
             pred = classifier_free_guidance(pred_uncond, pred_cond, guidance_scale)

@@ -34,13 +34,22 @@ from ldm.pipeline.denoise import Inpaint, denoise
 from ldm.pipeline.device import pick_device, pick_dtype
 from ldm.pipeline.hires import HiresFix, SecondPass
 from ldm.pipeline.latent_codec import LatentCodec
+from ldm.pipeline.micro_conditioning import time_ids
+from ldm.pipeline.refiner import (
+    base_timesteps,
+    check_refiner_pair,
+    refiner_timesteps,
+    switch_cutoff,
+)
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import make_scheduler
 from ldm.pipeline.seeds import generators, per_image_noise
 from ldm.pipeline.validation import steps_to_run
 from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
 from ldm.progress import progress_bar
+from ldm.text.conditioning import Conditioning
 from ldm.text.prompt_encoding import encode_prompt_pair
+from ldm.text.sdxl import SDXLTextEncoder
 from ldm.vae.load_vae import vae_factor
 
 log = logging.getLogger(__name__)
@@ -94,6 +103,10 @@ class Pipeline:
         # a 9-channel U-Net is an inpainting model (latents + mask + masked-image latents); 4 channels is ordinary
         self.inpainting_unet = self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
         self._check_parts_fit()
+        # SDXL: the U-Net's time ids, 6 (base) or 5 (refiner: an aesthetic score in place of the target size)
+        self.time_id_count = _time_id_count(self.unet.config, self.text_encoder)
+        self.arch = {0: "sd", 6: "sdxl", 5: "sdxl-refiner"}[self.time_id_count]
+        self.refiner: Pipeline | None = None  # an SDXL refiner a request's `refiner` hands over to (`open(refiner=)`)
         if vae_tiling:
             self.vae.enable_tiling()  # decode (and encode) in overlapping tiles: memory grows with tile, not image
         # diffusers' default attention processor is already AttnProcessor2_0 (torch SDPA); nothing to set here
@@ -117,16 +130,22 @@ class Pipeline:
         lora_dir: str | Path | None = None,
         vae_tiling: bool = False,
         compile_unet: bool | str | None = False,
+        refiner: ModelSpec | None = None,
     ) -> Pipeline:
         """The one way to open a model for generation: load what `spec` (`ldm.models.spec.inspect_model`) describes
         on `device` in `dtype` ('fp32' | 'fp16' | 'bf16' | None = auto), then merge `loras` ((path, scale) pairs,
-        `--lora`). `lora_dir` is where prompt tags find their files."""
+        `--lora`). `lora_dir` is where prompt tags find their files. `refiner`: an SDXL refiner's spec, opened the
+        same way, for requests that name it (`--refiner`)."""
+        check_refiner_pair(spec, refiner)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
         pipe = cls(load_components(spec, dev, dt), dev, dt, vae_tiling=vae_tiling, compile_unet=compile_unet or False,
                    lora_dir=lora_dir)
         for path, scale in loras:
             pipe.load_lora(path, scale)
+        if refiner is not None:
+            pipe.refiner = cls(load_components(refiner, dev, dt), dev, dt, vae_tiling=vae_tiling,
+                               compile_unet=compile_unet or False)
         return pipe
 
     @classmethod
@@ -167,6 +186,9 @@ class Pipeline:
                 f"the U-Net attends to {unet.cross_attention_dim}-dim text features but the text encoder gives "
                 f"{self.text_encoder.hidden_size}-dim ones: text encoder and U-Net come from different models"
             )
+        if (unet.addition_embed_type == "text_time") != isinstance(self.text_encoder, SDXLTextEncoder):
+            raise UserError("the U-Net and the text encoder are of different families (SDXL and SD 1.x/2.x): "
+                            "they come from different models")
 
     def __call__(
         self,
@@ -228,17 +250,15 @@ class Pipeline:
         text, prompt, used_loras = self.loras.use_prompt(request.prompt, lora_dir or self.lora_dir,
                                                          parse_lora_hashes(request.lora_hashes))
         r = request.resolve(self)
+        refiner = self._refiner_for(r)
         job = self._prepare_job(r)
         # what each image's PNG records: the resolved request, its prompt with a tag per loaded LoRA
         base = replace(r, prompt=prompt, model=self.model_name, lora_hashes=used_loras, init_image=None, mask=None)
         hires = r.hires()
         second = hires.second_pass(r.steps, r.height, r.width, self.vae_factor) if hires is not None else None
 
-        # (1, 77 * chunks, D) each, A1111 prompt syntax (ldm/text/prompt_encoding.py) on the text without its LoRA
-        # tags; the unconditional branch is only computed when guidance uses it
-        cond, uncond = encode_prompt_pair(self.text_encoder, text, None if r.cfg == 1.0 else r.negative_prompt,
-                                          r.clip_skip)
-        cond, uncond = cond.to(self.dtype), None if uncond is None else uncond.to(self.dtype)
+        cond, uncond = self._encode(text, r)
+        refined = refiner._encode(text, r) if refiner is not None else None
         image_latents = self.codec.encode(job.image) if job.image is not None else None
         steps_run = r.steps if r.strength is None else steps_to_run(r.steps, r.strength)
         if r.strength is not None:
@@ -254,6 +274,10 @@ class Pipeline:
         probe = make_scheduler(r.sampler, self.scheduler_config, r.karras)
         probe.set_timesteps(r.steps)
         per_batch = len(probe.timesteps) - (r.steps - steps_run) * probe.order
+        if refiner is not None:
+            cutoff = switch_cutoff(r.refiner_switch, self.train_timesteps)
+            run = probe.timesteps[len(probe.timesteps) - per_batch:]
+            per_batch = len(base_timesteps(run, cutoff)) + len(refiner_timesteps(probe, cutoff))
         if second is not None:
             probe.set_timesteps(second.steps)
             per_batch += hires.unet_calls(probe, second)
@@ -271,13 +295,18 @@ class Pipeline:
 
         for start in range(0, r.num_images, r.batch_size):
             seeds = [r.seed + i for i in range(start, min(start + r.batch_size, r.num_images))]
-            latents = self._sample(seeds, cond, uncond, image_latents, job, r.steps, r.strength, r, step)
+            gens = generators(seeds)
+            latents = self._sample(gens, cond, uncond, image_latents, job, r.steps, r.strength, r, step,
+                                   switch=None if refiner is None else r.refiner_switch)
+            if refiner is not None:  # the rest of the schedule on the refiner, the same generators going on
+                latents = refiner._refine(gens, latents, *refined, job, r, step)
             if second is not None:  # img2img of the upscaled first pass, same seeds
                 upscaled = self._upscale(latents, second, hires.upscaler)
-                latents = self._sample(seeds, cond, uncond, upscaled, _Job(second.height, second.width),
+                latents = self._sample(generators(seeds), cond, uncond, upscaled, _Job(second.height, second.width),
                                        second.steps, second.strength, r, step)
-            latents_all.append(self.codec.unscale(latents).float().cpu())
-            decoded = tensor_to_float_images(self.codec.decode(latents))  # (b, H, W, 3) in [0, 1]
+            codec = self.codec if refiner is None else refiner.codec
+            latents_all.append(codec.unscale(latents).float().cpu())
+            decoded = tensor_to_float_images(codec.decode(latents))  # (b, H, W, 3) in [0, 1]
             decoded_all.append(decoded)
             for s, pixels in zip(seeds, float_to_uint8(decoded)):
                 image = self._finish(pixels, job)
@@ -288,6 +317,48 @@ class Pipeline:
                     on_image(image, params)
         progress.close()
         return GenerationResult(out_images, out_params, np.concatenate(decoded_all), steps_run, torch.cat(latents_all))
+
+    def _encode(self, text: str, r: GenerationRequest) -> tuple[Conditioning, Conditioning | None]:
+        """(cond, uncond), contexts (1, 77 * chunks, D) in the pipeline's dtype: A1111 prompt syntax
+        (ldm/text/prompt_encoding.py) on the text without its LoRA tags; the unconditional branch only when guidance
+        uses it."""
+        cond, uncond = encode_prompt_pair(self.text_encoder, text, None if r.cfg == 1.0 else r.negative_prompt,
+                                          r.clip_skip)
+        return cond.to(self.dtype), None if uncond is None else uncond.to(self.dtype)
+
+    def _refiner_for(self, r: GenerationRequest) -> Pipeline | None:
+        """The opened refiner a request names, checked."""
+        if not r.refiner:
+            return None
+        if self.refiner is None:
+            raise UserError(f"the request names the refiner '{r.refiner}' but none was opened with this model: "
+                            "pass --refiner MODEL")
+        if r.mask is not None:
+            raise UserError("a refiner with inpainting is not supported: drop --refiner or --mask")
+        return self.refiner
+
+    def _with_time_ids(self, cond: Conditioning, uncond: Conditioning | None, r: GenerationRequest, height: int,
+                       width: int, img2img: bool) -> tuple[Conditioning, Conditioning | None]:
+        """SDXL's conditionings with the time ids of a height x width pass; SD's as they are."""
+        if not self.time_id_count:
+            return cond, uncond
+        positive, negative = time_ids(r, height, width, self.time_id_count, img2img)
+        return cond.with_time_ids(positive), None if uncond is None else uncond.with_time_ids(negative)
+
+    def _refine(self, gens: list[torch.Generator], latents: torch.Tensor, cond: Conditioning,
+                uncond: Conditioning | None, job: _Job, r: GenerationRequest, on_step: Callable[[], None]):
+        """(On the refiner) the schedule from `r.refiner_switch` on, from the base's latents (b, C, h, w), as
+        diffusers' img2img pipeline runs it with `denoising_start`; the base's generators go on drawing."""
+        b = latents.shape[0]
+        scheduler = make_scheduler(r.sampler, self.scheduler_config, r.karras)
+        scheduler.set_timesteps(r.steps, device=self.device)
+        timesteps = refiner_timesteps(scheduler, switch_cutoff(r.refiner_switch, self.train_timesteps))
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
+        cond, uncond = self._with_time_ids(cond, uncond, r, job.height, job.width, img2img=True)
+        return denoise(self._unet_fn, scheduler, latents, timesteps, cond.expand(b),
+                       None if uncond is None else uncond.expand(b), r.cfg, r.guidance_rescale, generators=gens,
+                       on_step=on_step)
 
     def _prepare_job(self, r: GenerationRequest) -> _Job:
         """The init image and mask as tensors at the generation size (sizes resolved and checked in `r`)."""
@@ -318,19 +389,20 @@ class Pipeline:
 
     def _sample(
         self,
-        seeds: list[int],
-        cond: torch.Tensor,
-        uncond: torch.Tensor | None,
+        gens: list[torch.Generator],
+        cond: Conditioning,
+        uncond: Conditioning | None,
         image_latents: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,  # posterior, or latents as they are
         job: _Job,
         steps: int,
         strength: float | None,
         r: GenerationRequest,
         on_step: Callable[[], None],
+        switch: float | None = None,
     ) -> torch.Tensor:
-        """One batch: starting latents for its mode, then the loop. Returns the final latents (b, C, h, w)."""
-        b = len(seeds)
-        gens = generators(seeds)
+        """One batch (one generator per image): starting latents for its mode, then the loop. Returns the final
+        latents (b, C, h, w); with `switch` (a refiner's), those at that point of the schedule."""
+        b = len(gens)
         scheduler = make_scheduler(r.sampler, self.scheduler_config, r.karras)  # fresh: multistep state is per run
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -347,10 +419,17 @@ class Pipeline:
             timesteps = timesteps[t_start:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(t_start)  # sigma-based samplers look their noise level up by index
-            known = (image_latents if isinstance(image_latents, torch.Tensor)
-                     else self.codec.sample(image_latents, gens))  # (b, C, h, w): draw 1 of each generator
+            from_scratch = job.mask is not None and strength == 1.0
+            if isinstance(image_latents, torch.Tensor):
+                known = image_latents
+            elif from_scratch and self.inpainting_unet:
+                # a 9-channel U-Net repainting from noise never uses the init image's latents: they are not drawn,
+                # as diffusers' inpainting pipelines skip them, so the same seed gives the same noise
+                known = None
+            else:
+                known = self.codec.sample(image_latents, gens)  # (b, C, h, w): draw 1 of each generator
             noise = self._to_device(per_image_noise(gens, shape))  # draw 2
-            if job.mask is not None and strength == 1.0:
+            if from_scratch:
                 # inpainting from scratch starts from pure noise, as StableDiffusionInpaintPipeline does
                 latents = noise * scheduler.init_noise_sigma
             else:
@@ -358,17 +437,21 @@ class Pipeline:
             if job.mask is not None:
                 inpaint = self._inpaint_state(job, known, noise, gens)
 
-        def expand(e: torch.Tensor | None) -> torch.Tensor | None:
-            return None if e is None else e.expand(b, *e.shape[1:])  # (1, 77 * chunks, D) -> (b, 77 * chunks, D)
+        if switch is not None:  # diffusers' `denoising_end`: the base stops where the refiner takes over
+            timesteps = base_timesteps(timesteps, switch_cutoff(switch, self.train_timesteps))
+        cond, uncond = self._with_time_ids(cond, uncond, r, job.height, job.width, img2img=image_latents is not None)
+
+        def expand(e: Conditioning | None) -> Conditioning | None:
+            return None if e is None else e.expand(b)  # (1, 77 * chunks, D) -> (b, 77 * chunks, D)
 
         return denoise(
             self._unet_fn, scheduler, latents, timesteps, expand(cond), expand(uncond), r.cfg, r.guidance_rescale,
             generators=gens, inpaint=inpaint, on_step=on_step,
         )
 
-    def _inpaint_state(self, job: _Job, known: torch.Tensor, noise: torch.Tensor, gens) -> Inpaint:
-        b = known.shape[0]
-        h, w = known.shape[-2:]
+    def _inpaint_state(self, job: _Job, known: torch.Tensor | None, noise: torch.Tensor, gens) -> Inpaint:
+        b = noise.shape[0]
+        h, w = noise.shape[-2:]
         mask = job.mask.to(self.device)  # (1, 1, H, W)
         # blend: repaint a latent pixel if any pixel under it is masked, so no masked pixel keeps the old content
         blend = F.max_pool2d(mask, self.vae_factor).to(self.dtype).expand(b, 1, h, w)  # (b, 1, h, w)
@@ -391,3 +474,12 @@ class Pipeline:
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.dtype)
+
+
+def _time_id_count(unet_config, text_encoder) -> int:
+    """SDXL's time ids per image: (the add embedding's input - the pooled size) / the time embedding's size; 0 for
+    an SD 1.x/2.x U-Net."""
+    if unet_config.addition_embed_type != "text_time":
+        return 0
+    return (unet_config.projection_class_embeddings_input_dim - text_encoder.pooled_size) // \
+        unet_config.addition_time_embed_dim

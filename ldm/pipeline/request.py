@@ -48,6 +48,7 @@ class ModelFacts(Protocol):
     default_size: int  # the model's native side in pixels
     train_timesteps: int  # the most steps a schedule may have
     inpainting_unet: bool  # a 9-channel U-Net: needs an init image and a mask
+    arch: str  # "sd" (1.x/2.x) | "sdxl" | "sdxl-refiner" (ldm.models.spec.ARCHS)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,19 @@ class GenerationRequest:
     hires_upscaler: str | None = None  # 'latent' | 'lanczos'; None: latent
     lora_hashes: str = ""  # A1111's 'Lora hashes' of the LoRAs the prompt's tags name: "name: hash, ..."
     clip_skip: int = 1  # A1111's "Clip skip"; 1 = the text encoder's own layer
+    # SDXL micro-conditioning, (height, width) and (top, left) in pixels as diffusers takes them. None: the
+    # generation's size (each pass's, with a hires fix) and (0, 0); a negative_* None: the positive branch's value
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crop_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    # the SDXL refiner's conditioning (in place of the target size); None: 6.0 / 2.5, diffusers' and A1111's defaults
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    refiner: str = ""  # the refiner model as the user named it (what PNGs record); "": none
+    refiner_switch: float | None = None  # share of the schedule the base runs before the refiner; None: 0.8
     num_images: int = 1
     batch_size: int = 1  # images per U-Net batch: memory vs speed, same pixels
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)  # RGB; img2img / inpainting
@@ -131,6 +145,18 @@ class GenerationRequest:
                 raise UserError(f"{', '.join(given)} only apply with --hires-scale (e.g. --hires-scale 2)")
         elif self.init_image is not None:
             raise UserError("the hires fix is for txt2img: drop --hires-scale or --init-image")
+        for name in MICRO_CONDITIONING[:6]:
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or any(int(v) != v or v < 0 for v in value)):
+                raise UserError(f"--{name.replace('_', '-')} takes two whole numbers >= 0 (height width, or top "
+                                f"left), got {value}")
+        if self.refiner_switch is not None and not self.refiner:
+            raise UserError("--refiner-switch only applies with --refiner MODEL")
+        if self.refiner_switch is not None and not 0.0 < self.refiner_switch < 1.0:
+            raise UserError(f"--refiner-switch must be in (0, 1) (the share of the steps the base model runs), "
+                            f"got {self.refiner_switch}")
+        if self.refiner and self.hires_scale is not None:
+            raise UserError("a refiner with the hires fix is not supported: drop --refiner or --hires-scale")
 
     def resolve(self, model: ModelFacts) -> GenerationRequest:
         """Every 'decide for me' value decided, and the whole request checked against `model`."""
@@ -139,6 +165,7 @@ class GenerationRequest:
         self.check()
         if model.inpainting_unet and self.mask is None:
             raise UserError("this model has an inpainting U-Net (9 input channels): pass --init-image and --mask")
+        self._check_arch(model.arch)
         init_size = self.init_image.size if self.init_image is not None else None
         height, width = pick_size(init_size, self.height or None, self.width or None, model.vae_factor,
                                   model.default_size)
@@ -151,8 +178,10 @@ class GenerationRequest:
                       strength=strength, sampler=self.sampler, karras=self.karras, num_images=self.num_images,
                       batch_size=self.batch_size, seed=seed, guidance_rescale=self.guidance_rescale,
                       mask_blur=mask_blur or 0, max_steps=model.train_timesteps)
+        refiner_switch = (REFINER_SWITCH if self.refiner_switch is None else self.refiner_switch) if self.refiner \
+            else None
         resolved = replace(self, height=height, width=width, strength=strength, mask_blur=mask_blur, seed=seed,
-                           resolved=True)
+                           refiner_switch=refiner_switch, resolved=True)
         hires = self.hires()
         if hires is not None:
             hires.check(self.steps, height, width, model.vae_factor)
@@ -160,6 +189,24 @@ class GenerationRequest:
                                hires_upscaler=hires.upscaler)
         return resolved
 
+    def _check_arch(self, arch: str) -> None:
+        """Settings of one model family given to another, named."""
+        if arch == "sdxl-refiner":
+            raise UserError("this is an SDXL refiner, which only finishes a base model's images: pass the base as "
+                            "--model and this one as --refiner")
+        if arch == "sd":
+            given = [f"--{k.replace('_', '-')}" for k in MICRO_CONDITIONING if getattr(self, k) is not None]
+            given += ["--refiner"] if self.refiner else []
+            if given:
+                raise UserError(f"{', '.join(given)} only apply to SDXL models; this is an SD 1.x/2.x model")
+        elif self.aesthetic_score is not None or self.negative_aesthetic_score is not None:
+            if not self.refiner:
+                raise UserError("--aesthetic-score conditions an SDXL refiner: add --refiner MODEL or drop it")
+
+
+REFINER_SWITCH = 0.8  # A1111's and diffusers' examples' usual hand-over point
+MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size", "negative_original_size",
+                      "negative_crop_top_left", "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
 FIELDS = {f.name for f in fields(GenerationRequest)}
 # what a PNG's parameters can carry (ldm.pipeline.metadata reads and writes exactly these)

@@ -67,8 +67,12 @@ def save_tiny_sdxl_model(
     32), 5 time ids (sizes, crop and aesthetic score), `requires_aesthetics_score`. Loads in diffusers'
     `StableDiffusionXL{,Img2Img,Inpaint}Pipeline`.
     """
-    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
-                           StableDiffusionXLPipeline)
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTextModelWithProjection
 
     if kind not in SDXL_KINDS:

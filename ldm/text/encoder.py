@@ -18,6 +18,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.errors import UserError
+from ldm.text.conditioning import Conditioning
 from ldm.text.tokenizer import tokenize_prompts
 
 Layer = Literal["last", "penultimate"]
@@ -105,14 +106,31 @@ class FrozenTextEncoder(nn.Module):
         `clip_skip` (A1111's "Clip skip") N > 1 takes the hidden state N - 1 layers before the configured `layer`'s
         output, then the final layer norm; 1 is the configured layer itself.
         """
+        return self.encode_ids(input_ids, clip_skip)[0]
+
+    def encode_ids(self, input_ids: torch.LongTensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`, and the pooled embedding (B, P) of a tower that has one (SDXL's second: its text projection of
+        the end token's final state), else None."""
         if clip_skip != 1 and not 1 <= clip_skip <= self.max_clip_skip():
             raise UserError(
                 f"clip skip {clip_skip} is out of range: this text encoder allows 1..{self.max_clip_skip()} "
                 f"({self.num_layers} layers, '{self.layer}' layer)"
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
-            hidden = self._hidden_states(input_ids.to(self.device), clip_skip - 1)
-        return hidden.to(self.dtype)
+            hidden, pooled = self._states(input_ids.to(self.device), self._extra_skip(clip_skip))
+        return hidden.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
+
+    @property
+    def towers(self) -> tuple[FrozenTextEncoder, ...]:
+        """The text towers whose outputs are concatenated into the context: this one (SDXL has two)."""
+        return (self,)
+
+    def _extra_skip(self, clip_skip: int) -> int:
+        """Layers to skip beyond the configured one for A1111's "Clip skip" N: N - 1."""
+        return clip_skip - 1
+
+    def _states(self, input_ids: torch.LongTensor, extra_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._hidden_states(input_ids, extra_skip), None
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> hidden states (B, 77, D)."""
@@ -130,6 +148,13 @@ class FrozenTextEncoder(nn.Module):
         if key not in self._empty_cache:
             self._empty_cache[key] = self.encode([""])  # (1, 77, D)
         return self._empty_cache[key].repeat(batch_size, 1, 1)
+
+    def encode_conditioning(self, prompts: Sequence[str]) -> Conditioning:
+        """`encode` as a `Conditioning` (the form SDXL's encoder gives too)."""
+        return Conditioning(self.encode(prompts))
+
+    def empty_conditioning(self, batch_size: int = 1) -> Conditioning:
+        return Conditioning(self.empty_embedding(batch_size))
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         # .to()/.half()/.cuda() may change the weights in place, so cached outputs would be stale
@@ -151,8 +176,13 @@ class CLIPTextEncoder(FrozenTextEncoder):
     """A transformers `CLIPTextModel`, called exactly as diffusers' `StableDiffusionPipeline.encode_prompt` calls it."""
 
     def __init__(
-        self, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last", pad_id: int | None = None
+        self, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: Layer = "last", pad_id: int | None = None,
+        *, sdxl: bool = False,
     ) -> None:
+        """`sdxl`: a tower of SDXL's (diffusers' `StableDiffusionXLPipeline.encode_prompt`): its penultimate state is
+        used as it is (no final layer norm), clip skip N takes `hidden_states[-max(N, 2)]` (Forge's rule: 1 and 2 are
+        SDXL's own penultimate layer), and a model with a text projection (`CLIPTextModelWithProjection`, the
+        OpenCLIP bigG tower) also gives its pooled embedding."""
         config = model.config
         # diffusers pads to tokenizer.model_max_length; a tokenizer saved without its config has a huge one, so cap
         # it at the number of position embeddings (77 for every CLIP)
@@ -160,11 +190,27 @@ class CLIPTextEncoder(FrozenTextEncoder):
         # pad_id: an OpenCLIP tower converted to CLIPTextModel (SD 2.x single files) pads with 0, as open_clip does
         super().__init__(tokenizer, layer, context_length, config.hidden_size, pad_id=pad_id)
         self.model = model
+        self.sdxl = sdxl
         self._freeze()
 
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
+
+    def _extra_skip(self, clip_skip: int) -> int:
+        return max(clip_skip, 2) - 2 if self.sdxl else clip_skip - 1
+
+    def max_clip_skip(self) -> int:
+        return self.num_layers if self.sdxl else super().max_clip_skip()
+
+    def _states(self, input_ids: torch.LongTensor, extra_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.sdxl:
+            return self._hidden_states(input_ids, extra_skip), None
+        # (B, 77) -> (B, 77, D) from hidden_states (embeddings, then every layer's output) and, with a projection,
+        # text_embeds (B, P): the projected final-layer-normed state at the end token
+        out = self.model(input_ids, attention_mask=self._attention_mask(input_ids), output_hidden_states=True)
+        skip = (self.layer == "penultimate") + extra_skip
+        return out.hidden_states[-1 - skip], getattr(out, "text_embeds", None)
 
     def _hidden_states(self, input_ids: torch.LongTensor, extra_skip: int = 0) -> torch.Tensor:
         # (B, 77) -> (B, 77, D)

@@ -1,4 +1,5 @@
-"""Prompts with A1111 syntax -> the U-Net's context (1, 77 * chunks, D): chunking, emphasis weights, clip skip.
+"""Prompts with A1111 syntax -> the U-Net's `Conditioning` (context (1, 77 * chunks, D), and SDXL's pooled embedding):
+chunking, emphasis weights, clip skip.
 
     cond, uncond = encode_prompt_pair(text_encoder, "a (red:1.3) car, ...", "blurry", clip_skip=2)
 
@@ -29,6 +30,12 @@ as open_clip does, `uses_open_clip_padding`), `encode_prompt`/`encode_prompt_pai
 with one `ClipSkipIgnoredWarning` line, and an A1111 SD 2.x PNG replays with the conditioning it was made with.
 `FrozenTextEncoder.__call__(ids, clip_skip=N)` itself still honours N for every encoder (library use).
 
+SDXL (ldm/text/sdxl.py) has two towers; each chunk goes through both in lockstep (their vocabularies are the same, so
+the chunks are), each tower's output is weighted on its own (mean restored per tower, as A1111 does per embedder),
+and the two are concatenated along the channels. Clip skip N takes `hidden_states[-max(N, 2)]` of both towers, as
+Forge does (A1111 ignores it for SDXL unless its `sdxl_clip_l_skip` option is on, and then only for CLIP-L); 1 and 2
+are SDXL's own penultimate layer. The pooled embedding is the first chunk's, unweighted.
+
 No truncation warning: nothing is dropped. Training captions never come here: the training loop calls
 `FrozenTextEncoder.encode`, which reads brackets as plain text and truncates at 77 tokens (with a warning).
 """
@@ -36,11 +43,15 @@ No truncation warning: nothing is dropped. Training captions never come here: th
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ldm.text.conditioning import Conditioning
 from ldm.text.encoder import FrozenTextEncoder
+from ldm.text.sdxl import SDXLTextEncoder
+
+TextEncoder = FrozenTextEncoder | SDXLTextEncoder
 from ldm.text.prompt_syntax import ParsedPrompt, parse_prompt
 
 COMMA_BACKTRACK = 20  # tokens; A1111's comma_padding_backtrack default ("Prompt word wrap length limit")
@@ -60,9 +71,10 @@ def uses_open_clip_padding(encoder: FrozenTextEncoder) -> bool:
     return encoder.pad_token_id == 0  # ldm.text.openclip.OPEN_CLIP_PAD_ID (importing it would import open_clip)
 
 
-def a1111_clip_skip(encoder: FrozenTextEncoder, clip_skip: int) -> int:
-    """The clip skip A1111 would use: `clip_skip` for a CLIP encoder, 1 (with a warning) for an OpenCLIP one."""
-    if clip_skip == 1 or not uses_open_clip_padding(encoder):
+def a1111_clip_skip(encoder: TextEncoder, clip_skip: int) -> int:
+    """The clip skip A1111 would use: `clip_skip` for a CLIP encoder, 1 (with a warning) for an OpenCLIP one. SDXL's
+    towers take it as Forge does (ldm/text/sdxl.py)."""
+    if clip_skip == 1 or isinstance(encoder, SDXLTextEncoder) or not uses_open_clip_padding(encoder):
         return clip_skip
     warnings.warn(
         f"clip skip {clip_skip} is ignored: this text encoder is an OpenCLIP one (SD 2.x), for which A1111 ignores "
@@ -85,7 +97,7 @@ class TokenChunk:
         return any(w != 1.0 for w in self.weights)
 
 
-def chunk_tokens(encoder: FrozenTextEncoder, parsed: ParsedPrompt) -> list[TokenChunk]:
+def chunk_tokens(encoder: TextEncoder, parsed: ParsedPrompt) -> list[TokenChunk]:
     """Steps 2-3 of the module docstring: fragments -> chunks of at most `context_length - 2` weighted ids."""
     size = encoder.context_length - 2
     comma = encoder.tokenizer.get_vocab().get(",</w>")
@@ -138,26 +150,33 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weighted * (original_mean / new_mean)).to(z.dtype)
 
 
-def encode_chunks(encoder: FrozenTextEncoder, chunks: list[TokenChunk], clip_skip: int = 1) -> torch.Tensor:
-    """Steps 4-6: each chunk through the encoder on its own (batch 1), weighted, concatenated -> (1, 77 * n, D)."""
-    out = []
-    for chunk in chunks:
-        z = encoder(chunk_input_ids(encoder, chunk), clip_skip=clip_skip)  # (1, 77, D)
-        if chunk.weighted:
-            weights = torch.ones(encoder.context_length)
-            weights[1 : 1 + len(chunk.weights)] = torch.tensor(chunk.weights)
-            z = apply_weights(z, weights[None].to(z.device))
-        out.append(z)
-    return torch.cat(out, dim=1)
+def encode_chunks(encoder: TextEncoder, chunks: list[TokenChunk], clip_skip: int = 1) -> Conditioning:
+    """Steps 4-6: each chunk through each text tower on its own (batch 1), weighted per tower, the towers
+    concatenated along the channels and the chunks along the sequence -> context (1, 77 * n, D); the pooled
+    embedding (SDXL) is the first chunk's, unweighted (A1111's `zs[0].pooled`)."""
+    contexts, pooled = [], None
+    for i, chunk in enumerate(chunks):
+        parts = []
+        for tower in encoder.towers:
+            z, p = tower.encode_ids(chunk_input_ids(tower, chunk), clip_skip)  # (1, 77, D_tower), (1, P) | None
+            if chunk.weighted:
+                weights = torch.ones(tower.context_length)
+                weights[1 : 1 + len(chunk.weights)] = torch.tensor(chunk.weights)
+                z = apply_weights(z, weights[None].to(z.device))
+            parts.append(z)
+            if i == 0 and p is not None:
+                pooled = p
+        contexts.append(torch.cat(parts, dim=-1))
+    return Conditioning(torch.cat(contexts, dim=1), pooled)
 
 
-def encode_prompt(encoder: FrozenTextEncoder, prompt: str, clip_skip: int = 1, what: str = "prompt") -> torch.Tensor:
-    """One prompt -> (1, 77 * chunks, D). Warns (`PromptSyntaxWarning`) about unbalanced brackets, and
+def encode_prompt(encoder: TextEncoder, prompt: str, clip_skip: int = 1, what: str = "prompt") -> Conditioning:
+    """One prompt -> Conditioning (1, 77 * chunks, D). Warns (`PromptSyntaxWarning`) about unbalanced brackets, and
     (`ClipSkipIgnoredWarning`) when a clip skip is ignored, as A1111 ignores it for OpenCLIP encoders."""
     return _encode_prompt(encoder, prompt, a1111_clip_skip(encoder, clip_skip), what)
 
 
-def _encode_prompt(encoder: FrozenTextEncoder, prompt: str, clip_skip: int, what: str) -> torch.Tensor:
+def _encode_prompt(encoder: TextEncoder, prompt: str, clip_skip: int, what: str) -> Conditioning:
     parsed = parse_prompt(prompt, what)
     for message in parsed.warnings:
         warnings.warn(message, PromptSyntaxWarning, stacklevel=4)
@@ -165,22 +184,25 @@ def _encode_prompt(encoder: FrozenTextEncoder, prompt: str, clip_skip: int, what
 
 
 def encode_prompt_pair(
-    encoder: FrozenTextEncoder, prompt: str, negative_prompt: str | None, clip_skip: int = 1
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond, uncond), each (1, 77 * n, D) with the same n; uncond is None when `negative_prompt` is None.
-    Warns as `encode_prompt` does, an ignored clip skip once."""
+    encoder: TextEncoder, prompt: str, negative_prompt: str | None, clip_skip: int = 1
+) -> tuple[Conditioning, Conditioning | None]:
+    """(cond, uncond), contexts (1, 77 * n, D) with the same n; uncond is None when `negative_prompt` is None.
+    An empty negative prompt of a model with `force_zeros_for_empty_prompt` (SDXL) is zeros, as diffusers (its
+    `negative_prompt=None`) and A1111 make it. Warns as `encode_prompt` does, an ignored clip skip once."""
     clip_skip = a1111_clip_skip(encoder, clip_skip)
     cond = _encode_prompt(encoder, prompt, clip_skip, "prompt")
     if negative_prompt is None:
         return cond, None
+    if negative_prompt == "" and getattr(encoder, "force_zeros_for_empty_prompt", False):
+        return cond, cond.zeros_like()
     uncond = _encode_prompt(encoder, negative_prompt, clip_skip, "negative prompt")
-    if cond.shape[1] == uncond.shape[1]:
+    if cond.context.shape[1] == uncond.context.shape[1]:
         return cond, uncond
-    n = max(cond.shape[1], uncond.shape[1])
-    empty = encode_chunks(encoder, [TokenChunk([], [])], clip_skip)  # (1, 77, D): the empty prompt
+    n = max(cond.context.shape[1], uncond.context.shape[1])
+    empty = encode_chunks(encoder, [TokenChunk([], [])], clip_skip).context  # (1, 77, D): the empty prompt
     return _pad_to(cond, n, empty), _pad_to(uncond, n, empty)
 
 
-def _pad_to(z: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
-    repeats = (length - z.shape[1]) // empty.shape[1]
-    return torch.cat([z, empty.repeat(1, repeats, 1)], dim=1) if repeats else z  # (1, length, D)
+def _pad_to(c: Conditioning, length: int, empty: torch.Tensor) -> Conditioning:
+    repeats = (length - c.context.shape[1]) // empty.shape[1]
+    return replace(c, context=torch.cat([c.context, empty.repeat(1, repeats, 1)], dim=1)) if repeats else c

@@ -1,0 +1,45 @@
+"""An SDXL refiner's hand-over, as diffusers' `denoising_end` (base) and `denoising_start` (refiner) cut the schedule
+and as A1111 writes it ("Refiner: NAME, Refiner switch at: 0.8"): the base runs the timesteps at or above the switch,
+the refiner (an SDXL U-Net conditioned on the bigG tower and an aesthetic score) the rest, from the base's latents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ldm.errors import UserError
+from ldm.models.spec import ModelSpec
+
+
+def switch_cutoff(switch: float, train_timesteps: int) -> int:
+    """The training timestep where a refiner takes over at `switch` (a share of the schedule), as diffusers'
+    `denoising_end` / `denoising_start` compute it."""
+    return int(round(train_timesteps - switch * train_timesteps))
+
+
+def base_timesteps(timesteps: torch.Tensor, cutoff: int) -> torch.Tensor:
+    """The leading timesteps >= `cutoff`: what the base runs before the hand-over."""
+    return timesteps[: int((timesteps >= cutoff).sum())]
+
+
+def refiner_timesteps(scheduler, cutoff: int) -> torch.Tensor:
+    """The trailing timesteps of a set scheduler below `cutoff`, one more for a 2nd-order sampler with an even count
+    (diffusers' img2img `get_timesteps` with `denoising_start`)."""
+    n = int((scheduler.timesteps < cutoff).sum())
+    if scheduler.order == 2 and n % 2 == 0:
+        n += 1
+    return scheduler.timesteps[len(scheduler.timesteps) - n:]
+
+
+def check_refiner_pair(spec: ModelSpec, refiner: ModelSpec | None) -> None:
+    """A base and a refiner given the right way round, each one line."""
+    if spec.arch == "sdxl-refiner":
+        raise UserError(f"'{spec.name}' is an SDXL refiner, which only finishes a base model's images: pass an SDXL "
+                        f"base as --model and '{spec.name}' as --refiner")
+    if refiner is None:
+        return
+    if refiner.arch != "sdxl-refiner":
+        raise UserError(f"--refiner '{refiner.name}' is not an SDXL refiner (it is {refiner.kind}): pass an "
+                        "SDXL refiner (text_encoder_2 only, aesthetic-score conditioning), or drop --refiner")
+    if spec.arch != "sdxl":
+        raise UserError(f"--refiner needs an SDXL base model; '{spec.name}' is {spec.kind}")
