@@ -25,12 +25,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ldm.convert import main as convert_main
 from ldm.errors import UserError
 from ldm.models.spec import inspect_model
+from ldm.pipeline.pipeline import Pipeline
 from ldm.singlefile import keys
 from ldm.singlefile.detect import detect, detect_shapes
 from ldm.singlefile.load import load_unet_file, load_vae_override
 from ldm.singlefile.load_sdxl import load_sdxl_modules
 from ldm.singlefile.save import directory_to_file, file_to_directory
 from ldm.singlefile.sdxl import BIGG, CLIP_L, SDXL_SCHEDULER
+from ldm.text.sdxl import SDXLTextEncoder
 from ldm.unet.presets import UNET_PRESETS
 from ldm.vae.presets import preset_kwargs
 
@@ -89,10 +91,14 @@ def test_each_kind_is_detected_and_described_in_one_line(files):
             "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
             "first_stage_model.decoder.mid.attn_1.q.weight"} <= names
     with safe_open(str(files["refiner"][1]), "pt") as f:
-        assert any(k.startswith("conditioner.embedders.0.model.") for k in f.keys())  # noqa: SIM118 - safe_open is no dict
+        refiner_names = list(f.keys())
+    assert any(k.startswith("conditioner.embedders.0.model.") for k in refiner_names)
     spec = inspect_model(str(files["refiner"][1]))
-    assert (spec.family, spec.parts, spec.prediction_type) == ("sdxl-refiner", ("unet", "vae", "text_encoder"),
-                                                               "epsilon")
+    assert (spec.family, spec.arch, spec.parts, spec.prediction_type, spec.force_zeros_for_empty_prompt) == (
+        "sdxl-refiner", "sdxl-refiner", ("unet", "vae", "text_encoder_2"), "epsilon", False)
+    spec = inspect_model(str(files["base"][1]))
+    assert (spec.arch, spec.parts, spec.force_zeros_for_empty_prompt, spec.default_size) == (
+        "sdxl", ("unet", "vae", "text_encoder", "text_encoder_2"), True, 64)
     assert spec.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
 
 
@@ -112,6 +118,7 @@ def test_directory_file_directory_is_exact(files, kind, tmp_path, capsys):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow  # the base's code path; only the channels and the pipeline class differ
 def test_the_inpainting_model_round_trips_with_its_pipeline_class(files, tmp_path):
     directory, path = files["inpaint"]
     file_to_directory(path, tmp_path / "back")
@@ -297,6 +304,7 @@ def _realign(pipe) -> None:
             tensor.data = tensor.data.clone()
 
 
+@pytest.mark.slow
 def test_diffusers_from_single_file_reads_our_file_as_the_same_model(files, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     directory = _widened(files["base"][0], tmp_path / "wide")
@@ -315,3 +323,34 @@ def test_diffusers_from_single_file_reads_our_file_as_the_same_model(files, tmp_
     a = ref(**call, generator=torch.Generator().manual_seed(0)).images
     b = got(**call, generator=torch.Generator().manual_seed(0)).images
     assert a.shape == (1, 64, 64, 3) and np.abs(a - b).max() == 0
+
+
+# ---------------------------------------------------------------------------------------------- our pipeline opens it
+def _open(files, which: int) -> Pipeline:
+    """The base with its refiner, from our files (which=1) or from the diffusers directories (which=0)."""
+    base, refiner = inspect_model(str(files["base"][which])), inspect_model(str(files["refiner"][which]))
+    return Pipeline.open(base, "cpu", "fp32", refiner=refiner)
+
+
+def test_our_pipeline_opens_the_files_as_the_same_models_as_the_directories(files, caplog):
+    with caplog.at_level("INFO", logger="ldm"):
+        ours = _open(files, 1)
+    assert any("Stable Diffusion XL refiner" in r.getMessage() for r in caplog.records)
+    theirs = _open(files, 0)
+    assert (ours.arch, ours.refiner.arch) == (theirs.arch, theirs.refiner.arch) == ("sdxl", "sdxl-refiner")
+    for a, b in ((ours, theirs), (ours.refiner, theirs.refiner)):
+        assert isinstance(a.text_encoder, SDXLTextEncoder)
+        assert a.text_encoder.force_zeros_for_empty_prompt == b.text_encoder.force_zeros_for_empty_prompt
+        assert a.scheduler_config == {**b.scheduler_config, "prediction_type": "epsilon"}
+        for name in ("unet", "vae", "text_encoder"):
+            assert _same_state(getattr(a, name), getattr(b, name)), name
+    images = []  # the same images, bit for bit, base then refiner (weights realigned: see _realign)
+    for pipe in (ours, theirs):
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.refiner.unet, pipe.refiner.text_encoder):
+            for tensor in module.state_dict(keep_vars=True).values():
+                tensor.data = tensor.data.clone()
+        result = pipe("a red circle", steps=4, cfg=5.0, sampler="euler", seed=3, refiner=pipe.refiner.model_name,
+                      show_progress=False)
+        assert result.params[0].refiner == pipe.refiner.model_name
+        images.append(result.decoded)
+    assert images[0].shape == (1, 64, 64, 3) and np.abs(images[0] - images[1]).max() == 0

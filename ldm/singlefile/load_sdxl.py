@@ -120,11 +120,13 @@ def sdxl_tokenizers(d: Detected):
 
 
 def sdxl_components(m: SDXLModules, name: str, d: Detected):
-    """The pipeline's `Components` for an SDXL file: both text encoders wrapped in one `SDXLTextEncoder`."""
+    """The pipeline's `Components` for an SDXL file: both towers as one `SDXLTextEncoder`, which tokenizes with the
+    ordinary CLIP tokenizer and pads bigG's ids with 0 itself (ldm/text/sdxl.py says why not `tokenizer_2`)."""
     from ldm.singlefile.load import LoadedFile
     from ldm.text.sdxl import SDXLTextEncoder
+    from ldm.text.tokenizer import offline_clip_tokenizer
 
-    text = SDXLTextEncoder.from_models(m.tokenizer, m.text_encoder, m.tokenizer_2, m.text_encoder_2,
-                                       force_zeros_for_empty_prompt=bool(m.pipeline.get(
-                                           "force_zeros_for_empty_prompt", d.family == "sdxl")))
+    force_zeros = bool(m.pipeline.get("force_zeros_for_empty_prompt", d.family == "sdxl"))
+    text = SDXLTextEncoder.from_models(m.tokenizer or offline_clip_tokenizer(), m.text_encoder, m.text_encoder_2,
+                                       force_zeros_for_empty_prompt=force_zeros)
     return LoadedFile(m.unet, m.vae, text, m.scheduler_config, name, d)
