@@ -27,18 +27,18 @@ log = logging.getLogger(__name__)
 _DROP = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "dtype", "torch_dtype")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read '{path}': {e}") from None
 
 
-def _config(path: Path) -> dict[str, Any]:
-    return {k: v for k, v in _read_json(path).items() if k not in _DROP}
+def component_config(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in read_json(path).items() if k not in _DROP}
 
 
-def _weights(sub: Path, variant: str | None) -> keys.State:
+def component_weights(sub: Path, variant: str | None) -> keys.State:
     from safetensors.torch import load_file
 
     files = sorted(p for p in sub.glob("*.safetensors") if (variant is None) == (len(p.name.split(".")) == 2)
@@ -55,14 +55,18 @@ def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int
 
     if dst.suffix.lower() != ".safetensors":
         raise UserError(f"'{dst}': the single file must end in .safetensors")
+    if (src / "text_encoder_2").is_dir():  # SDXL: two text encoders (a refiner only the second)
+        from ldm.singlefile.save_sdxl import sdxl_directory_to_file
+
+        return sdxl_directory_to_file(src, dst, half)
     info = read_text_encoder_info(src)
     if info and info.get("kind", "clip") != "clip":
         raise UserError(f"'{src}' uses an open_clip text encoder rebuilt from '{info.get('path')}' (not stored in the "
                         "directory); single files hold transformers CLIP text encoders only")
     variants = check_model_dir(src)
-    unet_cfg, vae_cfg = _config(src / "unet" / "config.json"), _config(src / "vae" / "config.json")
-    text_cfg = _config(src / "text_encoder" / "config.json")
-    tokenizer = _check_tokenizer(src / "tokenizer", offline_clip_tokenizer())
+    unet_cfg, vae_cfg = component_config(src / "unet" / "config.json"), component_config(src / "vae" / "config.json")
+    text_cfg = component_config(src / "text_encoder" / "config.json")
+    tokenizer = check_tokenizer(src / "tokenizer", offline_clip_tokenizer())
     open_clip = text_cfg.get("hidden_act") == "gelu"  # OpenAI CLIP uses quick_gelu, OpenCLIP (SD 2.x) gelu
     # one part at a time, so at most the converted parts plus one part's source are in memory: renaming keeps the
     # tensors (no copy), and each part's own state dict is dropped once converted and checked
@@ -74,7 +78,7 @@ def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int
         ("text encoder", "text_encoder", keys.open_clip_to_original if open_clip else keys.clip_to_original,
          (lambda s: keys.open_clip_from_original(s, text_cfg["hidden_size"])) if open_clip else keys.clip_from_original),
     ):
-        source = _weights(src / sub, variants[sub])
+        source = component_weights(src / sub, variants[sub])
         converted = to(source)
         if sub == "text_encoder":
             source = {k.removeprefix("text_model."): v for k, v in source.items()}
@@ -90,13 +94,13 @@ def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int
     meta = {
         "format": FORMAT, "unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg,
         "text_layout": "open_clip" if open_clip else "clip", "tokenizer": tokenizer,
-        "scheduler": _read_json(src / "scheduler" / "scheduler_config.json"), "ldm_model": info,
+        "scheduler": read_json(src / "scheduler" / "scheduler_config.json"), "ldm_model": info,
     }
-    _write(dst, out, {META_KEY: json.dumps(meta)})
+    write_file(dst, out, {META_KEY: json.dumps(meta)})
     return parts
 
 
-def _check_tokenizer(directory: Path, offline) -> dict[str, Any]:
+def check_tokenizer(directory: Path, offline) -> dict[str, Any]:
     """The file carries no tokenizer: ours is rebuilt from open_clip's vocabulary, so the directory's must be it."""
     from transformers import CLIPTokenizer
 
@@ -110,7 +114,7 @@ def _check_tokenizer(directory: Path, offline) -> dict[str, Any]:
     return {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.model_max_length}
 
 
-def _write(dst: Path, tensors: keys.State, metadata: dict[str, str]) -> None:
+def write_file(dst: Path, tensors: keys.State, metadata: dict[str, str]) -> None:
     """Written by path (safetensors' writer streams the tensors; no bytes copy of the file) and never over an
     existing file, even one created while converting."""
     try:
@@ -127,9 +131,14 @@ def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type:
     import diffusers
     from diffusers import StableDiffusionPipeline
 
+    from ldm.singlefile.detect import detect
     from ldm.singlefile.load import load_single_file
 
     dtype = torch.float16 if half else None
+    if detect(src).sdxl:
+        from ldm.singlefile.save_sdxl import sdxl_file_to_directory
+
+        return sdxl_file_to_directory(src, dst, dtype or _file_dtype(src), prediction_type)
     loaded = load_single_file(src, torch.device("cpu"), dtype or _file_dtype(src), prediction_type=prediction_type)
     config = dict(loaded.scheduler_config)
     cls = getattr(diffusers, config.pop("_class_name", "PNDMScheduler"))
@@ -142,12 +151,19 @@ def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type:
     pipe = StableDiffusionPipeline(vae=loaded.vae, text_encoder=text.model, tokenizer=tokenizer,
                                    unet=loaded.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    info = loaded.detected.text_info
+    # e.g. layer: penultimate, which diffusers' layout cannot say
+    save_pipeline(pipe, dst, (lambda tmp: write_text_encoder_info(tmp, info)) if info is not None else None)
+
+
+def save_pipeline(pipe, dst: Path, extra=None) -> None:
+    """`pipe.save_pretrained` into a new directory `dst`, atomically (`extra(tmp)` adds files before it appears)."""
     tmp = None
     try:
         with atomic_directory(dst, replace=False) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
-            if loaded.detected.text_info is not None:  # e.g. layer: penultimate, which diffusers' layout cannot say
-                write_text_encoder_info(tmp, loaded.detected.text_info)
+            if extra is not None:
+                extra(tmp)
     except FileExistsError:
         raise UserError(f"'{dst}' already exists; choose a new name (ldm-convert never overwrites)") from None
     except OSError as e:
