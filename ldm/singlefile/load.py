@@ -122,13 +122,12 @@ def load_single_file(
     prediction_type: str | None = None,
 ) -> LoadedFile:
     """U-Net, VAE (the file's, or `vae`: a VAE file or directory), text encoder and scheduler config; says in one
-    line what was detected and in another which prediction type is used and why. SDXL files: load_sdxl.py."""
+    line what was detected and in another which prediction type is used and why. SD 1.x/2.x files; SDXL files:
+    load_sdxl.py."""
     d = detect(path)
     log.info("%s", d.describe())
     if d.sdxl:
-        from ldm.singlefile.load_sdxl import load_sdxl_modules, sdxl_components
-
-        return sdxl_components(load_sdxl_modules(d, device, dtype, vae, prediction_type), str(path), d)
+        raise ValueError(f"'{path}' is an SDXL file: open it with ldm.singlefile.load_sdxl (ldm.models.load does)")
     if d.unet_config is None:
         raise UserError(f"'{d.path}' has no U-Net; pass a full checkpoint as --model")
     if d.text_config is None:

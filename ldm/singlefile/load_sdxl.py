@@ -18,6 +18,8 @@ import torch
 from ldm.errors import UserError
 from ldm.singlefile import keys
 from ldm.singlefile.detect import Detected, choose_prediction
+from ldm.singlefile.load import (LoadedFile, build_unet, build_vae, cast_state, load_strict, load_vae_override,
+                                 read_tensors)
 from ldm.singlefile.sdxl import SDXL_SCHEDULER, text_prefixes
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,6 @@ class SDXLModules:
 def load_sdxl_modules(d: Detected, device: torch.device, dtype: torch.dtype, vae=None,
                       prediction_type: str | None = None) -> SDXLModules:
     """Every part of an SDXL file (or `vae`, a VAE file or directory, instead of its own), on `device` in `dtype`."""
-    from ldm.singlefile.load import (
-        build_unet,
-        build_vae,
-        cast_state,
-        load_vae_override,
-        read_tensors,
-    )
-
     if d.unet_config is None:
         raise UserError(f"'{d.path}' has no U-Net; pass a full checkpoint as --model")
     if d.text_config_2 is None:
@@ -79,7 +73,6 @@ def build_clip_l(d: Detected, state: keys.State):
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.singlefile.load import load_strict
 
     with init_empty_weights(include_buffers=False):
         model = CLIPTextModel(CLIPTextConfig.from_dict(d.text_config))
@@ -92,7 +85,6 @@ def build_bigg(d: Detected, state: keys.State):
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from ldm.singlefile.load import load_strict
 
     config = CLIPTextConfig.from_dict(d.text_config_2)
     with init_empty_weights(include_buffers=False):
@@ -122,7 +114,6 @@ def sdxl_tokenizers(d: Detected):
 def sdxl_components(m: SDXLModules, name: str, d: Detected):
     """The pipeline's `Components` for an SDXL file: both towers as one `SDXLTextEncoder`, which tokenizes with the
     ordinary CLIP tokenizer and pads bigG's ids with 0 itself (ldm/text/sdxl.py says why not `tokenizer_2`)."""
-    from ldm.singlefile.load import LoadedFile
     from ldm.text.sdxl import SDXLTextEncoder
     from ldm.text.tokenizer import offline_clip_tokenizer
 

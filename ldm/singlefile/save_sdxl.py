@@ -20,7 +20,7 @@ import torch
 from ldm.errors import UserError
 from ldm.singlefile import keys
 from ldm.singlefile.detect import FORMAT_SDXL, META_KEY
-from ldm.singlefile.save import (
+from ldm.singlefile.write import (
     check_tokenizer,
     component_config,
     component_weights,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.errors import UserError
-from ldm.singlefile.detect import (
+from ldm.singlefile.detected import (
     Detected,
     Shapes,
     blocks,
