@@ -2,13 +2,12 @@
 weights for our pipeline and diffusers' in the benchmarks, with no download.
 
     sd15_pipeline("full")   # U-Net 860M (ldm/unet/presets.py "sd15"), kl-f8 VAE 84M, CLIP ViT-L/14 text 123M
-    sdxl_pipeline("full")   # U-Net 2.6B, kl-f8 VAE (scaling 0.13025), CLIP ViT-L/14 + OpenCLIP bigG/14 text (695M)
+    sdxl_pipeline("full")   # U-Net 2.6B (preset "sdxl"), VAE "sdxl-f8", CLIP ViT-L/14 + OpenCLIP bigG/14 text (695M)
     sd15_pipeline("tiny"), sdxl_pipeline("tiny")   # ldm/pipeline/tiny.py's models, for tests (seconds on a CPU)
 
-Full sizes are the published models' configs (the U-Net, VAE and text encoder config.json of
-runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0), written out here because this machine
-has no hub; random initialisation gives the same FLOPs, memory and kernel shapes as the trained weights, not the same
-images. `save_pretrained(DIR)` of either pipeline is a diffusers-format model directory that `ldm.models.spec
+Full sizes are the published models' layouts (the package's presets in ldm/unet/presets.py and ldm/vae/presets.py,
+and the text encoders' config.json of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0);
+random initialisation gives the same FLOPs, memory and kernel shapes as the trained weights, not the same images. `save_pretrained(DIR)` of either pipeline is a diffusers-format model directory that `ldm.models.spec
 .inspect_model` and `Pipeline.open` read.
 """
 
@@ -34,23 +33,13 @@ SIZES = ("tiny", "full")
 _SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1)
 
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, less the defaults
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=6 * 256 + 1280,  # 6 time ids x 256 + bigG's pooled 1280
-)
-
 
 def sd15_unet() -> UNet2DConditionModel:
     return build_unet("sd15", sample_size=64, latent_channels=4, cross_attention_dim=768)
 
 
 def sdxl_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(**SDXL_UNET)
+    return build_unet("sdxl", sample_size=128, latent_channels=4, cross_attention_dim=2048)
 
 
 def _load(cls, save, device: torch.device, dtype: torch.dtype):
@@ -90,7 +79,7 @@ def sdxl_pipeline(size: str, device: str | torch.device = "cpu", dtype: torch.dt
     big_g.hidden_act, big_g.pad_token_id = "gelu", 0  # bigG: gelu, pads with 0 (as ldm/pipeline/tiny.py's)
     with torch.device(device):
         unet = sdxl_unet()
-        vae = AutoencoderKL(**preset_kwargs("sd-f8"), sample_size=1024, scaling_factor=0.13025)
+        vae = AutoencoderKL(**preset_kwargs("sdxl-f8"), sample_size=1024)
         text_encoder = CLIPTextModel(tiny_clip_text_config(hidden_size=768, layers=12, heads=12))
         text_encoder_2 = CLIPTextModelWithProjection(big_g)
     tokenizer_2 = offline_clip_tokenizer()

@@ -53,7 +53,7 @@ def test_the_suite_at_tiny_size_has_every_row_with_finite_numbers(capsys):
 
 @pytest.mark.slow
 def test_flop_count_matches_the_issue_figures_at_full_size():
-    """The MFU arithmetic's inputs at full size, counted on the meta device: no memory, but ~30 s of Python dispatch
+    """The MFU arithmetic's inputs at full size, counted on the meta device: no memory, but 15-30 s of Python dispatch
     through SDXL's 2.6B-parameter graph on this machine."""
     import torch
     from random_models import sd15_unet, sdxl_unet
