@@ -255,21 +255,29 @@ def test_the_export_is_an_sdxl_directory_giving_diffusers_image(scratch):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_weights(tmp_path, tiny_sdxl_model, shapes):
-    """A run stopped after step 2 (a shorter run: the schedule does not depend on max_steps) and resumed equals the
-    uninterrupted one bit for bit: latents, caption dropout to zeros, time ids of flipped copies, samples."""
-    hard = ["train.grad_accum=2", "train.checkpoint_every=2", "train.caption_dropout=0.3", "data.random_flip=true",
-            "noise.min_snr_gamma=5", "noise.offset_noise=0.05", "sample.every=2", "sample.prompts=[a red circle]",
-            "sample.steps=2", f"cache.dir={tmp_path / 'latents'}"]
-    train(*sdxl_args(tmp_path / "a", tiny_sdxl_model, shapes, *hard, "train.max_steps=4"))
-    train(*sdxl_args(tmp_path / "b", tiny_sdxl_model, shapes, *hard, "train.max_steps=2"))
-    train(*sdxl_args(tmp_path / "b", tiny_sdxl_model, shapes, *hard, "train.max_steps=4"), "--resume", "latest")
+def test_a_run_killed_in_a_step_resumes_to_the_same_weights(tmp_path, tiny_sdxl_model, shapes):
+    """SIGKILL during step 4 (checkpoint at 2), then --resume latest: step 6 equals the uninterrupted run's bit for
+    bit (weights, AdamW, EMA, RNG states): latents, caption dropout to zeros, the time ids of flipped copies, the
+    samples through the SDXL pipeline (tests/test_faults.py kills SD runs the same way)."""
+    from test_faults import Run, checkpoint_contents, differences, kill_after_step
 
-    def tensors(run: Path) -> dict[str, torch.Tensor]:
-        return {k: v for f in sorted((run / "checkpoints/step-00000004").rglob("*.safetensors"))
-                if not f.name.startswith("rng") for k, v in load_file(f).items()}
-    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
-    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    hard = ["train.cpu=true", "train.max_steps=6", "train.grad_accum=2", "train.checkpoint_every=2",
+            "train.caption_dropout=0.3", "data.random_flip=true", "noise.min_snr_gamma=5", "noise.offset_noise=0.05",
+            "sample.every=2", "sample.prompts=[a red circle]", "sample.steps=2"]
+
+    def command(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, str(ROOT / "train/train_ldm.py"), *sdxl_args(out, tiny_sdxl_model, shapes, *hard),
+                *extra]
+    reference = Run(command(tmp_path / "reference"), tmp_path / "reference.log")
+    killed = Run(command(tmp_path / "killed"), tmp_path / "killed.log")
+    kill = kill_after_step(killed, 3, tmp_path / "killed/checkpoints")
+    assert kill["checkpoint"] == 2 and kill["lost"] >= 1, kill
+    resumed = Run(command(tmp_path / "killed", "--resume", "latest"), tmp_path / "resumed.log")
+    assert resumed.finish() == 0, resumed.tail()
+    assert reference.finish() == 0, reference.tail()
+    a = checkpoint_contents(tmp_path / "reference/checkpoints/step-00000006")
+    b = checkpoint_contents(tmp_path / "killed/checkpoints/step-00000006")
+    assert any(k.startswith("ema/") for k in a) and differences(a, b) == []
 
 
 @pytest.fixture(scope="module")

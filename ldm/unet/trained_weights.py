@@ -205,10 +205,10 @@ class LoRAWeights(TrainedWeights):
             return super().condition(captions, encode_text, empty)
         # through the adapted encoder, with gradients; the empty prompt too (row B), since inference's unconditional
         # branch is the adapted encoder's (unless an SDXL model's is zeros: `force_zeros_for_empty_prompt`)
-        out = self.text(self.text_encoder.tokenize([*captions, ""]))  # (B + 1, 77, D), SDXL's with pooled (B + 1, P)
-        states = Conditioning(*out) if isinstance(out, tuple) else Conditioning(out)
-        rows = [None if t is None else (t[:-1], t[-1:]) for t in (states.context, states.pooled)]
-        text, empty = (Conditioning(*[None if r is None else r[i] for r in rows]) for i in (0, 1))
+        out = self.text(self.text_encoder.tokenize([*captions, ""]))
+        context, pooled = out if isinstance(out, tuple) else (out, None)  # (B + 1, 77, D); SDXL's pooled (B + 1, P)
+        text = Conditioning(context[:-1], None if pooled is None else pooled[:-1])
+        empty = Conditioning(context[-1:], None if pooled is None else pooled[-1:])
         if getattr(self.text_encoder, "force_zeros_for_empty_prompt", False):
             empty = empty.zeros_like()
         return drop_captions(text, empty, self.cfg.train.caption_dropout)
