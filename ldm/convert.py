@@ -7,7 +7,8 @@ or such a file -> a diffusers directory. The direction follows from SRC.
 
 The output is written atomically (never half a file or directory) and never over an existing one (checked before
 the work and again when the output is put in place). A file written
-here reads back in diffusers' `StableDiffusionPipeline.from_single_file(DST, config=SRC)`; its header also holds
+here reads back in diffusers' `StableDiffusionPipeline.from_single_file(DST, config=SRC)` (SDXL directories, with
+text_encoder_2: `StableDiffusionXLPipeline`, in Stability's layout); its header also holds
 the component configs, so `ldm-generate --model DST` rebuilds the model exactly (ldm/singlefile/__init__.py).
 """
 

@@ -101,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mask-blur", type=int, default=None,
                    help="feather the paste-back over this many px inward from the mask edge, so pixels outside the "
                    "mask are never touched (default 4; 0 = hard edge)")
+    x = p.add_argument_group("SDXL (micro-conditioning as diffusers takes it; sizes are HEIGHT WIDTH)")
+    x.add_argument("--refiner", default=None, metavar="MODEL",
+                   help="an SDXL refiner (directory or single file) that finishes the base's images from "
+                   "--refiner-switch on (A1111's Refiner)")
+    x.add_argument("--refiner-switch", type=float, default=None,
+                   help="share of the schedule the base runs before the refiner takes over, in (0, 1) (default 0.8)")
+    for name, what in (("original-size", "the size the model is told the image was before cropping (default: "
+                        "the generation size)"), ("crop-top-left", "TOP LEFT: the crop the model is told was "
+                        "taken (default 0 0)"), ("target-size", "the size the model is told to aim for (default: "
+                        "the generation size)")):
+        x.add_argument(f"--{name}", type=int, nargs=2, default=None, metavar=("A", "B"), help=what)
+        x.add_argument(f"--negative-{name}", type=int, nargs=2, default=None, metavar=("A", "B"),
+                       help=f"the negative branch's --{name} (default: the positive branch's; a crop 0 0)")
+    x.add_argument("--aesthetic-score", type=float, default=None, help="the refiner's aesthetic score (default 6)")
+    x.add_argument("--negative-aesthetic-score", type=float, default=None,
+                   help="the refiner's negative-branch aesthetic score (default 2.5)")
     lo = p.add_argument_group("LoRA adapters")
     lo.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                     help="merge a LoRA (.safetensors, diffusers/peft or kohya layout) at SCALE (default 1); repeat "
@@ -143,7 +159,8 @@ def typed_layer(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None and value <= 0:
             raise UserError(f"--{side} {value} is not a size: give pixels (a multiple of the VAE factor), or leave "
                             "it out for the init image's or the model's size")
-    return {k: v for k, v in vars(args).items() if k in FIELDS and k not in NOT_REQUEST and v is not None}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+            if k in FIELDS and k not in NOT_REQUEST and v is not None}
 
 
 def build_request(args: argparse.Namespace) -> GenerationRequest:
@@ -231,6 +248,25 @@ def model_spec(args: argparse.Namespace, model: str | None):
         raise
 
 
+def refiner_spec(args: argparse.Namespace, request: GenerationRequest, spec):
+    """The spec of the refiner the request names (--refiner, or a --from-png's 'Refiner'), checked against the
+    base; None without one."""
+    if not request.refiner:
+        return None
+    from ldm.models.spec import inspect_model
+    from ldm.pipeline.refiner import check_refiner_pair
+
+    try:
+        refiner = inspect_model(request.refiner)
+    except UserError as e:
+        if args.refiner is None:  # named by the PNG only
+            raise UserError(f"{e} (the refiner '{request.refiner}' comes from '{args.from_png}': pass --refiner "
+                            "MODEL to replay it)") from None
+        raise
+    check_refiner_pair(spec, refiner)
+    return refiner
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     """Validate everything, then load the model, generate and save. Returns the written paths."""
     if args.prompts_file:
@@ -243,11 +279,14 @@ def run(args: argparse.Namespace) -> list[Path]:
     from ldm.pipeline.device import dtype_name, pick_device, pick_dtype
     from ldm.pipeline.output import check_writable, save_png
     from ldm.pipeline.pipeline import Pipeline
+    from ldm.pipeline.refiner import check_refiner_pair
 
     # 1. the request and the model's spec (headers and configs only), checked against each other
     request = build_request(args)
     spec = model_spec(args, request.model)
+    check_refiner_pair(spec, None)  # a refiner given as --model, named
     request = request.resolve(spec)
+    refiner = refiner_spec(args, request, spec)
     # 2. the rest of the inputs: device, output directory, LoRA files (all before any weight is loaded)
     device = pick_device(args.device)
     outdir = check_writable(args.outdir)
@@ -260,7 +299,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     start = time.perf_counter()
     log.info("loading %s on %s (%s)", spec.name, device, dtype_name(dtype))
     pipe = Pipeline.open(spec, device, dtype, loras=loras, lora_dir=args.lora_dir, vae_tiling=args.vae_tiling,
-                         compile_unet=args.compile)
+                         compile_unet=args.compile, refiner=refiner)
     log.info("loaded in %.1fs; generating %d image(s) at %dx%d, seeds %d..%d", time.perf_counter() - start,
              request.num_images, request.width, request.height, request.seed, request.seed + request.num_images - 1)
     written: list[Path] = []
@@ -288,9 +327,11 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"--prompts-file takes its prompts from the file: drop {option}")
     typed = typed_layer(args)
     spec = model_spec(args, typed.get("model"))
+    refiner = refiner_spec(args, GenerationRequest.layered(typed), spec)
     return run_prompts_file(args.prompts_file, spec, typed, outdir=args.outdir, loras=args.lora,
                             lora_dir=args.lora_dir, device=args.device, dtype=args.dtype,
-                            vae_tiling=args.vae_tiling, compile_unet=args.compile, quiet=args.quiet)
+                            vae_tiling=args.vae_tiling, compile_unet=args.compile, quiet=args.quiet,
+                            refiner=refiner)
 
 
 if __name__ == "__main__":

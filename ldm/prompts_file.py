@@ -186,10 +186,11 @@ def write_png(image, params: GenerationRequest, path: Path) -> None:
 
 def run_prompts_file(
     path: str, spec, cli: dict[str, Any], *, outdir: str, loras: list[str], lora_dir: str | None, device: str,
-    dtype: str, vae_tiling: bool = False, compile_unet: str | None = None, quiet: bool = False,
+    dtype: str, vae_tiling: bool = False, compile_unet: str | None = None, quiet: bool = False, refiner=None,
 ) -> list[Path]:
     """Check the file and everything else against `spec` (`ldm.models.spec.ModelSpec`), open the model on every
-    process, generate this process's share. `cli` holds the request fields typed on the command line."""
+    process, generate this process's share. `cli` holds the request fields typed on the command line; `refiner`
+    is the spec of the SDXL refiner they name."""
     import torch
     from accelerate import Accelerator
 
@@ -225,7 +226,8 @@ def run_prompts_file(
     pipe = None
     if total:
         pipe, error = attempt(lambda: Pipeline.open(spec, dev, dt, loras=lora_files, lora_dir=lora_dir,
-                                                    vae_tiling=vae_tiling, compile_unet=compile_unet))
+                                                    vae_tiling=vae_tiling, compile_unet=compile_unet,
+                                                    refiner=refiner))
         raise_if_any_failed(accelerator, error, what="loading the model")
     written: list[Path] = []
     loaded = time.perf_counter()

@@ -21,7 +21,8 @@ BUILD_REQUESTS = {"ldm/pipeline/pipeline.py", "ldm/generate.py", "ldm/prompts_fi
 # calls that open a model (find it, check its files, load its parts) -> the only files that may make them
 OPENERS = {
     "resolve_model": {"ldm/models/spec.py"},
-    "check_model_dir": {"ldm/models/spec.py", "ldm/singlefile/save.py"},  # ldm-convert reads a directory's tensors
+    # ldm-convert reads a directory's tensors (SD and SDXL)
+    "check_model_dir": {"ldm/models/spec.py", "ldm/singlefile/save.py", "ldm/singlefile/save_sdxl.py"},
     "load_components": {"ldm/models/load.py", "ldm/pipeline/pipeline.py"},
     "load_single_file": {"ldm/models/load.py", "ldm/singlefile/load.py", "ldm/singlefile/save.py"},
     "load_unet_file": {"ldm/models/load.py", "ldm/singlefile/load.py"},

@@ -114,3 +114,17 @@ def test_paint_a_mask_and_inpaint(page):
     if os.environ.get("LDM_SERVE_SCREENSHOT"):
         page.execute_script("window.scrollTo(0, 0)")
         page.save_screenshot(os.environ["LDM_SERVE_SCREENSHOT"])
+
+
+def test_refiner_choice_is_sent_as_a1111s_refiner_checkpoint(page):
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    refiner = Select(page.find_element("id", "refiner"))
+    assert [o.text for o in refiner.options][0] == "None" and len(refiner.options) >= 2
+    refiner.select_by_index(1)  # the demo model: not an SDXL refiner, so the server refuses it in one line
+    page.find_element("id", "prompt").send_keys(PROMPT)
+    page.find_element("id", "generate").click()
+    status = page.find_element("id", "status")
+    WebDriverWait(page, 60).until(lambda d: "refiner" in status.text)
+    assert "error" in status.get_attribute("class") and "is not an SDXL refiner" in status.text
+    refiner.select_by_index(0)

@@ -84,13 +84,19 @@ def test_a_failed_switch_whose_reload_fails_too_is_unavailable_until_a_model_loa
 
 @contextmanager
 def app_server(worker: Worker):
-    import uvicorn
-
     def spec(name: str):  # a model's facts as ldm.models.spec.ModelSpec has them, without a model on disk
         return SimpleNamespace(name=name, root=Path(name), vae_factor=8, default_size=32, train_timesteps=1000,
-                               inpainting_unet=False)
+                               inpainting_unet=False, arch="sd")
 
-    app = create_app({"a": spec("a"), "b": spec("b")}, worker, Limits())
+    with app_server_for(create_app({"a": spec("a"), "b": spec("b")}, worker, Limits())) as port:
+        yield port
+
+
+@contextmanager
+def app_server_for(app):
+    """`app` served by uvicorn in a thread on a free 127.0.0.1 port; yields the port, stops it on exit."""
+    import uvicorn
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

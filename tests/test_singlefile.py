@@ -277,8 +277,13 @@ def test_bad_files_are_one_clear_line(tiny_file, tmp_path):
     sdxl = tmp_path / "sdxl.safetensors"
     save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)}, str(sdxl))
-    with pytest.raises(UserError, match="is a xl_base checkpoint .*not Stable Diffusion 1.x/2.x"):
-        detect(sdxl)
+    with pytest.raises(UserError, match="sdxl.safetensors': the text encoder weights are incomplete"):
+        detect(sdxl)  # SDXL files load (tests/test_singlefile_sdxl.py); this one is damaged
+    sd3 = tmp_path / "sd3.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(9216),
+               "model.diffusion_model.pos_embed": torch.zeros(1, 36864, 1)}, str(sd3))
+    with pytest.raises(UserError, match="is a sd3 checkpoint .*not Stable Diffusion 1.x/2.x/XL"):
+        detect(sd3)
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1)}, str(lora))
     with pytest.raises(UserError, match="is a LoRA adapter, not a model: pass it with --lora"):

@@ -18,6 +18,13 @@ log = logging.getLogger(__name__)
 
 def load_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Components:
     """U-Net, VAE (the spec's `vae` when given), text encoder and scheduler config, on `device` in `dtype`."""
+    if spec.single_file and spec.arch != "sd":
+        from ldm.singlefile.load_sdxl import load_sdxl_modules, sdxl_components
+
+        d = spec.detected
+        log.info("%s", d.describe())
+        modules = load_sdxl_modules(d, device, dtype, spec.vae, spec.prediction_override)
+        return sdxl_components(modules, spec.name, d)
     if spec.single_file:
         loaded = load_single_file(spec.root, device, dtype, vae=spec.vae, prediction_type=spec.prediction_override)
         loaded.name = spec.name

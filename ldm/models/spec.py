@@ -129,9 +129,14 @@ def _inspect_file(name: str, root: Path, prediction_type: str | None) -> ModelSp
     unet = unet_config_for(d, prediction)
     factor = 2 ** (len((d.vae_config or {"block_out_channels": (1, 1, 1, 1)})["block_out_channels"]) - 1)
     scheduler = {**(d.scheduler_config or SD_SCHEDULER), "prediction_type": prediction}
-    parts = tuple(p for p, c in (("unet", d.unet_config), ("vae", d.vae_config), ("text_encoder", d.text_config)) if c)
+    # family: "sd1" | "sd2" | "ldm" | "sdxl" | "sdxl-refiner" (ldm-convert SDXL files too, from their metadata)
+    parts = tuple(p for p, c in (("unet", d.unet_config), ("vae", d.vae_config), ("text_encoder", d.text_config),
+                                 ("text_encoder_2", d.text_config_2)) if c)
+    arch = d.family if d.sdxl else "sd"
+    force_zeros = bool(d.pipeline.get("force_zeros_for_empty_prompt", arch == "sdxl"))
     return ModelSpec(name, root, d.family, unet, scheduler, source, factor, _side(unet) * factor, parts,
-                     text_info=d.text_info, detected=d, prediction_override=prediction_type)
+                     text_info=d.text_info, detected=d, prediction_override=prediction_type, arch=arch,
+                     force_zeros_for_empty_prompt=force_zeros)
 
 
 def _inspect_dir(name: str, root: Path, prediction_type: str | None) -> ModelSpec:

@@ -55,6 +55,13 @@ def format_parameters(p: GenerationRequest) -> str:
         fields.append(("Lora hashes", p.lora_hashes))
     if p.clip_skip != 1:
         fields.append(("Clip skip", p.clip_skip))
+    if p.refiner:  # as A1111 writes it
+        fields.append(("Refiner", p.refiner))
+        fields.append(("Refiner switch at", _num(p.refiner_switch)))
+    for name, label in SDXL_LABELS.items():  # ours (A1111 has these as settings): only those given
+        value = getattr(p, name)
+        if value is not None:
+            fields.append((label, _num(value) if isinstance(value, float) else _pair(name, value)))
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields))
     return "\n".join(lines)
 
@@ -63,10 +70,19 @@ def format_parameters(p: GenerationRequest) -> str:
 _FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
+# SDXL's micro-conditioning, written when set: sizes as "WxH" (as Size), crops as "top, left"
+SDXL_LABELS = {
+    "original_size": "Original size", "crop_top_left": "Crop top left", "target_size": "Target size",
+    "negative_original_size": "Negative original size", "negative_crop_top_left": "Negative crop top left",
+    "negative_target_size": "Negative target size", "aesthetic_score": "Aesthetic score",
+    "negative_aesthetic_score": "Negative aesthetic score",
+}
+
 # the fields `parse_parameters` reads; `unread_fields` names the others (A1111 writes many: Model hash, Version, ...)
 READ_FIELDS = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Denoising strength", "Mask blur",
-    "CFG rescale", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Clip skip",
+    "CFG rescale", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Clip skip", "Refiner",
+    "Refiner switch at", *SDXL_LABELS.values(),
 )
 HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> A1111's names
 
@@ -140,7 +156,30 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out["lora_hashes"] = raw["Lora hashes"]
     if "Clip skip" in raw:
         out["clip_skip"] = int(raw["Clip skip"])
+    if "Refiner" in raw:
+        out["refiner"] = raw["Refiner"]
+        if "Refiner switch at" in raw:
+            out["refiner_switch"] = float(raw["Refiner switch at"])
+    for name, label in SDXL_LABELS.items():
+        if label in raw:
+            out[name] = float(raw[label]) if name.endswith("aesthetic_score") else _read_pair(name, raw[label])
     return out
+
+
+def _pair(name: str, value: tuple[int, int]) -> str:
+    """(height, width) -> 'WxH'; (top, left) -> 'top, left'."""
+    return f"{value[0]}, {value[1]}" if "crop" in name else f"{value[1]}x{value[0]}"
+
+
+def _read_pair(name: str, text: str) -> tuple[int, int] | None:
+    try:
+        if "crop" in name:
+            top, left = text.split(",")
+            return int(top), int(left)
+        width, height = text.lower().split("x")
+        return int(height), int(width)
+    except ValueError:
+        return None  # not ours: left to the default
 
 
 def _num(x: float) -> str:

@@ -144,9 +144,18 @@ class Pipeline:
         for path, scale in loras:
             pipe.load_lora(path, scale)
         if refiner is not None:
-            pipe.refiner = cls(load_components(refiner, dev, dt), dev, dt, vae_tiling=vae_tiling,
-                               compile_unet=compile_unet or False)
+            pipe.attach_refiner(refiner, compile_unet=compile_unet)
         return pipe
+
+    def attach_refiner(self, spec: ModelSpec, compile_unet: bool | str | None = False) -> None:
+        """Open the SDXL refiner `spec` on this pipeline's device and dtype, for requests that name it (replacing
+        one attached before)."""
+        if spec.arch != "sdxl-refiner" or self.arch != "sdxl":
+            raise UserError(f"'{spec.name}' ({spec.kind}) cannot refine '{self.model_name}': a refiner needs an "
+                            "SDXL base model and an SDXL refiner")
+        self.refiner = None  # free the old one first
+        self.refiner = Pipeline(load_components(spec, self.device, self.dtype), self.device, self.dtype,
+                                vae_tiling=self.vae.use_tiling, compile_unet=compile_unet or False)
 
     @classmethod
     def from_pretrained(
@@ -330,9 +339,9 @@ class Pipeline:
         """The opened refiner a request names, checked."""
         if not r.refiner:
             return None
-        if self.refiner is None:
-            raise UserError(f"the request names the refiner '{r.refiner}' but none was opened with this model: "
-                            "pass --refiner MODEL")
+        if self.refiner is None or self.refiner.model_name != r.refiner:
+            raise UserError(f"the request names the refiner '{r.refiner}' but it was not opened with this model: "
+                            "pass --refiner MODEL (Pipeline.open(refiner=...) or attach_refiner)")
         if r.mask is not None:
             raise UserError("a refiner with inpainting is not supported: drop --refiner or --mask")
         return self.refiner

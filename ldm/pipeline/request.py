@@ -198,7 +198,8 @@ class GenerationRequest:
             given = [f"--{k.replace('_', '-')}" for k in MICRO_CONDITIONING if getattr(self, k) is not None]
             given += ["--refiner"] if self.refiner else []
             if given:
-                raise UserError(f"{', '.join(given)} only apply to SDXL models; this is an SD 1.x/2.x model")
+                verb = "applies" if len(given) == 1 else "apply"
+                raise UserError(f"{', '.join(given)} only {verb} to SDXL models; this is an SD 1.x/2.x model")
         elif self.aesthetic_score is not None or self.negative_aesthetic_score is not None:
             if not self.refiner:
                 raise UserError("--aesthetic-score conditions an SDXL refiner: add --refiner MODEL or drop it")
@@ -266,6 +267,11 @@ def from_a1111(payload: Mapping[str, Any], *, clip_skip: int = 1, known_samplers
     layer["num_images"] = payload.get("batch_size", 1) * payload.get("n_iter", 1)
     layer["batch_size"] = payload.get("batch_size", 1)
     layer["clip_skip"] = (payload.get("override_settings") or {}).get("CLIP_stop_at_last_layers", clip_skip)
+    if payload.get("refiner_checkpoint"):  # A1111 sends "None" for no refiner
+        if str(payload["refiner_checkpoint"]).lower() != "none":
+            layer["refiner"] = payload["refiner_checkpoint"]
+            if payload.get("refiner_switch_at") is not None:
+                layer["refiner_switch"] = payload["refiner_switch_at"]
     for key in ("init_image", "mask"):
         if payload.get(key) is not None:
             layer[key] = payload[key]

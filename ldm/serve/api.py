@@ -17,7 +17,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -30,6 +30,7 @@ from ldm.image_io import decode_base64_image, decode_base64_mask
 from ldm.lora.prompt_tags import check_lora_inputs
 from ldm.models.spec import ModelSpec
 from ldm.pipeline.metadata import format_parameters, png_bytes
+from ldm.pipeline.refiner import check_refiner_pair
 from ldm.pipeline.request import GenerationRequest, from_a1111
 from ldm.pipeline.samplers import SAMPLERS, sampler_label
 from ldm.serve.schemas import Img2ImgRequest, ImagesResponse, ProgressResponse, SamplerItem, SDModelItem, Txt2ImgRequest
@@ -60,15 +61,16 @@ def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
     async def txt2img(req: Txt2ImgRequest, request: Request):
         name = _model_for(req, models, selected["name"])
         r = await run_in_threadpool(_request, req, name, models[name], limits, init=None, mask=None,
-                                    lora_dir=lora_dir, clip_skip=selected["clip_skip"], clip_limit=clip_limits.get(name))
-        return await _run(request, worker, name, req, r, "txt2img", clip_limits, lora_dir)
+                                    lora_dir=lora_dir, clip_skip=selected["clip_skip"], clip_limit=clip_limits.get(name),
+                                    models=models)
+        return await _run(request, worker, name, req, r, "txt2img", clip_limits, lora_dir, models)
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(req: Img2ImgRequest, request: Request):
         name = _model_for(req, models, selected["name"])
         r = await run_in_threadpool(_img2img_request, req, name, models[name], limits, lora_dir,
-                                    selected["clip_skip"], clip_limits.get(name))
-        return await _run(request, worker, name, req, r, "img2img", clip_limits, lora_dir)
+                                    selected["clip_skip"], clip_limits.get(name), models)
+        return await _run(request, worker, name, req, r, "img2img", clip_limits, lora_dir, models)
 
     @router.get("/samplers", response_model=list[SamplerItem])
     def samplers():
@@ -145,7 +147,8 @@ def _clip_skip(value: Any, model: str, limit: int | None = None) -> int:
 
 
 def _img2img_request(req: Img2ImgRequest, name: str, spec: ModelSpec, limits: Limits, lora_dir: str | None,
-                     clip_skip: int, clip_limit: int | None) -> GenerationRequest:
+                     clip_skip: int, clip_limit: int | None,
+                     models: dict[str, ModelSpec] | None = None) -> GenerationRequest:
     """The init image and mask decoded, then `_request` (in the thread pool: decoding is slow work)."""
     if not req.init_images:
         raise UserError("init_images is empty: send the init image as a base64 PNG or JPEG")
@@ -157,12 +160,12 @@ def _img2img_request(req: Img2ImgRequest, name: str, spec: ModelSpec, limits: Li
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
     return _request(req, name, spec, limits, init=init, mask=mask, lora_dir=lora_dir, clip_skip=clip_skip,
-                    clip_limit=clip_limit)
+                    clip_limit=clip_limit, models=models)
 
 
 def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, init: Image.Image | None,
              mask: Image.Image | None, lora_dir: str | None = None, clip_skip: int = 1,
-             clip_limit: int | None = None) -> GenerationRequest:
+             clip_limit: int | None = None, models: dict[str, ModelSpec] | None = None) -> GenerationRequest:
     """The payload as a request resolved against the model's spec, every value checked as the CLI checks it:
     prompt syntax, LoRA tags (names in the server's --lora-dir only), sizes, steps, clip skip (when `clip_limit`,
     the model's, is known) and the server's limits. Blocking (file reads): call it from the thread pool."""
@@ -173,6 +176,11 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
     known = ", ".join(sampler_label(n) for n in SAMPLERS)
     request = GenerationRequest.layered(from_a1111(payload, clip_skip=clip_skip, known_samplers=known))
     check_lora_inputs([], request.prompt, lora_dir)
+    check_refiner_pair(spec, None)
+    if request.refiner:  # A1111's refiner_checkpoint: a listed model, recorded as the model is (its spec's name)
+        refiner = (models or {})[_listed(request.refiner, models or {})]
+        check_refiner_pair(spec, refiner)
+        request = replace(request, refiner=refiner.name)
     r = request.resolve(spec)
     if r.steps > limits.max_steps:
         raise UserError(f"steps {r.steps} is over this server's limit of {limits.max_steps} (ldm-serve --max-steps)")
@@ -185,12 +193,16 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
     return r
 
 
-def _generate(r: GenerationRequest, note_limit: Callable[[Any], None], lora_dir: str | None = None):
+def _generate(r: GenerationRequest, note_limit: Callable[[Any], None], lora_dir: str | None = None,
+              refiner: ModelSpec | None = None):
     """The job: run the pipeline, keeping each image as it is finished; an interrupt keeps those finished so far.
-    `note_limit(pipe)` first records the model's clip-skip limit for the requests that follow."""
+    `note_limit(pipe)` first records the model's clip-skip limit for the requests that follow; `refiner` (the
+    request's) is opened next to the model unless it already is."""
 
     def run(pipe, on_step):
         note_limit(pipe)
+        if refiner is not None and (pipe.refiner is None or pipe.refiner.model_name != refiner.name):
+            pipe.attach_refiner(refiner)
         done: list[tuple[Image.Image, GenerationRequest]] = []
         try:
             pipe.generate(r, lora_dir=lora_dir, show_progress=False, on_image=lambda image, p: done.append((image, p)), on_step=on_step)
@@ -203,9 +215,11 @@ def _generate(r: GenerationRequest, note_limit: Callable[[Any], None], lora_dir:
 
 
 async def _run(request: Request, worker: Worker, name: str, req: Txt2ImgRequest, r: GenerationRequest,
-               mode: str, clip_limits: dict[str, int], lora_dir: str | None = None):
+               mode: str, clip_limits: dict[str, int], lora_dir: str | None = None,
+               models: dict[str, ModelSpec] | None = None):
     note = lambda pipe: _note_clip_limit(clip_limits, name, pipe)  # noqa: E731
-    job = worker.submit(Job(name, _generate(r, note, lora_dir), description=mode))
+    refiner = next((m for m in (models or {}).values() if m.name == r.refiner), None) if r.refiner else None
+    job = worker.submit(Job(name, _generate(r, note, lora_dir, refiner), description=mode))
     waiting = asyncio.wrap_future(job.future)
     while not waiting.done():
         await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)

@@ -33,6 +33,8 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = 1  # batches; batch_size * n_iter images in all, image i with seed + i
     send_images: bool = True
     override_settings: dict[str, Any] = Field(default_factory=dict)  # sd_model_checkpoint, CLIP_stop_at_last_layers
+    refiner_checkpoint: str | None = None  # an SDXL refiner among the listed models (A1111 >= 1.6)
+    refiner_switch_at: float | None = None  # share of the steps the base runs (default 0.8)
 
 
 class Img2ImgRequest(Txt2ImgRequest):

@@ -11,5 +11,6 @@ A1111 and ComfyUI read; its safetensors header's `__metadata__` also holds one e
      "scheduler": {...}, "ldm_model": {...} | null}                      # scheduler config; ldm_model.json's entry
 
 which other tools ignore and which lets this package rebuild any model exactly, including small ones whose layout
-no SD preset describes. Files without it are recognised by their keys and shapes (detect.py).
+no SD preset describes. Files without it are recognised by their keys and shapes (detect.py). SDXL files
+(`conditioner.embedders.*`, sdxl.py) carry format 2 of the entry (save_sdxl.py), with both text encoders.
 """

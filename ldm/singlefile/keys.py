@@ -26,12 +26,17 @@ UNET_PREFIX = sfu.LDM_UNET_KEY  # "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel under .text_model
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: open_clip's text tower
+# SDXL (Stability's sgm layout): base = CLIP ViT-L (transformers names) + OpenCLIP ViT-bigG; refiner = bigG only
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_BIGG_PREFIX = "conditioner.embedders.0.model."
 
 State = dict[str, torch.Tensor]
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
            "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _UNET_LAYERS = sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # diffusers -> original: time embedding, conv_in, conv_norm_out, conv_out
+_ADD_EMBEDDING = sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]  # SDXL: add_embedding -> label_emb.0
 _VAE_LAYERS = sfu.DIFFUSERS_TO_LDM_MAPPING["vae"]
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
@@ -48,17 +53,23 @@ def _no_layout(part: str, key: str) -> UserError:
 
 # ------------------------------------------------------------------------------------------------------------ U-Net
 def unet_to_original(state: State, config: dict[str, Any]) -> State:
-    """diffusers `UNet2DConditionModel` state dict -> `model.diffusion_model.*` (SD 1.x/2.x input/middle/output
+    """diffusers `UNet2DConditionModel` state dict -> `model.diffusion_model.*` (SD 1.x/2.x/XL input/middle/output
     blocks). Input block 0 is conv_in; each level then has `layers_per_block` (resnet, attention) entries and a
-    downsampler (not the last level); each up level has `layers_per_block + 1` entries, the upsampler in its last."""
+    downsampler (not the last level); each up level has `layers_per_block + 1` entries, the upsampler in its last.
+    SDXL's micro-conditioning embedding (`add_embedding`, addition_embed_type "text_time") is `label_emb.0`; its
+    per-level transformer depth needs no renaming (`transformer_blocks.N` keep their names)."""
     lpb = config["layers_per_block"]
-    if not isinstance(lpb, int) or config.get("class_embed_type") or config.get("addition_embed_type"):
-        raise UserError("this U-Net (per-level layers_per_block, or class/addition embeddings) has no original "
-                        "single-file layout; keep it as a diffusers directory")
+    addition = config.get("addition_embed_type")
+    if (not isinstance(lpb, int) or config.get("class_embed_type") or addition not in (None, "text_time")
+            or config.get("reverse_transformer_layers_per_block")):
+        raise UserError("this U-Net (per-level layers_per_block, class embeddings, an addition embedding other than "
+                        "SDXL's, or reverse_transformer_layers_per_block) has no original single-file layout; keep "
+                        "it as a diffusers directory")
+    layers = {**_UNET_LAYERS, **(_ADD_EMBEDDING if addition == "text_time" else {})}
     up_attention = [t.startswith("CrossAttn") for t in config["up_block_types"]]
     out: State = {}
     for key, value in state.items():
-        out[UNET_PREFIX + _unet_name(key, lpb, up_attention, _UNET_LAYERS)] = value
+        out[UNET_PREFIX + _unet_name(key, lpb, up_attention, layers)] = value
     return out
 
 
@@ -130,24 +141,31 @@ def _shortcut(rest: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- text encoder
-def clip_to_original(state: State) -> State:
-    """transformers `CLIPTextModel` -> `cond_stage_model.transformer.text_model.*` (SD 1.x: the same names)."""
-    return {CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+def clip_to_original(state: State, prefix: str = CLIP_PREFIX) -> State:
+    """transformers `CLIPTextModel` -> `<prefix>text_model.*` (SD 1.x `cond_stage_model.transformer.`, SDXL's first
+    encoder `conditioner.embedders.0.transformer.`: transformers' own names under a prefix)."""
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
 
 
-def open_clip_to_original(state: State) -> State:
-    """transformers `CLIPTextModel` -> `cond_stage_model.model.*` in open_clip's names (SD 2.x): q, k and v
-    concatenated into `in_proj_weight`/`in_proj_bias` ((3D, D) / (3D,)), the rest renamed."""
+def open_clip_to_original(state: State, prefix: str = OPEN_CLIP_PREFIX) -> State:
+    """transformers `CLIPTextModel` / `CLIPTextModelWithProjection` -> `<prefix>*` in open_clip's names (SD 2.x
+    `cond_stage_model.model.`, SDXL's bigG `conditioner.embedders.{1,0}.model.`): q, k and v concatenated into
+    `in_proj_weight`/`in_proj_bias` ((3D, D) / (3D,)), the rest renamed. The projection (bigG) is transposed:
+    open_clip's `text_projection` is (D, P), used as `pooled @ P`; transformers' `text_projection.weight` is the
+    nn.Linear's (P, D)."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     out: State = {}
     for key, value in state.items():
         if key in _OPEN_CLIP_TOP:
-            out[OPEN_CLIP_PREFIX + _OPEN_CLIP_TOP[key]] = value
+            out[prefix + _OPEN_CLIP_TOP[key]] = value
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T  # (P, D) -> (D, P)
             continue
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
         if m is None:
             raise _no_layout("text encoder", key)
-        block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}."
+        block = f"{prefix}transformer.resblocks.{m[1]}."
         if m[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             if m[2] == "self_attn.q_proj":
                 parts = [state[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
@@ -168,23 +186,28 @@ def vae_from_original(checkpoint: State, config: dict[str, Any]) -> State:
     return sfu.convert_ldm_vae_checkpoint(checkpoint, config)
 
 
-def clip_from_original(checkpoint: State) -> State:
-    """SD 1.x text weights -> transformers 5 `CLIPTextModel` names (no `text_model.` level)."""
-    state = sfu.convert_ldm_clip_checkpoint(checkpoint)
+def clip_from_original(checkpoint: State, prefix: str = CLIP_PREFIX) -> State:
+    """SD 1.x / SDXL text weights under `prefix` -> transformers 5 `CLIPTextModel` names (no `text_model.` level)."""
+    state = sfu.convert_ldm_clip_checkpoint({k: v for k, v in checkpoint.items() if k.startswith(prefix)})
     return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
 
 
-def open_clip_from_original(checkpoint: State, hidden_size: int) -> State:
-    """SD 2.x text weights -> `CLIPTextModel` names. diffusers' converter drops OpenCLIP's last block (SD 2.x uses
-    the penultimate layer's output) only when there are 24 blocks, so blocks past the model's are dropped here."""
+def open_clip_from_original(checkpoint: State, hidden_size: int, prefix: str = OPEN_CLIP_PREFIX,
+                            projection: bool = False) -> State:
+    """OpenCLIP text weights under `prefix` -> transformers names without the `text_model.` level: SD 2.x's
+    `CLIPTextModel` (the caller drops the blocks past the model's: diffusers' converter drops OpenCLIP's last block
+    only when there are 24), or with `projection` SDXL's bigG `CLIPTextModelWithProjection` (`text_projection.weight`
+    kept, transposed back by diffusers' converter; the caller adds the `text_model.` level that model has)."""
 
     class _Config:  # the converter reads only the model's hidden size, to split in_proj
         class config:
             pass
 
     _Config.config.hidden_size = hidden_size
-    state = sfu.convert_open_clip_checkpoint(_Config, checkpoint, prefix=OPEN_CLIP_PREFIX)
-    return {k.removeprefix("text_model."): v for k, v in state.items() if k != "text_projection.weight"}
+    state = sfu.convert_open_clip_checkpoint(_Config, {k: v for k, v in checkpoint.items() if k.startswith(prefix)},
+                                             prefix=prefix)
+    return {k.removeprefix("text_model."): v for k, v in state.items()
+            if projection or k != "text_projection.weight"}
 
 
 def check_inverse(ours: State, back: State, part: str) -> None:

@@ -17,8 +17,15 @@ import torch
 from ldm.errors import UserError
 from ldm.models.components import Components
 from ldm.singlefile import keys
-from ldm.singlefile.detect import SD_SCALING_FACTOR, Detected, choose_prediction, detect, read_header
-from ldm.singlefile.detect import vae_config_from_shapes
+from ldm.singlefile.detect import (
+    SD_SCALING_FACTOR,
+    Detected,
+    choose_prediction,
+    detect,
+    read_header,
+    vae_config_from_shapes,
+)
+from ldm.singlefile.sdxl import SDXL_SCALING_FACTOR, sdxl_family
 from ldm.weights import read_safetensors
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,7 @@ def read_tensors(path: Path, prefixes: tuple[str, ...]) -> keys.State:
     return read_safetensors(path, lambda name: name.startswith(prefixes))[0]
 
 
-def _strict(model: torch.nn.Module, state: keys.State, what: str, path: Path) -> torch.nn.Module:
+def load_strict(model: torch.nn.Module, state: keys.State, what: str, path: Path) -> torch.nn.Module:
     """Load `state` into a model built on the meta device; every weight must be there and nothing else."""
     wanted = model.state_dict()
     expected = wanted.keys()
@@ -65,7 +72,7 @@ def build_unet(config: dict[str, Any], state: keys.State, path: Path):
 
     with init_empty_weights(include_buffers=False):
         model = UNet2DConditionModel.from_config(config)
-    return _strict(model, keys.unet_from_original(state, model.config), "U-Net", path)
+    return load_strict(model, keys.unet_from_original(state, model.config), "U-Net", path)
 
 
 def build_vae(config: dict[str, Any], state: keys.State, path: Path):
@@ -74,7 +81,7 @@ def build_vae(config: dict[str, Any], state: keys.State, path: Path):
 
     with init_empty_weights(include_buffers=False):
         model = AutoencoderKL.from_config(config)
-    return _strict(model, keys.vae_from_original(state, model.config), "VAE", path)
+    return load_strict(model, keys.vae_from_original(state, model.config), "VAE", path)
 
 
 def build_text_model(d: Detected, state: keys.State):
@@ -91,7 +98,7 @@ def build_text_model(d: Detected, state: keys.State):
         # OpenCLIP's blocks past the ones SD 2.x uses (its last) are not part of the model
         converted = {k: v for k, v in converted.items()
                      if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < config.num_hidden_layers}
-    return _strict(model, converted, "text encoder", d.path)
+    return load_strict(model, converted, "text encoder", d.path)
 
 
 def text_encoder_from(d: Detected, model):
@@ -115,9 +122,12 @@ def load_single_file(
     prediction_type: str | None = None,
 ) -> LoadedFile:
     """U-Net, VAE (the file's, or `vae`: a VAE file or directory), text encoder and scheduler config; says in one
-    line what was detected and in another which prediction type is used and why."""
+    line what was detected and in another which prediction type is used and why. SD 1.x/2.x files; SDXL files:
+    load_sdxl.py."""
     d = detect(path)
     log.info("%s", d.describe())
+    if d.sdxl:
+        raise ValueError(f"'{path}' is an SDXL file: open it with ldm.singlefile.load_sdxl (ldm.models.load does)")
     if d.unet_config is None:
         raise UserError(f"'{d.path}' has no U-Net; pass a full checkpoint as --model")
     if d.text_config is None:
@@ -132,7 +142,7 @@ def load_single_file(
     if vae is None:
         prefixes += (keys.VAE_PREFIX,)
     # in the target dtype before loading (assign=True keeps it): diffusers warns about casting a built model
-    state = _cast(read_tensors(d.path, prefixes), dtype)
+    state = cast_state(read_tensors(d.path, prefixes), dtype)
     unet = build_unet(unet_config, state, d.path)
     model_vae = build_vae(d.vae_config, state, d.path) if vae is None else load_vae_override(
         vae, (d.vae_config or {}).get("scaling_factor"), dtype)
@@ -157,7 +167,9 @@ def load_unet_file(path: str | Path):
     log.info("%s", d.describe())
     if d.unet_config is None:
         raise UserError(f"model.pretrained '{path}' has no U-Net (model.diffusion_model.*)")
-    return build_unet(d.unet_config, _cast(read_tensors(d.path, (keys.UNET_PREFIX,)), torch.float32), d.path)
+    if d.sdxl:  # its U-Net needs the micro-conditioning (sizes, crop, pooled bigG) that stage 2 does not give it
+        raise UserError(f"model.pretrained '{path}' is an SDXL model; stage 2 fine-tunes SD 1.x/2.x-style U-Nets only")
+    return build_unet(d.unet_config, cast_state(read_tensors(d.path, (keys.UNET_PREFIX,)), torch.float32), d.path)
 
 
 # ---------------------------------------------------------------------------------------------------------- --vae
@@ -174,17 +186,25 @@ def check_vae_source(source: str | Path) -> None:
         raise UserError(f"--vae '{source}' does not exist: pass a VAE .safetensors file or a diffusers VAE directory")
 
 
-def load_vae_override(source: str | Path, scaling_factor: float | None, dtype: torch.dtype = torch.float32):
+def load_vae_override(source: str | Path, scaling_factor: float | None, dtype: torch.dtype = torch.float32,
+                      sdxl: bool | None = None):
     """`--vae`: a diffusers VAE directory, or a VAE file in the original layout (`first_stage_model.*` or bare
     `encoder.*`/`decoder.*`, as `vae-ft-mse-840000-ema-pruned.safetensors`) or in diffusers' names.
 
     A file without our metadata keeps the model's latent scale (`scaling_factor`): a swapped VAE is a fine-tuned
-    decoder of the same latent space, so the U-Net's scale stays right."""
+    decoder of the same latent space, so the U-Net's scale stays right. SD's and SDXL's VAEs have the same
+    architecture (the shapes cannot tell them apart) but different latent spaces: a VAE whose family is known (a
+    diffusers config's or our metadata's scaling factor, or an SDXL checkpoint's names) and is not the model's is
+    refused; a bare VAE file says nothing about its family and is accepted. `sdxl`: the model's family (None:
+    from `scaling_factor`)."""
     path = Path(source).expanduser()
+    if sdxl is None:
+        sdxl = scaling_factor == SDXL_SCALING_FACTOR
     if path.is_dir():
         from ldm.vae.load_vae import load_vae
 
         vae = load_vae(path)
+        _check_family(path, vae.config.scaling_factor == SDXL_SCALING_FACTOR, sdxl, "its config's scaling factor")
         return vae if dtype == torch.float32 else vae.to(dtype)
     if not path.is_file():
         raise UserError(f"--vae '{source}' does not exist: pass a VAE .safetensors file or a diffusers VAE directory")
@@ -193,7 +213,11 @@ def load_vae_override(source: str | Path, scaling_factor: float | None, dtype: t
         d = detect(path)
         if d.vae_config is None:
             raise UserError(f"--vae '{path}' holds no VAE")
-        return build_vae(d.vae_config, _cast(read_tensors(path, (keys.VAE_PREFIX,)), dtype), path)
+        _check_family(path, d.vae_config.get("scaling_factor") == SDXL_SCALING_FACTOR, sdxl,
+                      "its metadata's scaling factor")
+        return build_vae(d.vae_config, cast_state(read_tensors(path, (keys.VAE_PREFIX,)), dtype), path)
+    if sdxl_family(shapes) is not None:  # a whole SDXL checkpoint given for its VAE
+        _check_family(path, True, sdxl, "its text encoders and U-Net")
     prefix = keys.VAE_PREFIX if any(k.startswith(keys.VAE_PREFIX) for k in shapes) else ""
     names = [k[len(prefix):] for k in shapes if k.startswith(prefix)]
     if any(k.startswith("encoder.down_blocks.") for k in names):  # diffusers' names: rename to the original first
@@ -209,12 +233,19 @@ def load_vae_override(source: str | Path, scaling_factor: float | None, dtype: t
         raise UserError(f"--vae '{path}' is not a VAE file (no encoder.down.* or encoder.down_blocks.* weights; "
                         f"found {', '.join(families) or 'no tensors'})")
     config = vae_config_from_shapes({k: tuple(v.shape) for k, v in state.items()}, path)
-    config["scaling_factor"] = scaling_factor or SD_SCALING_FACTOR
+    config["scaling_factor"] = scaling_factor or (SDXL_SCALING_FACTOR if sdxl else SD_SCALING_FACTOR)
     log.info("VAE from '%s' (%s layout, scaling factor %.5f)", path.name,
              "diffusers" if any(k.startswith("encoder.down_blocks.") for k in names) else "original",
              config["scaling_factor"])
-    return build_vae(config, _cast(state, dtype), path)
+    return build_vae(config, cast_state(state, dtype), path)
 
 
-def _cast(state: keys.State, dtype: torch.dtype) -> keys.State:
+def _check_family(path: Path, vae_sdxl: bool, model_sdxl: bool, how: str) -> None:
+    if vae_sdxl != model_sdxl:
+        which = ("an SDXL VAE", "an SD 1.x/2.x model") if vae_sdxl else ("an SD 1.x/2.x VAE", "an SDXL model")
+        raise UserError(f"--vae '{path}' is {which[0]} ({how}) and the model is {which[1]}: their latent spaces "
+                        "differ; pass a VAE of the model's family")
+
+
+def cast_state(state: keys.State, dtype: torch.dtype) -> keys.State:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -40,6 +40,19 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
                    attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
     "sd21": _layout((320, 640, 1280, 1280), (True, True, True, False), layers_per_block=2,
                     attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, upcast_attention=True),
+    # Stable Diffusion XL base 1.0 (~2.6B parameters with cross_attention_dim 2048 = CLIP-L 768 + bigG 1280): no
+    # attention in the first level, 2 and 10 transformer blocks in the others (10 in the middle block too), and the
+    # "text_time" micro-conditioning: 6 time ids (original size, crop, target size) x 256 + bigG's pooled 1280 = 2816
+    "sdxl": _layout((320, 640, 1280), (False, True, True), layers_per_block=2, attention_head_dim=(5, 10, 20),
+                    use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+                    addition_embed_type="text_time", addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2816),
+    # Stable Diffusion XL refiner 1.0 (~2.3B parameters with cross_attention_dim 1280, bigG only): 4 transformer
+    # blocks wherever there is attention; 5 time ids (sizes, crop and the aesthetic score) x 256 + 1280 = 2560
+    "sdxl-refiner": _layout((384, 768, 1536, 1536), (False, True, True, False), layers_per_block=2,
+                            attention_head_dim=(6, 12, 24, 24), use_linear_projection=True,
+                            transformer_layers_per_block=4, addition_embed_type="text_time",
+                            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560),
 }
 
 

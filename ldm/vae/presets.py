@@ -21,6 +21,10 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
     "shapes-f2": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4),
     # the layout of Stable Diffusion's kl-f8 VAE (~83.7M parameters)
     "sd-f8": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4),
+    # SDXL's VAE: SD's kl-f8 architecture retrained, with its own latent scale (stabilityai/sdxl-vae); its fp16
+    # activations overflow, so diffusers runs it in fp32 (force_upcast)
+    "sdxl-f8": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
+                "latent_channels": 4, "scaling_factor": 0.13025, "force_upcast": True},
 }
 
 

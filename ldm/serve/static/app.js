@@ -24,7 +24,10 @@ function setStatus(text, isError) {
 async function loadLists() {
   const [samplers, models, options] = await Promise.all([api("samplers"), api("sd-models"), api("options")]);
   for (const s of samplers) $("sampler").add(new Option(s.name, s.name, s.name === "Euler a", s.name === "Euler a"));
-  for (const m of models) $("model").add(new Option(m.title, m.title));
+  for (const m of models) {
+    $("model").add(new Option(m.title, m.title));
+    $("refiner").add(new Option(m.title, m.title));
+  }
   $("model").value = options.sd_model_checkpoint;
 }
 
@@ -130,6 +133,10 @@ function request() {
   };
   if (number("width") !== null) body.width = number("width");
   if (number("height") !== null) body.height = number("height");
+  if ($("refiner").value) {
+    body.refiner_checkpoint = $("refiner").value;
+    body.refiner_switch_at = number("refiner_switch");
+  }
   if (state.mode === "img2img") {
     if (!state.initDataURL) throw new Error("choose an init image first (or send one from the gallery)");
     body.init_images = [state.initDataURL];
