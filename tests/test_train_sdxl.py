@@ -150,6 +150,7 @@ def test_the_text_cache_holds_context_and_pooled_and_refuses_the_other_family(tm
     (["model.preset=tiny"], "config key 'model.preset': 'tiny' is not SDXL-shaped but text_encoder.kind is sdxl"),
     (["text_encoder.path="], "config key 'text_encoder.path': is empty, which takes the towers of model.pretrained"),
     (["text_encoder.layer=penultimate"], "config key 'text_encoder.layer': is not used with text_encoder.kind=sdxl"),
+    (["model.preset=sdxl-refiner"], "config key 'model.preset': training an SDXL refiner is not supported"),
 ])
 def test_sd_and_sdxl_settings_that_do_not_fit_stop_with_one_line(tmp_path, tiny_sdxl_model, shapes, capsys, overrides,
                                                                   message):
@@ -170,6 +171,14 @@ def test_an_sd_model_with_sdxl_towers_and_an_sdxl_model_with_one_tower_are_refus
     reset_accelerate_state()
     assert code == 2 and "is an SDXL model, whose U-Net takes SDXL's two text towers: set text_encoder.kind=sdxl" in err
     assert not list((tmp_path / "a").rglob("*.safetensors")) and not list((tmp_path / "b").rglob("*.safetensors"))
+    from ldm.singlefile.save import directory_to_file
+
+    single = tmp_path / "sdxl.safetensors"
+    directory_to_file(tiny_sdxl_model, single)
+    code, _, err = run(train_ldm.main, sdxl_args(tmp_path / "c", tiny_sdxl_model, shapes, f"model.pretrained={single}"),
+                       capsys)
+    reset_accelerate_state()
+    assert code == 2 and "is an SDXL single file: stage 2 fine-tunes SDXL from a diffusers directory; convert it" in err
 
 
 def test_a_latent_cache_built_for_the_other_family_is_refused_then_rebuilt_keeping_its_shards(

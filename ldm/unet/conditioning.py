@@ -37,6 +37,9 @@ def load_run_text_encoder(cfg: LDMConfig, base: ModelSpec | None, dtype: torch.d
     if base is not None and base.arch == "sdxl-refiner":
         raise UserError(f"model.pretrained '{base.name}' is an SDXL refiner: training a refiner is not supported (its "
                         "time ids hold an aesthetic score the latent cache does not record); fine-tune an SDXL base")
+    if base is not None and base.arch == "sdxl" and base.single_file:  # (ldm/singlefile's loader refuses it too)
+        raise UserError(f"model.pretrained '{base.name}' is an SDXL single file: stage 2 fine-tunes SDXL from a "
+                        "diffusers directory; convert it first (ldm-convert FILE DIR) and set model.pretrained=DIR")
     if base is not None and base.arch == "sdxl" and text.kind != "sdxl":
         raise UserError(f"model.pretrained '{base.name}' is an SDXL model, whose U-Net takes SDXL's two text towers: "
                         "set text_encoder.kind=sdxl (with text_encoder.path empty, the model's own towers)")
@@ -61,7 +64,7 @@ def check_unet_takes(unet_config: Mapping[str, Any], text_encoder: nn.Module) ->
     takes_sdxl = unet_config.get("addition_embed_type") == "text_time"
     if sdxl and not takes_sdxl:
         raise UserError("text_encoder.kind=sdxl gives SDXL's conditioning, but the U-Net takes SD 1.x/2.x's (no "
-                        "'text_time' addition embedding): use an SDXL preset (sdxl-tiny, sdxl-small) or model")
+                        "'text_time' addition embedding): use an SDXL preset (sdxl-tiny, sdxl-small, sdxl) or model")
     if takes_sdxl and not sdxl:
         raise UserError("the U-Net is SDXL-shaped (pooled text embedding and time ids) but the text encoder is SD's "
                         "single tower: set text_encoder.kind=sdxl")

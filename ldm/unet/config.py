@@ -125,8 +125,10 @@ class LDMConfig:
         if not self.model.pretrained:
             check(is_sdxl_preset(self.model.preset) == (self.family == "sdxl"), "model.preset",
                   f"'{self.model.preset}' is {'' if is_sdxl_preset(self.model.preset) else 'not '}SDXL-shaped but "
-                  f"text_encoder.kind is {self.text_encoder.kind}: pair SDXL presets (sdxl-tiny, sdxl-small) with "
-                  "text_encoder.kind=sdxl, the others with clip or open_clip")
+                  f"text_encoder.kind is {self.text_encoder.kind}: pair SDXL presets (sdxl-tiny, sdxl-small, sdxl) "
+                  "with text_encoder.kind=sdxl, the others with clip or open_clip")
+            check(self.model.preset != "sdxl-refiner", "model.preset", "training an SDXL refiner is not supported "
+                  "(its time ids hold an aesthetic score the latent cache does not record): use sdxl-small or sdxl")
         check(self.family != "sdxl" or bool(self.text_encoder.path or self.model.pretrained), "text_encoder.path",
               "is empty, which takes the towers of model.pretrained, but model.pretrained is empty too: name an SDXL "
               "model directory")
