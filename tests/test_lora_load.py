@@ -94,13 +94,12 @@ def loras(pipe, tmp_path_factory) -> dict[str, Path]:
     save_file(kohya, d / "ink.safetensors")
     (d / "sub").mkdir()
     save_file(_kohya_dict(other), d / "sub" / "glow.safetensors")
-    # the same file plus keys of kinds not applied: LoHa, CLIP's text projection, an SDXL second text encoder
+    # the same file plus keys of kinds not applied: LoHa, CLIP's text projection (SDXL towers: tests/test_lora_sdxl.py)
     extra = dict(kohya)
     extra.update({f"lora_unet_mid_block_attentions_0_proj_out.hada_w{i}_{ab}": torch.ones(2, 2)
                   for i in (1, 2) for ab in "ab"})
     extra.update({"lora_te_text_projection.lora_down.weight": torch.ones(RANK, 32),
-                  "lora_te_text_projection.lora_up.weight": torch.ones(32, RANK),
-                  "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(RANK, 32)})
+                  "lora_te_text_projection.lora_up.weight": torch.ones(32, RANK)})
     save_file(extra, d / "ink-plus.safetensors")
     # for another base: one module's input is 64 wide here; and a file in the CompVis naming (matches nothing)
     wrong = dict(kohya)
@@ -226,7 +225,6 @@ def test_unapplied_kinds_are_one_warning_and_the_rest_applies(loras, clean_pipe,
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "4 LoHa keys (lora_unet_mid_block_attentions_0_proj_out.hada_w1_a" in warnings[0]
-    assert "1 second text encoder (SDXL) keys" in warnings[0]
     assert "1 text-encoder modules matching no module of this model (text_projection)" in warnings[0]
     plus = pipe(PROMPT, NEGATIVE, **KW).decoded
     pipe.unload_loras()

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from ldm.errors import UserError
-from ldm.lora.load import TEXT, UNET, LoraFile, Target, find_lora_file, map_modules, read_lora
+from ldm.lora.family import FAMILY_NAMES, check_family, model_family
+from ldm.lora.load import TEXT_2, UNET, LoraFile, find_lora_file, read_lora
 from ldm.lora.prompt_tags import DIFFUSERS_FILE, find_in_dir, format_lora_hashes, lora_hash, split_tags, tag_text
+from ldm.lora.targets import Target, map_modules, text_models
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +39,17 @@ class AppliedLora:
 
 
 class LoraStack:
-    """The LoRAs merged into one U-Net + text encoder, and the original weights of every module they touch.
+    """The LoRAs merged into one U-Net + text encoder (SD's, or SDXL's towers), and the original weights of every
+    module they touch.
 
     `load()` adds a LoRA for every later call (`Pipeline.load_lora`, `--lora`); `use_prompt()` adds the prompt's
     `<lora:...>` tags to those for one generation, and they stay merged until a prompt asks for other ones.
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
-        from transformers import CLIPTextModel
-
-        model = getattr(text_encoder, "model", None)
         self.unet, self.text_encoder = unet, text_encoder
-        self.text_model = model if isinstance(model, CLIPTextModel) else None
-        self.text_kind = "a transformers CLIP" if self.text_model else f"a {type(text_encoder).__name__}"
+        self.text_models = text_models(text_encoder)  # part -> transformers CLIP model (ldm/lora/targets.py)
+        self.family = model_family(unet, self.text_models)  # SD | SDXL | REFINER (ldm/lora/family.py)
         self.loaded: list[AppliedLora] = []  # by load(): in every generation
         self.applied: list[AppliedLora] = []  # merged now: loaded + the last prompt's tags
         self._originals: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # id(module) -> (module, W0 on the CPU)
@@ -104,15 +104,16 @@ class LoraStack:
         check_scale(scale, name)
         text_scale = scale if text_scale is None else text_scale
         check_scale(text_scale, name)
-        mapping = map_modules(lora, self.unet, self.text_model)
+        check_family(lora, self.family)
+        mapping = map_modules(lora, self.unet, self.text_models, FAMILY_NAMES[self.family])
         skipped = {f"{kind} keys": keys for kind, keys in lora.unapplied.items()}
-        text_count = sum(1 for m in lora.modules if m.part == TEXT)
-        if self.text_model is None and text_count:
-            skipped[f"text-encoder modules (the text encoder is {self.text_kind}; LoRA applies to transformers "
-                    "CLIP text encoders only)"] = [m.name for m in lora.modules if m.part == TEXT]
-        else:
-            for part, names in mapping.unmatched.items():
-                what = "U-Net" if part == UNET else "text-encoder"
+        for part, names in mapping.unmatched.items():
+            if part != UNET and part not in self.text_models:  # not transformers CLIP (check_family took SDXL's)
+                kind = type(self.text_encoder).__name__
+                skipped[f"text-encoder modules (the text encoder is a {kind}; LoRA applies to transformers CLIP "
+                        "text encoders only)"] = names
+            else:
+                what = {UNET: "U-Net", TEXT_2: "second text-encoder"}.get(part, "text-encoder")
                 skipped[f"{what} modules matching no module of this model"] = names
         if not mapping.targets:
             found = "; ".join(f"{len(v)} {k}" for k, v in skipped.items()) or "no keys"
@@ -122,9 +123,10 @@ class LoraStack:
                                for kind, keys in skipped.items())
             log.warning("LoRA %s: not applied: %s; the other %d modules are applied", name, listed,
                         len(mapping.targets))
-        parts = {p: sum(1 for t in mapping.targets if t.part == p) for p in (UNET, TEXT)}
+        unet_count = sum(1 for t in mapping.targets if t.part == UNET)
         log.info("LoRA %s: %s layout, %d U-Net + %d text-encoder modules, scale %s%s", name, lora.format,
-                 parts[UNET], parts[TEXT], scale, "" if text_scale == scale else f" (text encoder {text_scale})")
+                 unet_count, len(mapping.targets) - unet_count, scale,
+                 "" if text_scale == scale else f" (text encoder {text_scale})")
         return AppliedLora(name, lora, scale, text_scale, mapping.targets)
 
     @torch.no_grad()
@@ -150,8 +152,8 @@ class LoraStack:
         self.applied = list(loras)
         # keep read files only while merged (a tag used again in the next prompt is not read again)
         self._files = {k: f for k, f in self._files.items() if any(a.lora is f for a in self.applied)}
-        if self.text_model is not None:  # the encoder caches the empty prompt's embedding, which LoRAs may change
-            getattr(self.text_encoder, "_empty_cache", {}).clear()
+        for module in self.text_encoder.modules():  # encoders cache the empty prompt's embedding, which LoRAs change
+            getattr(module, "_empty_cache", {}).clear()
 
     def clear(self) -> None:
         self.set([])

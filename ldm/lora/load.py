@@ -1,4 +1,4 @@
-"""Read a LoRA file, tell its layout from its keys, and map its entries onto our U-Net and text encoder.
+"""Read a LoRA file, tell its layout from its keys, and sort its entries by part: U-Net, text encoder(s).
 
 Two layouts are read (safetensors only; a pickle `.bin`/`.pt`/`.ckpt` is refused like any other weight file):
 
@@ -8,16 +8,20 @@ Two layouts are read (safetensors only; a pickle `.bin`/`.pt`/`.ckpt` is refused
   `LoraConfig` with a `unet.`/`text_encoder.` prefix: `lora_alpha`, `alpha_pattern`, `use_rslora`); without it
   alpha = rank, scale 1, as diffusers assumes. The older attention-processor spellings (`...attn1.processor.
   to_q_lora.down.weight`, `...to_q.lora.down.weight`, `...q_proj.lora_linear_layer.up.weight`) are renamed to
-  these with diffusers' own state-dict converters.
+  these with diffusers' own state-dict converters. SDXL files add `text_encoder_2.` (the OpenCLIP ViT-bigG tower;
+  `text_encoder.` is CLIP ViT-L), as `StableDiffusionXLPipeline.save_lora_weights` writes them.
 - kohya (what A1111 and ComfyUI load): `lora_unet_<module path, dots as underscores>.lora_down.weight` (rank, in),
   `.lora_up.weight` (out, rank) and `.alpha` (a scalar; missing = rank), `lora_te_<path>` for the text encoder
   (SD 1 writes CLIP's module names as transformers 4 spelled them: `lora_te_text_model_encoder_layers_0_self_attn_
-  q_proj`). Conv layers (LoCon) hold (rank, in, kh, kw) / (out, rank, 1, 1).
+  q_proj`); SDXL's two towers are `lora_te1_` (CLIP ViT-L) and `lora_te2_` (bigG), and its U-Net names are the
+  original (sgm) ones (`lora_unet_input_blocks_4_1_...`; mapped in ldm/lora/targets.py). Conv layers (LoCon) hold
+  (rank, in, kh, kw) / (out, rank, 1, 1).
 
 The weight update of one module is `up @ down * alpha / rank * scale` (A1111, kohya and peft agree), reshaped to
 the module's weight for convolutions. Keys of kinds this package does not apply (LyCORIS LoHa `hada_*`, LoKr
-`lokr_*`, DoRA magnitudes, full diffs, norms, bundled embeddings, CLIP's `text_projection`, SDXL's second text
-encoder) are collected with their kind so that the caller can name them in one warning.
+`lokr_*`, DoRA magnitudes, full diffs, norms, bundled embeddings, CLIP's `text_projection`) are collected with
+their kind so that the caller can name them in one warning. Which module each entry changes is ldm/lora/targets.py;
+which family of base model a file is for, ldm/lora/family.py.
 """
 
 from __future__ import annotations
@@ -30,18 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ldm.errors import UserError
 from ldm.weights import PICKLE_SUFFIXES, check_safetensors_file, read_safetensors
 
 DIFFUSERS, KOHYA = "diffusers", "kohya"
-UNET, TEXT = "unet", "text_encoder"
-PARTS = (UNET, TEXT)
+UNET, TEXT, TEXT_2 = "unet", "text_encoder", "text_encoder_2"  # TEXT_2: SDXL's OpenCLIP ViT-bigG tower
+PARTS = (UNET, TEXT, TEXT_2)
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 # kohya: the prefix of each part's module names
-_KOHYA_PREFIXES = {"lora_unet_": UNET, "lora_te_": TEXT, "lora_te1_": TEXT}
+_KOHYA_PREFIXES = {"lora_unet_": UNET, "lora_te_": TEXT, "lora_te1_": TEXT, "lora_te2_": TEXT_2}
 # suffixes of the kinds not applied, by what they are (LyCORIS's names: github.com/KohakuBlueleaf/LyCORIS)
 _UNAPPLIED_KINDS = {
     "hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "lora_mid": "LoCon CP",
@@ -54,7 +57,7 @@ _UNAPPLIED_KINDS = {
 class LoraModule:
     """One adapted weight: delta W = up @ down * scale."""
 
-    part: str  # "unet" | "text_encoder"
+    part: str  # UNET | TEXT | TEXT_2
     name: str  # the module's dotted path (diffusers layout) or underscored path (kohya), text_model. prefix dropped
     down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
@@ -84,6 +87,7 @@ class LoraFile:
     format: str  # DIFFUSERS | KOHYA
     modules: list[LoraModule]
     unapplied: dict[str, list[str]] = field(default_factory=dict)  # kind -> keys in the file that are not applied
+    keys: tuple[str, ...] = ()  # every tensor name in the file, as written
 
 
 def read_lora(path: str | Path) -> LoraFile:
@@ -91,7 +95,7 @@ def read_lora(path: str | Path) -> LoraFile:
     path = find_lora_file(path)
     check_safetensors_file(path)
     tensors, metadata = read_safetensors(path, problem=lambda reason: f"cannot read LoRA '{path}': {reason}")
-    if any(k.startswith(tuple(_KOHYA_PREFIXES) + ("lora_te2_",)) for k in tensors):
+    if any(k.startswith(tuple(_KOHYA_PREFIXES)) for k in tensors):
         return _read_kohya(path, tensors)
     if any(_is_diffusers_key(k) for k in tensors):
         return _read_diffusers(path, tensors, _peft_configs(path, metadata))
@@ -130,15 +134,14 @@ def _read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> LoraFile:
         name, _, suffix = key.partition(".")
         prefix = next((p for p in _KOHYA_PREFIXES if name.startswith(p)), None)
         if prefix is None:
-            kind = "second text encoder (SDXL)" if name.startswith("lora_te2_") else "not a LoRA key"
-            unapplied[kind].append(key)
+            unapplied["not a LoRA key"].append(key)
             continue
         groups[name][suffix] = value
     modules = []
     for name, entries in groups.items():
         prefix = next(p for p in _KOHYA_PREFIXES if name.startswith(p))
         part, module = _KOHYA_PREFIXES[prefix], name[len(prefix):]
-        if part == TEXT:
+        if part != UNET:
             module = module.removeprefix("text_model_")
         if "lora_down.weight" in entries and "lora_up.weight" in entries and not _unapplied_kind(entries):
             alpha = entries.get("alpha")
@@ -147,7 +150,7 @@ def _read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> LoraFile:
             continue
         kind = _unapplied_kind(entries) or "unknown"
         unapplied[kind].extend(f"{name}.{s}" for s in entries)
-    return LoraFile(path, KOHYA, modules, dict(unapplied))
+    return LoraFile(path, KOHYA, modules, dict(unapplied), tuple(tensors))
 
 
 def _unapplied_kind(entries: dict[str, torch.Tensor]) -> str | None:
@@ -184,13 +187,11 @@ def _to_peft_names(part: str, tensors: dict[str, torch.Tensor]) -> dict[str, tor
 
 def _read_diffusers(path: Path, tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> LoraFile:
     unapplied: dict[str, list[str]] = defaultdict(list)
-    by_part: dict[str, dict[str, torch.Tensor]] = {UNET: {}, TEXT: {}}
+    by_part: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS}
     for key, value in tensors.items():
         head, _, rest = key.partition(".")
         if head in PARTS:
             by_part[head][rest] = value
-        elif head == "text_encoder_2":
-            unapplied["second text encoder (SDXL)"].append(key)
         else:  # peft's own state dict of a bare U-Net has no prefix
             by_part[UNET][key] = value
     modules = []
@@ -204,7 +205,7 @@ def _read_diffusers(path: Path, tensors: dict[str, torch.Tensor], configs: dict[
             groups[m.group(1)][m.group(2)] = value
         config = configs.get(part, {})
         for name, group in groups.items():
-            module = name.removeprefix("text_model.") if part == TEXT else name
+            module = name.removeprefix("text_model.") if part != UNET else name
             kind = _unapplied_kind(group)
             if kind or "lora_A.weight" not in group or "lora_B.weight" not in group:
                 unapplied[kind or "unknown"].extend(f"{part}.{name}.{s}" for s in group)
@@ -215,7 +216,7 @@ def _read_diffusers(path: Path, tensors: dict[str, torch.Tensor], configs: dict[
                 float(alpha) if alpha is not None else _config_alpha(config, name),
                 rslora=bool(config.get("use_rslora", False)),
             ))
-    return LoraFile(path, DIFFUSERS, modules, dict(unapplied))
+    return LoraFile(path, DIFFUSERS, modules, dict(unapplied), tuple(tensors))
 
 
 def _peft_configs(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
@@ -243,71 +244,3 @@ def _config_alpha(config: dict, module: str) -> float | None:
     alpha = config.get("lora_alpha")
     return None if alpha is None else float(alpha)
 
-
-# ------------------------------------------------------------------------------------------------ mapping onto modules
-
-
-@dataclass(eq=False)
-class Target:
-    """A LoRA entry and the module it changes."""
-
-    part: str
-    name: str  # the module's dotted name in its model
-    module: nn.Module  # nn.Linear or nn.Conv2d
-    lora: LoraModule
-
-
-def module_table(model: nn.Module | None, part: str, kohya: bool) -> dict[str, tuple[str, nn.Module]]:
-    """Name as a LoRA file spells it -> (dotted name, module), for every Linear and Conv2d of `model`."""
-    if model is None:
-        return {}
-    table = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        spelt = name.removeprefix("text_model.") if part == TEXT else name
-        table[spelt.replace(".", "_") if kohya else spelt] = (name, module)
-    return table
-
-
-@dataclass
-class Mapping:
-    targets: list[Target]
-    unmatched: dict[str, list[str]]  # part -> LoRA module names that match no module
-
-
-def map_modules(lora: LoraFile, unet: nn.Module, text_model: nn.Module | None) -> Mapping:
-    """Find each LoRA entry's module and check its shape; a LoRA for another base is a `UserError` naming the module.
-
-    `text_model` is the transformers CLIPTextModel (None when the text encoder is of another kind).
-    """
-    tables = {UNET: module_table(unet, UNET, lora.format == KOHYA),
-              TEXT: module_table(text_model, TEXT, lora.format == KOHYA)}
-    targets, unmatched = [], {UNET: [], TEXT: []}
-    for entry in lora.modules:
-        found = tables[entry.part].get(entry.name)
-        if found is None:
-            unmatched[entry.part].append(entry.name)
-            continue
-        name, module = found
-        _check_shape(lora, entry, name, module)
-        targets.append(Target(entry.part, name, module, entry))
-    if not targets and lora.modules and (text_model is not None or unmatched[UNET]):
-        first = lora.modules[0]
-        raise UserError(
-            f"LoRA '{lora.path}' does not fit this model: none of its {len(lora.modules)} modules exists here (the "
-            f"first, {first.part} '{first.name}', does not); it was made for another base model"
-        )
-    return Mapping(targets, {k: v for k, v in unmatched.items() if v})
-
-
-def _check_shape(lora: LoraFile, entry: LoraModule, name: str, module: nn.Module) -> None:
-    weight = module.weight  # (out, in) or (out, in, kh, kw)
-    out, inn = entry.up.shape[0], int(entry.down[0].numel())
-    ok = entry.up.shape[1] == entry.rank and out == weight.shape[0] and inn == weight[0].numel()
-    if not ok:
-        raise UserError(
-            f"LoRA '{lora.path}' does not fit this model: {entry.part} module '{name}' has weight "
-            f"{tuple(weight.shape)} but the LoRA's up @ down is ({out}, {inn}) (rank {entry.rank}); it was made "
-            "for another base model"
-        )
