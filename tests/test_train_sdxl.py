@@ -329,6 +329,24 @@ def test_sdxl_lora_files_load_in_diffusers_as_the_merged_model(lora_run, tiny_sd
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("file", ["pytorch_lora_weights.safetensors", "lora.safetensors"])
+def test_our_pipeline_applies_both_sdxl_lora_files_as_the_merged_model(lora_run, tiny_sdxl_model, file):
+    from ldm.pipeline.pipeline import Pipeline
+
+    def image(pipe: Pipeline) -> np.ndarray:
+        return pipe(PROMPT, "blurry", steps=3, cfg=5.0, sampler="ddim", seed=1, height=32, width=32,
+                    show_progress=False).decoded
+    merged_pipe = Pipeline.open(inspect_model(lora_run / "model"), "cpu", "fp32")
+    merged = image(merged_pipe)
+    pipe = Pipeline.open(inspect_model(tiny_sdxl_model), "cpu", "fp32")
+    pipe.scheduler_config = merged_pipe.scheduler_config  # the export's (DDIM from the training schedule)
+    base = image(pipe)
+    pipe.load_lora(lora_run / "lora" / file, 1.0)  # U-Net, CLIP-L and bigG parts
+    adapted = image(pipe)
+    assert np.abs(adapted - merged).max() <= 1e-4 < np.abs(base - merged).max()
+
+
+@pytest.mark.slow
 def test_a_full_fine_tune_from_an_sdxl_directory_trains_its_unet(tmp_path, tiny_sdxl_model, shapes):
     from diffusers import UNet2DConditionModel
 
