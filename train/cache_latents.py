@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     check_vae(cfg.latent_cache().vae, cfg.data.resolution)
     accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
     setup_logging(accelerator.is_main_process, accelerator.process_index)
-    cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), Path(cfg.train.output_dir) / "latents")
+    cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), Path(cfg.train.output_dir) / "latents",
+                                family=cfg.family)  # SD or SDXL: a cache built for the other is refused
     log.info(
         "latent cache %s is ready: %d latents of shape %s (scaling_factor %.4g), %d images skipped",
         cache.directory, len(cache), cache.latent_shape, cache.scaling_factor, len(cache.skipped),

@@ -4,11 +4,13 @@
 
 First the dataset is encoded once with the stage-1 VAE into a latent cache (reused while it matches the VAE, the
 data and the transforms). Each step then draws a fresh latent from every cached posterior, noises it at a random
-timestep and regresses the U-Net's eps (or v) prediction, conditioned on the frozen text encoder's per-token states;
-`train.caption_dropout` of the captions are replaced by the empty prompt so classifier-free guidance works. With
-`lora.enabled` only adapters train (ldm/lora/), on the U-Net and, with `lora.text_encoder_targets`, the text encoder.
-Outputs in `train.output_dir`: `config.yaml`, `latents/`, `checkpoints/step-*/`, TensorBoard logs in `logs/`, and
-`model/`: a diffusers model directory (EMA weights) that `StableDiffusionPipeline.from_pretrained` loads.
+timestep and regresses the U-Net's eps (or v) prediction, conditioned on the frozen text encoder's per-token states
+(SDXL, `text_encoder.kind: sdxl`: two towers' context, the pooled embedding and each image's time ids from the latent
+cache); `train.caption_dropout` of the captions are replaced by the unconditional branch (the empty prompt, or an SDXL
+model's zeros) so classifier-free guidance works. With `lora.enabled` only adapters train (ldm/lora/), on the U-Net
+and, with `lora.text_encoder_targets`, the text encoder(s). Outputs in `train.output_dir`: `config.yaml`, `latents/`,
+`checkpoints/step-*/`, TensorBoard logs in `logs/`, and `model/`: a diffusers model directory (EMA weights) that
+`StableDiffusionPipeline.from_pretrained` (SDXL: `StableDiffusionXLPipeline`) loads.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from diffusers.optimization import get_scheduler
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.buckets import check_unet_takes_buckets
 from ldm.data.loader import train_loader
-from ldm.errors import UserError, exit_on_user_error
-from ldm.latents.build import ensure_latent_cache
+from ldm.errors import exit_on_user_error
+from ldm.latents.build import check_cache_family, ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.latents.text_cache import ensure_text_cache
 from ldm.models.load import load_unet
@@ -32,10 +34,10 @@ from ldm.models.spec import inspect_model
 from ldm.parallel.collective import all_processes, replicas_identical
 from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
-from ldm.text.load_encoder import load_text_encoder
 from ldm.training.args import parse_train_args
 from ldm.training.run import NonFiniteSteps, apply_optimizer_settings, start_run
 from ldm.training.tracking import log_image
+from ldm.unet.conditioning import batch_conditioning, check_unet_takes, load_run_text_encoder
 from ldm.unet.config import LDMConfig
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss
 from ldm.unet.presets import build_unet
@@ -50,6 +52,9 @@ log = logging.getLogger("train_ldm")
 def main(argv: list[str] | None = None) -> None:
     cfg, resume = parse_train_args(LDMConfig, argv, description=__doc__.splitlines()[0])
     out = Path(cfg.train.output_dir)
+    cache_dir = Path(cfg.cache.dir).expanduser() if cfg.cache.dir else out / "latents"
+    if not cfg.cache.rebuild:  # caches built for the other family (SD vs SDXL) are refused before anything is written
+        check_cache_family(cache_dir, cfg.family)
     vae = load_vae(cfg.latent_cache().vae, cfg.data.resolution)  # stage 1's VAE, or the fine-tuned model's
     accelerator = start_run(cfg, cfg.train, sharding=True)  # DDP, FSDP2 or DeepSpeed ZeRO-1/2 (configs/accelerate/)
     backend = backend_for(accelerator)  # all that differs between them, chosen once
@@ -64,15 +69,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- frozen text encoder and the latent cache (encoded once, by all processes, each its share)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
-    text_encoder = load_text_encoder(cfg.text_encoder, dtype=weight_dtype, device=accelerator.device)
+    # SD's one tower (text_encoder.*), or SDXL's two (kind sdxl: from text_encoder.path or model.pretrained)
+    text_encoder = load_run_text_encoder(cfg, base, weight_dtype, accelerator.device)
     trained.check_text_encoder(text_encoder)  # LoRA: its adapter targets, with lora.text_encoder_targets
-    cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=out / "latents")
+    cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=cache_dir, family=cfg.family)
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
+    # captions -> Conditioning (context (B, 77, D), SDXL's pooled (B, P)); `empty`: the unconditional branch (batch 1)
     if cfg.latent_cache().text_embeddings:  # every caption encoded once: the steps look their embeddings up
         text_cache = ensure_text_cache(accelerator, text_encoder, cache.captions, cache.directory, cfg.cache.rebuild)
-        encode_text, empty = text_cache.encode, text_cache.empty_embedding()
+        zeros = getattr(text_encoder, "force_zeros_for_empty_prompt", False)
+        encode_text, empty = text_cache.encode_conditioning, text_cache.empty_conditioning(zeros)
     else:
-        encode_text, empty = text_encoder.encode, text_encoder.empty_embedding()  # (1, 77, D): the unconditional
+        encode_text, empty = text_encoder.encode_conditioning, text_encoder.empty_conditioning()
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)
@@ -81,11 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         unet = build_unet(
             cfg.model.preset, sample_size=cache.latent_shape[-1], latent_channels=cache.latent_shape[0],
-            cross_attention_dim=text_encoder.hidden_size,
+            cross_attention_dim=text_encoder.hidden_size, pooled_size=getattr(text_encoder, "pooled_size", None),
         )
-    if unet.config.cross_attention_dim != text_encoder.hidden_size:
-        raise UserError(f"the U-Net attends to {unet.config.cross_attention_dim}-wide text states but the text "
-                        f"encoder gives {text_encoder.hidden_size}: use a matching text_encoder.path")
+    check_unet_takes(unet.config, text_encoder)  # context width; SDXL: pooled width and 6 time ids
     if cache.buckets is not None:
         check_unet_takes_buckets(cache.buckets, cfg.data.resolution // cache.latent_shape[-1], unet)
     if cfg.model.gradient_checkpointing:
@@ -127,13 +133,13 @@ def main(argv: list[str] | None = None) -> None:
                           start_batch=batches_done, collate=collate_latents, bucket_ids=dataset.bucket_ids())
     batches = iter(loader)
 
-    def next_batch() -> tuple[torch.Tensor, list[str]]:
+    def next_batch() -> tuple[torch.Tensor, dict]:
         nonlocal batches_done
         batch = next(batches)
         batches_done += 1
         # a fresh latent from each cached posterior, every epoch: z = (mean + std * eps) * scaling_factor
         mean, std = batch["mean"].to(accelerator.device), batch["std"].to(accelerator.device)
-        return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch["captions"]
+        return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch
 
     def save(step: int) -> Path:
         if backend.replicated and not replicas_identical(accelerator, trained.modules):
@@ -158,13 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     while step < cfg.train.max_steps:
         finite, losses = True, []
         for micro in range(accum):
-            x0, captions = next_batch()  # (B, C, h, w) scaled latents
+            x0, batch = next_batch()  # (B, C, h, w) scaled latents, and the batch's captions and crop geometry
             last = micro == accum - 1  # gradients are reduced after the last
             with backend.micro_step(unet, last=last), trained.text_sync(last=last):
-                # (B, 77, D), `train.caption_dropout` of them the empty prompt's; through a trained text encoder's
-                # adapters with gradients, else the frozen encoder's (or the text cache's) without
-                states = trained.condition(captions, encode_text, empty)
-                loss = diffusion_loss(unet, noise_scheduler, x0, states, cfg.noise)  # autocast by accelerate
+                # context (B, 77, D) [SDXL: pooled (B, P)], `train.caption_dropout` of them the unconditional branch's;
+                # through a trained text encoder's adapters with gradients, else the frozen encoder's (or the text
+                # cache's) without; SDXL: with the batch's time ids (B, 6) (original size, crop top-left, target size)
+                text = batch_conditioning(trained.condition(batch["captions"], encode_text, empty), batch)
+                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)  # autocast by accelerate
                 finite &= bool(torch.isfinite(loss))
                 backend.backward(unet, loss)  # of the mean over the `accum` micro-batches
             losses.append(loss.detach())

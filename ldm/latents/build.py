@@ -41,11 +41,12 @@ from ldm.errors import UserError
 from ldm.files import TMP_PREFIX, atomic_write_bytes, atomic_write_text
 from ldm.latents.cache import (
     BUCKET_KEY, DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, LatentCache, MissingCacheError, Shard,
-    parse_shard, serialize_shard, shard_name, vae_identity,
+    check_family, parse_shard, serialize_shard, shard_name, vae_identity,
 )
 from ldm.latents.cache_key import CacheSpec
 from ldm.latents.config import LatentCacheConfig
 from ldm.latents.micro_conditioning import crop_tensors
+from ldm.latents.text_cache import check_text_cache_family
 from ldm.parallel.collective import main_process_first, run_on_all
 from ldm.progress import ProgressCounter, progress_bar
 from ldm.vae.load_vae import load_vae, vae_factor
@@ -59,12 +60,14 @@ T = TypeVar("T")
 
 
 def ensure_latent_cache(
-    accelerator: Accelerator, data_cfg: DataConfig, cache_cfg: LatentCacheConfig, default_dir: Path
+    accelerator: Accelerator, data_cfg: DataConfig, cache_cfg: LatentCacheConfig, default_dir: Path,
+    family: str = "sd",
 ) -> LatentCache:
     """Open the latent cache at `cache.dir` (default `default_dir`), building or finishing it first if needed.
 
-    A complete cache that matches the VAE, dataset and transform is reused as is. A stale or corrupt one is refused
-    with a `UserError`, or, with `cache.rebuild=true`, re-encoded (keeping shards that still verify).
+    A complete cache that matches the VAE, dataset, transform and model `family` ("sd" or "sdxl") is reused as is.
+    A stale or corrupt one is refused with a `UserError`, or, with `cache.rebuild=true`, re-encoded (keeping shards
+    that still verify).
     """
     directory = Path(cache_cfg.dir).expanduser() if cache_cfg.dir else Path(default_dir)
     if not data_cfg.center_crop:
@@ -88,6 +91,7 @@ def ensure_latent_cache(
         caption_column=data_cfg.caption_column,
         dtype=cache_cfg.dtype,
         buckets=buckets,
+        family=family,
     )
 
     # Every process inspects the cache; they agree on a shared filesystem, and the gather makes sure of it.
@@ -125,6 +129,19 @@ def ensure_latent_cache(
     return _log_buckets(LatentCache.open(directory, **_open_kwargs(spec)))
 
 
+def check_cache_family(directory: Path, family: str) -> None:
+    """Before a run writes anything: refuse a complete latent cache at `directory`, or its text-embedding cache,
+    built for the other model family than `family` ("sd" or "sdxl"); what else is wrong with them is found (and
+    reported) when they are opened."""
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict):
+        check_family(directory, manifest, family)
+    check_text_cache_family(directory, family)
+
+
 def _log_buckets(cache: LatentCache) -> LatentCache:
     if cache.buckets is not None:
         ids = cache.bucket_ids(range(len(cache)))
@@ -136,7 +153,7 @@ def _open_kwargs(spec: CacheSpec) -> dict[str, Any]:
     return dict(
         vae=spec.vae, data_fingerprint=spec.data_fingerprint, resolution=spec.resolution,
         center_crop=spec.center_crop, random_flip=spec.random_flip, caption_column=spec.caption_column,
-        dtype=spec.dtype, buckets=spec.buckets,
+        dtype=spec.dtype, buckets=spec.buckets, family=spec.family,
     )
 
 
@@ -405,6 +422,7 @@ def _publish(
             "random_flip": spec.random_flip,
             "buckets": spec.buckets,
             "size": len(dataset),
+            "family": spec.family,
         },
         "dtype": spec.dtype,
         "latent_shape": latent_shape,

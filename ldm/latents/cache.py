@@ -28,7 +28,9 @@ verifies itself even before a manifest exists.
 
 The manifest records the VAE identity (sha256 of its weights and of its config.json without "_"-keys, the config,
 scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, buckets, dataset
-size), the dtype, latent shape, count, every shard's file name, rows, bytes and sha256, and the skipped images.
+size, and the model family the cache was built for: "sd" (also when absent) or "sdxl"), the dtype, latent shape,
+count, every shard's file name, rows, bytes and sha256, and the skipped images. A cache built for the other family
+is refused saying so (a rebuild keeps its shards: the family is not in the build id).
 
 Latents are stored unscaled: training samples z = (mean + std * eps) [- shift_factor] * scaling_factor afresh each
 time (`sample_latents`), and `vae.decode(mean)` reconstructs the image. The whole cache is loaded into memory by
@@ -54,7 +56,7 @@ from safetensors.torch import save as save_safetensors
 from torch.utils.data import Dataset
 
 from ldm.errors import UserError
-from ldm.latents.cache_key import FORMAT_VERSION, UNCHECKED, VAEIdentity, differences, vae_identity
+from ldm.latents.cache_key import FAMILY_NAMES, FORMAT_VERSION, UNCHECKED, VAEIdentity, differences, vae_identity
 from ldm.latents.micro_conditioning import CROP_KEY, FLIP_CROP_KEY, ORIGINAL_SIZE_KEY, row_fields
 from ldm.weights import BadSafetensors, read_safetensors_header
 
@@ -202,15 +204,18 @@ class LatentCache:
         caption_column: str | None = UNCHECKED,
         dtype: str | None = None,
         buckets: dict[str, Any] | None = UNCHECKED,
+        family: str = UNCHECKED,
     ) -> LatentCache:
         """Load a cache after checking that it is complete, intact and built from what the caller expects.
 
         `vae` is the VAE directory or its `vae_identity`; None (like `data_fingerprint=None`, `dtype=None` or an
         omitted `caption_column`) skips that check. Raises `MissingCacheError`, `StaleCacheError` (naming every
-        difference) or `CorruptCacheError` (naming the file), all `UserError`s.
+        difference, or the other model `family`) or `CorruptCacheError` (naming the file), all `UserError`s.
         """
         directory = Path(directory)
         manifest = read_manifest(directory)
+        if family is not UNCHECKED:
+            check_family(directory, manifest, family)
         expected: dict[str, Any] = {
             "vae": vae if vae is None or isinstance(vae, VAEIdentity) else vae_identity(vae),
             "data_fingerprint": data_fingerprint,
@@ -348,6 +353,15 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if missing:
         raise CorruptCacheError(f"latent cache {directory}: {MANIFEST_NAME} lacks {', '.join(missing)}: {REBUILD_HINT}")
     return manifest
+
+
+def check_family(directory: Path, manifest: dict[str, Any], family: str) -> None:
+    """Refuse (one line) a cache built for the other model family than the run's `family` ("sd" or "sdxl")."""
+    built = manifest.get("data", {}).get("family", "sd")  # caches from before the field: SD runs built them
+    if built != family:
+        raise StaleCacheError(f"latent cache {directory} was built for {FAMILY_NAMES.get(built, built)} and this run "
+                              f"trains {FAMILY_NAMES[family]}: rebuild it with cache.rebuild=true (its shards are "
+                              "kept if they match) or delete it")
 
 
 def stale_cache_error(directory: Path, diffs: Sequence[str]) -> StaleCacheError:

@@ -18,6 +18,11 @@ from ldm.vae.load_vae import HINT, check_vae
 # cache.rebuild=true). 2: rows hold the original size and crop offsets (ldm.latents.micro_conditioning).
 FORMAT_VERSION = 2
 
+# The model family a cache was built for (manifest data.family; text-embedding cache key "family"), and how messages
+# name it. Latents do not depend on it, so it is left out of the build id: a rebuild keeps the shards and rewrites
+# the manifest only.
+FAMILY_NAMES = {"sd": "an SD 1.x/2.x model", "sdxl": "an SDXL model"}
+
 # ----------------------------------------------------------------------------------------------------------------
 # VAE identity
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,6 +103,7 @@ class CacheSpec:
     caption_column: str | None
     dtype: str  # a key of DTYPES
     buckets: dict[str, Any] | None = None  # `ldm.data.buckets.bucket_settings` plus "sizes"; None: square crops
+    family: str = "sd"  # a key of FAMILY_NAMES: the model the run trains (not in the build id)
 
     def build_id(self) -> str:
         key = {

@@ -48,18 +48,20 @@ def export_lora(out: Path, unet: nn.Module, cfg: Any, **model_parts: Any) -> Non
 
 
 def merged_text_encoder(text_encoder: nn.Module) -> nn.Module:
-    """A frozen fp32 copy of a `CLIPTextEncoder` with its peft adapter fused into the weights and the peft layers
-    removed (what diffusers' `fuse_lora` + `unload_lora` do to a pipeline's text encoder)."""
+    """A frozen fp32 copy of a `CLIPTextEncoder` (or of each of an `SDXLTextEncoder`'s towers) with its peft adapter
+    fused into the weights and the peft layers removed (what diffusers' `fuse_lora` + `unload_lora` do to a
+    pipeline's text encoders)."""
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     merged = copy.deepcopy(text_encoder)
     merged.to(torch.float32)
-    for module in merged.model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-    recurse_remove_peft_layers(merged.model)  # in place: each peft layer replaced by its (merged) base layer
-    if hasattr(merged.model, "peft_config"):
-        del merged.model.peft_config
+    for tower in merged.towers:
+        for module in tower.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        recurse_remove_peft_layers(tower.model)  # in place: each peft layer replaced by its (merged) base layer
+        if hasattr(tower.model, "peft_config"):
+            del tower.model.peft_config
     merged.requires_grad_(False)
     return merged.eval()

@@ -75,18 +75,32 @@ def add_lora(unet: nn.Module, cfg: LoRAConfig, base_dtype: torch.dtype = torch.f
 
 def add_text_encoder_lora(text_encoder: nn.Module, cfg: LoRAConfig,
                           base_dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
-    """`add_lora` for a `CLIPTextEncoder` (ldm/text/encoder.py) on `cfg.text_encoder_targets`: the adapters go into
-    its transformers `CLIPTextModel` (`.model`), with peft's `inject_adapter_in_model` (what transformers'
-    `add_adapter` calls; that one insists on a newer peft). Call it right after `add_lora` (same RNG remarks)."""
-    from transformers import CLIPTextModel
+    """`add_lora` for a `CLIPTextEncoder` (ldm/text/encoder.py), or each of an `SDXLTextEncoder`'s two towers, on
+    `cfg.text_encoder_targets`: the adapters go into the transformers `CLIPTextModel` (SDXL's second:
+    `CLIPTextModelWithProjection`) of each tower (`.model`), with peft's `inject_adapter_in_model` (what
+    transformers' `add_adapter` calls; that one insists on a newer peft). Call it right after `add_lora` (same RNG
+    remarks)."""
+    towers = text_encoder.towers
+    params = []
+    for i, tower in enumerate(towers):
+        model = tower_model(tower)
+        what = "the text encoder" if len(towers) == 1 else f"text encoder {i + 1} of SDXL's two"
+        check_targets(model, cfg.text_encoder_targets, what, TEXT_KEY)
+        params += _adapt(tower, model, cfg, cfg.text_encoder_targets, base_dtype, what,
+                         lambda model=model: inject_adapter_in_model(lora_config(cfg, cfg.text_encoder_targets), model))
+    text_encoder.train()  # SDXL's encoder trains when its towers do
+    return params
 
-    model = getattr(text_encoder, "model", None)
-    if not isinstance(model, CLIPTextModel):  # the config refuses open_clip; this guards other callers
+
+def tower_model(tower: nn.Module) -> nn.Module:
+    """A text tower's transformers CLIP model, which LoRA adapts (open_clip towers are refused)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    model = getattr(tower, "model", None)
+    if not isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):  # the config refuses open_clip
         raise UserError(f"config key '{TEXT_KEY}': text-encoder LoRA needs a transformers CLIP text encoder, not a "
-                        f"{type(text_encoder).__name__}")
-    check_targets(model, cfg.text_encoder_targets, "the text encoder", TEXT_KEY)
-    return _adapt(text_encoder, model, cfg, cfg.text_encoder_targets, base_dtype, "the text encoder",
-                  lambda: inject_adapter_in_model(lora_config(cfg, cfg.text_encoder_targets), model))
+                        f"{type(tower).__name__}")
+    return model
 
 
 def _adapt(owner: nn.Module, model: nn.Module, cfg: LoRAConfig, targets: list[str], base_dtype: torch.dtype,

@@ -45,6 +45,17 @@ def load_unet(spec: ModelSpec) -> UNet2DConditionModel:
         spec.root, subfolder="unet", use_safetensors=True, variant=spec.variants.get("unet")))
 
 
+def load_sdxl_text_encoder(spec: ModelSpec, dtype: torch.dtype = torch.float32):
+    """Training's SDXL text towers (`text_encoder.kind=sdxl`): an SDXL base model's `SDXLTextEncoder`, frozen, in
+    `dtype` on the CPU, with the model's `force_zeros_for_empty_prompt`."""
+    if spec.arch != "sdxl":
+        raise UserError(f"'{spec.name}' is {spec.kind}, not an SDXL base model: text_encoder.kind=sdxl takes the two "
+                        "text towers of an SDXL base model (a diffusers directory with text_encoder_2/)")
+    if spec.single_file:  # its towers come with the rest of the file
+        return load_components(spec, torch.device("cpu"), dtype).text_encoder
+    return _sdxl_text_encoder(spec, dtype)
+
+
 def _load(spec: ModelSpec, what: str, fn):
     try:
         return fn()

@@ -29,6 +29,8 @@ def load_text_encoder(
 ) -> FrozenTextEncoder:
     """The frozen text encoder `cfg` names, in `dtype` on `device`."""
     cfg.validate()
+    if cfg.kind == "sdxl":  # two towers of an SDXL model: ldm.models.load.load_sdxl_text_encoder
+        raise ValueError("text_encoder.kind=sdxl names an SDXL model's towers: load them with load_sdxl_text_encoder")
     if cfg.kind == "clip":
         tokenizer, model = _load_clip(cfg.path)
         encoder: FrozenTextEncoder = CLIPTextEncoder(tokenizer, model, cfg.layer)

@@ -105,9 +105,19 @@ class SDXLTextEncoder(nn.Module):
             pooled = p if p is not None else pooled
         return Conditioning(torch.cat(parts, dim=-1), pooled)
 
+    def tokenize(self, prompts: Sequence[str]) -> torch.LongTensor:
+        """Plain prompts -> ids (B, 77) of the first tower's tokenizer (what `conditioning_from_ids` takes)."""
+        return self.towers[0].tokenize(prompts)
+
+    def forward(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, 77) -> (context (B, 77, D), pooled (B, P)): `conditioning_from_ids` as a module call, the way a
+        training run calls the encoder through its DDP wrapper when LoRA adapters train in it."""
+        cond = self.conditioning_from_ids(input_ids)
+        return cond.context, cond.pooled
+
     def encode_conditioning(self, prompts: Sequence[str]) -> Conditioning:
         """Plain prompts (no A1111 syntax; truncated at 77 tokens with a warning) -> Conditioning (B, ...)."""
-        return self.conditioning_from_ids(self.towers[0].tokenize(prompts))
+        return self.conditioning_from_ids(self.tokenize(prompts))
 
     def empty_conditioning(self, batch_size: int = 1) -> Conditioning:
         """The unconditional branch as the model was trained with it: zeros when `force_zeros_for_empty_prompt`,

@@ -14,7 +14,7 @@ from ldm.lora.config import LoRAConfig
 from ldm.text.config import TextEncoderConfig
 from ldm.text.prompt_syntax import check_prompt
 from ldm.unet.objective import NoiseConfig
-from ldm.unet.presets import UNET_PRESETS
+from ldm.unet.presets import UNET_PRESETS, is_sdxl_preset
 
 
 @dataclass
@@ -115,17 +115,32 @@ class LDMConfig:
             return self.cache
         return dataclasses.replace(self.cache, vae=str(Path(self.model.pretrained) / "vae"))
 
+    @property
+    def family(self) -> str:
+        """"sdxl" (SDXL's two text towers, pooled embedding and time ids) or "sd" (SD 1.x/2.x's one tower)."""
+        return "sdxl" if self.text_encoder.kind == "sdxl" else "sd"
+
     def validate(self) -> None:
         check(self.data.caption_column is not None, "data.caption_column", "stage 2 needs captions: name the column")
+        if not self.model.pretrained:
+            check(is_sdxl_preset(self.model.preset) == (self.family == "sdxl"), "model.preset",
+                  f"'{self.model.preset}' is {'' if is_sdxl_preset(self.model.preset) else 'not '}SDXL-shaped but "
+                  f"text_encoder.kind is {self.text_encoder.kind}: pair SDXL presets (sdxl-tiny, sdxl-small, sdxl) "
+                  "with text_encoder.kind=sdxl, the others with clip or open_clip")
+            check(self.model.preset != "sdxl-refiner", "model.preset", "training an SDXL refiner is not supported "
+                  "(its time ids hold an aesthetic score the latent cache does not record): use sdxl-small or sdxl")
+        check(self.family != "sdxl" or bool(self.text_encoder.path or self.model.pretrained), "text_encoder.path",
+              "is empty, which takes the towers of model.pretrained, but model.pretrained is empty too: name an SDXL "
+              "model directory")
         check(not self.lora.enabled or bool(self.model.pretrained), "lora.enabled",
               "needs model.pretrained: the base model (directory or .safetensors file) the adapter is trained for")
         if self.lora.enabled and self.lora.text_encoder_targets:
             # LoRA files name the text encoder's modules as transformers' CLIPTextModel does (kohya's
             # lora_te_text_model_*, diffusers' text_encoder.*; A1111's SD 2 files too): an adapter on open_clip's
             # modules would load nowhere
-            check(self.text_encoder.kind == "clip", "lora.text_encoder_targets",
-                  "needs text_encoder.kind=clip: LoRA files name transformers CLIP modules, so an adapter on an "
-                  "open_clip encoder would load nowhere; convert the encoder to a CLIPTextModel or set "
+            check(self.text_encoder.kind in ("clip", "sdxl"), "lora.text_encoder_targets",
+                  "needs text_encoder.kind=clip (or sdxl): LoRA files name transformers CLIP modules, so an adapter "
+                  "on an open_clip encoder would load nowhere; convert the encoder to a CLIPTextModel or set "
                   "lora.text_encoder_targets=[]")
             check(not self.cache.text_embeddings, "cache.text_embeddings",
                   "cannot be used with lora.text_encoder_targets: the text encoder trains, so captions are encoded at "

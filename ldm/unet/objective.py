@@ -15,6 +15,10 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from ldm.config import check
+from ldm.text.conditioning import Conditioning
+
+
+Text = torch.Tensor | Conditioning  # (B, 77, D) text states (SD), or SDXL's context, pooled embedding and time ids
 
 
 @dataclass
@@ -54,28 +58,41 @@ def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
     return scheduler
 
 
-def drop_captions(text: torch.Tensor, empty: torch.Tensor, p: float) -> torch.Tensor:
-    """Replace each row of `text` (B, 77, D) by the empty prompt's embedding `empty` (1, 77, D) with probability p.
+def drop_captions(text: Text, empty: Text, p: float) -> Text:
+    """Replace each row of `text` (B, 77, D) by the unconditional branch's `empty` (1, 77, D) with probability p.
 
     Training on both makes the U-Net a conditional and an unconditional model at once: classifier-free guidance
-    needs the latter. Draws from the global RNG (restored on resume).
+    needs the latter. A `Conditioning` (SDXL) drops its context and pooled embedding together, to the model's own
+    unconditional branch (zeros under `force_zeros_for_empty_prompt`); time ids stay (they describe the image).
+    Draws B numbers from the global RNG (restored on resume), whatever the type.
     """
-    drop = torch.rand(text.shape[0]) < p  # (B,)
-    return torch.where(drop.to(text.device)[:, None, None], empty.to(text.dtype), text)
+    drop = torch.rand(text.shape[0] if isinstance(text, torch.Tensor) else text.context.shape[0])  # (B,)
+    drop = drop < p
+
+    def where(kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:  # (B, ...) and (1, ...)
+        mask = drop.to(kept.device).view(-1, *[1] * (kept.ndim - 1))
+        return torch.where(mask, dropped.to(kept.device, kept.dtype), kept)
+
+    if isinstance(text, torch.Tensor):
+        return where(text, empty)
+    pooled = None if text.pooled is None else where(text.pooled, empty.pooled)
+    return Conditioning(where(text.context, empty.context), pooled, text.time_ids)
 
 
 def diffusion_loss(
     unet: torch.nn.Module,
     scheduler: DDPMScheduler,
     x0: torch.Tensor,
-    text: torch.Tensor,
+    text: Text,
     cfg: NoiseConfig,
 ) -> torch.Tensor:
     """Mean (optionally min-SNR-weighted) squared error of the U-Net's eps or v prediction at random timesteps.
 
-    x0: (B, C, h, w) scaled latents; text: (B, 77, D) text embeddings. Random numbers come from the global RNG,
-    which checkpoints save and restore, so a resumed run draws the same noise.
+    x0: (B, C, h, w) scaled latents; text: (B, 77, D) text embeddings, or a `Conditioning` (SDXL: with the pooled
+    embedding (B, P) and time ids (B, 6)). Random numbers come from the global RNG, which checkpoints save and
+    restore, so a resumed run draws the same noise.
     """
+    cond = text if isinstance(text, Conditioning) else Conditioning(text)
     b = x0.shape[0]
     eps = torch.randn_like(x0)
     if cfg.offset_noise > 0:
@@ -85,7 +102,7 @@ def diffusion_loss(
     x_t = scheduler.add_noise(x0, eps_in, t)  # sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps_in
     target = eps if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
     dtype = next(unet.parameters()).dtype  # bf16/fp16 in a DeepSpeed engine; fp32 elsewhere (autocast casts)
-    pred = unet(x_t.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample  # (B, C, h, w)
+    pred = unet(x_t.to(dtype), t, **cond.to(dtype).unet_kwargs()).sample  # (B, C, h, w)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if cfg.min_snr_gamma > 0:
         per_sample = per_sample * min_snr_weights(scheduler, t, cfg.min_snr_gamma, cfg.prediction_type)

@@ -56,13 +56,51 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_unet(name: str, *, sample_size: int, latent_channels: int, cross_attention_dim: int) -> UNet2DConditionModel:
+def build_unet(name: str, *, sample_size: int, latent_channels: int, cross_attention_dim: int,
+               pooled_size: int | None = None) -> UNet2DConditionModel:
+    """`pooled_size`: an SDXL preset's pooled text embedding width (the second text tower's projection), which its
+    "text_time" addition embedding takes beside the 6 embedded time ids; None for SD presets."""
     if name not in UNET_PRESETS:
         raise UserError(f"unknown U-Net preset '{name}': choose one of {', '.join(UNET_PRESETS)}")
+    preset = dict(UNET_PRESETS[name])
+    if is_sdxl_preset(name) and "projection_class_embeddings_input_dim" not in preset:
+        if pooled_size is None:
+            raise UserError(f"U-Net preset '{name}' is SDXL-shaped: it needs SDXL's text towers "
+                            "(text_encoder.kind=sdxl)")
+        time_ids_width = SDXL_TIME_IDS * preset["addition_time_embed_dim"]  # each time id embedded sinusoidally
+        preset["projection_class_embeddings_input_dim"] = time_ids_width + pooled_size
     return UNet2DConditionModel(
-        **UNET_PRESETS[name],
+        **preset,
         sample_size=sample_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
         cross_attention_dim=cross_attention_dim,
     )
+
+
+def is_sdxl_preset(name: str) -> bool:
+    """Whether the preset takes SDXL's conditioning (pooled text embedding and micro-conditioning time ids)."""
+    return UNET_PRESETS[name].get("addition_embed_type") == "text_time"
+
+
+# ---- SDXL-shaped presets for training from scratch: SDXL's block structure (no attention in the first level, more
+# transformer blocks deeper down, linear proj_in/proj_out, 64-channel heads, the "text_time" addition embedding of
+# the pooled text embedding and 6 time ids) at reduced width. `cross_attention_dim` and the addition embedding's
+# input width follow the text towers (SDXL's: 2048 and 6 * 256 + 1280 = 2816).
+SDXL_TIME_IDS = 6  # original size, crop top-left, target size (ldm/latents/micro_conditioning.py)
+
+
+def _sdxl_layout(channels: tuple[int, ...], depth: tuple[int, ...], heads: tuple[int, ...], time_embed: int,
+                 **extra: Any) -> dict[str, Any]:
+    return _layout(channels, tuple(d > 0 for d in depth), layers_per_block=2,
+                   transformer_layers_per_block=tuple(max(d, 1) for d in depth), attention_head_dim=heads,
+                   use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_embed,
+                   **extra)
+
+
+UNET_PRESETS.update({
+    # for tests: ~2M parameters, the tiny SDXL model's layout (ldm/pipeline/tiny.py; towers of context 64, pooled 32)
+    "sdxl-tiny": _sdxl_layout((32, 64), (0, 2), heads=(2, 4), time_embed=8, norm_num_groups=1),
+    # SDXL's three levels at 2/5 of its width, depths 0/2/4 instead of 0/2/10 (~248M parameters with context 2048)
+    "sdxl-small": _sdxl_layout((128, 256, 512), (0, 2, 4), heads=(2, 4, 8), time_embed=256),
+})

@@ -12,7 +12,7 @@ The loop asks, in this order:
     ckpt = trained.checkpoint(optimizer, ema)               # models, optimizers and emas under their names on disk
     trained.resume_check(path), trained.state()             # LoRA: its settings, stored in and checked against
     with backend.micro_step(unet, ...), trained.text_sync(last=last):   # every micro-batch
-        states = trained.condition(captions, encode_text, empty)
+        text = trained.condition(captions, encode_text, empty)  # a Conditioning (SDXL: with the pooled embedding)
     backend.step(trained.modules, ...); ema.step(trained.ema_source())  # every step
     with trained.ema_weights(ema): ...                      # the samples
     trained.export(out, ema, vae=vae, noise_scheduler=noise_scheduler)  # the end
@@ -36,9 +36,10 @@ from torch import nn
 from ldm.lora.export import export_lora, require_lora_backend
 from ldm.lora.resume import STATE_KEY, check_lora_settings, lora_settings
 from ldm.lora.train import (
-    TEXT_KEY, AdapterWeights, add_lora, add_text_encoder_lora, check_targets, check_unet_targets_early,
+    TEXT_KEY, AdapterWeights, add_lora, add_text_encoder_lora, check_targets, check_unet_targets_early, tower_model,
 )
 from ldm.models.spec import ModelSpec
+from ldm.text.conditioning import Conditioning
 from ldm.training.run import ema_weights
 from ldm.unet.export import export_model
 from ldm.unet.objective import drop_captions
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 # the lines these objects log are the training script's, under its name (as before they moved here)
 log = logging.getLogger("train_ldm")
 
-Encode = Callable[[Sequence[str]], torch.Tensor]  # captions -> (B, 77, D) text states
+Encode = Callable[[Sequence[str]], Conditioning]  # captions -> context (B, 77, D) [and SDXL's pooled (B, P)]
 
 
 def trained_weights(cfg: LDMConfig, accelerator: Accelerator, backend: Backend,
@@ -121,9 +122,10 @@ class TrainedWeights:
         """The text encoder's part of `backend.micro_step` (a frozen one has no gradients to synchronise)."""
         return contextlib.nullcontext()
 
-    def condition(self, captions: list[str], encode_text: Encode, empty: torch.Tensor) -> torch.Tensor:
-        """Captions -> (B, 77, D) text states, `train.caption_dropout` of them the empty prompt's; `encode_text` and
-        `empty` (1, 77, D): the frozen encoder's, or the text cache's lookups of them."""
+    def condition(self, captions: list[str], encode_text: Encode, empty: Conditioning) -> Conditioning:
+        """Captions -> their conditioning (context (B, 77, D), SDXL's pooled (B, P)), `train.caption_dropout` of them
+        the unconditional branch's; `encode_text` and `empty` (batch 1): the frozen encoder's `encode_conditioning`
+        and `empty_conditioning`, or the text cache's lookups of them."""
         with torch.no_grad():
             return drop_captions(encode_text(captions), empty, self.cfg.train.caption_dropout)
 
@@ -151,7 +153,8 @@ class LoRAWeights(TrainedWeights):
 
     def check_text_encoder(self, text_encoder: nn.Module) -> None:
         if self.train_text:
-            check_targets(text_encoder.model, self.cfg.lora.text_encoder_targets, "the text encoder", TEXT_KEY)
+            for tower in text_encoder.towers:  # SDXL: both towers get adapters on the targets
+                check_targets(tower_model(tower), self.cfg.lora.text_encoder_targets, "the text encoder", TEXT_KEY)
 
     def parameters_to_train(self, unet: nn.Module, text_encoder: nn.Module,
                             base_dtype: torch.dtype) -> list[nn.Parameter]:
@@ -197,13 +200,18 @@ class LoRAWeights(TrainedWeights):
     def text_sync(self, *, last: bool) -> contextlib.AbstractContextManager:
         return self.backend.micro_step(self.text, last=last) if self.train_text else contextlib.nullcontext()
 
-    def condition(self, captions: list[str], encode_text: Encode, empty: torch.Tensor) -> torch.Tensor:
+    def condition(self, captions: list[str], encode_text: Encode, empty: Conditioning) -> Conditioning:
         if not self.train_text:
             return super().condition(captions, encode_text, empty)
         # through the adapted encoder, with gradients; the empty prompt too (row B), since inference's unconditional
-        # branch is the adapted encoder's
-        states = self.text(self.text_encoder.tokenize([*captions, ""]))  # (B + 1, 77, D)
-        return drop_captions(states[:-1], states[-1:], self.cfg.train.caption_dropout)
+        # branch is the adapted encoder's (unless an SDXL model's is zeros: `force_zeros_for_empty_prompt`)
+        out = self.text(self.text_encoder.tokenize([*captions, ""]))
+        context, pooled = out if isinstance(out, tuple) else (out, None)  # (B + 1, 77, D); SDXL's pooled (B + 1, P)
+        text = Conditioning(context[:-1], None if pooled is None else pooled[:-1])
+        empty = Conditioning(context[-1:], None if pooled is None else pooled[-1:])
+        if getattr(self.text_encoder, "force_zeros_for_empty_prompt", False):
+            empty = empty.zeros_like()
+        return drop_captions(text, empty, self.cfg.train.caption_dropout)
 
     def export(self, out: Path, ema: EMAModel | None, *, vae: nn.Module, noise_scheduler: Any) -> None:
         """`out/lora`: the adapter (its EMA weights) in diffusers' and kohya's formats, and with `lora.export_merged`
