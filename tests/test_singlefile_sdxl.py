@@ -264,8 +264,9 @@ def test_bad_sdxl_inputs_are_one_clear_line(files, tiny_model, tmp_path):
     save_file(state, str(tmp_path / "adm.safetensors"))
     with pytest.raises(UserError, match="label_emb takes 71 features"):
         detect(tmp_path / "adm.safetensors")
-    with pytest.raises(UserError, match="is an SDXL model; stage 2 fine-tunes SD 1.x/2.x-style U-Nets only"):
-        load_unet_file(files["base"][1])
+    # stage 2's model.pretrained: an SDXL file's U-Net alone, trainable (tests/test_train_sdxl.py fine-tunes one)
+    unet = load_unet_file(files["base"][1])
+    assert unet.config.addition_embed_type == "text_time" and unet.dtype == torch.float32
 
 
 def test_an_sdxl_vae_swap_keeps_sdxl_latent_scale(files, tmp_path):

@@ -167,8 +167,6 @@ def load_unet_file(path: str | Path):
     log.info("%s", d.describe())
     if d.unet_config is None:
         raise UserError(f"model.pretrained '{path}' has no U-Net (model.diffusion_model.*)")
-    if d.sdxl:  # its U-Net needs the micro-conditioning (sizes, crop, pooled bigG) that stage 2 does not give it
-        raise UserError(f"model.pretrained '{path}' is an SDXL model; stage 2 fine-tunes SD 1.x/2.x-style U-Nets only")
     return build_unet(d.unet_config, cast_state(read_tensors(d.path, (keys.UNET_PREFIX,)), torch.float32), d.path)
 
 

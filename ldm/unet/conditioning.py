@@ -37,9 +37,6 @@ def load_run_text_encoder(cfg: LDMConfig, base: ModelSpec | None, dtype: torch.d
     if base is not None and base.arch == "sdxl-refiner":
         raise UserError(f"model.pretrained '{base.name}' is an SDXL refiner: training a refiner is not supported (its "
                         "time ids hold an aesthetic score the latent cache does not record); fine-tune an SDXL base")
-    if base is not None and base.arch == "sdxl" and base.single_file:  # (ldm/singlefile's loader refuses it too)
-        raise UserError(f"model.pretrained '{base.name}' is an SDXL single file: stage 2 fine-tunes SDXL from a "
-                        "diffusers directory; convert it first (ldm-convert FILE DIR) and set model.pretrained=DIR")
     if base is not None and base.arch == "sdxl" and text.kind != "sdxl":
         raise UserError(f"model.pretrained '{base.name}' is an SDXL model, whose U-Net takes SDXL's two text towers: "
                         "set text_encoder.kind=sdxl (with text_encoder.path empty, the model's own towers)")
