@@ -108,6 +108,8 @@ def test_an_adapted_encoder_conditions_with_gradients_and_its_own_empty_prompt(a
     states = trained.condition(["a red circle", "a blue square"], refused, torch.zeros(1, 77, 32))
     with torch.no_grad():
         adapted_empty = encoder(encoder.tokenize([""]))  # (1, 77, D)
+    assert states.pooled is None
+    states = states.context
     assert states.shape == (2, 77, 32) and states.requires_grad
     assert torch.allclose(states, adapted_empty.expand(2, -1, -1))
     assert not torch.allclose(adapted_empty, tiny_clip_text_encoder().encode([""]))  # the adapter acts
