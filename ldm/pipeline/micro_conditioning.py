@@ -43,3 +43,12 @@ def time_ids(r: GenerationRequest, height: int, width: int, count: int,
             negative = (*(r.negative_original_size or original), *(r.negative_crop_top_left or (0, 0)),
                         *(r.negative_target_size or target))
     return torch.tensor(positive, dtype=torch.float32), torch.tensor(negative, dtype=torch.float32)
+
+
+def time_id_count(unet_config, text_encoder) -> int:
+    """SDXL's time ids per image: (the add embedding's input - the pooled size) / the time embedding's size; 0 for
+    an SD 1.x/2.x U-Net."""
+    if unet_config.addition_embed_type != "text_time":
+        return 0
+    return (unet_config.projection_class_embeddings_input_dim - text_encoder.pooled_size) // \
+        unet_config.addition_time_embed_dim

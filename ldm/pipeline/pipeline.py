@@ -34,7 +34,8 @@ from ldm.pipeline.denoise import Inpaint, denoise
 from ldm.pipeline.device import pick_device, pick_dtype
 from ldm.pipeline.hires import HiresFix, SecondPass
 from ldm.pipeline.latent_codec import LatentCodec
-from ldm.pipeline.micro_conditioning import time_ids
+from ldm.pipeline.job import Job, finish, prepare_job
+from ldm.pipeline.micro_conditioning import time_id_count, time_ids
 from ldm.pipeline.refiner import (
     base_timesteps,
     check_refiner_pair,
@@ -64,19 +65,6 @@ class GenerationResult:
     latents: torch.Tensor  # (N, C, h, w) float32 on the CPU: the final latents as the VAE decodes them (unscaled)
 
 
-@dataclass
-class _Job:
-    """The per-run inputs every batch shares, resolved once."""
-
-    height: int
-    width: int
-    image: torch.Tensor | None = None  # (1, 3, H, W) in [-1, 1]
-    mask: torch.Tensor | None = None  # (1, 1, H, W) 1 = repaint
-    original: Image.Image | None = None  # the init image as given (inpainting pastes back onto it)
-    original_mask: Image.Image | None = None  # the mask at the original's size
-    alpha: np.ndarray | None = None  # (H0, W0) paste-back weight: 0 outside the mask, feathered inward
-
-
 class Pipeline:
     def __init__(
         self,
@@ -104,7 +92,7 @@ class Pipeline:
         self.inpainting_unet = self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
         self._check_parts_fit()
         # SDXL: the U-Net's time ids, 6 (base) or 5 (refiner: an aesthetic score in place of the target size)
-        self.time_id_count = _time_id_count(self.unet.config, self.text_encoder)
+        self.time_id_count = time_id_count(self.unet.config, self.text_encoder)
         self.arch = {0: "sd", 6: "sdxl", 5: "sdxl-refiner"}[self.time_id_count]
         self.refiner: Pipeline | None = None  # an SDXL refiner a request's `refiner` hands over to (`open(refiner=)`)
         if vae_tiling:
@@ -260,7 +248,7 @@ class Pipeline:
                                                          parse_lora_hashes(request.lora_hashes))
         r = request.resolve(self)
         refiner = self._refiner_for(r)
-        job = self._prepare_job(r)
+        job = prepare_job(r)
         # what each image's PNG records: the resolved request, its prompt with a tag per loaded LoRA
         base = replace(r, prompt=prompt, model=self.model_name, lora_hashes=used_loras, init_image=None, mask=None)
         hires = r.hires()
@@ -311,14 +299,14 @@ class Pipeline:
                 latents = refiner._refine(gens, latents, *refined, job, r, step)
             if second is not None:  # img2img of the upscaled first pass, same seeds
                 upscaled = self._upscale(latents, second, hires.upscaler)
-                latents = self._sample(generators(seeds), cond, uncond, upscaled, _Job(second.height, second.width),
+                latents = self._sample(generators(seeds), cond, uncond, upscaled, Job(second.height, second.width),
                                        second.steps, second.strength, r, step)
             codec = self.codec if refiner is None else refiner.codec
             latents_all.append(codec.unscale(latents).float().cpu())
             decoded = tensor_to_float_images(codec.decode(latents))  # (b, H, W, 3) in [0, 1]
             decoded_all.append(decoded)
             for s, pixels in zip(seeds, float_to_uint8(decoded)):
-                image = self._finish(pixels, job)
+                image = finish(pixels, job)
                 params = base.with_seed(s)
                 out_images.append(image)
                 out_params.append(params)
@@ -355,7 +343,7 @@ class Pipeline:
         return cond.with_time_ids(positive), None if uncond is None else uncond.with_time_ids(negative)
 
     def _refine(self, gens: list[torch.Generator], latents: torch.Tensor, cond: Conditioning,
-                uncond: Conditioning | None, job: _Job, r: GenerationRequest, on_step: Callable[[], None]):
+                uncond: Conditioning | None, job: Job, r: GenerationRequest, on_step: Callable[[], None]):
         """(On the refiner) the schedule from `r.refiner_switch` on, from the base's latents (b, C, h, w), as
         diffusers' img2img pipeline runs it with `denoising_start`; the base's generators go on drawing."""
         b = latents.shape[0]
@@ -368,20 +356,6 @@ class Pipeline:
         return denoise(self._unet_fn, scheduler, latents, timesteps, cond.expand(b),
                        None if uncond is None else uncond.expand(b), r.cfg, r.guidance_rescale, generators=gens,
                        on_step=on_step)
-
-    def _prepare_job(self, r: GenerationRequest) -> _Job:
-        """The init image and mask as tensors at the generation size (sizes resolved and checked in `r`)."""
-        if r.init_image is None:
-            return _Job(r.height, r.width)
-        original = r.init_image
-        image = im.fit_to_size(original, (r.width, r.height))
-        job = _Job(r.height, r.width, image=pil_to_tensor(image), original=original)
-        if r.mask is not None:
-            original_mask = im.fit_mask(r.mask, original.size)
-            job.original_mask = original_mask
-            job.mask = im.mask_to_tensor(original_mask.resize((r.width, r.height), Image.NEAREST))
-            job.alpha = im.feather(im.mask_to_tensor(original_mask), r.mask_blur)[0, 0].numpy()
-        return job
 
     def _upscale(self, latents: torch.Tensor, second: SecondPass, upscaler: str):
         """First-pass latents (b, C, h, w) -> the second pass's start: upscaled latents (b, C, H/f, W/f) for
@@ -402,7 +376,7 @@ class Pipeline:
         cond: Conditioning,
         uncond: Conditioning | None,
         image_latents: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,  # posterior, or latents as they are
-        job: _Job,
+        job: Job,
         steps: int,
         strength: float | None,
         r: GenerationRequest,
@@ -458,7 +432,7 @@ class Pipeline:
             generators=gens, inpaint=inpaint, on_step=on_step,
         )
 
-    def _inpaint_state(self, job: _Job, known: torch.Tensor | None, noise: torch.Tensor, gens) -> Inpaint:
+    def _inpaint_state(self, job: Job, known: torch.Tensor | None, noise: torch.Tensor, gens) -> Inpaint:
         b = noise.shape[0]
         h, w = noise.shape[-2:]
         mask = job.mask.to(self.device)  # (1, 1, H, W)
@@ -472,23 +446,5 @@ class Pipeline:
             state.masked_image_latents = self.codec.sample(self.codec.encode(masked_image), gens)  # draw 3
         return state
 
-    def _finish(self, pixels: np.ndarray, job: _Job) -> Image.Image:
-        """uint8 (H, W, 3) -> the output image; inpainting pastes it onto the original init image (at its size)."""
-        generated = Image.fromarray(pixels)
-        if job.alpha is None:
-            return generated
-        if generated.size != job.original.size:
-            generated = generated.resize(job.original.size, Image.LANCZOS)
-        return Image.fromarray(im.paste_back(np.asarray(generated), np.asarray(job.original), job.alpha))
-
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.dtype)
-
-
-def _time_id_count(unet_config, text_encoder) -> int:
-    """SDXL's time ids per image: (the add embedding's input - the pooled size) / the time embedding's size; 0 for
-    an SD 1.x/2.x U-Net."""
-    if unet_config.addition_embed_type != "text_time":
-        return 0
-    return (unet_config.projection_class_embeddings_input_dim - text_encoder.pooled_size) // \
-        unet_config.addition_time_embed_dim
