@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = OneLineArgumentParser(
         prog="ldm-generate",
-        description="Generate images with a diffusers-format Stable Diffusion 1.x/2.x model: txt2img, img2img "
+        description="Generate images with a Stable Diffusion 1.x/2.x or SDXL model: txt2img, img2img "
         "(--init-image) and inpainting (--init-image --mask). Writes PNGs with A1111-style 'parameters' metadata "
         "and prints their paths on stdout.",
         epilog="examples:\n" + "\n".join(l for l in __doc__.splitlines() if l.startswith("    ldm-generate")),
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="negative prompt: used as the unconditional branch of guidance (default: empty)")
     p.add_argument("--model", default=None,
                    help="diffusers-format model directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                   "scheduler/), a single SD 1.x/2.x .safetensors file in the original layout, or a hub id; weights "
+                   "scheduler/; SDXL: text_encoder_2/ too), a single SD 1.x/2.x or SDXL .safetensors file in the original "
+                   "layout, or a hub id; weights "
                    "must be safetensors (pickle .bin/.ckpt files are refused). Default: "
                    "shapes-32px-demo, the bundled 32-px toy model (one shape on a plain background)")
     p.add_argument("--vae", default=None,
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Karras sigma spacing (euler, dpmpp_2m, unipc, lms, heun); --no-karras overrides a --from-png")
     g.add_argument("--clip-skip", type=int, default=None,
                    help="A1111's Clip skip: N > 1 uses the text encoder's hidden state N - 1 layers before its usual "
-                   "one, then its final layer norm (default 1 = the usual layer; 2 is common for anime SD 1.x models)")
+                   "one, then its final layer norm (default 1 = the usual layer; 2 is common for anime SD 1.x models); SDXL: "
+                   "both towers' hidden state max(N, 2) from the end, as Forge (1 and 2 are SDXL's own layer)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the first image; image i uses seed + i whatever the batch size (default/-1: random)")
     g.add_argument("--num-images", type=int, default=None, help="how many images (default 1)")
