@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = p.add_argument_group("SDXL (micro-conditioning as diffusers takes it; sizes are HEIGHT WIDTH)")
     x.add_argument("--refiner", default=None, metavar="MODEL",
                    help="an SDXL refiner (directory or single file) that finishes the base's images from "
-                   "--refiner-switch on (A1111's Refiner)")
+                   "--refiner-switch on (A1111's Refiner); '' replays a --from-png without its refiner")
     x.add_argument("--refiner-switch", type=float, default=None,
                    help="share of the schedule the base runs before the refiner takes over, in (0, 1) (default 0.8)")
     for name, what in (("original-size", "the size the model is told the image was before cropping (default: "
@@ -264,7 +264,7 @@ def refiner_spec(args: argparse.Namespace, request: GenerationRequest, spec):
     except UserError as e:
         if args.refiner is None:  # named by the PNG only
             raise UserError(f"{e} (the refiner '{request.refiner}' comes from '{args.from_png}': pass --refiner "
-                            "MODEL to replay it)") from None
+                            "MODEL to replay it, or --refiner '' to replay without it)") from None
         raise
     check_refiner_pair(spec, refiner)
     return refiner

@@ -188,6 +188,38 @@ def test_cli_refiner_run_replays_from_its_png(tiny_sdxl_model, tiny_sdxl_refiner
     code, again, _ = run(generate_main, ["--from-png", paths[0], "--outdir", str(tmp_path), "-q"], capsys)
     assert code == 0
     assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(again[0])))
+    code, without, _ = run(generate_main, ["--from-png", paths[0], "--refiner", "", "--outdir", str(tmp_path), "-q"],
+                           capsys)  # replay without the refiner
+    assert code == 0 and "Refiner" not in Image.open(without[0]).text["parameters"]
+    assert not np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(without[0])))
+
+
+def test_a1111_refiner_titles_and_whole_aesthetic_scores_round_trip(pipe):
+    text = "a car\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 1024x1024, Model: base, " \
+           "Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8"
+    assert parse_parameters(text)["refiner"] == "sd_xl_refiner_1.0"
+    r = GenerationRequest(prompt="a car", refiner="r", refiner_switch=0.8, aesthetic_score=7, seed=1, width=64,
+                          height=64)
+    assert parse_parameters(format_parameters(r))["aesthetic_score"] == 7.0
+
+
+def test_the_refiner_of_a_low_strength_img2img_starts_at_the_init_images_noise_level(pipe, init_image):
+    seen = {"base": [], "refiner": []}
+    unets = {"base": pipe._unet_fn, "refiner": pipe.refiner._unet_fn}
+
+    def recording(which):
+        def unet(x, t, **kw):
+            seen[which].append(int(t))
+            return unets[which](x, t, **kw)
+        return unet
+
+    pipe._unet_fn, pipe.refiner._unet_fn = recording("base"), recording("refiner")
+    try:  # strength 0.15 of 20 steps: 3 steps, all below the 0.8 switch (timestep 200)
+        pipe(PROMPT, steps=20, sampler="euler", seed=1, init_image=init_image, strength=0.15, cfg=1.0,
+             refiner=pipe.refiner.model_name, show_progress=False)
+    finally:
+        pipe._unet_fn, pipe.refiner._unet_fn = unets["base"], unets["refiner"]
+    assert seen["base"] == [] and len(seen["refiner"]) == 3 and max(seen["refiner"]) < 200
 
 
 @pytest.mark.parametrize("args, message", [
@@ -199,11 +231,15 @@ def test_cli_refiner_run_replays_from_its_png(tiny_sdxl_model, tiny_sdxl_refiner
     (["--model", "BASE", "--refiner", "REFINER", "--refiner-switch", "1.5"], "--refiner-switch must be in (0, 1)"),
     (["--model", "BASE", "--aesthetic-score", "7"], "--aesthetic-score conditions an SDXL refiner"),
     (["--model", "INPAINT"], "has an inpainting U-Net (9 input channels): pass --init-image and --mask"),
+    (["--model", "BASE", "--refiner", "REFINER", "--init-image", "IMAGE", "--mask", "IMAGE"],
+     "a refiner with inpainting is not supported"),
 ])
 def test_bad_sdxl_inputs_are_one_line_and_write_nothing(args, message, tiny_sdxl_model, tiny_sdxl_refiner,
                                                         tiny_sdxl_inpaint_model, tiny_model, tmp_path, capsys):
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 64)).save(image)
     names = {"BASE": tiny_sdxl_model, "REFINER": tiny_sdxl_refiner, "INPAINT": tiny_sdxl_inpaint_model,
-             "SD": tiny_model}
+             "SD": tiny_model, "IMAGE": image}
     argv = [PROMPT, *(str(names.get(a, a)) for a in args), "--outdir", str(tmp_path / "out"), "-q"]
     code, _, err = run(generate_main, argv, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 OVERRIDES: dict[str, tuple[str, ...]] = {
     "sampler": ("Sampler", "Schedule type"), "karras": ("Schedule type",), "model": ("Model",),
     "steps": ("Steps",), "cfg": ("CFG scale",), "seed": ("Seed",), "hires_upscaler": ("Hires upscaler",),
-    "clip_skip": ("Clip skip",),
+    "clip_skip": ("Clip skip",), "refiner": ("Refiner", "Refiner switch at"),
 }
 SCHEDULES = ("automatic", "karras")  # A1111 "Schedule type" values we reproduce; "Automatic" = the sampler's own
 

@@ -61,7 +61,7 @@ def format_parameters(p: GenerationRequest) -> str:
     for name, label in SDXL_LABELS.items():  # ours (A1111 has these as settings): only those given
         value = getattr(p, name)
         if value is not None:
-            fields.append((label, _num(value) if isinstance(value, float) else _pair(name, value)))
+            fields.append((label, _num(value) if name.endswith("aesthetic_score") else _pair(name, value)))
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields))
     return "\n".join(lines)
 
@@ -156,8 +156,8 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out["lora_hashes"] = raw["Lora hashes"]
     if "Clip skip" in raw:
         out["clip_skip"] = int(raw["Clip skip"])
-    if "Refiner" in raw:
-        out["refiner"] = raw["Refiner"]
+    if "Refiner" in raw:  # A1111 writes the checkpoint's title: "sd_xl_refiner_1.0 [7440042bbd]"
+        out["refiner"] = re.sub(r" \[[0-9a-f]{8,10}\]$", "", raw["Refiner"])
         if "Refiner switch at" in raw:
             out["refiner_switch"] = float(raw["Refiner switch at"])
     for name, label in SDXL_LABELS.items():

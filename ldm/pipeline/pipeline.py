@@ -93,7 +93,11 @@ class Pipeline:
         self._check_parts_fit()
         # SDXL: the U-Net's time ids, 6 (base) or 5 (refiner: an aesthetic score in place of the target size)
         self.time_id_count = time_id_count(self.unet.config, self.text_encoder)
-        self.arch = {0: "sd", 6: "sdxl", 5: "sdxl-refiner"}[self.time_id_count]
+        archs = {0: "sd", 6: "sdxl", 5: "sdxl-refiner"}
+        if self.time_id_count not in archs:
+            raise UserError(f"the U-Net's addition embedding fits {self.time_id_count} time ids; SDXL U-Nets take 6 "
+                            "(base) or 5 (refiner): the U-Net and the text encoders come from different models")
+        self.arch = archs[self.time_id_count]
         self.refiner: Pipeline | None = None  # an SDXL refiner a request's `refiner` hands over to (`open(refiner=)`)
         if vae_tiling:
             self.vae.enable_tiling()  # decode (and encode) in overlapping tiles: memory grows with tile, not image
@@ -156,7 +160,8 @@ class Pipeline:
         vae: str | Path | None = None,
         prediction_type: str | None = None,
     ) -> Pipeline:
-        """A diffusers-format SD 1.x/2.x directory (or hub id), or a single .safetensors file in the original layout.
+        """A diffusers-format SD 1.x/2.x or SDXL directory (or hub id), or a single .safetensors file in the original
+        layout.
         `vae`: a VAE file or directory replacing the model's; `prediction_type`: 'epsilon' | 'v_prediction',
         overriding the model's."""
         spec = inspect_model(model, prediction_type=prediction_type, vae=vae)
@@ -274,7 +279,7 @@ class Pipeline:
         if refiner is not None:
             cutoff = switch_cutoff(r.refiner_switch, self.train_timesteps)
             run = probe.timesteps[len(probe.timesteps) - per_batch:]
-            per_batch = len(base_timesteps(run, cutoff)) + len(refiner_timesteps(probe, cutoff))
+            per_batch = len(base_timesteps(run, cutoff)) + len(refiner_timesteps(probe, cutoff, len(run)))
         if second is not None:
             probe.set_timesteps(second.steps)
             per_batch += hires.unet_calls(probe, second)
@@ -330,8 +335,6 @@ class Pipeline:
         if self.refiner is None or self.refiner.model_name != r.refiner:
             raise UserError(f"the request names the refiner '{r.refiner}' but it was not opened with this model: "
                             "pass --refiner MODEL (Pipeline.open(refiner=...) or attach_refiner)")
-        if r.mask is not None:
-            raise UserError("a refiner with inpainting is not supported: drop --refiner or --mask")
         return self.refiner
 
     def _with_time_ids(self, cond: Conditioning, uncond: Conditioning | None, r: GenerationRequest, height: int,
@@ -349,7 +352,9 @@ class Pipeline:
         b = latents.shape[0]
         scheduler = make_scheduler(r.sampler, self.scheduler_config, r.karras)
         scheduler.set_timesteps(r.steps, device=self.device)
-        timesteps = refiner_timesteps(scheduler, switch_cutoff(r.refiner_switch, self.train_timesteps))
+        run = len(scheduler.timesteps) if r.strength is None else \
+            len(scheduler.timesteps) - (r.steps - steps_to_run(r.steps, r.strength)) * scheduler.order
+        timesteps = refiner_timesteps(scheduler, switch_cutoff(r.refiner_switch, self.train_timesteps), run)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
         cond, uncond = self._with_time_ids(cond, uncond, r, job.height, job.width, img2img=True)

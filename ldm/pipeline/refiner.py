@@ -22,12 +22,16 @@ def base_timesteps(timesteps: torch.Tensor, cutoff: int) -> torch.Tensor:
     return timesteps[: int((timesteps >= cutoff).sum())]
 
 
-def refiner_timesteps(scheduler, cutoff: int) -> torch.Tensor:
+def refiner_timesteps(scheduler, cutoff: int, run: int | None = None) -> torch.Tensor:
     """The trailing timesteps of a set scheduler below `cutoff`, one more for a 2nd-order sampler with an even count
-    (diffusers' img2img `get_timesteps` with `denoising_start`)."""
+    (diffusers' img2img `get_timesteps` with `denoising_start`). `run`: how many trailing timesteps the whole run has
+    (img2img cuts the schedule's start): the refiner never starts before the run does, so with a strength below the
+    switch's share it runs the whole (short) run from the init image's noise level."""
     n = int((scheduler.timesteps < cutoff).sum())
     if scheduler.order == 2 and n % 2 == 0:
         n += 1
+    if run is not None:
+        n = min(n, run)
     return scheduler.timesteps[len(scheduler.timesteps) - n:]
 
 

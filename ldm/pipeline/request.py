@@ -77,7 +77,8 @@ class GenerationRequest:
     lora_hashes: str = ""  # A1111's 'Lora hashes' of the LoRAs the prompt's tags name: "name: hash, ..."
     clip_skip: int = 1  # A1111's "Clip skip"; 1 = the text encoder's own layer
     # SDXL micro-conditioning, (height, width) and (top, left) in pixels as diffusers takes them. None: the
-    # generation's size (each pass's, with a hires fix) and (0, 0); a negative_* None: the positive branch's value
+    # generation's size (each pass's, with a hires fix) and (0, 0); negative_* None: the positive branch's sizes and
+    # a (0, 0) crop, as diffusers (ldm/pipeline/micro_conditioning.py has its exact rules)
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
@@ -157,6 +158,8 @@ class GenerationRequest:
                             f"got {self.refiner_switch}")
         if self.refiner and self.hires_scale is not None:
             raise UserError("a refiner with the hires fix is not supported: drop --refiner or --hires-scale")
+        if self.refiner and self.mask is not None:
+            raise UserError("a refiner with inpainting is not supported: drop --refiner or --mask")
 
     def resolve(self, model: ModelFacts) -> GenerationRequest:
         """Every 'decide for me' value decided, and the whole request checked against `model`."""
@@ -200,9 +203,11 @@ class GenerationRequest:
             if given:
                 verb = "applies" if len(given) == 1 else "apply"
                 raise UserError(f"{', '.join(given)} only {verb} to SDXL models; this is an SD 1.x/2.x model")
-        elif self.aesthetic_score is not None or self.negative_aesthetic_score is not None:
-            if not self.refiner:
-                raise UserError("--aesthetic-score conditions an SDXL refiner: add --refiner MODEL or drop it")
+        elif not self.refiner:
+            given = [f"--{k.replace('_', '-')}" for k in ("aesthetic_score", "negative_aesthetic_score")
+                     if getattr(self, k) is not None]
+            if given:
+                raise UserError(f"{given[0]} conditions an SDXL refiner: add --refiner MODEL or drop it")
 
 
 REFINER_SWITCH = 0.8  # A1111's and diffusers' examples' usual hand-over point
