@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ldm.errors import UserError
 from ldm.pipeline.request import GenerationRequest
 
 AESTHETIC_SCORE = 6.0  # diffusers' and A1111's (sdxl_refiner_high_aesthetic_score) default
@@ -52,3 +53,12 @@ def time_id_count(unet_config, text_encoder) -> int:
         return 0
     return (unet_config.projection_class_embeddings_input_dim - text_encoder.pooled_size) // \
         unet_config.addition_time_embed_dim
+
+
+def arch_of(count: int) -> str:
+    """The model family a U-Net's time-id count says (ldm.models.spec.ARCHS)."""
+    archs = {0: "sd", 6: "sdxl", 5: "sdxl-refiner"}
+    if count not in archs:
+        raise UserError(f"the U-Net's addition embedding fits {count} time ids; SDXL U-Nets take 6 (base) or 5 "
+                        "(refiner): the U-Net and the text encoders come from different models")
+    return archs[count]

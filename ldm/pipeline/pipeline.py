@@ -35,7 +35,7 @@ from ldm.pipeline.device import pick_device, pick_dtype
 from ldm.pipeline.hires import HiresFix, SecondPass
 from ldm.pipeline.latent_codec import LatentCodec
 from ldm.pipeline.job import Job, finish, prepare_job
-from ldm.pipeline.micro_conditioning import time_id_count, time_ids
+from ldm.pipeline.micro_conditioning import arch_of, time_id_count, time_ids
 from ldm.pipeline.refiner import (
     base_timesteps,
     check_refiner_pair,
@@ -93,11 +93,7 @@ class Pipeline:
         self._check_parts_fit()
         # SDXL: the U-Net's time ids, 6 (base) or 5 (refiner: an aesthetic score in place of the target size)
         self.time_id_count = time_id_count(self.unet.config, self.text_encoder)
-        archs = {0: "sd", 6: "sdxl", 5: "sdxl-refiner"}
-        if self.time_id_count not in archs:
-            raise UserError(f"the U-Net's addition embedding fits {self.time_id_count} time ids; SDXL U-Nets take 6 "
-                            "(base) or 5 (refiner): the U-Net and the text encoders come from different models")
-        self.arch = archs[self.time_id_count]
+        self.arch = arch_of(self.time_id_count)
         self.refiner: Pipeline | None = None  # an SDXL refiner a request's `refiner` hands over to (`open(refiner=)`)
         if vae_tiling:
             self.vae.enable_tiling()  # decode (and encode) in overlapping tiles: memory grows with tile, not image

@@ -128,15 +128,7 @@ def load_single_file(
     log.info("%s", d.describe())
     if d.sdxl:
         raise ValueError(f"'{path}' is an SDXL file: open it with ldm.singlefile.load_sdxl (ldm.models.load does)")
-    if d.unet_config is None:
-        raise UserError(f"'{d.path}' has no U-Net; pass a full checkpoint as --model")
-    if d.text_config is None:
-        raise UserError(f"'{d.path}' holds no text encoder (cond_stage_model.*); this package needs one inside the "
-                        "file to generate (a U-Net-only file can be fine-tuned with model.pretrained=FILE)")
-    if d.vae_config is None and vae is None:
-        raise UserError(f"'{d.path}' holds no VAE (first_stage_model.*): pass one with --vae FILE|DIR")
-    prediction, source = choose_prediction(d, prediction_type)
-    log.info("prediction type: %s (%s)", prediction, source)
+    prediction = generation_parts(d, d.text_config, "text encoder (cond_stage_model.*)", vae, prediction_type)
     unet_config = unet_config_for(d, prediction)
     prefixes = (keys.UNET_PREFIX, keys.CLIP_PREFIX if d.text_layout == "clip" else keys.OPEN_CLIP_PREFIX)
     if vae is None:
@@ -152,6 +144,21 @@ def load_single_file(
     for module in (unet, model_vae, text):
         module.to(device).eval().requires_grad_(False)
     return LoadedFile(unet, model_vae, text, scheduler, str(path), d)
+
+
+def generation_parts(d: Detected, text_config, text_what: str, vae, prediction_type: str | None) -> str:
+    """Refuse a file without what generation needs (U-Net, text encoder(s), a VAE unless `vae` replaces it), in
+    one line each; return the prediction type to use, logged with why."""
+    if d.unet_config is None:
+        raise UserError(f"'{d.path}' has no U-Net; pass a full checkpoint as --model")
+    if text_config is None:
+        raise UserError(f"'{d.path}' holds no {text_what}; this package needs it inside the file to generate (a "
+                        "U-Net-only file can be fine-tuned with model.pretrained=FILE)")
+    if d.vae_config is None and vae is None:
+        raise UserError(f"'{d.path}' holds no VAE (first_stage_model.*): pass one with --vae FILE|DIR")
+    prediction, source = choose_prediction(d, prediction_type)
+    log.info("prediction type: %s (%s)", prediction, source)
+    return prediction
 
 
 def unet_config_for(d: Detected, prediction: str) -> dict[str, Any]:

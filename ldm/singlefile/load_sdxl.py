@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from ldm.errors import UserError
 from ldm.singlefile import keys
-from ldm.singlefile.detect import Detected, choose_prediction
-from ldm.singlefile.load import (LoadedFile, build_unet, build_vae, cast_state, load_strict, load_vae_override,
-                                 read_tensors)
+from ldm.singlefile.detect import Detected
+from ldm.singlefile.load import (LoadedFile, build_unet, build_vae, cast_state, generation_parts, load_strict,
+                                 load_vae_override, read_tensors)
 from ldm.singlefile.sdxl import SDXL_SCHEDULER, text_prefixes
 
 log = logging.getLogger(__name__)
@@ -40,15 +39,8 @@ class SDXLModules:
 def load_sdxl_modules(d: Detected, device: torch.device, dtype: torch.dtype, vae=None,
                       prediction_type: str | None = None) -> SDXLModules:
     """Every part of an SDXL file (or `vae`, a VAE file or directory, instead of its own), on `device` in `dtype`."""
-    if d.unet_config is None:
-        raise UserError(f"'{d.path}' has no U-Net; pass a full checkpoint as --model")
-    if d.text_config_2 is None:
-        raise UserError(f"'{d.path}' holds no text encoders (conditioner.embedders.*); this package needs them inside "
-                        "the file to generate")
-    if d.vae_config is None and vae is None:
-        raise UserError(f"'{d.path}' holds no VAE (first_stage_model.*): pass one with --vae FILE|DIR")
-    prediction, source = choose_prediction(d, prediction_type)
-    log.info("prediction type: %s (%s)", prediction, source)
+    prediction = generation_parts(d, d.text_config_2, "text encoders (conditioner.embedders.*)", vae,
+                                  prediction_type)
     clip_prefix, bigg_prefix = text_prefixes(d.family)
     prefixes = (keys.UNET_PREFIX, bigg_prefix) + ((clip_prefix,) if d.text_config else ())
     if vae is None:

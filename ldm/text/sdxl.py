@@ -78,15 +78,15 @@ class SDXLTextEncoder(nn.Module):
 
     @property
     def trainable(self) -> bool:
-        return any(p.requires_grad for p in self.parameters())
+        return any(t.trainable for t in self.towers)
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.towers[-1].device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.towers[-1].dtype
 
     def train(self, mode: bool = True) -> SDXLTextEncoder:
         for tower in self.towers:
