@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ldm.pipeline import images as im
+from ldm.pipeline.denoise import Inpaint
+from ldm.pipeline.latent_codec import LatentCodec
 from ldm.pipeline.request import GenerationRequest
 from ldm.pixels import pil_to_tensor
 
@@ -49,3 +52,21 @@ def finish(pixels: np.ndarray, job: Job) -> Image.Image:
     if generated.size != job.original.size:
         generated = generated.resize(job.original.size, Image.LANCZOS)
     return Image.fromarray(im.paste_back(np.asarray(generated), np.asarray(job.original), job.alpha))
+
+
+def inpaint_state(job: Job, known: torch.Tensor | None, noise: torch.Tensor, gens: list[torch.Generator],
+                  codec: LatentCodec, nine_channel: bool) -> Inpaint:
+    """What an inpainting batch adds to the loop: the latent blend mask, and for a 9-channel U-Net its mask and
+    masked-image latents (drawn from `gens` after the noise: draw 3). `noise`, `known`: (b, C, h, w)."""
+    b = noise.shape[0]
+    h, w = noise.shape[-2:]
+    mask = job.mask.to(codec.device)  # (1, 1, H, W)
+    # blend: repaint a latent pixel if any pixel under it is masked, so no masked pixel keeps the old content
+    blend = F.max_pool2d(mask, codec.vae_factor).to(codec.dtype).expand(b, 1, h, w)  # (b, 1, h, w)
+    state = Inpaint(blend_mask=blend, known_latents=known, noise=noise)
+    if nine_channel:
+        # 9-channel U-Nets were trained on a nearest-downsampled mask and the masked image's latents
+        state.unet_mask = F.interpolate(mask, size=(h, w)).to(codec.dtype).expand(b, 1, h, w)
+        masked_image = job.image * (job.mask < 0.5)  # (1, 3, H, W), masked pixels set to 0 (grey)
+        state.masked_image_latents = codec.sample(codec.encode(masked_image), gens)
+    return state

@@ -6,9 +6,13 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from PIL import Image
 
 from ldm.pipeline.seeds import per_image_noise
+from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
+from ldm.vae.load_vae import vae_factor
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,22 @@ class LatentCodec:
             with _vae_in_fp32(self.vae):
                 decoded = self.vae.decode(z.float(), return_dict=False)[0]
         return decoded
+
+    def resize(self, latents: torch.Tensor, height: int, width: int, upscaler: str):
+        """Latents (b, C, h, w) -> the start of a pass at height x width px (the hires fix's second pass): for
+        `latent` the latents resized (b, C, H/f, W/f); for `lanczos` the VAE posterior (mean, std) of the decoded
+        images resized in pixels, to be sampled per image."""
+        f = self.vae_factor
+        if upscaler == "latent":
+            # A1111's "Latent": bilinear, no antialiasing (shared.latent_upscale_modes)
+            return F.interpolate(latents, size=(height // f, width // f), mode="bilinear", align_corners=False)
+        pixels = float_to_uint8(tensor_to_float_images(self.decode(latents)))  # (b, h*f, w*f, 3) uint8
+        resized = [pil_to_tensor(Image.fromarray(p).resize((width, height), Image.LANCZOS)) for p in pixels]
+        return self.encode(torch.cat(resized))  # (b, 3, H, W) -> posterior (mean, std), (b, C, H/f, W/f)
+
+    @property
+    def vae_factor(self) -> int:
+        return vae_factor(self.vae.config)
 
 
 class _vae_in_fp32:

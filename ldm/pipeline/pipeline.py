@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ldm.errors import UserError
@@ -30,11 +29,11 @@ from ldm.models.components import Components
 from ldm.models.load import load_components
 from ldm.models.spec import ModelSpec, inspect_model
 from ldm.pipeline import images as im
-from ldm.pipeline.denoise import Inpaint, denoise
+from ldm.pipeline.denoise import denoise
 from ldm.pipeline.device import pick_device, pick_dtype
-from ldm.pipeline.hires import HiresFix, SecondPass
+from ldm.pipeline.hires import HiresFix
 from ldm.pipeline.latent_codec import LatentCodec
-from ldm.pipeline.job import Job, finish, prepare_job
+from ldm.pipeline.job import Job, finish, inpaint_state, prepare_job
 from ldm.pipeline.micro_conditioning import arch_of, time_id_count, time_ids
 from ldm.pipeline.refiner import (
     base_timesteps,
@@ -46,7 +45,7 @@ from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import make_scheduler
 from ldm.pipeline.seeds import generators, per_image_noise
 from ldm.pipeline.validation import steps_to_run
-from ldm.pixels import float_to_uint8, pil_to_tensor, tensor_to_float_images
+from ldm.pixels import float_to_uint8, tensor_to_float_images
 from ldm.progress import progress_bar
 from ldm.text.conditioning import Conditioning
 from ldm.text.prompt_encoding import encode_prompt_pair
@@ -299,7 +298,7 @@ class Pipeline:
             if refiner is not None:  # the rest of the schedule on the refiner, the same generators going on
                 latents = refiner._refine(gens, latents, *refined, job, r, step)
             if second is not None:  # img2img of the upscaled first pass, same seeds
-                upscaled = self._upscale(latents, second, hires.upscaler)
+                upscaled = self.codec.resize(latents, second.height, second.width, hires.upscaler)
                 latents = self._sample(generators(seeds), cond, uncond, upscaled, Job(second.height, second.width),
                                        second.steps, second.strength, r, step)
             codec = self.codec if refiner is None else refiner.codec
@@ -358,19 +357,6 @@ class Pipeline:
                        None if uncond is None else uncond.expand(b), r.cfg, r.guidance_rescale, generators=gens,
                        on_step=on_step)
 
-    def _upscale(self, latents: torch.Tensor, second: SecondPass, upscaler: str):
-        """First-pass latents (b, C, h, w) -> the second pass's start: upscaled latents (b, C, H/f, W/f) for
-        `latent`; for `lanczos` the VAE posterior (mean, std) of the decoded, resized images, sampled per image."""
-        f = self.vae_factor
-        if upscaler == "latent":
-            # A1111's "Latent": bilinear, no antialiasing (shared.latent_upscale_modes)
-            return F.interpolate(latents, size=(second.height // f, second.width // f), mode="bilinear",
-                                 align_corners=False)
-        pixels = float_to_uint8(tensor_to_float_images(self.codec.decode(latents)))  # (b, h*f, w*f, 3) uint8
-        resized = [pil_to_tensor(Image.fromarray(p).resize((second.width, second.height), Image.LANCZOS))
-                   for p in pixels]
-        return self.codec.encode(torch.cat(resized))  # (b, 3, H, W) -> posterior (mean, std), (b, C, H/f, W/f)
-
     def _sample(
         self,
         gens: list[torch.Generator],
@@ -419,7 +405,7 @@ class Pipeline:
             else:
                 latents = scheduler.add_noise(known, noise, timesteps[:1].repeat(b))
             if job.mask is not None:
-                inpaint = self._inpaint_state(job, known, noise, gens)
+                inpaint = inpaint_state(job, known, noise, gens, self.codec, nine_channel=self.inpainting_unet)
 
         if switch is not None:  # diffusers' `denoising_end`: the base stops where the refiner takes over
             timesteps = base_timesteps(timesteps, switch_cutoff(switch, self.train_timesteps))
@@ -432,20 +418,6 @@ class Pipeline:
             self._unet_fn, scheduler, latents, timesteps, expand(cond), expand(uncond), r.cfg, r.guidance_rescale,
             generators=gens, inpaint=inpaint, on_step=on_step,
         )
-
-    def _inpaint_state(self, job: Job, known: torch.Tensor | None, noise: torch.Tensor, gens) -> Inpaint:
-        b = noise.shape[0]
-        h, w = noise.shape[-2:]
-        mask = job.mask.to(self.device)  # (1, 1, H, W)
-        # blend: repaint a latent pixel if any pixel under it is masked, so no masked pixel keeps the old content
-        blend = F.max_pool2d(mask, self.vae_factor).to(self.dtype).expand(b, 1, h, w)  # (b, 1, h, w)
-        state = Inpaint(blend_mask=blend, known_latents=known, noise=noise)
-        if self.inpainting_unet:
-            # 9-channel U-Nets were trained on a nearest-downsampled mask and the masked image's latents
-            state.unet_mask = F.interpolate(mask, size=(h, w)).to(self.dtype).expand(b, 1, h, w)
-            masked_image = job.image * (job.mask < 0.5)  # (1, 3, H, W), masked pixels set to 0 (grey)
-            state.masked_image_latents = self.codec.sample(self.codec.encode(masked_image), gens)  # draw 3
-        return state
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.dtype)
