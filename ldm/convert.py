@@ -10,6 +10,8 @@ the work and again when the output is put in place). A file written
 here reads back in diffusers' `StableDiffusionPipeline.from_single_file(DST, config=SRC)` (SDXL directories, with
 text_encoder_2: `StableDiffusionXLPipeline`, in Stability's layout); its header also holds
 the component configs, so `ldm-generate --model DST` rebuilds the model exactly (ldm/singlefile/__init__.py).
+An SD 2.x file holds OpenCLIP's whole text tower (its last block, text_projection and logit_scale: kept in the
+directory's text_encoder/open_clip_extra.safetensors, or neutral; ldm/singlefile/open_clip_extra.py).
 """
 
 from __future__ import annotations

@@ -13,4 +13,8 @@ A1111 and ComfyUI read; its safetensors header's `__metadata__` also holds one e
 which other tools ignore and which lets this package rebuild any model exactly, including small ones whose layout
 no SD preset describes. Files without it are recognised by their keys and shapes (detect.py). SDXL files
 (`conditioner.embedders.*`, sdxl.py) carry format 2 of the entry (save_sdxl.py), with both text encoders.
+
+An SD 2.x-layout file holds OpenCLIP's whole text tower: the last block, `text_projection` and `logit_scale` that
+diffusers' text encoder drops are kept in `text_encoder/open_clip_extra.safetensors` when a file becomes a
+directory and written back from there, or filled neutrally (open_clip_extra.py).
 """

@@ -193,11 +193,12 @@ def clip_from_original(checkpoint: State, prefix: str = CLIP_PREFIX) -> State:
 
 
 def open_clip_from_original(checkpoint: State, hidden_size: int, prefix: str = OPEN_CLIP_PREFIX,
-                            projection: bool = False) -> State:
+                            projection: bool = False, layers: int | None = None) -> State:
     """OpenCLIP text weights under `prefix` -> transformers names without the `text_model.` level: SD 2.x's
-    `CLIPTextModel` (the caller drops the blocks past the model's: diffusers' converter drops OpenCLIP's last block
-    only when there are 24), or with `projection` SDXL's bigG `CLIPTextModelWithProjection` (`text_projection.weight`
-    kept, transposed back by diffusers' converter; the caller adds the `text_model.` level that model has)."""
+    `CLIPTextModel`, whose `layers` blocks are OpenCLIP's first (the blocks past them, OpenCLIP's last, are dropped:
+    diffusers' converter drops it only when it is block 23 of 24; ldm/singlefile/open_clip_extra.py keeps it), or
+    with `projection` SDXL's bigG `CLIPTextModelWithProjection` (`text_projection.weight` kept, transposed back by
+    diffusers' converter; the caller adds the `text_model.` level that model has)."""
 
     class _Config:  # the converter reads only the model's hidden size, to split in_proj
         class config:
@@ -206,8 +207,10 @@ def open_clip_from_original(checkpoint: State, hidden_size: int, prefix: str = O
     _Config.config.hidden_size = hidden_size
     state = sfu.convert_open_clip_checkpoint(_Config, {k: v for k, v in checkpoint.items() if k.startswith(prefix)},
                                              prefix=prefix)
-    return {k.removeprefix("text_model."): v for k, v in state.items()
-            if projection or k != "text_projection.weight"}
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if projection or k != "text_projection.weight"}
+    if layers is None:
+        return state
+    return {k: v for k, v in state.items() if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < layers}
 
 
 def check_inverse(ours: State, back: State, part: str) -> None:

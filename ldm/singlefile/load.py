@@ -94,10 +94,8 @@ def build_text_model(d: Detected, state: keys.State):
     if d.text_layout == "clip":
         converted = keys.clip_from_original(state)
     else:
-        converted = keys.open_clip_from_original(state, config.hidden_size)
         # OpenCLIP's blocks past the ones SD 2.x uses (its last) are not part of the model
-        converted = {k: v for k, v in converted.items()
-                     if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < config.num_hidden_layers}
+        converted = keys.open_clip_from_original(state, config.hidden_size, layers=config.num_hidden_layers)
     return load_strict(model, converted, "text encoder", d.path)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.model_info import read_text_encoder_info, write_text_encoder_info
-from ldm.singlefile import keys
+from ldm.singlefile import keys, open_clip_extra
 from ldm.singlefile.detect import FORMAT, META_KEY
 from ldm.singlefile.save_sdxl import sdxl_directory_to_file, sdxl_file_to_directory
 from ldm.singlefile.write import (check_tokenizer, component_config, component_weights, file_dtype, read_json,
@@ -45,13 +45,19 @@ def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int
     open_clip = text_cfg.get("hidden_act") == "gelu"  # OpenAI CLIP uses quick_gelu, OpenCLIP (SD 2.x) gelu
     # one part at a time, so at most the converted parts plus one part's source are in memory: renaming keeps the
     # tensors (no copy), and each part's own state dict is dropped once converted and checked
+    text_to, text_back = keys.clip_to_original, keys.clip_from_original
+    if open_clip:
+        def text_to(s):  # with OpenCLIP's last block, text_projection and logit_scale, which diffusers drops
+            return _whole_open_clip(s, src, text_cfg)
+
+        def text_back(s):
+            return keys.open_clip_from_original(s, text_cfg["hidden_size"], layers=text_cfg["num_hidden_layers"])
     out: keys.State = {}
     parts = {}
     for name, sub, to, back in (
         ("U-Net", "unet", lambda s: keys.unet_to_original(s, unet_cfg), lambda s: keys.unet_from_original(s, unet_cfg)),
         ("VAE", "vae", lambda s: keys.vae_to_original(s, vae_cfg), lambda s: keys.vae_from_original(s, vae_cfg)),
-        ("text encoder", "text_encoder", keys.open_clip_to_original if open_clip else keys.clip_to_original,
-         (lambda s: keys.open_clip_from_original(s, text_cfg["hidden_size"])) if open_clip else keys.clip_from_original),
+        ("text encoder", "text_encoder", text_to, text_back),
     ):
         source = component_weights(src / sub, variants[sub])
         converted = to(source)
@@ -73,6 +79,14 @@ def directory_to_file(src: Path, dst: Path, half: bool = False) -> dict[str, int
     }
     write_file(dst, out, {META_KEY: json.dumps(meta)})
     return parts
+
+
+def _whole_open_clip(state: keys.State, src: Path, text_cfg: dict) -> keys.State:
+    """The text encoder in open_clip's names plus the tail it has no place for (its last block, `text_projection`,
+    `logit_scale`): the one kept in `text_encoder/`, or the neutral one (ldm/singlefile/open_clip_extra.py)."""
+    dtype = next(v.dtype for k, v in state.items() if k.endswith("token_embedding.weight"))
+    tail = open_clip_extra.directory_extra(src / "text_encoder", text_cfg, dtype)
+    return {**keys.open_clip_to_original(state), **{keys.OPEN_CLIP_PREFIX + k: v for k, v in tail.items()}}
 
 
 def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type: str | None = None) -> None:
@@ -99,6 +113,15 @@ def file_to_directory(src: Path, dst: Path, half: bool = False, prediction_type:
                                    unet=loaded.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     info = loaded.detected.text_info
-    # e.g. layer: penultimate, which diffusers' layout cannot say
-    save_pipeline(pipe, dst, (lambda tmp: write_text_encoder_info(tmp, info)) if info is not None else None)
+    text_cfg = text.model.config.to_dict()
+    # OpenCLIP's last block, text_projection and logit_scale, which diffusers' text encoder has no place for
+    extra = (open_clip_extra.read_file_extra(src, text_cfg, text.model.dtype)
+             if loaded.detected.text_layout == "open_clip" else {})
+
+    def beside(tmp: Path) -> None:
+        if info is not None:  # e.g. layer: penultimate, which diffusers' layout cannot say
+            write_text_encoder_info(tmp, info)
+        open_clip_extra.write_extra(tmp / "text_encoder", extra, text_cfg)
+
+    save_pipeline(pipe, dst, beside)
 

@@ -12,6 +12,7 @@ import torch
 from ldm.errors import UserError
 from ldm.files import atomic_directory, atomic_write_safetensors, os_reason, remove_tree
 from ldm.singlefile import keys
+from ldm.singlefile.open_clip_extra import EXTRA_FILE
 
 _DROP = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "dtype", "torch_dtype")
 
@@ -30,8 +31,8 @@ def component_config(path: Path) -> dict[str, Any]:
 def component_weights(sub: Path, variant: str | None) -> keys.State:
     from safetensors.torch import load_file
 
-    files = sorted(p for p in sub.glob("*.safetensors") if (variant is None) == (len(p.name.split(".")) == 2)
-                   or (variant is not None and f".{variant}" in p.name))
+    files = sorted(p for p in sub.glob("*.safetensors") if p.name != EXTRA_FILE and (
+        (variant is None) == (len(p.name.split(".")) == 2) or (variant is not None and f".{variant}" in p.name)))
     state: keys.State = {}
     for f in files:
         state.update(load_file(str(f)))
