@@ -12,7 +12,7 @@ factors), in another order of operations (peft's kron/einsum/forward paths again
 relative. Measured: merged weights 2.4e-7 from peft's and 1e-7 from the float64 formulas; layer outputs (magnitude
 up to ~30: a 3x3 conv sums 144 products) 7.6e-6 from peft's unmerged forward. Asserted 2e-6 and 3e-5. A wrong
 convention is off by far more: alpha / rank on a LoKr with both halves full is a factor 2 here, DoRA's norm of W0
-instead of W0 + delta W moves weights by > 2, a LoKr half or LoHa product taken in another order by ~1.
+instead of W0 + delta W moves weights by > 2; kron(w2, w1) for kron(w1, w2) fails every LoKr case.
 """
 
 from __future__ import annotations

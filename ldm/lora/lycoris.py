@@ -12,7 +12,8 @@ comfy/weight_adapter/loha.py, lokr.py read them the same way). Shapes: out, in, 
 - LoKr (a Kronecker product): delta W = kron(w1, w2) * scale, w1 (a, c) = `lokr_w1` or `lokr_w1_a` (a, r) @
   `lokr_w1_b` (r, c); w2 (b, d[, kh, kw]) = `lokr_w2`, or `lokr_w2_a` (b, r) @ `lokr_w2_b` (r, d*kh*kw), or with
   `lokr_t2` (r, r, kh, kw) the CP form of `lokr_w2_a` (r, b) and `lokr_w2_b` (r, d); out = a*b, in = c*d. The scale
-  is alpha / r, r the rank of the factorised half (w1's if both are); when both halves are full matrices LyCORIS
+  is alpha / r, r the rank of the factorised half (w1's if both are; in the CP form `lokr_t2`'s, as peft and ComfyUI
+  take it, where LyCORIS's loader reads `lokr_w2_a`'s b); when both halves are full matrices LyCORIS
   trains with scale 1 and the stored alpha is not used (`LokrModule.__init__`: `if use_w1 and use_w2: alpha =
   lora_dim`).
 - alpha: a scalar; missing or 0 means alpha = r (LyCORIS replaces 0 by the rank). A file LyCORIS writes with rs-LoRA
