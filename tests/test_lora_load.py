@@ -94,10 +94,11 @@ def loras(pipe, tmp_path_factory) -> dict[str, Path]:
     save_file(kohya, d / "ink.safetensors")
     (d / "sub").mkdir()
     save_file(_kohya_dict(other), d / "sub" / "glow.safetensors")
-    # the same file plus keys of kinds not applied: LoHa, CLIP's text projection (SDXL towers: tests/test_lora_sdxl.py)
+    # the same file plus modules of kinds not applied: LyCORIS OFT, CLIP's text projection (SDXL towers:
+    # tests/test_lora_sdxl.py; LoHa/LoKr/DoRA apply: tests/test_lycoris.py)
     extra = dict(kohya)
-    extra.update({f"lora_unet_mid_block_attentions_0_proj_out.hada_w{i}_{ab}": torch.ones(2, 2)
-                  for i in (1, 2) for ab in "ab"})
+    extra.update({"lora_unet_mid_block_attentions_0_proj_out.oft_blocks": torch.ones(4, 8, 8),
+                  "lora_unet_mid_block_attentions_0_proj_out.alpha": torch.tensor(0.0)})
     extra.update({"lora_te_text_projection.lora_down.weight": torch.ones(RANK, 32),
                   "lora_te_text_projection.lora_up.weight": torch.ones(32, RANK)})
     save_file(extra, d / "ink-plus.safetensors")
@@ -224,7 +225,7 @@ def test_unapplied_kinds_are_one_warning_and_the_rest_applies(loras, clean_pipe,
         pipe.load_lora(loras["plus"], 0.7)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert "4 LoHa keys (lora_unet_mid_block_attentions_0_proj_out.hada_w1_a" in warnings[0]
+    assert "1 OFT modules (lora_unet_mid_block_attentions_0_proj_out)" in warnings[0]
     assert "1 text-encoder modules matching no module of this model (text_projection)" in warnings[0]
     plus = pipe(PROMPT, NEGATIVE, **KW).decoded
     pipe.unload_loras()

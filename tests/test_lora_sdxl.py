@@ -127,9 +127,9 @@ def loras(pipe, tmp_path_factory) -> dict[str, Path]:
     save_file(swapped, d / "swapped.safetensors")
     # what fits the refiner too (its bigG tower and self-attention have the base's shapes; its cross-attention not)
     save_file({k: v for k, v in kohya.items() if k.startswith("lora_te2_") or "attn1" in k}, d / "bigg.safetensors")
-    # kinds not applied, added to a good file: LoHa keys
+    # kinds not applied, added to a good file: a LyCORIS OFT module
     plus = dict(kohya)
-    plus.update({f"lora_unet_middle_block_1_proj_out.hada_w{i}_{ab}": torch.ones(2, 2) for i in (1, 2) for ab in "ab"})
+    plus.update({"lora_unet_middle_block_1_proj_out.oft_blocks": torch.ones(4, 16, 16)})
     save_file(plus, d / "ink-plus.safetensors")
     # SD 1.x LoRAs (the tiny SD model's shapes: 32-wide text): kohya with lora_te_, and diffusers without text_encoder_2
     sd_unet = "down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -246,7 +246,7 @@ def test_unapplied_kinds_are_one_warning_and_the_rest_applies(loras, clean_pipe,
     with caplog.at_level(logging.WARNING, logger="ldm"):
         applied = clean_pipe.load_lora(loras["plus"], SCALE)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "4 LoHa keys (lora_unet_middle_block_1_proj_out.hada_w1_a" in warnings[0], warnings
+    assert len(warnings) == 1 and "1 OFT modules (lora_unet_middle_block_1_proj_out)" in warnings[0], warnings
     assert "second text encoder" not in warnings[0]  # both towers apply now
     assert {t.part for t in applied.targets} == {"unet", "text_encoder", "text_encoder_2"}
 

@@ -1,6 +1,7 @@
 """Apply LoRAs to a U-Net and a text encoder by merging their updates into the weights, and take them off again.
 
-Merging (W <- W0 + sum_i scale_i * up_i @ down_i * alpha_i / rank_i) rather than peft's injected layers, which
+Merging (W <- W0 + sum_i scale_i * up_i @ down_i * alpha_i / rank_i; LoHa, LoKr and DoRA updates, ldm/lora/
+lycoris.py, are added the same way, each DoRA one taken against W0) rather than peft's injected layers, which
 compute W0 x + scale * B(A(x)) at every call: after the merge a LoRA costs nothing per step, torch.compile and
 fp16 see plain Linear/Conv2d layers, and the result equals diffusers' unfused `load_lora_weights` within float
 rounding (tests/test_lora_load.py measures it against diffusers' own fused-vs-unfused difference). Every change
@@ -12,6 +13,7 @@ Several LoRAs stack by adding their updates, as A1111 does; the same file twice 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +108,7 @@ class LoraStack:
         check_scale(text_scale, name)
         check_family(lora, self.family)
         mapping = map_modules(lora, self.unet, self.text_models, FAMILY_NAMES[self.family])
-        skipped = {f"{kind} keys": keys for kind, keys in lora.unapplied.items()}
+        skipped = dict(lora.unapplied)  # "OFT modules" -> names
         for part, names in mapping.unmatched.items():
             if part != UNET and part not in self.text_models:  # not transformers CLIP (check_family took SDXL's)
                 kind = type(self.text_encoder).__name__
@@ -124,31 +126,34 @@ class LoraStack:
             log.warning("LoRA %s: not applied: %s; the other %d modules are applied", name, listed,
                         len(mapping.targets))
         unet_count = sum(1 for t in mapping.targets if t.part == UNET)
-        log.info("LoRA %s: %s layout, %d U-Net + %d text-encoder modules, scale %s%s", name, lora.format,
-                 unet_count, len(mapping.targets) - unet_count, scale,
-                 "" if text_scale == scale else f" (text encoder {text_scale})")
+        kinds = Counter(t.lora.label for t in mapping.targets)
+        log.info("LoRA %s: %s layout, %d U-Net + %d text-encoder modules (%s), scale %s%s", name, lora.format,
+                 unet_count, len(mapping.targets) - unet_count, ", ".join(f"{n} {k}" for k, n in kinds.items()),
+                 scale, "" if text_scale == scale else f" (text encoder {text_scale})")
         return AppliedLora(name, lora, scale, text_scale, mapping.targets)
 
     @torch.no_grad()
     def set(self, loras: list[AppliedLora]) -> None:
-        """Make exactly `loras` the merged ones: each touched weight = W0 + the sum of their updates."""
-        deltas: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+        """Make exactly `loras` the merged ones: each touched weight = W0 + the sum of their updates, each update
+        computed from W0 (a DoRA update depends on it)."""
+        touched = {id(t.module): t.module for applied in loras for t in applied.targets}
+        for key, (module, original) in list(self._originals.items()):
+            if key not in touched:  # no longer touched: back to the original bits
+                module.weight.copy_(original)
+                del self._originals[key]
+        for key, module in touched.items():
+            if key not in self._originals:
+                self._originals[key] = (module, module.weight.detach().to("cpu", copy=True))
+        updates: dict[int, torch.Tensor] = {}
         for applied in loras:
             for t in applied.targets:
                 scale = applied.scale if t.part == UNET else applied.text_scale
-                w = t.module.weight
-                delta = t.lora.delta(w.shape, w.device) * scale  # fp32
                 key = id(t.module)
-                deltas[key] = (t.module, deltas[key][1] + delta if key in deltas else delta)
-        for key, (module, original) in list(self._originals.items()):
-            if key not in deltas:  # no longer touched: back to the original bits
-                module.weight.copy_(original)
-                del self._originals[key]
-        for key, (module, delta) in deltas.items():
-            if key not in self._originals:
-                self._originals[key] = (module, module.weight.detach().to("cpu", copy=True))
-            original = self._originals[key][1].to(module.weight.device)
-            module.weight.copy_((original.float() + delta).to(module.weight.dtype))
+                update = t.lora.update(self._originals[key][1], scale, t.module.weight.device)  # fp32
+                updates[key] = updates[key] + update if key in updates else update
+        for key, update in updates.items():
+            module, original = self._originals[key]
+            module.weight.copy_((original.to(module.weight.device).float() + update).to(module.weight.dtype))
         self.applied = list(loras)
         # keep read files only while merged (a tag used again in the next prompt is not read again)
         self._files = {k: f for k, f in self._files.items() if any(a.lora is f for a in self.applied)}

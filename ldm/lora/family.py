@@ -78,7 +78,7 @@ def _evidence(lora: LoraFile) -> list[tuple[set[str], str]]:
             found.append(({SD, SDXL}, why))
     for m in lora.modules:
         if m.part == UNET and m.name.replace("_", ".").endswith(("attn2.to.k", "attn2.to.v")):
-            width = int(m.down.shape[1])
+            width = int(m.update_shape[1])
             if width in _CONTEXT_WIDTHS:
                 fits, name = _CONTEXT_WIDTHS[width]
                 found.append((fits, f"its cross-attention reads {width}-wide text features, as {name}'s does"))

@@ -18,10 +18,12 @@ Two layouts are read (safetensors only; a pickle `.bin`/`.pt`/`.ckpt` is refused
   (rank, in, kh, kw) / (out, rank, 1, 1).
 
 The weight update of one module is `up @ down * alpha / rank * scale` (A1111, kohya and peft agree), reshaped to
-the module's weight for convolutions. Keys of kinds this package does not apply (LyCORIS LoHa `hada_*`, LoKr
-`lokr_*`, DoRA magnitudes, full diffs, norms, bundled embeddings, CLIP's `text_projection`) are collected with
-their kind so that the caller can name them in one warning. Which module each entry changes is ldm/lora/targets.py;
-which family of base model a file is for, ldm/lora/family.py.
+the module's weight for convolutions. kohya-layout files may also hold LyCORIS's LoHa (`hada_*`) and LoKr (`lokr_*`)
+modules, and DoRA magnitudes (`dora_scale`; peft's `lora_magnitude_vector` in diffusers/peft files) beside any
+module: those are read and applied too (their formulas: ldm/lora/lycoris.py). Modules of kinds this package does not
+apply (LyCORIS OFT/BOFT, IA3, LoCon's CP `lora_mid`, full diffs, norms, biases, bundled embeddings) are collected by
+kind so that the caller can name them in one warning. Which module each entry changes is ldm/lora/targets.py; which
+family of base model a file is for, ldm/lora/family.py.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import UserError
+from ldm.lora.lycoris import Adapter, Dora, lycoris_module
 from ldm.weights import PICKLE_SUFFIXES, check_safetensors_file, read_safetensors
 
 DIFFUSERS, KOHYA = "diffusers", "kohya"
@@ -47,15 +50,15 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPT
 _KOHYA_PREFIXES = {"lora_unet_": UNET, "lora_te_": TEXT, "lora_te1_": TEXT, "lora_te2_": TEXT_2}
 # suffixes of the kinds not applied, by what they are (LyCORIS's names: github.com/KohakuBlueleaf/LyCORIS)
 _UNAPPLIED_KINDS = {
-    "hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "lora_mid": "LoCon CP",
-    "oft_": "OFT", "diff": "full diff", "diff_b": "full diff", "w_norm": "norm", "b_norm": "norm", "on_input": "IA3",
-    "bias": "LoRA bias", "lora_B.bias": "LoRA bias",
+    "lora_mid": "LoCon CP", "oft_": "OFT", "diff": "full diff", "diff_b": "full diff", "w_norm": "norm",
+    "b_norm": "norm", "on_input": "IA3", "bias": "LoRA bias", "lora_B.bias": "LoRA bias", "lokr_t1": "LoKr t1",
 }
 
 
 @dataclass(eq=False)
-class LoraModule:
-    """One adapted weight: delta W = up @ down * scale."""
+class LoraModule(Adapter):
+    """One adapted weight: delta W = up @ down * scale (with a `dora` magnitude, DoRA's decomposition of W0 + delta W:
+    ldm/lora/lycoris.py). LoHa and LoKr entries (ldm/lora/lycoris.py) offer the same `Adapter` methods."""
 
     part: str  # UNET | TEXT | TEXT_2
     name: str  # the module's dotted path (diffusers layout) or underscored path (kohya), text_model. prefix dropped
@@ -63,6 +66,8 @@ class LoraModule:
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
     alpha: float | None = None  # None: alpha = rank
     rslora: bool = False  # peft's rank-stabilised scale alpha / sqrt(rank)
+    dora: Dora | None = None
+    kind = "LoRA"
 
     @property
     def rank(self) -> int:
@@ -80,13 +85,24 @@ class LoraModule:
         down = self.down.to(device, torch.float32).flatten(1)  # (r, in * kh * kw)
         return (up @ down * self.scale).reshape(weight_shape)
 
+    @property
+    def update_shape(self) -> tuple[int, int]:
+        return self.up.shape[0], int(self.down[0].numel())
+
+    def fit_problem(self, weight_shape: tuple[int, ...]) -> str | None:
+        out, inn = self.update_shape
+        if self.up.shape[1] != self.rank or (out, inn) != (weight_shape[0], math.prod(weight_shape[1:])):
+            return f"the LoRA's up @ down is ({out}, {inn}) (rank {self.rank})"
+        return None
+
 
 @dataclass(eq=False)
 class LoraFile:
     path: Path
     format: str  # DIFFUSERS | KOHYA
-    modules: list[LoraModule]
-    unapplied: dict[str, list[str]] = field(default_factory=dict)  # kind -> keys in the file that are not applied
+    modules: list[Adapter]  # LoraModule, LohaModule, LokrModule
+    # what they are ("OFT modules", "unknown keys") -> the module names or keys in the file that are not applied
+    unapplied: dict[str, list[str]] = field(default_factory=dict)
     keys: tuple[str, ...] = ()  # every tensor name in the file, as written
 
 
@@ -134,7 +150,7 @@ def _read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> LoraFile:
         name, _, suffix = key.partition(".")
         prefix = next((p for p in _KOHYA_PREFIXES if name.startswith(p)), None)
         if prefix is None:
-            unapplied["not a LoRA key"].append(key)
+            unapplied["keys outside any module"].append(key)
             continue
         groups[name][suffix] = value
     modules = []
@@ -143,14 +159,26 @@ def _read_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> LoraFile:
         part, module = _KOHYA_PREFIXES[prefix], name[len(prefix):]
         if part != UNET:
             module = module.removeprefix("text_model_")
-        if "lora_down.weight" in entries and "lora_up.weight" in entries and not _unapplied_kind(entries):
-            alpha = entries.get("alpha")
-            modules.append(LoraModule(part, module, entries["lora_down.weight"], entries["lora_up.weight"],
-                                      None if alpha is None else float(alpha)))
-            continue
-        kind = _unapplied_kind(entries) or "unknown"
-        unapplied[kind].extend(f"{name}.{s}" for s in entries)
+        try:
+            adapter = _kohya_adapter(part, module, entries)
+        except ValueError as e:
+            raise UserError(f"LoRA '{path}' is damaged: module '{name}' is {e}; the file cannot be applied") from None
+        if adapter is not None:
+            modules.append(adapter)
+        else:
+            unapplied[f"{_unapplied_kind(entries) or 'unknown'} modules"].append(name)
     return LoraFile(path, KOHYA, modules, dict(unapplied), tuple(tensors))
+
+
+def _kohya_adapter(part: str, module: str, entries: dict[str, torch.Tensor]) -> Adapter | None:
+    """One kohya module's tensors (suffix -> tensor) -> a LoRA, LoHa or LoKr entry, with DoRA's magnitude if it has
+    `dora_scale`; None for other kinds."""
+    alpha = float(entries["alpha"]) if "alpha" in entries else None
+    dora = Dora(entries["dora_scale"]) if "dora_scale" in entries else None
+    tensors = {k: v for k, v in entries.items() if k not in ("alpha", "dora_scale")}
+    if tensors.keys() == {"lora_down.weight", "lora_up.weight"}:
+        return LoraModule(part, module, tensors["lora_down.weight"], tensors["lora_up.weight"], alpha, dora=dora)
+    return lycoris_module(part, module, tensors, alpha, dora)
 
 
 def _unapplied_kind(entries: dict[str, torch.Tensor]) -> str | None:
@@ -200,7 +228,7 @@ def _read_diffusers(path: Path, tensors: dict[str, torch.Tensor], configs: dict[
         for key, value in _to_peft_names(part, entries).items():
             m = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|alpha|lora_B\.bias|lora_magnitude_vector.*)", key)
             if m is None:
-                unapplied["unknown"].append(f"{part}.{key}")
+                unapplied["unknown keys"].append(f"{part}.{key}")
                 continue
             groups[m.group(1)][m.group(2)] = value
         config = configs.get(part, {})
@@ -208,13 +236,15 @@ def _read_diffusers(path: Path, tensors: dict[str, torch.Tensor], configs: dict[
             module = name.removeprefix("text_model.") if part != UNET else name
             kind = _unapplied_kind(group)
             if kind or "lora_A.weight" not in group or "lora_B.weight" not in group:
-                unapplied[kind or "unknown"].extend(f"{part}.{name}.{s}" for s in group)
+                unapplied[f"{kind or 'unknown'} modules"].append(f"{part}.{name}")
                 continue
             alpha = group.get("alpha")
+            magnitude = next((v for k, v in group.items() if k.startswith("lora_magnitude_vector")), None)
             modules.append(LoraModule(
                 part, module, group["lora_A.weight"], group["lora_B.weight"],
                 float(alpha) if alpha is not None else _config_alpha(config, name),
                 rslora=bool(config.get("use_rslora", False)),
+                dora=None if magnitude is None else Dora(magnitude, peft=True),
             ))
     return LoraFile(path, DIFFUSERS, modules, dict(unapplied), tuple(tensors))
 

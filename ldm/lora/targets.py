@@ -1,6 +1,6 @@
 """Which module of our models each LoRA entry changes: the names a LoRA may use for them, and the shape check.
 
-Names by part (`LoraModule.part`, ldm/lora/load.py):
+Names by part (`LoraModule.part`, ldm/lora/load.py; LoHa/LoKr entries use the same names):
 
 - unet: diffusers' module names (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`). A kohya file may
   also use the original (sgm/CompVis) names, as sd-scripts writes every SDXL LoRA (it trains SDXL on its own copy of
@@ -26,19 +26,20 @@ from dataclasses import dataclass
 from torch import nn
 
 from ldm.errors import UserError
-from ldm.lora.load import KOHYA, TEXT, TEXT_2, UNET, LoraFile, LoraModule
+from ldm.lora.load import KOHYA, TEXT, TEXT_2, UNET, LoraFile
+from ldm.lora.lycoris import Adapter
 
 Table = dict[str, tuple[str, nn.Module]]  # name as a LoRA spells it -> (dotted name in the model, module)
 
 
 @dataclass(eq=False)
 class Target:
-    """A LoRA entry and the module it changes."""
+    """A LoRA entry (LoRA, LoHa or LoKr) and the module it changes."""
 
     part: str
     name: str  # the module's dotted name in its model
     module: nn.Module  # nn.Linear or nn.Conv2d
-    lora: LoraModule
+    lora: Adapter
 
 
 @dataclass
@@ -122,13 +123,11 @@ def map_modules(lora: LoraFile, unet: nn.Module, text: dict[str, nn.Module], fam
     return Mapping(targets, unmatched)
 
 
-def _check_shape(lora: LoraFile, entry: LoraModule, name: str, module: nn.Module, family: str) -> None:
-    weight = module.weight  # (out, in) or (out, in, kh, kw)
-    out, inn = entry.up.shape[0], int(entry.down[0].numel())
-    ok = entry.up.shape[1] == entry.rank and out == weight.shape[0] and inn == weight[0].numel()
-    if not ok:
+def _check_shape(lora: LoraFile, entry: Adapter, name: str, module: nn.Module, family: str) -> None:
+    weight_shape = tuple(module.weight.shape)  # (out, in) or (out, in, kh, kw)
+    problem = entry.problem(weight_shape)
+    if problem is not None:
         raise UserError(
-            f"LoRA '{lora.path}' does not fit this model: {entry.part} module '{name}' has weight "
-            f"{tuple(weight.shape)} but the LoRA's up @ down is ({out}, {inn}) (rank {entry.rank}); it was made "
-            f"for another base model (this one is {family})"
+            f"LoRA '{lora.path}' does not fit this model: {entry.part} module '{name}' has weight {weight_shape} but "
+            f"{problem}; it was made for another base model (this one is {family})"
         )
