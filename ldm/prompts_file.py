@@ -21,9 +21,9 @@ file, which the next run deletes, never a half PNG under a final name.
 
 Processes: under `accelerate launch -m ldm.generate --prompts-file F ...` the main process lists the images still
 missing, and the work units (one line's consecutive seeds, up to `--batch-size` images) are dealt round-robin by
-index, so no two processes write the same file. For several nodes, `--outdir` must be on a shared file system. Each
-process reports its outcome through `ldm.parallel.collective` (a failure on one is raised on all, none hangs), and
-the main process prints the summary.
+index (`share`), so no two processes write the same file. For several nodes, `--outdir` must be on a shared file
+system. Each process reports its outcome through `ldm.parallel.collective` (a failure on one is raised on all, none
+hangs), and the main process prints the summary.
 """
 
 from __future__ import annotations
@@ -158,14 +158,27 @@ def plan(lines: list[Line], outdir: Path, batch_size: int, model_name: str, lora
                 done += 1
             else:
                 missing.append(seed)
-        start = 0
-        while start < len(missing):  # runs of consecutive seeds, at most batch_size long
-            end = start + 1
-            while end < len(missing) and end - start < batch_size and missing[end] == missing[end - 1] + 1:
-                end += 1
-            units.append([index, missing[start], end - start])
-            start = end
+        units += [[index, first_seed, n] for first_seed, n in seed_runs(missing, batch_size)]
     return units, done
+
+
+def seed_runs(seeds: list[int], batch_size: int) -> list[tuple[int, int]]:
+    """Ascending `seeds` as runs (first seed, n) of consecutive seeds, each at most `batch_size` long: the work
+    units, one `Pipeline.generate` call each."""
+    runs, start = [], 0
+    while start < len(seeds):
+        end = start + 1
+        while end < len(seeds) and end - start < batch_size and seeds[end] == seeds[end - 1] + 1:
+            end += 1
+        runs.append((seeds[start], end - start))
+        start = end
+    return runs
+
+
+def share(units: list, rank: int, world: int) -> list:
+    """This process's units: dealt round-robin by index, so every unit goes to exactly one process (the same split
+    for `ldm-generate --prompts-file` and `ldm-eval --metrics`)."""
+    return units[rank::world]
 
 
 def remove_leftovers(outdir: Path) -> None:
@@ -217,7 +230,7 @@ def run_prompts_file(
 
     listed = run_on_all(accelerator, listing if accelerator.is_main_process else None, what="listing the work")
     units, done = listed[0]
-    mine = units[rank::world]
+    mine = share(units, rank, world)
     total = sum(n for _, _, n in units)
     if accelerator.is_main_process:
         log.info("prompts file: %d line(s), %d image(s) to generate, %d already there, on %d process(es)",

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README_PROMPT = "a large red circle in the center on a black background"
 MAX_BYTES = 30 * 2**20
 PINK_DIR = ROOT / "ldm/demo/pink"  # the pink demo's fine-tuned VAE and LoRA (docs/demo.md, "The pink demo")
+TOWER_DIR = ROOT / "ldm/demo/image-tower"  # the demo's image tower: ldm-eval --features demo (ldm/demo/image_tower.py)
 
 
 def test_bundled_model_is_complete_small_and_packaged():
@@ -30,8 +31,8 @@ def test_bundled_model_is_complete_small_and_packaged():
     assert sum(p.stat().st_size for p in files) <= MAX_BYTES
     inspect_model(str(MODEL_DIR))  # every component ldm-generate needs, safetensors only
     # a non-editable install ships exactly what pyproject's package-data globs match: they must match every file
-    # of the demo model and of the pink demo's outputs
-    files |= {p for p in PINK_DIR.rglob("*") if p.is_file()}
+    # of the demo model, of the pink demo's outputs and of the image tower
+    files |= {p for d in (PINK_DIR, TOWER_DIR) for p in d.rglob("*") if p.is_file()}
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ldm"]
     packaged = {p for pattern in patterns for p in (ROOT / "ldm").glob(pattern)}
     assert packaged == files

@@ -122,3 +122,30 @@ def test_script_writes_a_loadable_text_encoder(tmp_path):
     assert "Traceback" not in again.stderr
     bad = subprocess.run([*cmd[:2], f"output_dir={tmp_path / 'x'}", "batch_size=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "batch_size" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_an_image_tower_learns_against_a_frozen_saved_text_encoder_and_loads_back_with_it(tmp_path):
+    """text.init_from: the bundled text encoder, frozen; the image side saved alone and paired with it again."""
+    from ldm.demo import MODEL_DIR
+    from ldm.demo.image_tower import image_tower_state, load_demo_clip, save_image_tower
+    from ldm.errors import UserError
+    from transformers import CLIPTextModel
+
+    cfg = PretrainConfig()
+    cfg.text.init_from = str(MODEL_DIR / "text_encoder")
+    cfg.image.hidden_size, cfg.image.layers = 16, 1
+    clip = build_clip(cfg)
+    saved = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder").state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in clip.text_model.state_dict().items())
+    assert not any(p.requires_grad for p in clip.text_model.parameters())
+    assert all(p.requires_grad for p in clip.vision_model.parameters()) and clip.text_projection.weight.requires_grad
+    assert not any(k.startswith("text_model.") for k in image_tower_state(clip))
+    save_image_tower(clip, tmp_path / "tower")
+    again = load_demo_clip(tmp_path / "tower")
+    assert all(torch.equal(v, clip.state_dict()[k]) for k, v in again.state_dict().items())
+    (tmp_path / "tower" / "config.json").unlink()
+    with pytest.raises(UserError, match="has no config.json"):
+        load_demo_clip(tmp_path / "tower")
+    cfg.text.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="text.init_from"):
+        cfg.validate()

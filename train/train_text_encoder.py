@@ -5,9 +5,12 @@
 Each step renders a fresh batch of training-split pairs and trains a text tower and a small ViT image tower with a
 CLIP loss whose targets count every image a (possibly partial) caption truly describes (ldm/demo/text_tower.py).
 `output_dir/` is written in one atomic step when training ends: the text tower as a transformers `CLIPTextModel` with
-the offline CLIP tokenizer (what an LDM config's `text_encoder.path` takes), `config.yaml`, and `pretrain.json` with
-caption -> image retrieval accuracy on the held-out combinations, which neither tower has seen. A run takes minutes,
-so there are no checkpoints: an interrupted run leaves nothing behind and is simply started again.
+the offline CLIP tokenizer (what an LDM config's `text_encoder.path` takes), `image_tower/` (the image tower, both
+projections and the temperature: `ldm.demo.image_tower`), `config.yaml`, and `pretrain.json` with caption -> image
+retrieval accuracy on the held-out combinations, which neither tower has seen. With `text.init_from=DIR` the text
+tower is that saved encoder, frozen, and only the image side learns (configs/text/shapes-demo-image-tower.yaml).
+A run takes minutes, so there are no checkpoints: an interrupted run leaves nothing behind and is simply started
+again.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ldm.config import save_config
 from ldm.demo.shapes import heldout_combinations, train_combinations
 from ldm.errors import UserError, exit_on_user_error
 from ldm.files import atomic_directory
+from ldm.demo.image_tower import save_image_tower
 from ldm.demo.text_tower import (
     PretrainConfig,
     build_clip,
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(cfg.seed)
     clip = build_clip(cfg).to(device).train()
     tokenizer = offline_clip_tokenizer()
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in clip.parameters() if p.requires_grad]  # all but a frozen text tower (text.init_from)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     combos = train_combinations()
     heldout = heldout_combinations()
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             raise RuntimeError(f"non-finite contrastive loss at step {step}: lower lr (now {cfg.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         schedule.step()
         with torch.no_grad():
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = retrieval_accuracy(clip, eval_ids, eval_pixels, heldout)
     with atomic_directory(out) as tmp:
         text_encoder_from(clip).save_pretrained(tmp, safe_serialization=True)
+        save_image_tower(clip, tmp / "image_tower")
         tokenizer.save_pretrained(tmp)
         save_config(cfg, tmp / "config.yaml")
         summary = {"final_loss": loss.item(), "heldout_retrieval": metrics, "heldout_combinations": len(heldout)}

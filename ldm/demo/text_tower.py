@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from ldm.demo.shapes import (
     render,
     sample_caption_and_mentions,
 )
+from ldm.errors import UserError
 from ldm.pixels import pil_to_tensor
 from ldm.text.tiny import tiny_clip_text_config
 
@@ -38,6 +40,10 @@ class TextTowerConfig:
     hidden_size: int = 32  # also the U-Net's cross_attention_dim
     layers: int = 2
     heads: int = 2
+    # a saved CLIPTextModel directory (e.g. ldm/demo/shapes-32px/text_encoder): the text tower starts from it and
+    # stays frozen, and only the image tower and both projections learn: an image tower that shares an existing text
+    # encoder's space (ldm/demo/image_tower.py, the features of `ldm-eval --features demo`). "": trained from scratch
+    init_from: str = ""
 
 
 @dataclass
@@ -65,6 +71,8 @@ class PretrainConfig:
     output_dir: str = "runs/demo/text-encoder"
 
     def validate(self) -> None:
+        check(not self.text.init_from or Path(self.text.init_from).is_dir(), "text.init_from",
+              f"'{self.text.init_from}' is not a directory (a saved CLIPTextModel)")
         check(self.text.hidden_size % self.text.heads == 0, "text.hidden_size", "must be divisible by text.heads")
         check(self.image.hidden_size % self.image.heads == 0, "image.hidden_size", "must be divisible by image.heads")
         check(self.resolution >= MIN_IMAGE_SIZE, "resolution", f"must be >= {MIN_IMAGE_SIZE}")
@@ -92,7 +100,16 @@ def build_clip(cfg: PretrainConfig) -> CLIPModel:
         image_size=cfg.resolution,
         patch_size=cfg.image.patch_size,
     )
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+    if cfg.text.init_from:
+        saved = CLIPTextModel.from_pretrained(cfg.text.init_from)
+        if saved.config.hidden_size != text.hidden_size or saved.config.num_hidden_layers != text.num_hidden_layers:
+            raise UserError(f"text.init_from '{cfg.text.init_from}': a text tower of width {saved.config.hidden_size} "
+                            f"and {saved.config.num_hidden_layers} layers, but the config says {text.hidden_size} and "
+                            f"{text.num_hidden_layers}: set text.hidden_size and text.layers to match")
+        clip.text_model.load_state_dict(saved.state_dict())
+        clip.text_model.requires_grad_(False)
+    return clip
 
 
 def text_encoder_from(clip: CLIPModel) -> CLIPTextModel:

@@ -1,8 +1,11 @@
 """`ldm-eval`: how well does a shapes-domain model follow its prompts? Prints a markdown report, optionally JSON.
+With `--metrics`, sample quality instead: FID, KID, CLIP score, CMMD against reference images (`ldm.eval.quality`).
 
     ldm-eval --model runs/demo/model --json eval.json
     ldm-eval --model runs/demo/model --quick            # a smoke test in a minute, clearly labelled as such
     ldm-eval --lora runs/demo/lora-pink/lora/pink.safetensors --new-color pink   # with a LoRA; a new colour too
+    ldm-eval --metrics fid,kid,clip,cmmd --reference DIR --prompts FILE --inception FILE --clip-model DIR
+    ldm-eval --metrics fid,kid,clip,cmmd --reference DIR --prompts FILE --features demo   # shapes demo, offline
 
 Sections: the attribute reader on rendered ground truth (is the judge right?), the model's VAE reconstructions (the
 ceiling for generation), prompt adherence on held-out and training combinations at the guidance scale and at the
@@ -55,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "also knows, with its own prompt section; repeatable")
     p.add_argument("--quick", action="store_true",
                    help="a few prompts per test, 1 seed, fewer steps: a smoke test, labelled as one")
+    q = p.add_argument_group("sample quality (--metrics; docs/evaluation.md)")
+    q.add_argument("--metrics", default=None, metavar="LIST",
+                   help="comma-separated: fid, kid, clip, cmmd. Generates from --prompts, compares with --reference")
+    q.add_argument("--reference", default=None, metavar="DIR", help="the real images (any size; searched recursively)")
+    q.add_argument("--prompts", default=None, metavar="FILE",
+                   help="what to generate: an ldm-generate --prompts-file (one prompt or JSON line each)")
+    q.add_argument("--num-per-prompt", type=int, default=1, metavar="K", help="images per line, seeds s..s+K-1")
+    q.add_argument("--seed", type=int, default=None,
+                   help="the first seed of every line (default: the line's own, else one derived from its text)")
+    q.add_argument("--features", choices=("standard", "demo"), default="standard",
+                   help="standard: Inception (FID, KID) and --clip-model (CLIP score, CMMD); demo: the shapes demo's "
+                        "image tower for all four, offline (not comparable with published numbers)")
+    q.add_argument("--inception", default=None, metavar="FILE",
+                   help="the FID Inception weights, pt_inception-2015-12-05-6726825d.pth (for fid, kid)")
+    q.add_argument("--clip-model", default=None, metavar="DIR",
+                   help="a local transformers CLIPModel directory (for clip, cmmd; CMMD's: clip-vit-large-patch14-336)")
+    q.add_argument("--kid-subsets", type=int, default=100, help="KID's random subsets (default 100)")
+    q.add_argument("--kid-subset-size", type=int, default=None,
+                   help="images per KID subset (default min(1000, images in each set))")
+    q.add_argument("--batch-size", type=int, default=16, help="images per generation and feature batch (default 16)")
     return p
 
 
@@ -218,14 +241,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     from ldm.eval.report import format_report, write_json
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    _check_quality_options(args)
     restore_logging = _setup_logging()
     try:
-        report = evaluate(args)
+        if args.metrics is not None:
+            from ldm.eval.quality import run_quality
+
+            report = run_quality(args)
+        else:
+            report = evaluate(args)
     finally:
         restore_logging()
-    print(format_report(report), flush=True)
+    if report is None:  # not the main process of a multi-process quality run: it prints nothing
+        return
+    if args.metrics is not None:
+        from ldm.eval.report import format_quality_report
+
+        print(format_quality_report(report), flush=True)
+    else:
+        print(format_report(report), flush=True)
     if args.json is not None:
         write_json(report, args.json)
+
+
+QUALITY_ONLY = ("reference", "prompts", "seed", "inception", "clip_model", "kid_subset_size")
+
+
+def _check_quality_options(args: argparse.Namespace) -> None:
+    """Options of one report refused with the other (never silently ignored); --json's directory checked first."""
+    if args.metrics is None:
+        given = [name for name in QUALITY_ONLY if getattr(args, name) is not None]
+        if given or args.features != "standard" or args.num_per_prompt != 1:
+            name = given[0] if given else ("features" if args.features != "standard" else "num_per_prompt")
+            raise UserError(f"--{name.replace('_', '-')} belongs to the sample-quality report: add --metrics LIST "
+                            "(fid,kid,clip,cmmd), or drop it")
+    elif args.json is not None and not Path(args.json).absolute().parent.is_dir():
+        raise UserError(f"--json '{args.json}': directory '{Path(args.json).absolute().parent}' does not exist")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`ldm-eval`'s output: a markdown report (ready to paste into a README) and the full numbers as JSON."""
+"""`ldm-eval`'s output: a markdown report (ready to paste into a README) and the full numbers as JSON. Two reports:
+prompt adherence (`format_report`) and, with `--metrics`, sample quality (`format_quality_report`)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,44 @@ def format_report(r: dict[str, Any]) -> str:
     times = ", ".join(f"{k} {r[k]['seconds']:.1f}s" for k in ("reader", "vae", "adherence", "new_colors", "negative",
                                                                "img2img", "inpaint") if k in r)
     out += ["", f"Wall time: {times}; total {r['total_seconds']:.1f}s."]
+    return "\n".join(out)
+
+
+def format_quality_report(r: dict[str, Any]) -> str:
+    """`ldm-eval --metrics`' report as markdown: what was generated and compared, one row per number, the warnings."""
+    g, n = r["generated"], r["numbers"]
+    k = g["num_per_prompt"]
+    seeds = (f"seeds {g['seed']}..{g['seed'] + k - 1}" if g["seed"] is not None
+             else "seeds from each line, or its text")
+    intro = (f"Model `{r['model']}` on {r['device']} ({r['dtype']}, {r['processes']} process(es)): {g['images']} "
+             f"images from {g['lines']} prompt line(s) of `{g['prompts_file']}` ({k} per line, "
+             f"{seeds}; {g['steps']} steps, cfg {float(g['cfg'])}, sampler {g['sampler']}, {g['size'][0]}x"
+             f"{g['size'][1]} px) against {r['reference']['images']} reference images in `{r['reference']['dir']}`.")
+    rows = []
+    if "fid" in n:
+        rows.append(["FID (lower is better)", f"{n['fid']:.3f}"])
+    if "kid" in n:
+        kid = n["kid"]
+        rows.append([f"KID x 1000 (lower; {kid['subsets']} subsets of {kid['subset_size']}, seed {kid['seed']})",
+                     f"{1000 * kid['mean']:.3f} ± {1000 * kid['std']:.3f}"])
+    if "clip_score" in n:
+        rows.append(["CLIP score (100 x cosine, higher is better)", f"{n['clip_score']:.2f}"])
+    if "cmmd" in n:
+        rows.append(["CMMD (lower; sigma 10, x 1000, the paper's estimator)", f"{n['cmmd']:.4f}"])
+        rows.append(["CMMD, unbiased (U-statistic; for small sets)", f"{n['cmmd_unbiased']:.4f}"])
+    out = ["## Sample quality", "", intro, ""] + _table(["metric", "value"], rows)
+    used = [f"{what}: {name}" for what, name in (("FID and KID", r["extractors"]["fid_kid"]),
+                                                  ("CLIP score and CMMD", r["extractors"]["clip_cmmd"])) if name]
+    out += ["", f"Features ({'; '.join(used)}): numbers compare only with numbers on the same features, reference "
+                "set and number of images."]
+    if r["features"] == "demo":
+        out += ["", "`--features demo`: the shapes demo's own image tower. These numbers compare shapes-demo runs "
+                    "with each other only: they are not FID, KID, CLIP score or CMMD as published (Inception v3, "
+                    "CLIP ViT-L/14)."]
+    out += [""] + [f"Warning: {w}." for w in r["warnings"]] + ([""] if r["warnings"] else [])
+    s = r["seconds"]
+    out += [f"Wall time: reference features {s['reference']:.1f}s, generation and features {s['generation']:.1f}s, "
+            f"metrics {s['metrics']:.1f}s."]
     return "\n".join(out)
 
 

@@ -116,6 +116,21 @@ def gather_json(accelerator: Accelerator, value: Any) -> list[Any]:
     return [json.loads(r[:n].numpy().tobytes()) for r, n in zip(rows, lengths.tolist())]
 
 
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor) -> torch.Tensor:
+    """Every process's rows (n_p, D), a different n_p on each, concatenated by rank on every process (a collective).
+    Two gathers: the counts, then the rows padded to the longest; float rows travel as they are, without pickling."""
+    if accelerator.num_processes == 1:
+        return rows
+    counts = accelerator.gather(torch.tensor([len(rows)], device=accelerator.device)).cpu()  # (processes,)
+    longest = int(counts.max())
+    if longest == 0:
+        return rows
+    padded = torch.zeros(longest, *rows.shape[1:], dtype=rows.dtype)
+    padded[: len(rows)] = rows
+    gathered = accelerator.gather(padded.to(accelerator.device)).cpu()  # (processes * longest, D)
+    return torch.cat([gathered[p * longest: p * longest + int(n)] for p, n in enumerate(counts.tolist())])
+
+
 def all_processes(accelerator: Accelerator, flag: bool) -> bool:
     """True when `flag` is true on every process (a collective: every process must call it)."""
     votes = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
