@@ -117,9 +117,10 @@ def _line_request(raw: str, cli: dict[str, Any], model: ModelFacts, lora_dir, em
     if request.seed == -1:  # no seed given: never random, so the same file gives the same images
         request = replace(request, seed=default_seed(line["prompt"]))
     check_lora_inputs([], request.prompt, lora_dir)  # <lora:NAME:W> tags name files in --lora-dir
+    resolved = request.resolve(model)
     check_references(embeddings, [request.prompt, request.negative_prompt], model.arch,  # embedding:NAME
                      getattr(model, "unet_config", {}).get("cross_attention_dim"))
-    return request.resolve(model)
+    return resolved
 
 
 def _typed(key: str, value: Any) -> Any:

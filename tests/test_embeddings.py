@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import run
+
 from ldm.errors import UserError
 from ldm.generate import main
 from ldm.models.spec import inspect_model
@@ -33,6 +34,7 @@ from ldm.text.embedding_files import EmbeddingLibrary, embedding_hash, read_embe
 from ldm.text.embeddings import EmbeddingDatabase, references, token_vectors
 from ldm.text.prompt_encoding import apply_weights, chunk_input_ids, chunk_tokens, encode_chunks, encode_prompt
 from ldm.text.prompt_syntax import parse_prompt
+from ldm.text.tiny import tiny_clip_text_encoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -124,24 +126,29 @@ def test_sdxl_images_equal_diffusers_two_load_textual_inversion_calls(tiny_sdxl_
     assert np.abs(ours.decoded - theirs).max() == 0
 
 
-def test_the_hook_puts_in_what_a_new_embedding_row_would(sd_db):
-    """The hook equals diffusers' way (a token's row of the embedding matrix set to the vector) on our encoder."""
-    encoder, glowfx = sd_db.encoder, sd_db.loaded["glowfx"]
-    z = encode_prompt(encoder, "a glowfx cat", embeddings=sd_db).context
+@pytest.mark.parametrize("kind", ["clip", "open_clip"])
+def test_the_hook_puts_in_what_a_new_embedding_row_would(kind, emb_dir):
+    """The hook equals diffusers' way (a token's row of the embedding matrix set to the vector), for both kinds of
+    text tower (a transformers CLIP, an open_clip one: SD 2.x models trained here)."""
+    if kind == "clip":
+        encoder = tiny_clip_text_encoder()
+        layer = encoder.model.get_input_embeddings()
+    else:
+        from ldm.text.openclip import OpenCLIPTextEncoder
+        from ldm.text.tiny import tiny_open_clip_model
+
+        encoder = OpenCLIPTextEncoder(tiny_open_clip_model())
+        layer = encoder.token_embedding
+    db = EmbeddingDatabase(EmbeddingLibrary.read(emb_dir), encoder)
+    glow = db.loaded["glowfx"]
+    z = encode_prompt(encoder, "a glowfx cat", embeddings=db).context
     (zebra,) = encoder.token_ids(["zebra"])[0]
-    table = encoder.model.get_input_embeddings().weight
-    saved = table[zebra].clone()
     with torch.no_grad():
-        table[zebra] = glowfx.vectors[""][0]
-    try:
-        expected = encoder.encode(["a zebra cat"])
-    finally:
-        with torch.no_grad():
-            table[zebra] = saved
-    assert torch.equal(z, expected)
-    assert not encoder.model.get_input_embeddings()._forward_hooks  # nothing left on the model
-    with token_vectors(encoder, [(2, glowfx.vectors[""])]):
-        assert len(encoder.model.get_input_embeddings()._forward_hooks) == 1
+        layer.weight[zebra] = glow.vectors[""][0]
+    assert torch.equal(z, encoder.encode(["a zebra cat"]))
+    assert not layer._forward_hooks  # nothing left on the model
+    with token_vectors(encoder, [(2, glow.vectors[""])]):
+        assert len(layer._forward_hooks) == 1
 
 
 # ------------------------------------------------------------------------------------------------- chunking

@@ -195,16 +195,16 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
     known = ", ".join(sampler_label(n) for n in SAMPLERS)
     request = GenerationRequest.layered(from_a1111(payload, clip_skip=clip_skip, known_samplers=known))
     check_lora_inputs([], request.prompt, lora_dir)
-    if embeddings is not None:
-        embeddings.refresh()
-    check_references(embeddings, [request.prompt, request.negative_prompt], spec.arch,  # embedding:NAME
-                     getattr(spec, "unet_config", {}).get("cross_attention_dim"))
     check_refiner_pair(spec, None)
     if request.refiner:  # A1111's refiner_checkpoint: a listed model, recorded as the model is (its spec's name)
         refiner = (models or {})[_listed(request.refiner, models or {})]
         check_refiner_pair(spec, refiner)
         request = replace(request, refiner=refiner.name)
     r = request.resolve(spec)
+    if embeddings is not None:
+        embeddings.refresh()
+    check_references(embeddings, [r.prompt, r.negative_prompt], spec.arch,  # embedding:NAME
+                     getattr(spec, "unet_config", {}).get("cross_attention_dim"))
     if r.steps > limits.max_steps:
         raise UserError(f"steps {r.steps} is over this server's limit of {limits.max_steps} (ldm-serve --max-steps)")
     if r.width * r.height > limits.max_pixels:

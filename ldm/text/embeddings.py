@@ -90,10 +90,10 @@ def check_embedding_inputs(directory: str | Path | None, files: Sequence[str | P
 
 def check_references(library: EmbeddingLibrary | None, prompts: Sequence[str], arch: str,
                      cross_attention_dim: int | None) -> None:
-    """Each `embedding:NAME` in `prompts` names an embedding in `library` that fits the model (when
-    `cross_attention_dim` is known)."""
-    for prompt in prompts:
-        for raw in references(prompt):
+    """Each `embedding:NAME` in `prompts` (the prompt, then the negative prompt) names an embedding in `library` that
+    fits the model (when `cross_attention_dim` is known)."""
+    for prompt, what in zip(prompts, ("prompt", "negative prompt")):
+        for raw in references(prompt, what):
             found, _ = resolve_reference(library, raw)
             if cross_attention_dim is not None and not fits_model(found, arch, cross_attention_dim):
                 raise _misfit(found, f"this model takes {model_needs(arch, cross_attention_dim)}", raw)
@@ -143,11 +143,12 @@ def split_references(text: str) -> list[str | tuple[str, str]]:
     return [*pieces, text[start:]]
 
 
-def references(prompt: str) -> list[str]:
-    """The names of a prompt's `embedding:NAME` references (parsed as the encoder parses the prompt)."""
+def references(prompt: str, what: str = "prompt") -> list[str]:
+    """The names of a prompt's `embedding:NAME` references (parsed as the encoder parses the prompt; a syntax error
+    is a `UserError` starting with `what`)."""
     from ldm.text.prompt_syntax import parse_prompt
 
-    parsed = parse_prompt(escape_references(prompt))
+    parsed = parse_prompt(escape_references(prompt), what)
     return [p[1] for group in parsed.chunks for f in group for p in split_references(f.text) if isinstance(p, tuple)]
 
 

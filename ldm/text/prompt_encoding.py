@@ -5,12 +5,18 @@ chunking, emphasis weights, clip skip.
 
 How a prompt becomes a context, as A1111 does it (modules/sd_hijack_clip.py, sd_emphasis.py "Original"):
 1. `parse_prompt` (ldm/text/prompt_syntax.py) splits it into (text, weight) fragments and BREAK-separated groups.
-2. Each fragment is tokenized on its own (no start/end tokens); every token carries its fragment's weight.
+2. Each fragment is tokenized on its own (no start/end tokens); every token carries its fragment's weight. Where a
+   textual-inversion embedding's name (or ComfyUI's `embedding:NAME`) stands, its n vectors take n positions
+   instead, with the fragment's weight (ldm/text/embeddings.py).
 3. The tokens are cut into chunks of 75 (context 77 - start - end). When a chunk is full and the next token is not a
    comma, the tokens after the chunk's last comma move to the next chunk, if that comma is within the last 20 tokens
-   (A1111's "comma_padding_backtrack" default): phrases are not split across chunks. BREAK ends a chunk early.
+   (A1111's "comma_padding_backtrack" default): phrases are not split across chunks. BREAK ends a chunk early. An
+   embedding that does not fit in what is left of a chunk starts the next one, as in A1111 (no comma backtracking
+   then); one the comma backtracking moves goes with its positions (A1111 leaves its vectors in the padding of the
+   chunk it left, a bug we do not copy).
 4. Each chunk is encoded on its own as `<start> + tokens + <end> + padding` = 77 ids, exactly as a short prompt is
-   tokenized (`FrozenTextEncoder.tokenize`), at the hidden state chosen by clip skip.
+   tokenized (`FrozenTextEncoder.tokenize`), at the hidden state chosen by clip skip; embeddings' vectors replace
+   the token-embedding layer's output at their positions (`ldm.text.embeddings.token_vectors`).
 5. Weights: the chunk's hidden states z (77, D) are multiplied per token by its weight (start, end and padding keep
    weight 1), then the whole chunk is rescaled so that its mean over all 77 x D values equals the mean before
    weighting: z_w = z * w[:, None] * (mean(z) / mean(z * w[:, None])). A chunk whose weights are all 1 is left as it
@@ -167,27 +173,16 @@ def _fragment_items(encoder: TextEncoder, group: tuple[Fragment, ...],
                     embeddings: EmbeddingDatabase | None) -> list[list[int | Embedding]]:
     """Each fragment's token ids, with the embedding each `embedding:NAME` in it names in place of its text (the
     text around it is tokenized on its own, as ComfyUI does: CLIP's tokenizer splits at whitespace anyway)."""
-    pieces = [split_references(f.text) for f in group]
-    texts: list[str] = []
-    for fragment in pieces:
-        for i, piece in enumerate(fragment):
-            if isinstance(piece, tuple):  # ('embedding:NAME', NAME) -> (embedding, text left over)
-                found, leftover = embeddings.reference(piece[1]) if embeddings is not None else \
-                    resolve_reference(None, piece[1])
-                fragment[i] = (found, leftover)
-                texts.append(leftover)
-            else:
-                texts.append(piece)
-    ids = iter(encoder.token_ids(texts) if texts else [])
-    out = []
-    for fragment in pieces:
-        items: list[int | Embedding] = []
-        for piece in fragment:
-            if isinstance(piece, tuple):
-                items.append(piece[0])
-            items += next(ids)
-        out.append(items)
-    return out
+    pieces: list[list[tuple[Embedding | None, str]]] = []  # per fragment: (embedding or None, text after it)
+    for fragment in group:
+        first, *rest = split_references(fragment.text)
+        pieces.append([(None, first)])
+        for ref, text in zip(rest[::2], rest[1::2]):  # ('embedding:NAME', NAME), then the text up to the next one
+            found, leftover = embeddings.reference(ref[1]) if embeddings is not None else \
+                resolve_reference(None, ref[1])
+            pieces[-1].append((found, leftover + text))
+    ids = iter(encoder.token_ids([text for fragment in pieces for _, text in fragment]))
+    return [[item for found, _ in fragment for item in ([found] if found else []) + next(ids)] for fragment in pieces]
 
 
 def chunk_input_ids(encoder: FrozenTextEncoder, chunk: TokenChunk) -> torch.LongTensor:
