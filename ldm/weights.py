@@ -237,6 +237,7 @@ def read_weights_only_pickle(path: Path) -> object:
         raise UserError(f"'{path}' is not a readable PyTorch file ({reason.group(1) if reason else 'not a pickle'})"
                         ) from None
     except (EOFError, RuntimeError, ValueError) as e:  # empty, truncated, or a zip without a pickle inside
-        raise UserError(f"'{path}' is not a readable PyTorch file ({_first_line(e) or 'empty or truncated'})") from None
+        reason = _first_line(e) if str(e) else "empty or truncated"
+        raise UserError(f"'{path}' is not a readable PyTorch file ({reason})") from None
     except OSError as e:
         raise UserError(f"cannot read '{path}': {e.strerror or e}") from None

@@ -54,7 +54,8 @@ def emb_dir(tmp_path_factory) -> Path:
     (root / "styles").mkdir()
     # A1111's .pt: 3 vectors; diffusers' .bin: one 1-D vector under its token; kohya's .safetensors: 2 vectors
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _vectors(3, seed=1)}, "name": "inkstyle",
-                "step": 500, "sd_checkpoint": "abcdef12", "sd_checkpoint_name": "sd15"}, root / "styles" / "inkstyle.pt")
+                "step": 500, "sd_checkpoint": "abcdef12", "sd_checkpoint_name": "sd15"},
+               root / "styles" / "inkstyle.pt")
     torch.save({"<glow>": _vectors(1, seed=2)[0]}, root / "glowfx.bin")
     save_file({"emb_params": _vectors(2, seed=3)}, root / "washtone.safetensors")
     save_file({"clip_l": _vectors(2, seed=4), "clip_g": _vectors(2, seed=5)}, root / "xlstyle.safetensors")
@@ -85,6 +86,7 @@ def _fixes(chunks) -> list[list[tuple[int, str]]]:
 # ------------------------------------------------------------------------------------------- equal to diffusers
 
 
+@pytest.mark.slow
 def test_sd_images_equal_diffusers_load_textual_inversion(sd_pipe, tiny_model, emb_dir):
     from diffusers import StableDiffusionPipeline
 
@@ -103,7 +105,8 @@ def test_sd_images_equal_diffusers_load_textual_inversion(sd_pipe, tiny_model, e
     assert np.abs(ours.decoded - plain.decoded).max() > 1e-3  # the vectors do condition the image
     hashes = ours.params[0].ti_hashes
     assert hashes == (f"inkstyle: {embedding_hash(emb_dir / 'styles' / 'inkstyle.pt')}, "
-                      f"washtone: {embedding_hash(emb_dir / 'washtone.safetensors')}, glowfx: {embedding_hash(emb_dir / 'glowfx.bin')}")
+                      f"washtone: {embedding_hash(emb_dir / 'washtone.safetensors')}, "
+                      f"glowfx: {embedding_hash(emb_dir / 'glowfx.bin')}")
 
 
 @pytest.mark.slow
@@ -111,7 +114,8 @@ def test_sdxl_images_equal_diffusers_two_load_textual_inversion_calls(tiny_sdxl_
     from diffusers import StableDiffusionXLPipeline
 
     pipe = Pipeline.open(inspect_model(tiny_sdxl_model), "cpu", "fp32", embeddings_dir=emb_dir)
-    assert set(pipe.embeddings.loaded) == {"xlstyle"} and set(pipe.embeddings.skipped) == {"inkstyle", "glowfx", "washtone"}
+    assert set(pipe.embeddings.loaded) == {"xlstyle"}
+    assert set(pipe.embeddings.skipped) == {"inkstyle", "glowfx", "washtone"}
     ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = make_scheduler("euler_a", pipe.scheduler_config)
@@ -176,8 +180,8 @@ def test_emphasis_weights_an_embeddings_positions_as_a_words(sd_db):
     weights = torch.ones(77)
     weights[1:6] = torch.tensor(chunk.weights)
     expected = apply_weights(plain, weights[None])
-    assert torch.equal(encode_prompt(sd_db.encoder, "a (inkstyle:1.5) cat", embeddings=sd_db).context, expected)
-    assert torch.equal(encode_prompt(sd_db.encoder, "a (embedding:inkstyle:1.5) cat", embeddings=sd_db).context, expected)
+    for prompt in ("a (inkstyle:1.5) cat", "a (embedding:inkstyle:1.5) cat"):
+        assert torch.equal(encode_prompt(sd_db.encoder, prompt, embeddings=sd_db).context, expected)
 
 
 # ------------------------------------------------------------------------------------------------------- names
@@ -190,6 +194,12 @@ def test_names_match_as_a1111_matches_them(sd_db, tmp_path, caplog):
     assert _fixes(_chunks(db, "INK Wash and Ink")) == [[(0, "ink wash"), (2, "ink")]]  # longest first, any case
     for words in ("inky cats", "a cat, pink inks"):  # no embedding's tokens: left alone
         assert _chunks(db, words)[0].ids == db.encoder.token_ids([words])[0]
+    # of two files with one name, the one that fits the model is used, as A1111 ends up doing
+    for folder, vectors in (("a", {"clip_l": _vectors(1), "clip_g": _vectors(1)}), ("b", {"emb_params": _vectors(1)})):
+        (tmp_path / folder).mkdir()
+        save_file(vectors, tmp_path / folder / "twin.safetensors")
+    db = EmbeddingDatabase(EmbeddingLibrary.read(tmp_path), sd_db.encoder)
+    assert db.loaded["twin"].path == tmp_path / "b" / "twin.safetensors" and "twin" not in db.skipped
     # an embedding of another family in the folder is read as words, with one warning (A1111 skips it)
     caplog.set_level(logging.WARNING)
     assert _fixes(_chunks(sd_db, "xlstyle")) == [[]]
@@ -217,7 +227,8 @@ def test_comfyui_embedding_references(sd_db):
 
 def test_formats_and_their_metadata(emb_dir):
     inkstyle = read_embedding(emb_dir / "styles" / "inkstyle.pt")
-    assert (inkstyle.name, inkstyle.num_vectors, inkstyle.shape, inkstyle.step, inkstyle.sd_checkpoint) == ("inkstyle", 3, 32, 500, "abcdef12")
+    assert (inkstyle.name, inkstyle.num_vectors, inkstyle.shape) == ("inkstyle", 3, 32)
+    assert (inkstyle.step, inkstyle.sd_checkpoint, inkstyle.sd_checkpoint_name) == (500, "abcdef12", "sd15")
     assert read_embedding(emb_dir / "glowfx.bin").vectors[""].shape == (1, 32)  # a 1-D vector is one vector
     xl = read_embedding(emb_dir / "xlstyle.safetensors")
     assert (xl.num_vectors, xl.shape, set(xl.vectors)) == (2, 64, {"clip_l", "clip_g"})
@@ -274,7 +285,8 @@ def test_the_folder_is_read_again_when_it_changes(sd_db, emb_dir, tmp_path, capl
 
 
 def test_ti_hashes_round_trip_in_the_parameters_text():
-    p = GenerationRequest(prompt="inkstyle", seed=1, width=32, height=32, ti_hashes="inkstyle: 0123456789ab, glowfx: ba9876543210")
+    p = GenerationRequest(prompt="inkstyle", seed=1, width=32, height=32,
+                          ti_hashes="inkstyle: 0123456789ab, glowfx: ba9876543210")
     text = format_parameters(p)
     assert 'TI hashes: "inkstyle: 0123456789ab, glowfx: ba9876543210"' in text
     assert parse_parameters(text)["ti_hashes"] == "inkstyle: 0123456789ab, glowfx: ba9876543210"
@@ -287,7 +299,8 @@ def test_cli_records_ti_hashes_and_replays_them_from_the_png(tiny_model, emb_dir
     code, lines, err = generate(argv, capsys)
     assert code == 0, err
     text = Image.open(lines[0]).info["parameters"]
-    inkstyle, washtone = embedding_hash(emb_dir / "styles" / "inkstyle.pt"), embedding_hash(emb_dir / "washtone.safetensors")
+    inkstyle = embedding_hash(emb_dir / "styles" / "inkstyle.pt")
+    washtone = embedding_hash(emb_dir / "washtone.safetensors")
     assert f'TI hashes: "inkstyle: {inkstyle}, washtone: {washtone}"' in text
     code, replay, err = generate(["--from-png", lines[0], "--embeddings-dir", str(emb_dir), "--outdir",
                                   str(tmp_path / "b"), "-q"], capsys)
@@ -301,8 +314,9 @@ def test_cli_records_ti_hashes_and_replays_them_from_the_png(tiny_model, emb_dir
     (changed / "washtone.safetensors").write_bytes((emb_dir / "washtone.safetensors").read_bytes())
     code, _, err = generate(["--from-png", lines[0], "--embeddings-dir", str(changed), "--outdir",
                              str(tmp_path / "c"), "-q"], capsys)
-    expected = (f"warning: embedding 'inkstyle': {changed / 'inkstyle.pt'} has hash {embedding_hash(changed / 'inkstyle.pt')}, but "
-                f"the image was made with {inkstyle}; the result may differ")
+    expected = (f"warning: embedding 'inkstyle': {changed / 'inkstyle.pt'} has hash "
+                f"{embedding_hash(changed / 'inkstyle.pt')}, but the image was made with {inkstyle}; the result may "
+                "differ")
     assert code == 0 and expected in err and err.count("\n") == 1, err
 
 
@@ -337,8 +351,8 @@ def test_bad_embedding_input_is_one_line_exit_2_and_no_file(case, tiny_model, em
 
 
 def test_an_sd_file_given_to_sdxl_is_refused_before_loading(tiny_sdxl_model, emb_dir, tmp_path, capsys):
-    code, lines, err = generate(["inkstyle", "--model", str(tiny_sdxl_model), "--embedding", str(emb_dir / "glowfx.bin"),
-                                 "--outdir", str(tmp_path), *FAST], capsys)
+    code, lines, err = generate(["inkstyle", "--model", str(tiny_sdxl_model), "--embedding",
+                                 str(emb_dir / "glowfx.bin"), "--outdir", str(tmp_path), *FAST], capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "glowfx.bin' is a 32-wide embedding, but this model takes clip_l + clip_g vectors (64 wide together" in err
 
@@ -354,6 +368,18 @@ def test_prompt_lists_check_every_line_against_the_typed_embeddings(tiny_model, 
     path.write_text(path.read_text().splitlines()[0] + "\n" + path.read_text().splitlines()[1] + "\n")
     lines = read_prompts_file(path, {}, spec, embeddings=EmbeddingLibrary.read(emb_dir))
     assert [line.request.negative_prompt for line in lines] == ["", "embedding:washtone"]
+
+
+def test_prompt_lists_use_the_typed_embeddings_in_every_line(tiny_model, emb_dir, tmp_path, capsys):
+    path = tmp_path / "prompts.txt"
+    path.write_text('a cat, inkstyle\n{"prompt": "embedding:glowfx on a hill", "negative": "embedding:washtone"}\n')
+    code, lines, err = generate(["--prompts-file", str(path), "--model", str(tiny_model), "--embeddings-dir",
+                                 str(emb_dir), "--outdir", str(tmp_path / "out"), *FAST], capsys)
+    assert code == 0 and len(lines) == 2, err
+    hashes = [parse_parameters(Image.open(line).info["parameters"])["ti_hashes"] for line in lines]
+    assert hashes == [f"inkstyle: {embedding_hash(emb_dir / 'styles' / 'inkstyle.pt')}",
+                      f"glowfx: {embedding_hash(emb_dir / 'glowfx.bin')}, "
+                      f"washtone: {embedding_hash(emb_dir / 'washtone.safetensors')}"]
 
 
 # ----------------------------------------------------------------------------------------------------- server

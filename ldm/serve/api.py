@@ -223,11 +223,11 @@ def _embeddings(library: EmbeddingLibrary | None, spec: ModelSpec) -> dict:
     if library is None:
         return out
     library.refresh()
-    for name, e in sorted(library.by_name().items(), key=lambda item: item[0].lower()):
-        fits = fits_model(e, spec.arch, spec.unet_config.get("cross_attention_dim"))
-        out["loaded" if fits else "skipped"][name] = {
-            "step": e.step, "sd_checkpoint": e.sd_checkpoint, "sd_checkpoint_name": e.sd_checkpoint_name,
-            "shape": e.shape, "vectors": e.num_vectors}
+    cross_attention_dim = spec.unet_config.get("cross_attention_dim")
+    for kind, named in zip(out, library.split(lambda e: fits_model(e, spec.arch, cross_attention_dim))):
+        for name, e in sorted(named.items(), key=lambda item: item[0].lower()):
+            out[kind][name] = {"step": e.step, "sd_checkpoint": e.sd_checkpoint,
+                               "sd_checkpoint_name": e.sd_checkpoint_name, "shape": e.shape, "vectors": e.num_vectors}
     return out
 
 

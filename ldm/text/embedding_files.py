@@ -1,7 +1,8 @@
 """Textual-inversion embedding files: reading and checking them, the files a run may use, and their hashes.
 
     library = EmbeddingLibrary.read("embeddings/", ["extra/ink.safetensors"])   # --embeddings-dir, --embedding
-    library.by_name()["ink"].vectors   # {"": (n, 768)} for SD 1.x; {"clip_l": (n, 768), "clip_g": (n, 1280)} SDXL
+    loaded, skipped = library.split(fits)   # name -> Embedding, for a model (ldm/text/embeddings.py says what fits)
+    loaded["ink"].vectors   # {"": (n, 768)} for SD 1.x; {"clip_l": (n, 768), "clip_g": (n, 1280)} SDXL
 
 The formats (A1111 modules/textual_inversion/textual_inversion.py `load_from_file`; diffusers
 loaders/textual_inversion.py), vectors (n, D), or (D,) for one:
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,17 +232,21 @@ class EmbeddingLibrary:
         self._load()
         return True
 
-    def by_name(self) -> dict[str, Embedding]:
-        """A1111's name -> embedding. One file per name: a FILE given by itself before the directory's, else the
-        first by path (A1111 keeps whichever it read last); the others are named in one warning."""
-        out: dict[str, Embedding] = {}
+    def split(self, fits: Callable[[Embedding], bool]) -> tuple[dict[str, Embedding], dict[str, Embedding]]:
+        """(loaded, skipped) as A1111 lists them for a model: name -> the embedding that `fits` it, and name -> one
+        that does not, for the names no file fits. One file per name: a FILE given by itself before the directory's,
+        else the first by path (A1111 keeps whichever it read last); the others are named in one warning."""
+        loaded: dict[str, Embedding] = {}
+        skipped: dict[str, Embedding] = {}
         for e in self.embeddings:
-            if e.name in out:
+            if not fits(e):
+                skipped.setdefault(e.name, e)
+            elif e.name in loaded:
                 say_once(logging.WARNING, "two embeddings are named '%s': using %s, not %s", e.name,
-                          out[e.name].path, e.path)
+                         loaded[e.name].path, e.path)
             else:
-                out[e.name] = e
-        return out
+                loaded[e.name] = e
+        return loaded, {n: e for n, e in skipped.items() if n not in loaded}
 
     def reference(self, name: str) -> Embedding | None:
         """ComfyUI's `embedding:NAME`: the file NAME names (its stem, its file name, or either with the folders
@@ -251,7 +256,7 @@ class EmbeddingLibrary:
             parts = e.relative.split("/")
             for i in range(len(parts)):
                 tail = "/".join(parts[i:])
-                if name in (tail, tail[: -len(Path(tail).suffix)]):
+                if name in (tail, tail.rpartition(".")[0]):  # every file here has a suffix (SUFFIXES)
                     return e
         return None
 

@@ -37,6 +37,7 @@ import torch
 from ldm.errors import UserError
 from ldm.lora.prompt_tags import format_lora_hashes, parse_lora_hashes
 from ldm.text.embedding_files import SDXL_KEYS, Embedding, EmbeddingLibrary, say_once, widths_text
+from ldm.text.prompt_syntax import parse_prompt
 from ldm.text.sdxl import SDXLTextEncoder
 
 PLACEHOLDER_ID = 0  # the id under an embedding's positions, as A1111's; the hook replaces its vector
@@ -67,6 +68,7 @@ def fits_model(embedding: Embedding, arch: str, cross_attention_dim: int) -> boo
 
 
 def model_needs(arch: str, cross_attention_dim: int) -> str:
+    """What a model takes, in words, from its spec: '768-wide vectors (SD 1.x)'."""
     if arch == "sd":
         return widths_text({"": cross_attention_dim})
     if arch == "sdxl":
@@ -132,9 +134,8 @@ def escape_references(prompt: str) -> str:
 
 
 def split_references(text: str) -> list[str | tuple[str, str]]:
-    """A fragment of parsed prompt text -> its pieces: text, and ('embedding:NAME', NAME) for each reference.
-    Trailing commas are text (ComfyUI tries the name without them when none is named with them); which is meant is
-    settled when the name is looked up (`EmbeddingDatabase.reference`)."""
+    """A fragment of parsed prompt text -> its pieces: text, and ('embedding:NAME', NAME) for each reference. NAME
+    runs to whitespace, `<` or `[`, trailing commas included: `resolve_reference` settles whether they are its."""
     pieces: list[str | tuple[str, str]] = []
     start = 0
     for m in _REFERENCE.finditer(text):
@@ -146,8 +147,6 @@ def split_references(text: str) -> list[str | tuple[str, str]]:
 def references(prompt: str, what: str = "prompt") -> list[str]:
     """The names of a prompt's `embedding:NAME` references (parsed as the encoder parses the prompt; a syntax error
     is a `UserError` starting with `what`)."""
-    from ldm.text.prompt_syntax import parse_prompt
-
     parsed = parse_prompt(escape_references(prompt), what)
     return [p[1] for group in parsed.chunks for f in group for p in split_references(f.text) if isinstance(p, tuple)]
 
@@ -180,9 +179,8 @@ class EmbeddingDatabase:
         for e in self.library.embeddings[: len(self.library.files)]:  # given by themselves: they must fit
             if not self.fits(e):
                 raise _misfit(e, needs)
-        named = self.library.by_name()
-        self.loaded = {n: e for n, e in named.items() if self.fits(e)}
-        self.skipped = {n: e for n, e in named.items() if n not in self.loaded}
+        self.loaded, self.skipped = self.library.split(self.fits)
+        named = {**self.loaded, **self.skipped}
         if self.skipped:
             say_once(logging.INFO, "embeddings skipped, made for another model family: %s", ", ".join(self.skipped))
         # first token id -> [(the name's ids, embedding)], longest first; equal lengths in the library's order
@@ -205,7 +203,7 @@ class EmbeddingDatabase:
                 skipped = skipped or e
         if skipped is not None:
             say_once(logging.WARNING, "the prompt's '%s' is the name of %s, which this model cannot use: it is "
-                      "read as words (use an embedding made for this model's family)", skipped.name, skipped.kind)
+                     "read as words (use an embedding made for this model's family)", skipped.name, skipped.kind)
         return None, 0
 
     def reference(self, raw: str) -> tuple[Embedding, str]:
@@ -258,10 +256,10 @@ def ti_hashes(used: Sequence[Embedding], recorded: str = "") -> str:
         names.add(key)
         if expected.get(key, e.short_hash) != e.short_hash:
             say_once(logging.WARNING, "embedding '%s': %s has hash %s, but the image was made with %s; the result "
-                      "may differ", e.name, e.path, e.short_hash, expected[key])
+                     "may differ", e.name, e.path, e.short_hash, expected[key])
     missing = [name for name in expected if name not in names]
     if missing:
         say_once(logging.WARNING, "the image was made with embedding(s) %s (its TI hashes), which this generation "
-                  "does not use: pass --embeddings-dir DIR (or --embedding FILE) holding them; until then their "
-                  "names are read as words", ", ".join(missing))
+                 "does not use: pass --embeddings-dir DIR (or --embedding FILE) holding them; until then their "
+                 "names are read as words", ", ".join(missing))
     return format_lora_hashes([(e.name, e.short_hash) for e in used])
