@@ -357,6 +357,35 @@ def test_an_sd_file_given_to_sdxl_is_refused_before_loading(tiny_sdxl_model, emb
     assert "glowfx.bin' is a 32-wide embedding, but this model takes clip_l + clip_g vectors (64 wide together" in err
 
 
+def test_real_widths_name_the_families(tmp_path):
+    """What fits, by the U-Net's cross-attention width in the spec: SD 1.x 768, SD 2.x 1024, SDXL 768 + 1280 = 2048,
+    its refiner 1280 (clip_g alone)."""
+    from ldm.text.embeddings import check_embedding_inputs
+
+    files = {"sd1": {"emb_params": torch.zeros(1, 768)}, "sd2": {"emb_params": torch.zeros(2, 1024)},
+             "sdxl": {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}}
+    for name, tensors in files.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+    models = {"sd1": ("sd", 768), "sd2": ("sd", 1024), "sdxl": ("sdxl", 2048), "refiner": ("sdxl-refiner", 1280)}
+    fits = {(f, m) for f in files for m in models
+            if not _refused(lambda: check_embedding_inputs(None, [tmp_path / f"{f}.safetensors"], [], *models[m]))}
+    assert fits == {("sd1", "sd1"), ("sd2", "sd2"), ("sdxl", "sdxl"), ("sdxl", "refiner")}
+    with pytest.raises(UserError, match=r"sd2.safetensors' is an SD 2.x embedding \(1024 wide\), but this model "
+                                        r"takes 768-wide vectors \(SD 1.x\): use an embedding made for this model's"):
+        check_embedding_inputs(None, [tmp_path / "sd2.safetensors"], [], "sd", 768)
+    with pytest.raises(UserError, match=r"sd1.safetensors' is an SD 1.x embedding \(768 wide\), but this model "
+                                        r"takes clip_l \+ clip_g vectors \(2048 wide together, SDXL\)"):
+        check_embedding_inputs(tmp_path, [tmp_path / "sd1.safetensors"], [], "sdxl", 2048)
+
+
+def _refused(check) -> bool:
+    try:
+        check()
+    except UserError:
+        return True
+    return False
+
+
 def test_prompt_lists_check_every_line_against_the_typed_embeddings(tiny_model, emb_dir, tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text('a cat, inkstyle\n{"prompt": "embedding:glowfx on a hill", "negative": "embedding:washtone"}\n'
