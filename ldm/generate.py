@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--lora-dir", default=None,
                     help="where A1111 tags in the prompt, <lora:NAME:WEIGHT>, find NAME.safetensors (searched "
                     "below too); a --from-png replay of an image made with LoRAs needs it")
+    e = p.add_argument_group("textual-inversion embeddings (used by writing their name in a prompt, as in A1111)")
+    e.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="A1111's embeddings/ folder: every .safetensors (and .pt/.bin of plain tensors) below it is "
+                   "an embedding named by its file's stem, or by ComfyUI's embedding:NAME")
+    e.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="an embedding file, named by its stem; repeat for several")
     d = p.add_argument_group("device and precision")
     d.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -283,6 +289,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     from ldm.pipeline.output import check_writable, save_png
     from ldm.pipeline.pipeline import Pipeline
     from ldm.pipeline.refiner import check_refiner_pair
+    from ldm.text.embeddings import check_embedding_inputs
 
     # 1. the request and the model's spec (headers and configs only), checked against each other
     request = build_request(args)
@@ -294,6 +301,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     device = pick_device(args.device)
     outdir = check_writable(args.outdir)
     loras = check_lora_inputs(args.lora, request.prompt, args.lora_dir, parse_lora_hashes(request.lora_hashes))
+    check_embedding_inputs(args.embeddings_dir, args.embedding, [request.prompt, request.negative_prompt], spec.arch,
+                           spec.unet_config["cross_attention_dim"])
     if spec.name == DEMO_NAME:
         log.info(DEMO_NOTICE)
     dtype = pick_dtype(args.dtype, device)
@@ -302,7 +311,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     start = time.perf_counter()
     log.info("loading %s on %s (%s)", spec.name, device, dtype_name(dtype))
     pipe = Pipeline.open(spec, device, dtype, loras=loras, lora_dir=args.lora_dir, vae_tiling=args.vae_tiling,
-                         compile_unet=args.compile, refiner=refiner)
+                         compile_unet=args.compile, refiner=refiner, embeddings_dir=args.embeddings_dir,
+                         embeddings=args.embedding)
     log.info("loaded in %.1fs; generating %d image(s) at %dx%d, seeds %d..%d", time.perf_counter() - start,
              request.num_images, request.width, request.height, request.seed, request.seed + request.num_images - 1)
     written: list[Path] = []
@@ -334,7 +344,7 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
     return run_prompts_file(args.prompts_file, spec, typed, outdir=args.outdir, loras=args.lora,
                             lora_dir=args.lora_dir, device=args.device, dtype=args.dtype,
                             vae_tiling=args.vae_tiling, compile_unet=args.compile, quiet=args.quiet,
-                            refiner=refiner)
+                            refiner=refiner, embeddings_dir=args.embeddings_dir, embeddings=args.embedding)
 
 
 if __name__ == "__main__":

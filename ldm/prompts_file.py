@@ -58,9 +58,10 @@ def default_seed(prompt: str) -> int:
 
 
 def read_prompts_file(path: str | Path, cli: dict[str, Any], model: ModelFacts,
-                      lora_dir: str | Path | None = None) -> list[Line]:
+                      lora_dir: str | Path | None = None, embeddings=None) -> list[Line]:
     """Every line parsed, layered over the command line's request fields `cli`, resolved against `model` and
-    checked; the first bad line (and how many others are bad) refused in one message."""
+    checked; the first bad line (and how many others are bad) refused in one message. `embeddings`: the
+    `EmbeddingLibrary` (ldm/text/embedding_files.py) that lines' `embedding:NAME` must name."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -75,7 +76,7 @@ def read_prompts_file(path: str | Path, cli: dict[str, Any], model: ModelFacts,
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         try:
-            lines.append(Line(number, _line_request(raw, cli, model, lora_dir)))
+            lines.append(Line(number, _line_request(raw, cli, model, lora_dir, embeddings)))
         except UserError as e:
             bad.append((number, str(e)))
     if bad:
@@ -89,8 +90,9 @@ def read_prompts_file(path: str | Path, cli: dict[str, Any], model: ModelFacts,
     return lines
 
 
-def _line_request(raw: str, cli: dict[str, Any], model: ModelFacts, lora_dir) -> GenerationRequest:
+def _line_request(raw: str, cli: dict[str, Any], model: ModelFacts, lora_dir, embeddings) -> GenerationRequest:
     from ldm.lora.prompt_tags import check_lora_inputs
+    from ldm.text.embeddings import check_references
 
     text = raw.strip()
     if text.startswith("{"):
@@ -115,7 +117,10 @@ def _line_request(raw: str, cli: dict[str, Any], model: ModelFacts, lora_dir) ->
     if request.seed == -1:  # no seed given: never random, so the same file gives the same images
         request = replace(request, seed=default_seed(line["prompt"]))
     check_lora_inputs([], request.prompt, lora_dir)  # <lora:NAME:W> tags name files in --lora-dir
-    return request.resolve(model)
+    resolved = request.resolve(model)
+    check_references(embeddings, [request.prompt, request.negative_prompt], model.arch,  # embedding:NAME
+                     getattr(model, "unet_config", {}).get("cross_attention_dim"))
+    return resolved
 
 
 def _typed(key: str, value: Any) -> Any:
@@ -200,10 +205,12 @@ def write_png(image, params: GenerationRequest, path: Path) -> None:
 def run_prompts_file(
     path: str, spec, cli: dict[str, Any], *, outdir: str, loras: list[str], lora_dir: str | None, device: str,
     dtype: str, vae_tiling: bool = False, compile_unet: str | None = None, quiet: bool = False, refiner=None,
+    embeddings_dir: str | None = None, embeddings: list[str] = (),
 ) -> list[Path]:
     """Check the file and everything else against `spec` (`ldm.models.spec.ModelSpec`), open the model on every
     process, generate this process's share. `cli` holds the request fields typed on the command line; `refiner`
-    is the spec of the SDXL refiner they name."""
+    is the spec of the SDXL refiner they name; `embeddings_dir` and `embeddings` the textual-inversion embeddings
+    every line may use."""
     import torch
     from accelerate import Accelerator
 
@@ -212,11 +219,13 @@ def run_prompts_file(
     from ldm.pipeline.device import pick_device, pick_dtype
     from ldm.pipeline.output import check_writable
     from ldm.pipeline.pipeline import Pipeline
+    from ldm.text.embeddings import check_embedding_inputs
 
     GenerationRequest.layered(cli).check()  # the command line's own values, before the file's lines
     lora_files = check_lora_inputs(loras, "", lora_dir)
+    library = check_embedding_inputs(embeddings_dir, embeddings, [], spec.arch, spec.unet_config["cross_attention_dim"])
     out = check_writable(outdir)
-    lines = read_prompts_file(path, cli, spec, lora_dir=lora_dir)
+    lines = read_prompts_file(path, cli, spec, lora_dir=lora_dir, embeddings=library)
     batch_size = cli.get("batch_size", 1)
 
     accelerator = Accelerator(cpu=device == "cpu")
@@ -240,7 +249,8 @@ def run_prompts_file(
     if total:
         pipe, error = attempt(lambda: Pipeline.open(spec, dev, dt, loras=lora_files, lora_dir=lora_dir,
                                                     vae_tiling=vae_tiling, compile_unet=compile_unet,
-                                                    refiner=refiner))
+                                                    refiner=refiner, embeddings_dir=embeddings_dir,
+                                                    embeddings=embeddings))
         raise_if_any_failed(accelerator, error, what="loading the model")
     written: list[Path] = []
     loaded = time.perf_counter()

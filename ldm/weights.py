@@ -2,7 +2,9 @@
 
 diffusers' own errors for these cases are cryptic: a git-lfs pointer or a truncated file surfaces as
 "HeaderTooLarge" or "MetadataIncompleteBuffer" without the file's name (diffusers #5520), and a pickle checkpoint
-would be unpickled, which can run arbitrary code. Only safetensors weights are accepted.
+would be unpickled, which can run arbitrary code. Only safetensors weights are accepted; the one exception, textual-
+inversion embeddings (often `.pt` files), are read with `torch.load(weights_only=True)` (`read_weights_only_pickle`:
+tensors and plain values, never code).
 
 `read_safetensors_header` is the one reader of a safetensors header by hand (model directories, single files,
 checkpoints and the latent cache all check their files with it); `read_safetensors` reads tensors.
@@ -212,3 +214,32 @@ def read_safetensors(
         # make a tensor of a dtype or shape the header claims
         reason = _first_line(e)
         raise UserError(problem(reason) if problem else f"cannot read '{path}': {reason}; download it again") from None
+
+
+def read_weights_only_pickle(path: Path) -> object:
+    """A PyTorch `.pt`/`.bin` file read with `torch.load(weights_only=True)`: tensors, containers and plain values
+    only. A file that needs anything else (a class, a function: what makes unpickling run code) is refused, naming
+    what it needs; it is never unpickled in full. Damaged or unreadable files are a `UserError` too."""
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needed = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        if needed:
+            raise UserError(
+                f"'{path}' needs {needed.group(1)} to load, which a weights-only load refuses: pickle files are only "
+                "read as tensors and plain values, because unpickling can run arbitrary code. Convert it to "
+                ".safetensors where you trust it"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise UserError(f"'{path}' is not a readable PyTorch file ({reason.group(1) if reason else 'not a pickle'})"
+                        ) from None
+    except (EOFError, RuntimeError, ValueError) as e:  # empty, truncated, or a zip without a pickle inside
+        reason = _first_line(e) if str(e) else "empty or truncated"
+        raise UserError(f"'{path}' is not a readable PyTorch file ({reason})") from None
+    except OSError as e:
+        raise UserError(f"cannot read '{path}': {e.strerror or e}") from None

@@ -271,7 +271,8 @@ FAST = {"steps": 2, "sampler": "euler", "seed": 3, "height": 32, "width": 32, "s
 def test_short_prompts_give_the_images_of_the_old_encoding_path(pipe, monkeypatch):
     new = pipe("a red car", "blurry", cfg=5.0, **FAST)
 
-    def old_path(encoder, prompt, negative, clip_skip=1):  # the pipeline's encoding before prompt syntax existed
+    # the pipeline's encoding before prompt syntax existed
+    def old_path(encoder, prompt, negative, clip_skip=1, embeddings=None):
         return (Conditioning(encoder.encode([prompt])),
                 None if negative is None else Conditioning(encoder.encode([negative])))
 

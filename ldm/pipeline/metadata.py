@@ -53,6 +53,8 @@ def format_parameters(p: GenerationRequest) -> str:
         fields.append(("Hires upscaler", HIRES_UPSCALER_LABELS.get(p.hires_upscaler or "", p.hires_upscaler)))
     if p.lora_hashes:
         fields.append(("Lora hashes", p.lora_hashes))
+    if p.ti_hashes:
+        fields.append(("TI hashes", p.ti_hashes))
     if p.clip_skip != 1:
         fields.append(("Clip skip", p.clip_skip))
     if p.refiner:  # as A1111 writes it
@@ -81,7 +83,7 @@ SDXL_LABELS = {
 # the fields `parse_parameters` reads; `unread_fields` names the others (A1111 writes many: Model hash, Version, ...)
 READ_FIELDS = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Denoising strength", "Mask blur",
-    "CFG rescale", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Clip skip", "Refiner",
+    "CFG rescale", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes", "Clip skip", "Refiner",
     "Refiner switch at", *SDXL_LABELS.values(),
 )
 HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> A1111's names
@@ -154,6 +156,8 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out["guidance_rescale"] = float(raw["CFG rescale"])
     if "Lora hashes" in raw:
         out["lora_hashes"] = raw["Lora hashes"]
+    if "TI hashes" in raw:
+        out["ti_hashes"] = raw["TI hashes"]
     if "Clip skip" in raw:
         out["clip_skip"] = int(raw["Clip skip"])
     if "Refiner" in raw:  # A1111 writes the checkpoint's title: "sd_xl_refiner_1.0 [7440042bbd]"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -48,7 +48,8 @@ from ldm.pipeline.validation import steps_to_run
 from ldm.pixels import float_to_uint8, tensor_to_float_images
 from ldm.progress import progress_bar
 from ldm.text.conditioning import Conditioning
-from ldm.text.prompt_encoding import encode_prompt_pair
+from ldm.text.embeddings import EmbeddingDatabase, open_database, ti_hashes
+from ldm.text.prompt_encoding import encode_prompt_pair, prompt_embeddings
 from ldm.text.sdxl import SDXLTextEncoder
 from ldm.vae.load_vae import vae_factor
 
@@ -105,6 +106,7 @@ class Pipeline:
         if compile_unet and compile_unet != "full":
             self.unet.compile_repeated_blocks(dynamic=True)
         self.loras = LoraStack(self.unet, self.text_encoder)  # merged LoRAs (ldm/lora/apply.py)
+        self.embeddings: EmbeddingDatabase | None = None  # textual-inversion embeddings prompts may name
 
     @classmethod
     def open(
@@ -118,11 +120,14 @@ class Pipeline:
         vae_tiling: bool = False,
         compile_unet: bool | str | None = False,
         refiner: ModelSpec | None = None,
+        embeddings_dir: str | Path | None = None,
+        embeddings: Sequence[str | Path] = (),
     ) -> Pipeline:
         """The one way to open a model for generation: load what `spec` (`ldm.models.spec.inspect_model`) describes
         on `device` in `dtype` ('fp32' | 'fp16' | 'bf16' | None = auto), then merge `loras` ((path, scale) pairs,
         `--lora`). `lora_dir` is where prompt tags find their files. `refiner`: an SDXL refiner's spec, opened the
-        same way, for requests that name it (`--refiner`)."""
+        same way, for requests that name it (`--refiner`). `embeddings_dir` and `embeddings` (files): the
+        textual-inversion embeddings prompts may name (ldm/text/embeddings.py)."""
         check_refiner_pair(spec, refiner)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
@@ -130,6 +135,7 @@ class Pipeline:
                    lora_dir=lora_dir)
         for path, scale in loras:
             pipe.load_lora(path, scale)
+        pipe.embeddings = open_database(embeddings_dir, embeddings, pipe.text_encoder)
         if refiner is not None:
             pipe.attach_refiner(refiner, compile_unet=compile_unet)
         return pipe
@@ -143,6 +149,8 @@ class Pipeline:
         self.refiner = None  # free the old one first
         self.refiner = Pipeline(load_components(spec, self.device, self.dtype), self.device, self.dtype,
                                 vae_tiling=self.vae.use_tiling, compile_unet=compile_unet or False)
+        if self.embeddings is not None:  # the same files, for the refiner's text tower
+            self.refiner.embeddings = EmbeddingDatabase(self.embeddings.library, self.refiner.text_encoder)
 
     @classmethod
     def from_pretrained(
@@ -256,6 +264,8 @@ class Pipeline:
 
         cond, uncond = self._encode(text, r)
         refined = refiner._encode(text, r) if refiner is not None else None
+        used = prompt_embeddings(self.text_encoder, [text] + [r.negative_prompt] * (r.cfg != 1.0), self.embeddings)
+        base = replace(base, ti_hashes=ti_hashes(used, r.ti_hashes))  # A1111's TI hashes; a replay's checked
         image_latents = self.codec.encode(job.image) if job.image is not None else None
         steps_run = r.steps if r.strength is None else steps_to_run(r.steps, r.strength)
         if r.strength is not None:
@@ -318,9 +328,11 @@ class Pipeline:
     def _encode(self, text: str, r: GenerationRequest) -> tuple[Conditioning, Conditioning | None]:
         """(cond, uncond), contexts (1, 77 * chunks, D) in the pipeline's dtype: A1111 prompt syntax
         (ldm/text/prompt_encoding.py) on the text without its LoRA tags; the unconditional branch only when guidance
-        uses it."""
+        uses it. Textual-inversion embeddings from the directory as it is now (read again if it changed)."""
+        if self.embeddings is not None:
+            self.embeddings.refresh()
         cond, uncond = encode_prompt_pair(self.text_encoder, text, None if r.cfg == 1.0 else r.negative_prompt,
-                                          r.clip_skip)
+                                          r.clip_skip, self.embeddings)
         return cond.to(self.dtype), None if uncond is None else uncond.to(self.dtype)
 
     def _refiner_for(self, r: GenerationRequest) -> Pipeline | None:

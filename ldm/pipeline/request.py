@@ -34,6 +34,7 @@ from ldm.pipeline.hires import HIRES_STRENGTH, HIRES_UPSCALER, UPSCALERS, HiresF
 from ldm.pipeline.samplers import check_sampler, sampler_from_label
 from ldm.pipeline.seeds import random_seed
 from ldm.pipeline.validation import check_request, pick_size
+from ldm.text.embeddings import escape_references
 from ldm.text.prompt_syntax import check_prompt
 
 IMG2IMG_STRENGTH = 0.75  # diffusers' and A1111's img2img default
@@ -75,6 +76,7 @@ class GenerationRequest:
     hires_steps: int = 0  # the second pass's steps; 0 = `steps` (A1111's convention)
     hires_upscaler: str | None = None  # 'latent' | 'lanczos'; None: latent
     lora_hashes: str = ""  # A1111's 'Lora hashes' of the LoRAs the prompt's tags name: "name: hash, ..."
+    ti_hashes: str = ""  # A1111's 'TI hashes' of the textual-inversion embeddings the prompts use: "name: hash, ..."
     clip_skip: int = 1  # A1111's "Clip skip"; 1 = the text encoder's own layer
     # SDXL micro-conditioning, (height, width) and (top, left) in pixels as diffusers takes them. None: the
     # generation's size (each pass's, with a hires fix) and (0, 0); negative_* None: the positive branch's sizes and
@@ -129,8 +131,8 @@ class GenerationRequest:
     def check(self) -> None:
         """Refuse what is wrong whatever the model, naming the option (one line each)."""
         check_sampler(self.sampler, self.karras)
-        check_prompt(self.prompt, "prompt")
-        check_prompt(self.negative_prompt, "negative prompt")
+        check_prompt(escape_references(self.prompt), "prompt")  # ComfyUI's embedding:NAME is text to the syntax
+        check_prompt(escape_references(self.negative_prompt), "negative prompt")
         if self.clip_skip < 1:
             raise UserError(f"--clip-skip must be at least 1 (1 = the text encoder's usual layer), got {self.clip_skip}")
         if self.mask is not None and self.init_image is None:

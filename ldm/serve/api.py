@@ -33,7 +33,17 @@ from ldm.pipeline.metadata import format_parameters, png_bytes
 from ldm.pipeline.refiner import check_refiner_pair
 from ldm.pipeline.request import GenerationRequest, from_a1111
 from ldm.pipeline.samplers import SAMPLERS, sampler_label
-from ldm.serve.schemas import Img2ImgRequest, ImagesResponse, ProgressResponse, SamplerItem, SDModelItem, Txt2ImgRequest
+from ldm.serve.schemas import (
+    EmbeddingsResponse,
+    Img2ImgRequest,
+    ImagesResponse,
+    ProgressResponse,
+    SamplerItem,
+    SDModelItem,
+    Txt2ImgRequest,
+)
+from ldm.text.embedding_files import EmbeddingLibrary
+from ldm.text.embeddings import check_references, fits_model
 from ldm.serve.worker import Interrupted, Job, Worker
 
 DISCONNECT_POLL_S = 0.25
@@ -48,8 +58,10 @@ class Limits:
 
 
 def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
-                 lora_dir: str | None = None) -> APIRouter:
+                 lora_dir: str | None = None, embeddings_dir: str | None = None) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
+    # the textual-inversion embeddings prompts may name (each model's pipeline reads the same files)
+    embeddings = EmbeddingLibrary.read(embeddings_dir) if embeddings_dir is not None else None
     # the model and clip skip chosen with POST /options; a request's override_settings change them for that request
     # only, as A1111 restores overridden settings afterwards (the worker loads whichever model the next job needs)
     selected: dict[str, Any] = {"name": worker.model_name, "clip_skip": 1}
@@ -62,14 +74,14 @@ def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
         name = _model_for(req, models, selected["name"])
         r = await run_in_threadpool(_request, req, name, models[name], limits, init=None, mask=None,
                                     lora_dir=lora_dir, clip_skip=selected["clip_skip"], clip_limit=clip_limits.get(name),
-                                    models=models)
+                                    models=models, embeddings=embeddings)
         return await _run(request, worker, name, req, r, "txt2img", clip_limits, lora_dir, models)
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(req: Img2ImgRequest, request: Request):
         name = _model_for(req, models, selected["name"])
         r = await run_in_threadpool(_img2img_request, req, name, models[name], limits, lora_dir,
-                                    selected["clip_skip"], clip_limits.get(name), models)
+                                    selected["clip_skip"], clip_limits.get(name), models, embeddings)
         return await _run(request, worker, name, req, r, "img2img", clip_limits, lora_dir, models)
 
     @router.get("/samplers", response_model=list[SamplerItem])
@@ -81,6 +93,11 @@ def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
     def sd_models():
         return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": str(m.root),
                  "config": None} for name, m in models.items()]
+
+    @router.get("/embeddings", response_model=EmbeddingsResponse)
+    def list_embeddings():
+        """A1111's listing for the selected model: the embeddings that fit it, and those skipped."""
+        return _embeddings(embeddings, models[selected["name"]])
 
     @router.get("/options")
     def get_options():
@@ -147,8 +164,8 @@ def _clip_skip(value: Any, model: str, limit: int | None = None) -> int:
 
 
 def _img2img_request(req: Img2ImgRequest, name: str, spec: ModelSpec, limits: Limits, lora_dir: str | None,
-                     clip_skip: int, clip_limit: int | None,
-                     models: dict[str, ModelSpec] | None = None) -> GenerationRequest:
+                     clip_skip: int, clip_limit: int | None, models: dict[str, ModelSpec] | None = None,
+                     embeddings: EmbeddingLibrary | None = None) -> GenerationRequest:
     """The init image and mask decoded, then `_request` (in the thread pool: decoding is slow work)."""
     if not req.init_images:
         raise UserError("init_images is empty: send the init image as a base64 PNG or JPEG")
@@ -160,15 +177,17 @@ def _img2img_request(req: Img2ImgRequest, name: str, spec: ModelSpec, limits: Li
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
     return _request(req, name, spec, limits, init=init, mask=mask, lora_dir=lora_dir, clip_skip=clip_skip,
-                    clip_limit=clip_limit, models=models)
+                    clip_limit=clip_limit, models=models, embeddings=embeddings)
 
 
 def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, init: Image.Image | None,
              mask: Image.Image | None, lora_dir: str | None = None, clip_skip: int = 1,
-             clip_limit: int | None = None, models: dict[str, ModelSpec] | None = None) -> GenerationRequest:
+             clip_limit: int | None = None, models: dict[str, ModelSpec] | None = None,
+             embeddings: EmbeddingLibrary | None = None) -> GenerationRequest:
     """The payload as a request resolved against the model's spec, every value checked as the CLI checks it:
-    prompt syntax, LoRA tags (names in the server's --lora-dir only), sizes, steps, clip skip (when `clip_limit`,
-    the model's, is known) and the server's limits. Blocking (file reads): call it from the thread pool."""
+    prompt syntax, LoRA tags (names in the server's --lora-dir only), embedding:NAME (in --embeddings-dir), sizes,
+    steps, clip skip (when `clip_limit`, the model's, is known) and the server's limits. Blocking (file reads):
+    call it from the thread pool."""
     if "CLIP_stop_at_last_layers" in req.override_settings:
         clip_skip = req.override_settings["CLIP_stop_at_last_layers"]
     clip_skip = _clip_skip(clip_skip, name, clip_limit)  # the server-wide one too: it may be another model's
@@ -182,6 +201,10 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
         check_refiner_pair(spec, refiner)
         request = replace(request, refiner=refiner.name)
     r = request.resolve(spec)
+    if embeddings is not None:
+        embeddings.refresh()
+    check_references(embeddings, [r.prompt, r.negative_prompt], spec.arch,  # embedding:NAME
+                     getattr(spec, "unet_config", {}).get("cross_attention_dim"))
     if r.steps > limits.max_steps:
         raise UserError(f"steps {r.steps} is over this server's limit of {limits.max_steps} (ldm-serve --max-steps)")
     if r.width * r.height > limits.max_pixels:
@@ -191,6 +214,21 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
         raise UserError(f"batch_size x n_iter = {r.num_images} images is over this server's limit of "
                         f"{limits.max_images} per request (ldm-serve --max-images)")
     return r
+
+
+def _embeddings(library: EmbeddingLibrary | None, spec: ModelSpec) -> dict:
+    """A1111's `/sdapi/v1/embeddings` (modules/api/api.py `get_embeddings`): {"loaded": {name: item}, "skipped":
+    {...}} for the model, each item {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}, sorted by name."""
+    out: dict[str, dict] = {"loaded": {}, "skipped": {}}
+    if library is None:
+        return out
+    library.refresh()
+    cross_attention_dim = spec.unet_config.get("cross_attention_dim")
+    for kind, named in zip(out, library.split(lambda e: fits_model(e, spec.arch, cross_attention_dim))):
+        for name, e in sorted(named.items(), key=lambda item: item[0].lower()):
+            out[kind][name] = {"step": e.step, "sd_checkpoint": e.sd_checkpoint,
+                               "sd_checkpoint_name": e.sd_checkpoint_name, "shape": e.shape, "vectors": e.num_vectors}
+    return out
 
 
 def _generate(r: GenerationRequest, note_limit: Callable[[Any], None], lora_dir: str | None = None,

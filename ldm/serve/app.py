@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def create_app(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
-               credentials: dict[str, str] | None = None, lora_dir: str | None = None) -> FastAPI:
+               credentials: dict[str, str] | None = None, lora_dir: str | None = None,
+               embeddings_dir: str | None = None) -> FastAPI:
     # no /docs or /redoc: their pages load scripts from a CDN, and this server works offline
     app = FastAPI(title="ldm-serve", docs_url=None, redoc_url=None)
-    app.include_router(build_router(models, worker, limits, lora_dir))
+    app.include_router(build_router(models, worker, limits, lora_dir, embeddings_dir))
     mount_page(app)
 
     @app.exception_handler(RequestValidationError)

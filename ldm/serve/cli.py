@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also list every model directory and every .safetensors single file directly under this one")
     p.add_argument("--lora-dir", default=None,
                    help="LoRA files that prompts may name as <lora:NAME:WEIGHT> (NAME.safetensors in this directory)")
+    p.add_argument("--embeddings-dir", default=None,
+                   help="textual-inversion embeddings that prompts may use by name (A1111's embeddings/ folder, "
+                   "searched below too; GET /sdapi/v1/embeddings lists them)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--listen", action="store_true", help="bind all interfaces (0.0.0.0); set --api-auth with it")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
@@ -79,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _check_port_free(host, args.port)
     if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
         raise UserError(f"--lora-dir '{args.lora_dir}' is not a directory")
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).expanduser().is_dir():
+        raise UserError(f"--embeddings-dir '{args.embeddings_dir}' is not a directory")
 
     import uvicorn
 
@@ -95,11 +100,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     def load(name: str) -> Pipeline:
         spec = models[name]
         log.info("loading %s on %s", spec.name, args.device)
-        return Pipeline.open(spec, args.device, args.dtype, lora_dir=args.lora_dir)
+        return Pipeline.open(spec, args.device, args.dtype, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
 
     worker = Worker(load, next(iter(models)), args.queue_size)
     worker.start()
-    app = create_app(models, worker, limits, credentials, args.lora_dir)
+    app = create_app(models, worker, limits, credentials, args.lora_dir, args.embeddings_dir)
     log.info("ldm-serve: http://%s:%d/ (API: /sdapi/v1/..., models: %s)", host, args.port, ", ".join(models))
     config = uvicorn.Config(app, host=host, port=args.port, log_level="warning" if args.quiet else "info",
                             access_log=not args.quiet)

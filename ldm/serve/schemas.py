@@ -1,6 +1,6 @@
 """Request and response bodies of the A1111-compatible API (field names and shapes as AUTOMATIC1111's
 `modules/api/models.py`: StableDiffusionTxt2ImgProcessingAPI, TextToImageResponse, ProgressResponse, SamplerItem,
-SDModelItem).
+SDModelItem, EmbeddingsResponse).
 
 Fields A1111 accepts that this package has no use for (restore_faces, scripts, hires fix, ...) are ignored, as
 A1111 ignores fields it does not know, so a client that sends them works unchanged. A field left out takes the
@@ -64,6 +64,19 @@ class SamplerItem(BaseModel):
     name: str
     aliases: list[str]
     options: dict[str, Any]
+
+
+class EmbeddingItem(BaseModel):
+    step: int | None = None  # training steps, when the file says
+    sd_checkpoint: str | None = None  # the hash of the checkpoint it was trained on, when the file says
+    sd_checkpoint_name: str | None = None
+    shape: int  # the width of one vector (SDXL: both towers' together, 2048)
+    vectors: int
+
+
+class EmbeddingsResponse(BaseModel):
+    loaded: dict[str, EmbeddingItem]  # those that fit the selected model
+    skipped: dict[str, EmbeddingItem]  # made for another model family
 
 
 class SDModelItem(BaseModel):
