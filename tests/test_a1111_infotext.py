@@ -79,7 +79,7 @@ def test_a1111_text_is_parsed_with_its_sampler_schedule_and_unused_fields():
     ("DPM++ 2M Karras", ("dpmpp_2m", "karras")), ("dpm++ 2m", ("dpmpp_2m", "")), ("DDIM", ("ddim", "")),
     ("PLMS", ("pndm", "")), ("UniPC", ("unipc", "")), ("LMS Karras", ("lms", "karras")), ("Heun", ("heun", "")),
     ("k_dpmpp_2m_ka", ("dpmpp_2m", "karras")), ("k_euler_a", ("euler_a", "")), ("DPMPP_2M", ("dpmpp_2m", "")),
-    ("LCM", ("lcm", "")), ("TCD", ("tcd", "")), ("Euler SGM Uniform", ("euler", "sgm_uniform")),
+    ("LCM", ("lcm", "")), ("k_lcm", ("lcm", "")), ("TCD", ("tcd", "")), ("Euler SGM Uniform", ("euler", "sgm_uniform")),
     ("euler_ancestral", ("euler_a", "")), ("Euler a SGMUniform", ("euler_a", "sgm_uniform")),
     ("dpmpp_2m_karras", ("dpmpp_2m_karras", "")),
 ])

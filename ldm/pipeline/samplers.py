@@ -161,12 +161,13 @@ def schedule_from_label(label: str) -> str:
                     f"({', '.join(s.label for s in SCHEDULES.values())}), or {AUTOMATIC} for the sampler's own")
 
 
-# AUTOMATIC1111's other spellings of the samplers we have (its `aliases`, from modules/sd_samplers_kdiffusion.py):
+# AUTOMATIC1111's other spellings of the samplers we have (its `aliases`, from modules/sd_samplers_kdiffusion.py and
+# sd_samplers_lcm.py):
 # alias -> (our name, schedule). Its labels themselves ("Euler a", "DPM++ 2M", "PLMS", ...) are in SAMPLERS.
 A1111_ALIASES: dict[str, tuple[str, str]] = {
     "k_euler_a": ("euler_a", ""), "k_euler_ancestral": ("euler_a", ""), "k_euler": ("euler", ""),
     "k_lms": ("lms", ""), "k_lms_ka": ("lms", "karras"), "k_heun": ("heun", ""),
-    "k_dpmpp_2m": ("dpmpp_2m", ""), "k_dpmpp_2m_ka": ("dpmpp_2m", "karras"),
+    "k_dpmpp_2m": ("dpmpp_2m", ""), "k_dpmpp_2m_ka": ("dpmpp_2m", "karras"), "k_lcm": ("lcm", ""),
     # ComfyUI's names where they differ from ours (comfy/samplers.py KSAMPLER_NAMES)
     "euler_ancestral": ("euler_a", ""), "uni_pc": ("unipc", ""),
 }
