@@ -6,6 +6,7 @@
     ldm-generate "a blue door" --model DIR --init-image house.png --mask door-mask.png
     ldm-generate --from-png outputs/00012-42-a-red-car.png --model DIR      # replay an image's settings
     ldm-generate "a red car" --model DIR --hires-scale 2 --hires-strength 0.5   # hires fix: 512 -> 1024 px
+    ldm-generate "a red car" --model DIR --lora lcm-lora.safetensors --sampler lcm --steps 4 --cfg 1   # few-step
     ldm-generate --prompts-file prompts.txt --model DIR --outdir out      # many prompts; a rerun resumes
 
 stdout carries only the paths of the written PNGs, one a line (so `ldm-generate ... | xargs ...` works); logs,
@@ -31,7 +32,7 @@ log = logging.getLogger("ldm.generate")
 
 def build_parser() -> argparse.ArgumentParser:
     from ldm.pipeline.hires import HIRES_STRENGTH, MAX_SCALE
-    from ldm.pipeline.samplers import SAMPLERS
+    from ldm.pipeline.samplers import SAMPLERS, SCHEDULES
     from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE
 
     p = OneLineArgumentParser(
@@ -66,9 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2023; helps v-prediction models) (default 0)")
     g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default euler_a), or "
-                   "AUTOMATIC1111's name for one, case-insensitive: 'Euler a', 'DPM++ 2M Karras', 'DDIM', 'PLMS', ...")
-    g.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
-                   help="Karras sigma spacing (euler, dpmpp_2m, unipc, lms, heun); --no-karras overrides a --from-png")
+                   "AUTOMATIC1111's name for one, case-insensitive: 'Euler a', 'DPM++ 2M Karras', 'DDIM', 'LCM', ...")
+    g.add_argument("--schedule", default=None,
+                   help=f"where the steps fall: {', '.join(SCHEDULES)} (A1111's Schedule type, ComfyUI's scheduler; "
+                   "sgm_uniform for SDXL-Lightning/Turbo/Hyper-SD), or '' for the sampler's own (default)")
+    g.add_argument("--karras", dest="schedule", action="store_const", const="karras",
+                   help="= --schedule karras (euler, dpmpp_2m, unipc, lms, heun)")
+    g.add_argument("--no-karras", dest="schedule", action="store_const", const="",
+                   help="= --schedule '': the sampler's own spacing, overriding a --from-png's schedule")
+    g.add_argument("--eta", type=float, default=None,
+                   help="the tcd sampler's gamma in [0, 1]: 0 = deterministic, higher = more noise re-injected per "
+                   "step (default 0.3; raise it with more steps)")
     g.add_argument("--clip-skip", type=int, default=None,
                    help="A1111's Clip skip: N > 1 uses the text encoder's hidden state N - 1 layers before its usual "
                    "one, then its final layer norm (default 1 = the usual layer; 2 is common for anime SD 1.x models); SDXL: "

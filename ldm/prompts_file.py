@@ -6,9 +6,10 @@ The file (UTF-8) holds one job a line: a plain prompt, or a JSON object with per
     {"prompt": "a blue door", "negative": "blurry", "seed": 7, "cfg": 5, "steps": 30, "width": 512, "count": 4}
 
 Blank lines and lines starting with `#` are skipped. JSON keys (`ldm.pipeline.request.PROMPTS_FILE_KEYS`): prompt
-(required), negative, seed, cfg, steps, sampler, width, height, count (images of that line); a key left out takes
-the command line's value (`--cfg`, `--num-images`, ...), and the command line's hires fix applies to every line. Every line is checked before any
-model weight is read; one bad line refuses the whole file (`prompts file 'F' line 3: ...`), and nothing is written.
+(required), negative, seed, cfg, steps, sampler, schedule, eta, width, height, count (images of that line); a key
+left out takes the command line's value (`--cfg`, `--num-images`, ...), and the command line's hires fix applies to
+every line. Every line is checked before any model weight is read; one bad line refuses the whole file (`prompts
+file 'F' line 3: ...`), and nothing is written.
 
 Seeds: the line's `seed`, else `--seed`, else a number derived from the prompt text (sha256): never random, so the
 same file gives the same images. Image i of a line uses seed + i.
@@ -130,7 +131,7 @@ def _typed(key: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, kinds) or not_finite:
         names = {str: "a string", int: "an integer", float: "a number"}
         raise UserError(f"\"{key}\" must be {names[kinds[-1]]}, got {json.dumps(value)}")
-    return float(value) if key == "cfg" else value
+    return float(value) if key in ("cfg", "eta") else value
 
 
 def image_name(params: GenerationRequest) -> str:

@@ -55,7 +55,7 @@ def test_a1111_text_is_parsed_with_its_sampler_schedule_and_unused_fields():
     p = parse_parameters(A1111_TEXT)
     assert p == {
         "prompt": "a red car, (masterpiece:1.2), photo", "negative_prompt": "blurry, lowres", "steps": 2,
-        "sampler": "dpmpp_2m", "karras": True, "cfg": 7.0, "seed": 1234, "width": 32, "height": 32,
+        "sampler": "dpmpp_2m", "schedule": "karras", "cfg": 7.0, "seed": 1234, "width": 32, "height": 32,
         "model": "v1-5-pruned-emaonly",
     }
     assert unread_fields(A1111_TEXT) == ["Model hash", "VAE hash", "VAE", "Version"]
@@ -64,7 +64,7 @@ def test_a1111_text_is_parsed_with_its_sampler_schedule_and_unused_fields():
     assert parse_parameters(old) == p
     # the hires fix: Size is the first pass, Denoising strength the second pass's (not an img2img strength)
     h = parse_parameters(A1111_HIRES)
-    assert (h["width"], h["height"], h["sampler"], h["karras"]) == (512, 768, "euler_a", False)
+    assert (h["width"], h["height"], h["sampler"], h["schedule"]) == (512, 768, "euler_a", "")
     assert (h["hires_scale"], h["hires_strength"], h["hires_steps"], h["hires_upscaler"]) == (2.0, 0.45, 10, "latent")
     assert "strength" not in h
     # and we write a hires image the way A1111 does, which parses back to the same settings
@@ -75,10 +75,13 @@ def test_a1111_text_is_parsed_with_its_sampler_schedule_and_unused_fields():
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("Euler a", ("euler_a", False)), ("euler A", ("euler_a", False)), ("Euler", ("euler", False)),
-    ("DPM++ 2M Karras", ("dpmpp_2m", True)), ("dpm++ 2m", ("dpmpp_2m", False)), ("DDIM", ("ddim", False)),
-    ("PLMS", ("pndm", False)), ("UniPC", ("unipc", False)), ("LMS Karras", ("lms", True)), ("Heun", ("heun", False)),
-    ("k_dpmpp_2m_ka", ("dpmpp_2m", True)), ("k_euler_a", ("euler_a", False)), ("DPMPP_2M", ("dpmpp_2m", False)),
+    ("Euler a", ("euler_a", "")), ("euler A", ("euler_a", "")), ("Euler", ("euler", "")),
+    ("DPM++ 2M Karras", ("dpmpp_2m", "karras")), ("dpm++ 2m", ("dpmpp_2m", "")), ("DDIM", ("ddim", "")),
+    ("PLMS", ("pndm", "")), ("UniPC", ("unipc", "")), ("LMS Karras", ("lms", "karras")), ("Heun", ("heun", "")),
+    ("k_dpmpp_2m_ka", ("dpmpp_2m", "karras")), ("k_euler_a", ("euler_a", "")), ("DPMPP_2M", ("dpmpp_2m", "")),
+    ("LCM", ("lcm", "")), ("k_lcm", ("lcm", "")), ("TCD", ("tcd", "")), ("Euler SGM Uniform", ("euler", "sgm_uniform")),
+    ("euler_ancestral", ("euler_a", "")), ("Euler a SGMUniform", ("euler_a", "sgm_uniform")),
+    ("dpmpp_2m_karras", ("dpmpp_2m_karras", "")),
 ])
 def test_a1111_sampler_names_map_to_ours(name, expected):
     assert sampler_from_label(name) == expected
@@ -93,7 +96,7 @@ def test_an_a1111_png_replays_with_model_override_and_one_warning(model, tmp_pat
     assert err == warning  # named once, in one line
     text = Image.open(lines[0]).info["parameters"]
     assert text == ("a red car, (masterpiece:1.2), photo\nNegative prompt: blurry, lowres\nSteps: 2, Sampler: DPM++ "
-                    f"2M Karras, CFG scale: 7, Seed: 1234, Size: 32x32, Model: {model}")
+                    f"2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 32x32, Model: {model}")
     # the same image as asking for it by A1111's sampler name on the command line
     code, direct, err = generate(["a red car, (masterpiece:1.2), photo", "--negative", "blurry, lowres", "--model",
                                   str(model), "--sampler", "dpm++ 2M karras", "--cfg", "7", "--seed", "1234",

@@ -224,7 +224,11 @@ BAD_INPUTS = {
     "steps not a number": (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     "negative cfg": (["--cfg", "-1"], "cfg (guidance scale) must be a finite number >= 0, got -1.0"),
     "unknown sampler": (["--sampler", "DPM++ SDE"], "unknown sampler 'DPM++ SDE'; known samplers: ddim, ddpm, euler, euler_a"),
-    "karras on euler_a": (["--sampler", "euler_a", "--karras"], "sampler 'euler_a' has no Karras sigmas option"),
+    "karras on euler_a": (["--sampler", "euler_a", "--karras"], "sampler 'euler_a' takes no Karras schedule"),
+    "unknown schedule": (["--schedule", "exponential"], "unknown schedule 'exponential'; known schedules: karras, "
+                         "sgm_uniform (Karras, SGM Uniform), or Automatic for the sampler's own"),
+    "karras on lcm": (["--sampler", "lcm", "--karras"], "sampler 'lcm' takes no Karras schedule; samplers that do: "),
+    "eta on euler_a": (["--eta", "0.5"], "--eta only applies to the tcd sampler (TCD's gamma); sampler 'euler_a'"),
     "num images zero": (["--num-images", "0"], "num-images must be at least 1"),
     "negative seed": (["--seed", "-5"], "seed must be in 0.."),
     "negative mask blur": (["--init-image", "{init}", "--mask", "{mask}", "--mask-blur", "-1"], "mask blur must be >= 0"),

@@ -25,6 +25,7 @@ from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import (
     SAMPLERS,
     make_scheduler,
+    full_label,
     sampler_from_label,
     sampler_label,
 )
@@ -258,10 +259,10 @@ def _run_to_the_end(scheduler) -> torch.Tensor:
                    generators=_generators(0, 1))
 
 
-@pytest.mark.parametrize("sampler", [*SAMPLERS, "euler_karras"])
-def test_samplers_never_clip_latents(sampler):
-    name, karras = ("euler", True) if sampler == "euler_karras" else (sampler, False)
-    out = _run_to_the_end(make_scheduler(name, HOSTILE_CONFIG, karras))
+@pytest.mark.parametrize("sampler, schedule", [*((s, "") for s in SAMPLERS), ("euler", "karras"),
+                                               ("euler", "sgm_uniform"), ("lcm", "sgm_uniform")])
+def test_samplers_never_clip_latents(sampler, schedule):
+    out = _run_to_the_end(make_scheduler(sampler, HOSTILE_CONFIG, schedule))
     # every sampler ends at (within a hair of) the model's x0 when nothing clamps it
     assert out.mean().item() == pytest.approx(X0, rel=0.05), f"{sampler} clipped the latents: {out.mean():.3f}"
 
@@ -275,14 +276,15 @@ def test_the_clipping_test_catches_a_clipping_sampler(option):
 
 
 def test_sampler_names_and_labels():
-    assert sampler_label("dpmpp_2m_karras") == "DPM++ 2M Karras"
-    assert sampler_from_label("DPM++ 2M Karras") == ("dpmpp_2m", True)
-    assert sampler_from_label("Euler a") == ("euler_a", False)
+    assert sampler_label("dpmpp_2m_karras") == "DPM++ 2M" and full_label("dpmpp_2m_karras") == "DPM++ 2M Karras"
+    assert sampler_from_label("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
+    assert sampler_from_label("Euler a") == ("euler_a", "")
     for name in SAMPLERS:
         assert sampler_from_label(sampler_label(name))[0] in (name, name.removesuffix("_karras"))
+        assert sampler_from_label(full_label(name)) in ((name, ""), (name.removesuffix("_karras"), "karras"))
     with pytest.raises(UserError, match="known samplers: ddim, ddpm, euler, euler_a, dpmpp_2m"):
         make_scheduler("k_lms", HOSTILE_CONFIG)
-    assert make_scheduler("dpmpp_2m", HOSTILE_CONFIG, karras=True).config.use_karras_sigmas
+    assert make_scheduler("dpmpp_2m", HOSTILE_CONFIG, "karras").config.use_karras_sigmas
     # a model saved with a Karras config does not turn plain 'euler' into Karras
     assert not make_scheduler("euler", {**HOSTILE_CONFIG, "use_karras_sigmas": True}).config.use_karras_sigmas
 
@@ -409,11 +411,12 @@ def test_native_bf16_from_proc_cpuinfo_on_a_torch_without_get_capabilities(monke
 def test_parameters_text_round_trips():
     p = GenerationRequest(
         prompt="a red car, at night: rainy\nsecond line", negative_prompt="blurry, low quality", steps=30,
-        sampler="dpmpp_2m", karras=True, cfg=7.5, seed=4242, width=640, height=384, model="models/sd, v1",
+        sampler="dpmpp_2m", schedule="karras", cfg=7.5, seed=4242, width=640, height=384, model="models/sd, v1",
         strength=0.6, guidance_rescale=0.7, mask_blur=4,
     )
     text = format_parameters(p)
-    assert text.splitlines()[-1].startswith("Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 4242, Size: 640x384")
+    assert text.splitlines()[-1].startswith("Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, "
+                                            "Seed: 4242, Size: 640x384")
     assert GenerationRequest(**parse_parameters(text)) == p
     plain = GenerationRequest(prompt="cat", cfg=7.0, seed=1)
     assert "Negative prompt" not in format_parameters(plain)

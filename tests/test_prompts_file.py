@@ -51,7 +51,7 @@ def test_lines_take_their_settings_or_the_command_lines(tmp_path):
         (1, "a red car", 11, 1), (4, "a blue door", 7, 3), (5, "a green tree", 11, 1)]
     assert (lines[1].request.negative_prompt, lines[1].request.cfg, lines[0].request.cfg) == ("blurry", 5.0, 7.5)
     r2, r0 = lines[2].request, lines[0].request
-    assert (r2.sampler, r2.karras, r2.width, r0.width) == ("dpmpp_2m", True, 16, 32)
+    assert (r2.sampler, r2.schedule, r2.width, r0.width) == ("dpmpp_2m", "karras", 16, 32)
     # without --seed: a seed from the prompt text, the same in every run (so a rerun finds its images)
     unseeded = read(FILE, tmp_path)
     assert unseeded[0].request.seed == default_seed("a red car") == 1341639179 and unseeded[1].request.seed == 7

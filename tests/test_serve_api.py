@@ -89,6 +89,13 @@ def test_a1111_listing_endpoints(server):
     samplers = server.get("/sdapi/v1/samplers").json()
     assert {"name": "Euler a", "aliases": ["euler_a"], "options": {}} in samplers
     assert {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {"scheduler": "karras"}} in samplers
+    assert {"name": "LCM", "aliases": ["lcm"], "options": {}} in samplers
+    # A1111's GET /sdapi/v1/schedulers, its entries for the schedules we have
+    assert server.get("/sdapi/v1/schedulers").json() == [
+        {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0, "need_inner_model": False},
+        {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+        {"name": "sgm_uniform", "label": "SGM Uniform", "aliases": ["SGMUniform"], "default_rho": -1.0,
+         "need_inner_model": True}]
     models = server.get("/sdapi/v1/sd-models").json()
     assert all(set(m) == {"title", "model_name", "hash", "sha256", "filename", "config"} for m in models)
     assert [m["title"] for m in models] == [m["model_name"] for m in models] == [NAME, "shapes-copy", "shapes-file"]
@@ -102,7 +109,13 @@ def test_a1111_listing_endpoints(server):
                                           "scheduler": "Karras", "send_images": False, "batch_size": 2})
     assert r.status == 200 and r.json()["images"] == []
     info = json.loads(r.json()["info"])
-    assert info["all_seeds"] == [3, 4] and "Sampler: DPM++ 2M Karras" in info["infotexts"][1]
+    assert info["all_seeds"] == [3, 4] and "Sampler: DPM++ 2M, Schedule type: Karras" in info["infotexts"][1]
+    # a few-step request as A1111 / ComfyUI users send one: LCM, SGM Uniform, cfg 1
+    r = server.post("/sdapi/v1/txt2img", {"prompt": "a circle", "steps": 2, "seed": 3, "sampler_name": "LCM",
+                                          "scheduler": "SGM Uniform", "cfg_scale": 1, "send_images": False})
+    assert r.status == 200 and (r.json()["parameters"]["sampler_name"], r.json()["parameters"]["scheduler"]) == (
+        "LCM", "SGM Uniform")
+    assert "Sampler: LCM, Schedule type: SGM Uniform, CFG scale: 1," in json.loads(r.json()["info"])["infotexts"][0]
 
 
 def test_switching_among_the_listed_models(server):
@@ -189,7 +202,9 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_goes_on(server):
         ("txt2img", {"steps": 1001}, 422, "exceeds the model's 1000 training timesteps"),
         ("txt2img", {"sampler_name": "Euler z"}, 422, "unknown sampler 'Euler z'; known samplers: DDIM, DDPM, Euler"),
         ("txt2img", {"n_iter": 0}, 422, "n_iter must be at least 1, got 0"),
-        ("txt2img", {"scheduler": "Polyexponential"}, 422, "unknown scheduler"),
+        ("txt2img", {"scheduler": "Polyexponential"}, 422, "unknown scheduler 'Polyexponential'; known schedulers: "
+         "Automatic, Karras, SGM Uniform (GET /sdapi/v1/schedulers)"),
+        ("txt2img", {"sampler_name": "LCM", "scheduler": "Karras"}, 422, "sampler 'lcm' takes no Karras schedule"),
         ("txt2img", {"batch_size": 2, "n_iter": 3}, 422, "6 images is over this server's limit of 4"),
         ("txt2img", {"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 404, "not found; listed models"),
         ("txt2img", {"prompt": "a (red:abc) circle"}, 422, "prompt: '(red:abc)' is not a weight"),

@@ -8,7 +8,9 @@ A1111 writes (modules/processing.py, create_infotext):
     Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1        <- one line in the file
 
 Its sampler names are mapped to ours (`ldm.pipeline.samplers.sampler_from_label`), `Schedule type: Karras` (newer
-versions) and `... Karras` sampler names (older ones) both mean Karras sigmas. Fields we do not use (`Model hash`,
+versions) and `... Karras` sampler names (older ones) both mean Karras sigmas, and the same for `SGM Uniform`; other
+schedule types and an `Eta` of a sampler that takes none (A1111 writes one for its ancestral samplers) are named in
+the warning. Fields we do not use (`Model hash`,
 `Version`, `VAE`, ...) are named once, in one warning. Options given on the command line win over the PNG and its
 fields for them are not even read: `--model DIR` replaces the PNG's `Model` (an A1111 model is named by a file name
 the user may not have), `--sampler` replaces a sampler we do not have.
@@ -21,16 +23,17 @@ from typing import Any
 
 from ldm.errors import UserError
 from ldm.pipeline.metadata import PNG_KEY, parameter_fields, parse_parameters, unread_fields
+from ldm.pipeline.samplers import SCHEDULES, schedule_from_label
 
 log = logging.getLogger(__name__)
 
 # CLI option (dest) -> the PNG fields it replaces when given
 OVERRIDES: dict[str, tuple[str, ...]] = {
-    "sampler": ("Sampler", "Schedule type"), "karras": ("Schedule type",), "model": ("Model",),
+    "sampler": ("Sampler", "Schedule type", "Eta"), "schedule": ("Schedule type",), "eta": ("Eta",),
+    "model": ("Model",),
     "steps": ("Steps",), "cfg": ("CFG scale",), "seed": ("Seed",), "hires_upscaler": ("Hires upscaler",),
     "clip_skip": ("Clip skip",), "refiner": ("Refiner", "Refiner switch at"),
 }
-SCHEDULES = ("automatic", "karras")  # A1111 "Schedule type" values we reproduce; "Automatic" = the sampler's own
 
 
 def read_png_text(path: str) -> str:
@@ -62,11 +65,22 @@ def replay_values(path: str, given: set[str] = frozenset()) -> dict[str, Any]:
         raise UserError(f"cannot parse the parameters in '{path}': {e}") from None
     ignored = [k for k in unread_fields(text) if k not in skip]
     schedule = fields.get("Schedule type")
-    if "Schedule type" not in skip and schedule is not None and schedule.lower() not in SCHEDULES:
-        ignored.append(f"Schedule type ({schedule}: only Karras is reproduced; the sampler's own spacing is used)")
+    if "Schedule type" not in skip and schedule is not None and not _known_schedule(schedule):
+        known = " and ".join(s.label for s in SCHEDULES.values())
+        ignored.append(f"Schedule type ({schedule}: only {known} are reproduced; the sampler's own spacing is used)")
+    if "Eta" in fields and "Eta" not in skip and "eta" not in values:
+        ignored.append(f"Eta (only the tcd sampler takes one; '{values.get('sampler', 'euler_a')}' does not)")
     if ignored:
         log.warning("'%s': ignoring fields ldm-generate does not use: %s", path, ", ".join(ignored))
     return values
+
+
+def _known_schedule(label: str) -> bool:
+    try:
+        schedule_from_label(label)
+        return True
+    except UserError:
+        return False
 
 
 def model_hint(error: UserError, path: str, model: str) -> UserError:

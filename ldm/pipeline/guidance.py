@@ -7,6 +7,8 @@ extrapolation is correct for either.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -32,3 +34,17 @@ def rescale_guidance(guided: torch.Tensor, pred_cond: torch.Tensor, phi: float) 
     std_guided = guided.std(dim=dims, keepdim=True)  # (B, 1, 1, 1)
     rescaled = guided * (std_cond / std_guided)
     return phi * rescaled + (1.0 - phi) * guided
+
+
+def guidance_scale_embedding(w: float, dim: int) -> torch.Tensor:
+    """An LCM-distilled U-Net's guidance input (`timestep_cond`, its config's `time_cond_proj_dim` = `dim`): the
+    sinusoidal embedding of 1000 w, as a timestep's (VDM; Luo et al. 2023, LCM). (1, dim) float32.
+
+    Such a U-Net learnt guidance: it is run once per step on the prompt alone, with w = cfg - 1 (diffusers'
+    StableDiffusionPipeline and LatentConsistencyModelPipeline use the Imagen cfg convention, hence the - 1).
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))  # (half,)
+    angles = torch.tensor([w * 1000.0], dtype=torch.float32)[:, None] * freqs[None]  # (1, half)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (1, 2 * half)
+    return torch.nn.functional.pad(emb, (0, dim % 2))  # an odd dim gets a zero last entry

@@ -2,12 +2,16 @@
 
     a red car
     Negative prompt: blurry
-    Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, Denoising strength: 0.6
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15,
+    Denoising strength: 0.6                                                                   <- one line in the file
 
 Other tools (A1111, ComfyUI readers, image browsers) read this chunk; `--from-png` parses it back into arguments.
 A hires-fix image is written as A1111 writes one: `Size` is the first pass's size, `Denoising strength` the second
 pass's strength, then `Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent` (`Hires steps` only when it is not
-the first pass's number of steps).
+the first pass's number of steps). The schedule is written as A1111 >= 1.9 writes it, `Schedule type: Karras` or
+`Schedule type: SGM Uniform` after the sampler (left out for the sampler's own, A1111's "Automatic", which A1111
+reads a missing field as); older texts with the schedule in the sampler's name (`Sampler: DPM++ 2M Karras`) read too.
+TCD's gamma is written as `Eta` (A1111's name for a sampler's eta).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from ldm.errors import UserError
 from ldm.pipeline.request import GenerationRequest
-from ldm.pipeline.samplers import sampler_from_label, sampler_label
+from ldm.pipeline.samplers import SAMPLERS, SCHEDULES, sampler_from_label, sampler_label, schedule_from_label
 
 PNG_KEY = "parameters"
 
@@ -32,7 +37,12 @@ def format_parameters(p: GenerationRequest) -> str:
         lines.append(f"Negative prompt: {p.negative_prompt}")
     fields: list[tuple[str, Any]] = [
         ("Steps", p.steps),
-        ("Sampler", sampler_label(p.sampler, p.karras)),
+        ("Sampler", sampler_label(p.sampler)),
+    ]
+    schedule = p.schedule or SAMPLERS[p.sampler].schedule
+    if schedule:
+        fields.append(("Schedule type", SCHEDULES[schedule].label))
+    fields += [
         ("CFG scale", _num(p.cfg)),
         ("Seed", p.seed),
         ("Size", f"{p.width}x{p.height}"),
@@ -46,6 +56,8 @@ def format_parameters(p: GenerationRequest) -> str:
         fields.append(("Mask blur", p.mask_blur))
     if p.guidance_rescale:
         fields.append(("CFG rescale", _num(p.guidance_rescale)))
+    if p.eta is not None:
+        fields.append(("Eta", _num(p.eta)))
     if p.hires_scale is not None:
         fields.append(("Hires upscale", _num(p.hires_scale)))
         if p.hires_steps:
@@ -83,7 +95,8 @@ SDXL_LABELS = {
 # the fields `parse_parameters` reads; `unread_fields` names the others (A1111 writes many: Model hash, Version, ...)
 READ_FIELDS = (
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Denoising strength", "Mask blur",
-    "CFG rescale", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes", "Clip skip", "Refiner",
+    "CFG rescale", "Eta", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes", "Clip skip",
+    "Refiner",
     "Refiner switch at", *SDXL_LABELS.values(),
 )
 HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> A1111's names
@@ -128,10 +141,11 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     raw = {k: v for k, v in parameter_fields(text).items() if k not in skip}
     if "Steps" in raw:
         out["steps"] = int(raw["Steps"])
-    if "Sampler" in raw:
-        out["sampler"], out["karras"] = sampler_from_label(raw["Sampler"])
-    if raw.get("Schedule type", "").lower() == "karras":  # newer A1111 versions write Karras separately
-        out["karras"] = True
+    if "Sampler" in raw:  # older A1111 versions put the schedule into the sampler's name: 'DPM++ 2M Karras'
+        out["sampler"], out["schedule"] = sampler_from_label(raw["Sampler"])
+    schedule = _schedule(raw.get("Schedule type", ""))  # newer ones write it apart
+    if schedule:
+        out["schedule"] = schedule
     if "CFG scale" in raw:
         out["cfg"] = float(raw["CFG scale"])
     if "Seed" in raw:
@@ -154,6 +168,8 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out["mask_blur"] = int(raw["Mask blur"])
     if "CFG rescale" in raw:
         out["guidance_rescale"] = float(raw["CFG rescale"])
+    if "Eta" in raw and SAMPLERS[out.get("sampler", "euler_a")].eta is not None:  # A1111 writes it for others too
+        out["eta"] = float(raw["Eta"])
     if "Lora hashes" in raw:
         out["lora_hashes"] = raw["Lora hashes"]
     if "TI hashes" in raw:
@@ -168,6 +184,14 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         if label in raw:
             out[name] = float(raw[label]) if name.endswith("aesthetic_score") else _read_pair(name, raw[label])
     return out
+
+
+def _schedule(label: str) -> str:
+    """A "Schedule type" -> ours; one we do not have (A1111's Exponential, ...) -> '' (ldm.pipeline.a1111 warns)."""
+    try:
+        return schedule_from_label(label)
+    except UserError:
+        return ""
 
 
 def _pair(name: str, value: tuple[int, int]) -> str:

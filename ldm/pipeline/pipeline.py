@@ -31,6 +31,7 @@ from ldm.models.spec import ModelSpec, inspect_model
 from ldm.pipeline import images as im
 from ldm.pipeline.denoise import denoise
 from ldm.pipeline.device import pick_device, pick_dtype
+from ldm.pipeline.guidance import guidance_scale_embedding
 from ldm.pipeline.hires import HiresFix
 from ldm.pipeline.latent_codec import LatentCodec
 from ldm.pipeline.job import Job, finish, inpaint_state, prepare_job
@@ -212,8 +213,8 @@ class Pipeline:
         **settings,
     ) -> GenerationResult:
         """`generate` with the request's fields as keywords (`ldm.pipeline.request.GenerationRequest`: steps, cfg,
-        sampler, karras, num_images, batch_size, height, width, strength, mask_blur, guidance_rescale, clip_skip),
-        images as paths or PIL images, `hires` as a `HiresFix` and `lora_hashes` as {name: short hash}."""
+        sampler, schedule, eta, num_images, batch_size, height, width, strength, mask_blur, guidance_rescale,
+        clip_skip), images as paths or PIL images, `hires` as a `HiresFix` and `lora_hashes` as {name: short hash}."""
         if isinstance(init_image, (str, Path)):
             init_image = im.load_image(init_image)
         if isinstance(mask, (str, Path)):
@@ -278,7 +279,7 @@ class Pipeline:
         decoded_all: list[np.ndarray] = []
         latents_all: list[torch.Tensor] = []
         # one bar for the whole run, counting U-Net evaluations over all batches (Heun takes 2 per step)
-        probe = make_scheduler(r.sampler, self.scheduler_config, r.karras)
+        probe = make_scheduler(r.sampler, self.scheduler_config, r.schedule, r.eta)
         probe.set_timesteps(r.steps)
         per_batch = len(probe.timesteps) - (r.steps - steps_run) * probe.order
         if refiner is not None:
@@ -328,11 +329,18 @@ class Pipeline:
     def _encode(self, text: str, r: GenerationRequest) -> tuple[Conditioning, Conditioning | None]:
         """(cond, uncond), contexts (1, 77 * chunks, D) in the pipeline's dtype: A1111 prompt syntax
         (ldm/text/prompt_encoding.py) on the text without its LoRA tags; the unconditional branch only when guidance
-        uses it. Textual-inversion embeddings from the directory as it is now (read again if it changed)."""
+        uses it. Textual-inversion embeddings from the directory as it is now (read again if it changed). An
+        LCM-distilled U-Net takes w = cfg - 1 as an input instead, as diffusers' pipelines run it."""
         if self.embeddings is not None:
             self.embeddings.refresh()
-        cond, uncond = encode_prompt_pair(self.text_encoder, text, None if r.cfg == 1.0 else r.negative_prompt,
-                                          r.clip_skip, self.embeddings)
+        embedded = self.unet.config.time_cond_proj_dim  # LCM-distilled: guidance learnt, one branch whatever the cfg
+        if embedded and r.negative_prompt:
+            log.warning("this U-Net is LCM-distilled (guidance is its input, no unconditional branch): the negative "
+                        "prompt is not used")
+        cond, uncond = encode_prompt_pair(self.text_encoder, text, None if r.cfg == 1.0 or embedded
+                                          else r.negative_prompt, r.clip_skip, self.embeddings)
+        if embedded:
+            cond = replace(cond, timestep_cond=guidance_scale_embedding(r.cfg - 1.0, embedded).to(self.device))
         return cond.to(self.dtype), None if uncond is None else uncond.to(self.dtype)
 
     def _refiner_for(self, r: GenerationRequest) -> Pipeline | None:
@@ -357,7 +365,7 @@ class Pipeline:
         """(On the refiner) the schedule from `r.refiner_switch` on, from the base's latents (b, C, h, w), as
         diffusers' img2img pipeline runs it with `denoising_start`; the base's generators go on drawing."""
         b = latents.shape[0]
-        scheduler = make_scheduler(r.sampler, self.scheduler_config, r.karras)
+        scheduler = make_scheduler(r.sampler, self.scheduler_config, r.schedule, r.eta)
         scheduler.set_timesteps(r.steps, device=self.device)
         run = len(scheduler.timesteps) if r.strength is None else \
             len(scheduler.timesteps) - (r.steps - steps_to_run(r.steps, r.strength)) * scheduler.order
@@ -385,7 +393,7 @@ class Pipeline:
         """One batch (one generator per image): starting latents for its mode, then the loop. Returns the final
         latents (b, C, h, w); with `switch` (a refiner's), those at that point of the schedule."""
         b = len(gens)
-        scheduler = make_scheduler(r.sampler, self.scheduler_config, r.karras)  # fresh: multistep state is per run
+        scheduler = make_scheduler(r.sampler, self.scheduler_config, r.schedule, r.eta)  # fresh: state is per run
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps
         c = self.vae.config.latent_channels

@@ -12,8 +12,8 @@ Four sources build one, each with its own key names, all mapped here:
 - an A1111 API payload: `from_a1111` (cfg_scale, sampler_name, batch_size x n_iter, denoising_strength, ...).
 
 Precedence is the order of the layers given to `layered` (typed > PNG > prompts-file line > default). A layer that
-names a sampler also decides Karras spacing (A1111's 'DPM++ 2M Karras', or its own `karras`), so a sampler given on
-top of a PNG never inherits the PNG's schedule.
+names a sampler also decides its schedule and eta (A1111's 'DPM++ 2M Karras', or the layer's own `schedule`), so a
+sampler given on top of a PNG never inherits the PNG's schedule.
 
 `check()` refuses what is wrong whatever the model; `resolve(model)` fills in what depends on the model and the
 inputs (size from the init image or the model, img2img/inpainting strength, mask blur, hires defaults, a random
@@ -31,7 +31,7 @@ from PIL import Image
 
 from ldm.errors import UserError
 from ldm.pipeline.hires import HIRES_STRENGTH, HIRES_UPSCALER, UPSCALERS, HiresFix
-from ldm.pipeline.samplers import check_sampler, sampler_from_label
+from ldm.pipeline.samplers import SAMPLERS, SCHEDULES, check_sampler, sampler_from_label, schedule_from_label
 from ldm.pipeline.seeds import random_seed
 from ldm.pipeline.validation import check_request, pick_size
 from ldm.text.embeddings import escape_references
@@ -61,7 +61,8 @@ class GenerationRequest:
     negative_prompt: str = ""  # the unconditional branch of guidance
     steps: int = 25
     sampler: str = "euler_a"  # ldm.pipeline.samplers.SAMPLERS
-    karras: bool = False  # Karras sigma spacing
+    schedule: str = ""  # where the steps fall: '' = the sampler's own (A1111's "Automatic"), 'karras', 'sgm_uniform'
+    eta: float | None = None  # TCD's gamma (diffusers' `eta`), in [0, 1]; None: 0.3. Only the tcd sampler takes it
     cfg: float = 7.5  # classifier-free guidance scale; 1 = one U-Net branch
     seed: int = -1  # of the first image; image i uses seed + i. -1: a random one
     width: int = 0  # 0: the init image's size rounded down to the VAE factor, else the model's native size
@@ -130,7 +131,7 @@ class GenerationRequest:
 
     def check(self) -> None:
         """Refuse what is wrong whatever the model, naming the option (one line each)."""
-        check_sampler(self.sampler, self.karras)
+        check_sampler(self.sampler, self.schedule, self.eta)
         check_prompt(escape_references(self.prompt), "prompt")  # ComfyUI's embedding:NAME is text to the syntax
         check_prompt(escape_references(self.negative_prompt), "negative prompt")
         if self.clip_skip < 1:
@@ -180,13 +181,14 @@ class GenerationRequest:
         mask_blur = (MASK_BLUR if self.mask_blur is None else self.mask_blur) if self.mask is not None else None
         seed = random_seed() if self.seed == -1 else self.seed
         check_request(steps=self.steps, cfg=self.cfg, height=height, width=width, vae_factor=model.vae_factor,
-                      strength=strength, sampler=self.sampler, karras=self.karras, num_images=self.num_images,
+                      strength=strength, sampler=self.sampler, schedule=self.schedule, num_images=self.num_images,
                       batch_size=self.batch_size, seed=seed, guidance_rescale=self.guidance_rescale,
                       mask_blur=mask_blur or 0, max_steps=model.train_timesteps)
         refiner_switch = (REFINER_SWITCH if self.refiner_switch is None else self.refiner_switch) if self.refiner \
             else None
+        eta = SAMPLERS[self.sampler].eta if self.eta is None else self.eta  # TCD's default gamma; None for others
         resolved = replace(self, height=height, width=width, strength=strength, mask_blur=mask_blur, seed=seed,
-                           refiner_switch=refiner_switch, resolved=True)
+                           refiner_switch=refiner_switch, eta=eta, resolved=True)
         hires = self.hires()
         if hires is not None:
             hires.check(self.steps, height, width, model.vae_factor)
@@ -222,12 +224,16 @@ RECORDED = FIELDS - {"num_images", "batch_size", "init_image", "mask", "resolved
 
 
 def _sampler_layer(layer: Mapping[str, Any]) -> dict[str, Any]:
-    """A layer with its sampler as we name it: A1111's 'DPM++ 2M Karras' -> dpmpp_2m + Karras; a layer that names
-    a sampler decides Karras (its label's, or its own `karras`)."""
+    """A layer with its sampler and schedule as we name them: A1111's 'DPM++ 2M Karras' -> dpmpp_2m + 'karras',
+    'SGM Uniform' -> 'sgm_uniform'. A layer that names a sampler decides the schedule (its label's, as A1111 lets a
+    name's suffix win, else its own `schedule`, else the sampler's own) and eta (its own, else the default)."""
     out = dict(layer)
+    if out.get("schedule") is not None:
+        out["schedule"] = schedule_from_label(out["schedule"])
     if out.get("sampler") is not None:
-        out["sampler"], karras = sampler_from_label(out["sampler"])
-        out["karras"] = karras or bool(out.get("karras"))
+        out["sampler"], schedule = sampler_from_label(out["sampler"])
+        out["schedule"] = schedule or out.get("schedule") or ""
+        out.setdefault("eta", None)
     return out
 
 
@@ -237,15 +243,13 @@ def _sampler_layer(layer: Mapping[str, Any]) -> dict[str, Any]:
 PROMPTS_FILE_KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "prompt": ("prompt", str), "negative": ("negative_prompt", str), "seed": ("seed", int),
     "cfg": ("cfg", (int, float)), "steps": ("steps", int), "sampler": ("sampler", str), "width": ("width", int),
-    "height": ("height", int), "count": ("num_images", int),
+    "height": ("height", int), "count": ("num_images", int), "schedule": ("schedule", str),
+    "eta": ("eta", (int, float)),
 }
 PROMPTS_FILE_ALIASES = {"negative_prompt": "negative", "num_images": "count", "cfg_scale": "cfg"}
 
 
 # -------------------------------------------------------------------------------------------- A1111 API payload
-
-_PLAIN_SCHEDULES = {"", "automatic", "uniform", "default"}  # A1111 "Schedule type"s that leave a sampler's spacing
-
 
 def from_a1111(payload: Mapping[str, Any], *, clip_skip: int = 1, known_samplers: str = "") -> dict[str, Any]:
     """An A1111 `/sdapi/v1/txt2img` or `/img2img` body (a dict, images already decoded into `init_image`/`mask`)
@@ -253,17 +257,22 @@ def from_a1111(payload: Mapping[str, Any], *, clip_skip: int = 1, known_samplers
     override_settings.CLIP_stop_at_last_layers."""
     layer: dict[str, Any] = {"prompt": payload.get("prompt", ""), "negative_prompt": payload.get("negative_prompt", "")}
     name = payload.get("sampler_name") or payload.get("sampler_index")
+    try:
+        layer["schedule"] = schedule_from_label(payload.get("scheduler") or "")
+    except UserError:
+        known = ", ".join(["Automatic", *(s.label for s in SCHEDULES.values())])
+        raise UserError(f"unknown scheduler '{payload.get('scheduler')}'; known schedulers: {known} "
+                        "(GET /sdapi/v1/schedulers)") from None
     if name:
         try:
-            layer["sampler"], layer["karras"] = sampler_from_label(name)
+            layer["sampler"], schedule = sampler_from_label(name)
         except UserError:
             raise UserError(f"unknown sampler '{name}'; known samplers: {known_samplers} "
                             "(GET /sdapi/v1/samplers)") from None
-    schedule = (payload.get("scheduler") or "").strip().lower()
-    if schedule == "karras":
-        layer["karras"] = True
-    elif schedule not in _PLAIN_SCHEDULES:
-        raise UserError(f"unknown scheduler '{payload.get('scheduler')}'; use Automatic or Karras")
+        layer["schedule"] = schedule or layer["schedule"]  # 'DPM++ 2M Karras': the name's schedule wins, as in A1111
+        # A1111's `eta` is every sampler's; of ours only TCD takes one (its gamma): others ignore it, as A1111's do
+        if SAMPLERS[layer["sampler"]].eta is not None and payload.get("eta") is not None:
+            layer["eta"] = payload["eta"]
     for key in ("batch_size", "n_iter"):
         if payload.get(key, 1) < 1:
             raise UserError(f"{key} must be at least 1, got {payload.get(key)}")

@@ -45,7 +45,7 @@ def check_request(
     vae_factor: int,
     strength: float | None = None,
     sampler: str | None = None,
-    karras: bool = False,
+    schedule: str = "",
     num_images: int = 1,
     batch_size: int = 1,
     seed: int = 0,
@@ -56,7 +56,7 @@ def check_request(
     """Raise a `UserError` naming the first bad argument. `strength` is None for txt2img; `sampler` None is not
     checked here (`GenerationRequest.resolve` passes its own)."""
     if sampler is not None:
-        check_sampler(sampler, karras)
+        check_sampler(sampler, schedule)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     if steps > max_steps:

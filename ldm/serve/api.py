@@ -32,13 +32,14 @@ from ldm.models.spec import ModelSpec
 from ldm.pipeline.metadata import format_parameters, png_bytes
 from ldm.pipeline.refiner import check_refiner_pair
 from ldm.pipeline.request import GenerationRequest, from_a1111
-from ldm.pipeline.samplers import SAMPLERS, sampler_label
+from ldm.pipeline.samplers import AUTOMATIC, SAMPLERS, SCHEDULES, full_label, sampler_label, schedule_label
 from ldm.serve.schemas import (
     EmbeddingsResponse,
     Img2ImgRequest,
     ImagesResponse,
     ProgressResponse,
     SamplerItem,
+    SchedulerItem,
     SDModelItem,
     Txt2ImgRequest,
 )
@@ -86,8 +87,18 @@ def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
 
     @router.get("/samplers", response_model=list[SamplerItem])
     def samplers():
-        return [{"name": sampler_label(name), "aliases": [name],
-                 "options": {"scheduler": "karras"} if s.karras else {}} for name, s in SAMPLERS.items()]
+        return [{"name": full_label(name), "aliases": [name],
+                 "options": {"scheduler": s.schedule} if s.schedule else {}} for name, s in SAMPLERS.items()]
+
+    @router.get("/schedulers", response_model=list[SchedulerItem])
+    def schedulers():
+        # A1111's entries for the schedules we have (modules/sd_schedulers.py: rho 7 for Karras; SGM Uniform reads
+        # the model's timesteps, its "inner model"); a request's `scheduler` takes the name or the label
+        automatic = {"name": "automatic", "label": AUTOMATIC, "aliases": None, "default_rho": -1,
+                     "need_inner_model": False}
+        return [automatic, *({"name": name, "label": s.label, "aliases": list(s.aliases) or None,
+                              "default_rho": 7.0 if name == "karras" else -1,
+                              "need_inner_model": name == "sgm_uniform"} for name, s in SCHEDULES.items())]
 
     @router.get("/sd-models", response_model=list[SDModelItem])
     def sd_models():
@@ -192,7 +203,7 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
         clip_skip = req.override_settings["CLIP_stop_at_last_layers"]
     clip_skip = _clip_skip(clip_skip, name, clip_limit)  # the server-wide one too: it may be another model's
     payload = {**req.model_dump(), "init_image": init, "mask": mask}
-    known = ", ".join(sampler_label(n) for n in SAMPLERS)
+    known = ", ".join(full_label(n) for n in SAMPLERS)
     request = GenerationRequest.layered(from_a1111(payload, clip_skip=clip_skip, known_samplers=known))
     check_lora_inputs([], request.prompt, lora_dir)
     check_refiner_pair(spec, None)
@@ -272,7 +283,8 @@ async def _run(request: Request, worker: Worker, name: str, req: Txt2ImgRequest,
     if isinstance(req, Img2ImgRequest) and not req.include_init_images:
         echo["init_images"] = echo["mask"] = None
     echo.update(seed=r.seed, steps=r.steps, cfg_scale=r.cfg, width=r.width, height=r.height,
-                sampler_name=sampler_label(r.sampler, r.karras))
+                sampler_name=sampler_label(r.sampler),
+                scheduler=schedule_label(r.schedule or SAMPLERS[r.sampler].schedule), eta=r.eta)
     return {"images": images, "parameters": echo, "info": json.dumps(_info(r, params, name, interrupted))}
 
 
@@ -283,7 +295,7 @@ def _info(r: GenerationRequest, params: list[GenerationRequest], name: str, inte
         "prompt": r.prompt, "all_prompts": [r.prompt] * len(seeds),
         "negative_prompt": r.negative_prompt, "all_negative_prompts": [r.negative_prompt] * len(seeds),
         "seed": r.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
-        "width": r.width, "height": r.height, "sampler_name": sampler_label(r.sampler, r.karras),
+        "width": r.width, "height": r.height, "sampler_name": sampler_label(r.sampler),
         "cfg_scale": r.cfg, "steps": r.steps, "batch_size": r.batch_size,
         "sd_model_name": name, "denoising_strength": r.strength, "index_of_first_image": 0,
         "infotexts": [format_parameters(p) for p in params], "interrupted": interrupted,

@@ -1,6 +1,6 @@
 """Request and response bodies of the A1111-compatible API (field names and shapes as AUTOMATIC1111's
 `modules/api/models.py`: StableDiffusionTxt2ImgProcessingAPI, TextToImageResponse, ProgressResponse, SamplerItem,
-SDModelItem, EmbeddingsResponse).
+SchedulerItem, SDModelItem, EmbeddingsResponse).
 
 Fields A1111 accepts that this package has no use for (restore_faces, scripts, hires fix, ...) are ignored, as
 A1111 ignores fields it does not know, so a client that sends them works unchanged. A field left out takes the
@@ -23,9 +23,10 @@ class Txt2ImgRequest(BaseModel):
     negative_prompt: str = ""
     steps: int | None = None  # None: the CLI's default (25)
     cfg_scale: float | None = None  # None: the CLI's default (7.5)
-    sampler_name: str | None = None  # A1111 name ("Euler a", "DPM++ 2M Karras") or ours ("euler_a")
+    sampler_name: str | None = None  # A1111 name ("Euler a", "DPM++ 2M Karras", "LCM") or ours ("euler_a")
     sampler_index: str | None = None  # A1111's older spelling of sampler_name
-    scheduler: str | None = None  # A1111 >= 1.9 writes "Karras" here instead of in the sampler's name
+    scheduler: str | None = None  # A1111 >= 1.9: "Automatic", "Karras", "SGM Uniform" (GET /sdapi/v1/schedulers)
+    eta: float | None = None  # the TCD sampler's gamma (None: 0.3); other samplers ignore it
     seed: int = -1  # -1: random
     width: int | None = None  # None: the model's native size
     height: int | None = None
@@ -77,6 +78,14 @@ class EmbeddingItem(BaseModel):
 class EmbeddingsResponse(BaseModel):
     loaded: dict[str, EmbeddingItem]  # those that fit the selected model
     skipped: dict[str, EmbeddingItem]  # made for another model family
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
 
 
 class SDModelItem(BaseModel):
