@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from conftest import run
 from ldm.errors import UserError
 from ldm.generate import main
-from ldm.ip_adapter.format import FULL, PLAIN, PLUS, inspect_adapter
+from ldm.ip_adapter.format import FULL, PLAIN, PLUS, find_adapter_file, inspect_adapter, read_adapter
 from ldm.ip_adapter.tiny import save_tiny_image_encoder, save_tiny_ip_adapter
 from ldm.ip_adapter.unit import IPAdapterUnit
 from ldm.models.ip_adapter import inspect_ip_adapters
@@ -253,8 +253,8 @@ BAD = {
     "no encoder found": (["--ip-adapter", "{sd_full}", "--ip-image", "{image}"], "no image encoder for IP-Adapter"),
     "not an ip-adapter": (["--ip-adapter", "{lora}", "--ip-image", "{image}"], "is not an IP-Adapter: it has no "
                           "image_proj.* and ip_adapter.N.to_k_ip weights (its first tensor is 'lora_unet_mid"),
-    "pickle": (["--ip-adapter", "{pickle}", "--ip-image", "{image}"], "is a pickle file; only .safetensors "
-               "IP-Adapters are loaded"),
+    "pickle with code": (["--ip-adapter", "{pickle}", "--ip-image", "{image}"], "needs test_ip_adapter._Global to "
+                         "load, which a weights-only load refuses"),
     "faceid": (["--ip-adapter", "{faceid}", "--ip-image", "{image}"], "is a FaceID adapter"),
     "missing adapter": (["--ip-adapter", "{root}/nope.safetensors", "--ip-image", "{image}"], "does not exist"),
     "too many images": (["--ip-adapter", "{sd_plain}", "--ip-image", "{image}", "--ip-image", "{image}",
@@ -262,11 +262,15 @@ BAD = {
 }
 
 
+class _Global:  # a pickle that needs a class to load
+    pass
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(files, tiny_sdxl_model, tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("bad")
     _image(0).save(d / "cat.png")
-    (d / "old.bin").write_bytes(b"\x80\x04pickle")
+    torch.save({**read_adapter(files["sd_plain"]), "extra": _Global()}, d / "old.bin")
     return {**{k: str(v) for k, v in files.items()}, "image": str(d / "cat.png"), "sdxl": str(tiny_sdxl_model),
             "lora": str(_lora_like(d / "lora.safetensors")), "pickle": str(d / "old.bin"),
             "faceid": str(_face_id(d / "faceid.safetensors"))}
@@ -282,6 +286,23 @@ def test_bad_ip_adapter_input_is_one_line_exit_2_and_no_file(case, tiny_model, b
     assert code == 2 and lines == []
     assert err.count("\n") == 1 and err.startswith("error: ") and expected.format(**bad_inputs) in err, err
     assert not outdir.exists() or not any(outdir.iterdir())
+
+
+def test_a_bin_file_reads_as_its_safetensors_twin(files, tmp_path):
+    """h94's .bin layout (a dict of the two groups, read weights-only) = the .safetensors file's tensors and facts;
+    a directory holding only the .bin finds it."""
+    groups = read_adapter(files["sd_plus"])
+    (tmp_path / "bin").mkdir()
+    torch.save(groups, tmp_path / "bin" / "ip-adapter-plus_sd15.bin")
+    found = find_adapter_file(tmp_path / "bin")
+    assert found.name == "ip-adapter-plus_sd15.bin"
+    back = read_adapter(found)
+    assert back.keys() == groups.keys() and all(
+        back[g].keys() == groups[g].keys() and all(torch.equal(back[g][k], v) for k, v in groups[g].items())
+        for g in groups)
+    facts, twin = inspect_adapter(found), inspect_adapter(files["sd_plus"])
+    assert (facts.variant, facts.cross_attention_dim, facts.image_embed_dim, facts.layers) == (
+        twin.variant, twin.cross_attention_dim, twin.image_embed_dim, twin.layers) == (PLUS, 32, 32, twin.layers)
 
 
 def test_an_adapter_for_another_u_net_of_the_same_width_is_named(sd_pipe, files, tmp_path):

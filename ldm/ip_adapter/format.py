@@ -1,6 +1,6 @@
 """The IP-Adapter file: tencent-ailab/IP-Adapter's layout, as h94/IP-Adapter ships it and diffusers' `load_ip_adapter`
-reads it. Safetensors only: a pickle `.bin` is refused like every other pickle (ldm/weights.py; h94/IP-Adapter ships
-a `.safetensors` file next to each `.bin`).
+reads it. A `.safetensors` file, or a PyTorch `.bin`/`.pt` read only as tensors and plain values
+(`ldm.weights.read_weights_only_pickle`, `torch.load(weights_only=True)`: never code), as diffusers reads one.
 
 Flat keys in two groups (shapes for cross-attention width D and image-encoder widths E, H):
 - `image_proj.*`, the image projection, whose keys tell the variant:
@@ -15,6 +15,8 @@ Flat keys in two groups (shapes for cross-attention width D and image-encoder wi
 - `ip_adapter.N.to_k_ip.weight`, `ip_adapter.N.to_v_ip.weight` (C, D): key and value of the decoupled cross-attention
   added to the U-Net's N-th attention processor, numbered over `unet.attn_processors` (self- and cross-attention
   alternate, so the cross-attention ones are N = 1, 3, 5, ...); C is that layer's width.
+A `.safetensors` file holds the two groups as flat keys with those prefixes; a `.bin` as a dict of two dicts,
+{"image_proj": {...}, "ip_adapter": {...}}, keys without the prefixes.
 
 A directory given as the adapter holds one such file (diffusers' default name is `ip-adapter.safetensors`).
 """
@@ -28,11 +30,12 @@ from pathlib import Path
 import torch
 
 from ldm.errors import UserError
-from ldm.weights import PICKLE_SUFFIXES, check_safetensors_file, read_safetensors
+from ldm.weights import check_safetensors_file, read_safetensors, read_weights_only_pickle
 
 PLAIN, PLUS, FULL = "plain", "plus", "full"
 _LAYER_KEY = re.compile(r"(\d+)\.to_([kv])_ip\.weight")
 DIFFUSERS_FILE = "ip-adapter.safetensors"  # diffusers' load_ip_adapter default weight_name
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")  # read with torch.load(weights_only=True)
 
 
 @dataclass(frozen=True)
@@ -57,38 +60,35 @@ class AdapterFacts:
 
 
 def find_adapter_file(name: str | Path) -> Path:
-    """The adapter's .safetensors file: `name` itself, or the one such file in the directory `name`."""
+    """The adapter's file: `name` itself, or the one adapter file in the directory `name` (its .safetensors file;
+    diffusers' `ip-adapter.safetensors` first; a .bin where there is none)."""
     p = Path(name).expanduser()
     if p.is_dir():
-        found = sorted(p.glob("*.safetensors"))
+        found = sorted(p.glob("*.safetensors")) or sorted(f for f in p.iterdir() if f.suffix in TORCH_SUFFIXES)
         preferred = [f for f in found if f.name == DIFFUSERS_FILE]
         if len(found) > 1 and not preferred:
-            raise UserError(f"IP-Adapter directory '{p}' has {len(found)} .safetensors files "
+            raise UserError(f"IP-Adapter directory '{p}' has {len(found)} weight files "
                             f"({', '.join(f.name for f in found[:3])}): pass the file itself as --ip-adapter")
         if not found:
-            pickles = sorted(f for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
-            if pickles:
-                _refuse_pickle(pickles[0])
-            raise UserError(f"IP-Adapter directory '{p}' has no .safetensors file ({DIFFUSERS_FILE})")
+            raise UserError(f"IP-Adapter directory '{p}' has no .safetensors file ({DIFFUSERS_FILE}) or .bin")
         return (preferred or found)[0]
     if not p.is_file():
-        raise UserError(f"IP-Adapter '{p}' does not exist (--ip-adapter takes a .safetensors file or a directory "
-                        "holding one)")
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        _refuse_pickle(p)
+        raise UserError(f"IP-Adapter '{p}' does not exist (--ip-adapter takes a .safetensors or .bin file, or a "
+                        "directory holding one)")
+    if p.suffix.lower() not in (".safetensors", *TORCH_SUFFIXES):
+        raise UserError(f"IP-Adapter '{p}' is neither a .safetensors nor a .bin file")
     return p
 
 
-def _refuse_pickle(p: Path) -> None:
-    raise UserError(f"IP-Adapter '{p}' is a pickle file; only .safetensors IP-Adapters are loaded, because "
-                    "unpickling can run arbitrary code (h94/IP-Adapter has a .safetensors file next to each .bin)")
-
-
 def inspect_adapter(path: Path) -> AdapterFacts:
-    """The facts of the adapter file at `path` (a file `find_adapter_file` found), from its header; a file that is
-    not an IP-Adapter, or a FaceID one, is a `UserError`."""
-    header = check_safetensors_file(path)
-    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    """The facts of the adapter file at `path` (a file `find_adapter_file` found), from its header (a .bin file is
+    read whole); a file that is not an IP-Adapter, or a FaceID one, is a `UserError`."""
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        shapes = {f"{group}.{k}": tuple(v.shape) for group, tensors in _read_torch(path).items()
+                  for k, v in tensors.items()}
+    else:
+        header = check_safetensors_file(path)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     proj = {k.removeprefix("image_proj."): s for k, s in shapes.items() if k.startswith("image_proj.")}
     layers: dict[int, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
@@ -125,9 +125,24 @@ def inspect_adapter(path: Path) -> AdapterFacts:
 def read_adapter(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The tensors as diffusers' `_load_ip_adapter_weights` takes them: {"image_proj": {...}, "ip_adapter": {...}}
     with the group prefixes taken off (what its `load_ip_adapter` makes of a .safetensors file)."""
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        return _read_torch(path)
     tensors, _ = read_safetensors(path, lambda k: k.startswith(("image_proj.", "ip_adapter.")))
     groups: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
     for key, value in tensors.items():
         group, _, rest = key.partition(".")
         groups[group][rest] = value
     return groups
+
+
+def _read_torch(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A .bin adapter's two groups (weights-only read); other entries are dropped, as diffusers does."""
+    data = read_weights_only_pickle(path)
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' is not an IP-Adapter: it holds a {type(data).__name__}, not the image_proj and "
+                        "ip_adapter weights")
+    groups = {g: data.get(g) for g in ("image_proj", "ip_adapter")}
+    if not all(isinstance(v, dict) for v in groups.values()):  # flat keys, as in the .safetensors layout
+        groups = {g: {k.removeprefix(f"{g}."): v for k, v in data.items() if str(k).startswith(f"{g}.")}
+                  for g in groups}
+    return {g: {str(k): v for k, v in tensors.items() if isinstance(v, torch.Tensor)} for g, tensors in groups.items()}

@@ -24,8 +24,9 @@ OPTIONS = ("ip_image", "ip_scale", "ip_image_encoder")  # what applies only with
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("IP-Adapter (image prompts; each option repeatable, in the adapters' order)")
     g.add_argument("--ip-adapter", action="append", default=None, metavar="MODEL",
-                   help="an IP-Adapter .safetensors file (plain, Plus or Full; h94/IP-Adapter's layout) or a directory "
-                   "holding one; repeat to stack several. Recorded in the PNG as 'IP-Adapter: NAME [hash]'")
+                   help="an IP-Adapter file (plain, Plus or Full; h94/IP-Adapter's .safetensors, or its .bin read as "
+                   "tensors only) or a directory holding one; repeat to stack several. Recorded in the PNG as "
+                   "'IP-Adapter: NAME [hash]'")
     g.add_argument("--ip-image", action="append", default=None, metavar="FILE",
                    help="the image prompt: once for every adapter, or once per adapter")
     g.add_argument("--ip-scale", action="append", type=float, default=None, metavar="S",
