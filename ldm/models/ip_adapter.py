@@ -1,6 +1,7 @@
 """Opening IP-Adapters (ldm/ip_adapter) as models are opened: a spec from headers and configs alone, with every check
 that needs no weight (the file, its kind, the model family it was made for, its image encoder and whether that
-fits), then `load_ip_adapters`, which `Pipeline.open(ip_adapters=...)` calls on the opened U-Net."""
+fits), then `load_ip_adapters`, which `Pipeline.open(ip_adapters=...)` calls on the opened U-Net (-> `IPAdapters`,
+which requests name by the names given here)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ldm.ip_adapter.image_encoder import (
 )
 from ldm.models.spec import ModelSpec
 
+__all__ = ["IPAdapterSpec", "IPAdapters", "inspect_ip_adapter", "inspect_ip_adapters", "load_ip_adapters"]
 HASH_LENGTH = 10  # A1111's short checkpoint hash: the first 10 hex digits of the file's sha256
 # the text-context widths of the full-size families, for messages
 _FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}

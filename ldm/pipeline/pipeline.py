@@ -23,11 +23,10 @@ from PIL import Image
 
 from ldm.errors import UserError
 from ldm.image_io import to_rgb
-from ldm.ip_adapter.adapters import IPAdapters
 from ldm.lora.apply import AppliedLora, LoraStack
 from ldm.lora.prompt_tags import format_lora_hashes, parse_lora_hashes
 from ldm.models.components import Components
-from ldm.models.ip_adapter import IPAdapterSpec, load_ip_adapters
+from ldm.models.ip_adapter import IPAdapters, IPAdapterSpec, load_ip_adapters
 from ldm.models.load import load_components
 from ldm.models.spec import ModelSpec, inspect_model
 from ldm.pipeline import images as im
@@ -132,8 +131,7 @@ class Pipeline:
         on `device` in `dtype` ('fp32' | 'fp16' | 'bf16' | None = auto), then merge `loras` ((path, scale) pairs,
         `--lora`). `lora_dir` is where prompt tags find their files. `refiner`: an SDXL refiner's spec, opened the
         same way, for requests that name it (`--refiner`). `embeddings_dir` and `embeddings` (files): the
-        textual-inversion embeddings prompts may name (ldm/text/embeddings.py). `ip_adapters`: IP-Adapters'
-        specs (`ldm.models.ip_adapter.inspect_ip_adapters`), put on the U-Net for requests that name them."""
+        textual-inversion embeddings prompts may name (ldm/text/embeddings.py). `ip_adapters`: IP-Adapter specs."""
         check_refiner_pair(spec, refiner)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
