@@ -7,6 +7,7 @@
     ldm-generate --from-png outputs/00012-42-a-red-car.png --model DIR      # replay an image's settings
     ldm-generate "a red car" --model DIR --hires-scale 2 --hires-strength 0.5   # hires fix: 512 -> 1024 px
     ldm-generate "a red car" --model DIR --lora lcm-lora.safetensors --sampler lcm --steps 4 --cfg 1   # few-step
+    ldm-generate "a cat" --model DIR --ip-adapter ip-adapter_sd15.safetensors --ip-image cat.png --ip-scale 0.6
     ldm-generate --prompts-file prompts.txt --model DIR --outdir out      # many prompts; a rerun resumes
 
 stdout carries only the paths of the written PNGs, one a line (so `ldm-generate ... | xargs ...` works); logs,
@@ -31,6 +32,7 @@ from ldm.pipeline.request import FIELDS, GenerationRequest
 log = logging.getLogger("ldm.generate")
 
 def build_parser() -> argparse.ArgumentParser:
+    from ldm.ip_adapter.options import add_arguments as add_ip_adapter_arguments
     from ldm.pipeline.hires import HIRES_STRENGTH, MAX_SCALE
     from ldm.pipeline.samplers import SAMPLERS, SCHEDULES
     from ldm.pipeline.validation import MAX_SIZE, MIN_SIZE
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "an embedding named by its file's stem, or by ComfyUI's embedding:NAME")
     e.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="an embedding file, named by its stem; repeat for several")
+    add_ip_adapter_arguments(p)  # --ip-adapter, --ip-image, --ip-scale, --ip-image-encoder
     d = p.add_argument_group("device and precision")
     d.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -183,6 +186,7 @@ def typed_layer(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_request(args: argparse.Namespace) -> GenerationRequest:
     """Typed options > the --from-png image's values > the request's defaults; the init image and mask decoded."""
+    from ldm.ip_adapter.options import ip_adapter_units
     from ldm.pipeline import images as im
 
     typed = typed_layer(args)
@@ -200,6 +204,9 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
             raise UserError(f"'{args.from_png}' was inpainted (it has a Mask blur): pass --mask FILE to replay it")
     if "prompt" not in typed and "prompt" not in from_png:
         raise UserError('no prompt given: ldm-generate "a red car" --model DIR (or --from-png FILE)')
+    ip_units = ip_adapter_units(args, from_png.get("ip_adapters", ()), args.from_png)  # images decoded
+    if ip_units is not None:
+        typed["ip_adapters"] = ip_units
     images = {"init_image": im.load_image(args.init_image) if args.init_image else None,
               "mask": im.load_mask(args.mask) if args.mask else None}
     return GenerationRequest.layered(typed, from_png, {k: v for k, v in images.items() if v is not None})
@@ -294,6 +301,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     from ldm.demo import NAME as DEMO_NAME
     from ldm.demo import NOTICE as DEMO_NOTICE
     from ldm.lora.prompt_tags import check_lora_inputs, parse_lora_hashes
+    from ldm.models.ip_adapter import inspect_ip_adapters
     from ldm.pipeline.device import dtype_name, pick_device, pick_dtype
     from ldm.pipeline.output import check_writable, save_png
     from ldm.pipeline.pipeline import Pipeline
@@ -306,6 +314,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     check_refiner_pair(spec, None)  # a refiner given as --model, named
     request = request.resolve(spec)
     refiner = refiner_spec(args, request, spec)
+    ip_adapters = inspect_ip_adapters([u.model for u in request.ip_adapters], spec, args.ip_image_encoder or ())
     # 2. the rest of the inputs: device, output directory, LoRA files (all before any weight is loaded)
     device = pick_device(args.device)
     outdir = check_writable(args.outdir)
@@ -321,7 +330,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     log.info("loading %s on %s (%s)", spec.name, device, dtype_name(dtype))
     pipe = Pipeline.open(spec, device, dtype, loras=loras, lora_dir=args.lora_dir, vae_tiling=args.vae_tiling,
                          compile_unet=args.compile, refiner=refiner, embeddings_dir=args.embeddings_dir,
-                         embeddings=args.embedding)
+                         embeddings=args.embedding, ip_adapters=ip_adapters)
     log.info("loaded in %.1fs; generating %d image(s) at %dx%d, seeds %d..%d", time.perf_counter() - start,
              request.num_images, request.width, request.height, request.seed, request.seed + request.num_images - 1)
     written: list[Path] = []
@@ -341,6 +350,8 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def run_prompts(args: argparse.Namespace) -> list[Path]:
     """`--prompts-file`: every line of the file through `ldm.prompts_file`, on top of the typed options."""
+    from ldm.ip_adapter.options import ip_adapter_units
+    from ldm.models.ip_adapter import inspect_ip_adapters
     from ldm.prompts_file import run_prompts_file
 
     for option, value in (("a prompt", args.prompt), ("--from-png", args.from_png),
@@ -348,12 +359,17 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
         if value:
             raise UserError(f"--prompts-file takes its prompts from the file: drop {option}")
     typed = typed_layer(args)
+    ip_units = ip_adapter_units(args)  # every line's image prompts
+    if ip_units is not None:
+        typed["ip_adapters"] = ip_units
     spec = model_spec(args, typed.get("model"))
     refiner = refiner_spec(args, GenerationRequest.layered(typed), spec)
+    ip_adapters = inspect_ip_adapters([u.model for u in ip_units or ()], spec, args.ip_image_encoder or ())
     return run_prompts_file(args.prompts_file, spec, typed, outdir=args.outdir, loras=args.lora,
                             lora_dir=args.lora_dir, device=args.device, dtype=args.dtype,
                             vae_tiling=args.vae_tiling, compile_unet=args.compile, quiet=args.quiet,
-                            refiner=refiner, embeddings_dir=args.embeddings_dir, embeddings=args.embedding)
+                            refiner=refiner, embeddings_dir=args.embeddings_dir, embeddings=args.embedding,
+                            ip_adapters=ip_adapters)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ The file (UTF-8) holds one job a line: a plain prompt, or a JSON object with per
 
 Blank lines and lines starting with `#` are skipped. JSON keys (`ldm.pipeline.request.PROMPTS_FILE_KEYS`): prompt
 (required), negative, seed, cfg, steps, sampler, schedule, eta, width, height, count (images of that line); a key
-left out takes the command line's value (`--cfg`, `--num-images`, ...), and the command line's hires fix applies to
-every line. Every line is checked before any model weight is read; one bad line refuses the whole file (`prompts
-file 'F' line 3: ...`), and nothing is written.
+left out takes the command line's value (`--cfg`, `--num-images`, ...), and the command line's hires fix and
+IP-Adapters (`--ip-adapter`, `--ip-image`) apply to every line. Every line is checked before any model weight is
+read; one bad line refuses the whole file (`prompts file 'F' line 3: ...`), and nothing is written.
 
 Seeds: the line's `seed`, else `--seed`, else a number derived from the prompt text (sha256): never random, so the
 same file gives the same images. Image i of a line uses seed + i.
@@ -206,12 +206,12 @@ def write_png(image, params: GenerationRequest, path: Path) -> None:
 def run_prompts_file(
     path: str, spec, cli: dict[str, Any], *, outdir: str, loras: list[str], lora_dir: str | None, device: str,
     dtype: str, vae_tiling: bool = False, compile_unet: str | None = None, quiet: bool = False, refiner=None,
-    embeddings_dir: str | None = None, embeddings: list[str] = (),
+    embeddings_dir: str | None = None, embeddings: list[str] = (), ip_adapters=(),
 ) -> list[Path]:
     """Check the file and everything else against `spec` (`ldm.models.spec.ModelSpec`), open the model on every
     process, generate this process's share. `cli` holds the request fields typed on the command line; `refiner`
     is the spec of the SDXL refiner they name; `embeddings_dir` and `embeddings` the textual-inversion embeddings
-    every line may use."""
+    every line may use; `ip_adapters` the specs of their IP-Adapters (`ldm.models.ip_adapter`)."""
     import torch
     from accelerate import Accelerator
 
@@ -251,7 +251,7 @@ def run_prompts_file(
         pipe, error = attempt(lambda: Pipeline.open(spec, dev, dt, loras=lora_files, lora_dir=lora_dir,
                                                     vae_tiling=vae_tiling, compile_unet=compile_unet,
                                                     refiner=refiner, embeddings_dir=embeddings_dir,
-                                                    embeddings=embeddings))
+                                                    embeddings=embeddings, ip_adapters=ip_adapters))
         raise_if_any_failed(accelerator, error, what="loading the model")
     written: list[Path] = []
     loaded = time.perf_counter()

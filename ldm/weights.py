@@ -2,9 +2,9 @@
 
 diffusers' own errors for these cases are cryptic: a git-lfs pointer or a truncated file surfaces as
 "HeaderTooLarge" or "MetadataIncompleteBuffer" without the file's name (diffusers #5520), and a pickle checkpoint
-would be unpickled, which can run arbitrary code. Only safetensors weights are accepted; the one exception, textual-
-inversion embeddings (often `.pt` files), are read with `torch.load(weights_only=True)` (`read_weights_only_pickle`:
-tensors and plain values, never code).
+would be unpickled, which can run arbitrary code. Only safetensors weights are accepted; the exceptions, textual-
+inversion embeddings (often `.pt` files) and IP-Adapters (h94/IP-Adapter's `.bin`), are read with
+`torch.load(weights_only=True)` (`read_weights_only_pickle`: tensors and plain values, never code).
 
 `read_safetensors_header` is the one reader of a safetensors header by hand (model directories, single files,
 checkpoints and the latent cache all check their files with it); `read_safetensors` reads tensors.

@@ -24,6 +24,9 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from ldm.errors import UserError
+from ldm.ip_adapter.unit import FIELD as IP_ADAPTER_FIELD
+from ldm.ip_adapter.unit import png_fields as ip_adapter_fields
+from ldm.ip_adapter.unit import units_from_fields as ip_adapter_units
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import SAMPLERS, SCHEDULES, sampler_from_label, sampler_label, schedule_from_label
 
@@ -76,6 +79,8 @@ def format_parameters(p: GenerationRequest) -> str:
         value = getattr(p, name)
         if value is not None:
             fields.append((label, _num(value) if name.endswith("aesthetic_score") else _pair(name, value)))
+    # ours (A1111 has no core field; ldm/ip_adapter/unit.py says why not the ControlNet extension's form)
+    fields += ip_adapter_fields(p.ip_adapters)
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields))
     return "\n".join(lines)
 
@@ -111,7 +116,7 @@ def parameter_fields(text: str) -> dict[str, str]:
 
 def unread_fields(text: str) -> list[str]:
     """The field names in `text` that `parse_parameters` drops, in their order."""
-    return [k for k in parameter_fields(text) if k not in READ_FIELDS]
+    return [k for k in parameter_fields(text) if k not in READ_FIELDS and not IP_ADAPTER_FIELD.fullmatch(k)]
 
 
 def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -183,6 +188,8 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     for name, label in SDXL_LABELS.items():
         if label in raw:
             out[name] = float(raw[label]) if name.endswith("aesthetic_score") else _read_pair(name, raw[label])
+    if "IP-Adapter" in raw:  # without their images, which the PNG does not hold
+        out["ip_adapters"] = ip_adapter_units(raw)
     return out
 
 

@@ -26,6 +26,7 @@ from ldm.image_io import to_rgb
 from ldm.lora.apply import AppliedLora, LoraStack
 from ldm.lora.prompt_tags import format_lora_hashes, parse_lora_hashes
 from ldm.models.components import Components
+from ldm.models.ip_adapter import IPAdapters, IPAdapterSpec, load_ip_adapters
 from ldm.models.load import load_components
 from ldm.models.spec import ModelSpec, inspect_model
 from ldm.pipeline import images as im
@@ -108,6 +109,7 @@ class Pipeline:
             self.unet.compile_repeated_blocks(dynamic=True)
         self.loras = LoraStack(self.unet, self.text_encoder)  # merged LoRAs (ldm/lora/apply.py)
         self.embeddings: EmbeddingDatabase | None = None  # textual-inversion embeddings prompts may name
+        self.ip_adapters = IPAdapters()  # IP-Adapters on the U-Net (`open(ip_adapters=...)`, ldm/ip_adapter)
 
     @classmethod
     def open(
@@ -123,12 +125,13 @@ class Pipeline:
         refiner: ModelSpec | None = None,
         embeddings_dir: str | Path | None = None,
         embeddings: Sequence[str | Path] = (),
+        ip_adapters: tuple[IPAdapterSpec, ...] = (),
     ) -> Pipeline:
         """The one way to open a model for generation: load what `spec` (`ldm.models.spec.inspect_model`) describes
         on `device` in `dtype` ('fp32' | 'fp16' | 'bf16' | None = auto), then merge `loras` ((path, scale) pairs,
         `--lora`). `lora_dir` is where prompt tags find their files. `refiner`: an SDXL refiner's spec, opened the
         same way, for requests that name it (`--refiner`). `embeddings_dir` and `embeddings` (files): the
-        textual-inversion embeddings prompts may name (ldm/text/embeddings.py)."""
+        textual-inversion embeddings prompts may name (ldm/text/embeddings.py). `ip_adapters`: IP-Adapter specs."""
         check_refiner_pair(spec, refiner)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
@@ -137,6 +140,7 @@ class Pipeline:
         for path, scale in loras:
             pipe.load_lora(path, scale)
         pipe.embeddings = open_database(embeddings_dir, embeddings, pipe.text_encoder)
+        pipe.ip_adapters = load_ip_adapters(ip_adapters, pipe.unet, dev, dt)
         if refiner is not None:
             pipe.attach_refiner(refiner, compile_unet=compile_unet)
         return pipe
@@ -260,10 +264,12 @@ class Pipeline:
         job = prepare_job(r)
         # what each image's PNG records: the resolved request, its prompt with a tag per loaded LoRA
         base = replace(r, prompt=prompt, model=self.model_name, lora_hashes=used_loras, init_image=None, mask=None)
+        base = replace(base, ip_adapters=self.ip_adapters.recorded(r.ip_adapters))  # hashes, not images
         hires = r.hires()
         second = hires.second_pass(r.steps, r.height, r.width, self.vae_factor) if hires is not None else None
 
         cond, uncond = self._encode(text, r)
+        cond, uncond = self.ip_adapters.condition(cond, uncond, r.ip_adapters)  # + the image prompts' embeds
         refined = refiner._encode(text, r) if refiner is not None else None
         used = prompt_embeddings(self.text_encoder, [text] + [r.negative_prompt] * (r.cfg != 1.0), self.embeddings)
         base = replace(base, ti_hashes=ti_hashes(used, r.ti_hashes))  # A1111's TI hashes; a replay's checked

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from ldm.errors import UserError
+from ldm.ip_adapter.unit import IPAdapterUnit
 from ldm.pipeline.hires import HIRES_STRENGTH, HIRES_UPSCALER, UPSCALERS, HiresFix
 from ldm.pipeline.samplers import SAMPLERS, SCHEDULES, check_sampler, sampler_from_label, schedule_from_label
 from ldm.pipeline.seeds import random_seed
@@ -93,6 +94,9 @@ class GenerationRequest:
     negative_aesthetic_score: float | None = None
     refiner: str = ""  # the refiner model as the user named it (what PNGs record); "": none
     refiner_switch: float | None = None  # share of the schedule the base runs before the refiner; None: 0.8
+    # IP-Adapter image prompts (ldm/ip_adapter): adapters as named (the pipeline must be opened with them), each
+    # with its image (not compared, not in the PNG) and scale
+    ip_adapters: tuple[IPAdapterUnit, ...] = ()
     num_images: int = 1
     batch_size: int = 1  # images per U-Net batch: memory vs speed, same pixels
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)  # RGB; img2img / inpainting
@@ -163,6 +167,10 @@ class GenerationRequest:
             raise UserError("a refiner with the hires fix is not supported: drop --refiner or --hires-scale")
         if self.refiner and self.mask is not None:
             raise UserError("a refiner with inpainting is not supported: drop --refiner or --mask")
+        for unit in self.ip_adapters:
+            if not isinstance(unit, IPAdapterUnit):
+                raise TypeError(f"ip_adapters holds IPAdapterUnit items, got {type(unit).__name__}")
+            unit.check()
 
     def resolve(self, model: ModelFacts) -> GenerationRequest:
         """Every 'decide for me' value decided, and the whole request checked against `model`."""
