@@ -336,8 +336,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         return run_prompts(args)
     import torch
 
-    from ldm.demo import NAME as DEMO_NAME
     from ldm.controlnet.load import check_units
+    from ldm.demo import NAME as DEMO_NAME
     from ldm.demo import NOTICE as DEMO_NOTICE
     from ldm.lora.prompt_tags import check_lora_inputs, parse_lora_hashes
     from ldm.models.ip_adapter import inspect_ip_adapters
@@ -355,7 +355,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     refiner = refiner_spec(args, request, spec)
     ip_adapters = inspect_ip_adapters([u.model for u in request.ip_adapters], spec, args.ip_image_encoder or ())
     # 2. the rest of the inputs: ControlNets, device, output directory, LoRA files (all before any weight is loaded)
-    check_units(request.controlnets, spec.unet_config, spec.vae_factor, args.controlnet_dir)
+    if request.controlnets:
+        check_units(request.controlnets, spec.unet_config, spec.vae_factor, args.controlnet_dir)
     device = pick_device(args.device)
     outdir = check_writable(args.outdir)
     loras = check_lora_inputs(args.lora, request.prompt, args.lora_dir, parse_lora_hashes(request.lora_hashes))

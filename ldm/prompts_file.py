@@ -17,10 +17,10 @@ Seeds: the line's `seed`, else `--seed`, else a number derived from the prompt t
 same file gives the same images. Image i of a line uses seed + i.
 
 Names: `<line>-<seed>-<prompt slug>-<hash>.png`, `hash` = the first 8 hex digits of the sha256 of the image's PNG
-`parameters` text (prompt, settings, model). A name is thus a function of what the image is: a rerun skips the
-images that are already there, and an edited line (another cfg, another model) gets new names instead of being
-taken for done. PNGs are written atomically (`ldm.files.atomic_write_bytes`): a killed run leaves at most a `.tmp-`
-file, which the next run deletes, never a half PNG under a final name.
+`parameters` text (prompt, settings, model) and of its control images' pixels. A name is thus a function of what
+the image is: a rerun skips the images that are already there, and an edited line (another cfg, another model)
+gets new names instead of being taken for done. PNGs are written atomically (`ldm.files.atomic_write_bytes`): a
+killed run leaves at most a `.tmp-` file, which the next run deletes, never a half PNG under a final name.
 
 Processes: under `accelerate launch -m ldm.generate --prompts-file F ...` the main process lists the images still
 missing, and the work units (one line's consecutive seeds, up to `--batch-size` images) are dealt round-robin by
@@ -157,8 +157,11 @@ def image_name(params: GenerationRequest) -> str:
     from ldm.pipeline.metadata import format_parameters
     from ldm.pipeline.output import slug
 
-    digest = hashlib.sha256(format_parameters(params).encode("utf-8")).hexdigest()[:8]
-    return f"{params.seed}-{slug(params.prompt)}-{digest}.png"
+    digest = hashlib.sha256(format_parameters(params).encode("utf-8"))
+    for unit in params.controlnets:  # not in the text: another control image is another image
+        if unit.image is not None:
+            digest.update(unit.image.tobytes())
+    return f"{params.seed}-{slug(params.prompt)}-{digest.hexdigest()[:8]}.png"
 
 
 def named(line: Line, model_name: str, loras=()) -> GenerationRequest:
@@ -243,7 +246,8 @@ def run_prompts_file(
     from ldm.text.embeddings import check_embedding_inputs
 
     GenerationRequest.layered(cli).check()  # the command line's own values, before the file's lines
-    check_units(cli.get("controlnets", ()), spec.unet_config, spec.vae_factor, controlnet_dir)
+    if cli.get("controlnets"):
+        check_units(cli["controlnets"], spec.unet_config, spec.vae_factor, controlnet_dir)
     lora_files = check_lora_inputs(loras, "", lora_dir)
     library = check_embedding_inputs(embeddings_dir, embeddings, [], spec.arch, spec.unet_config["cross_attention_dim"])
     out = check_writable(outdir)

@@ -138,7 +138,7 @@ def units_from_options(models: list[str], images: list[Image.Image], options: Ma
     units = [ControlUnit(m) for m in models] or list(base)
     if not units:
         if given:
-            raise UserError(f"{', '.join(given)} only apply with --controlnet MODEL")
+            raise UserError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --controlnet MODEL")
         return ()
     n = len(units)
     if not models and not images:

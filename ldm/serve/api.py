@@ -222,7 +222,8 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
         embeddings.refresh()
     check_references(embeddings, [r.prompt, r.negative_prompt], spec.arch,  # embedding:NAME
                      getattr(spec, "unet_config", {}).get("cross_attention_dim"))
-    check_units(r.controlnets, spec.unet_config, spec.vae_factor, controlnet_dir)  # each fits the model
+    if r.controlnets:  # each fits the model
+        check_units(r.controlnets, spec.unet_config, spec.vae_factor, controlnet_dir)
     if r.steps > limits.max_steps:
         raise UserError(f"steps {r.steps} is over this server's limit of {limits.max_steps} (ldm-serve --max-steps)")
     if r.width * r.height > limits.max_pixels:
