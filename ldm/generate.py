@@ -152,22 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
                    ".safetensors file (original or diffusers names), or a name in --controlnet-dir")
     c.add_argument("--control-image", action="append", default=[], metavar="FILE",
                    help="the control image of each --controlnet (not stored in the PNG: a --from-png replay needs it)")
-    c.add_argument("--control-weight", action="append", type=float, help="residual scale in [0, 2] (default 1)")
-    c.add_argument("--control-start", action="append", type=float,
+    c.add_argument("--control-weight", action="append", type=float, metavar="W",
+                   help="residual scale in [0, 2] (default 1)")
+    c.add_argument("--control-start", action="append", type=float, metavar="S",
                    help="share of the steps before the ControlNet acts, in [0, 1) (default 0)")
-    c.add_argument("--control-end", action="append", type=float,
+    c.add_argument("--control-end", action="append", type=float, metavar="E",
                    help="share of the steps after which it stops, in (0, 1] (default 1)")
-    c.add_argument("--control-preprocess", action="append",
+    c.add_argument("--control-preprocess", action="append", metavar="NAME",
                    help="none (default: the image is the control map) or canny (edges, as A1111's canny module)")
-    c.add_argument("--canny-low", action="append", type=float, help="canny's low threshold, 1..255 (default 100)")
-    c.add_argument("--canny-high", action="append", type=float, help="canny's high threshold, 1..255 (default 200)")
-    c.add_argument("--control-mode", action="append",
+    c.add_argument("--canny-low", action="append", type=float, metavar="N",
+                   help="canny's low threshold, 1..255 (default 100)")
+    c.add_argument("--canny-high", action="append", type=float, metavar="N",
+                   help="canny's high threshold, 1..255 (default 200)")
+    c.add_argument("--control-mode", action="append", metavar="MODE",
                    help="balanced (default), prompt ('My prompt is more important') or control ('ControlNet is more "
                    "important': the ControlNet on the conditional branch only, diffusers' guess mode)")
-    c.add_argument("--control-resize", action="append",
+    c.add_argument("--control-resize", action="append", metavar="MODE",
                    help="a control image of another aspect ratio: crop (default: crop the centre, then resize), just "
                    "(stretch) or fill (fit inside, pad)")
-    c.add_argument("--controlnet-dir", default=None,
+    c.add_argument("--controlnet-dir", default=None, metavar="DIR",
                    help="where --controlnet names and a --from-png's ControlNet models are found (by file stem or "
                    "directory name, searched below too)")
     d = p.add_argument_group("device and precision")

@@ -70,7 +70,7 @@ class ControlNetSpec:
     @cached_property
     def hash(self) -> str:
         """A1111's old 8-digit model hash (see the module docstring)."""
-        path = self.path / WEIGHTS_FILE if self.path.is_dir() else self.path
+        path = min(self.path.glob("*.safetensors")) if self.path.is_dir() else self.path  # WEIGHTS_FILE, or a variant
         with open(path, "rb") as f:
             f.seek(0x100000)
             return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
@@ -203,9 +203,10 @@ def check_fits(spec: ControlNetSpec, unet_config: Any, vae_factor: int, name: st
     context = unet_config.get("cross_attention_dim")
     model = "SDXL" if sdxl else FAMILIES.get(context, "SD 1.x/2.x")
     if spec.sdxl != sdxl or (spec.cross_attention_dim is not None and spec.cross_attention_dim != context):
-        raise UserError(f"{name} is a ControlNet for {spec.family} ({spec.cross_attention_dim}-dim text features"
-                        f"{', text_time embedding' if spec.sdxl else ''}) but the model is {model} "
-                        f"({context}-dim): use a ControlNet made for the model's family")
+        has = [f"{spec.cross_attention_dim}-dim text features"] if spec.cross_attention_dim else []
+        has += ["text_time embedding"] if spec.sdxl else []
+        raise UserError(f"{name} is a ControlNet for {spec.family} ({', '.join(has) or 'no cross-attention'}) but the "
+                        f"model is {model} ({context}-dim): use a ControlNet made for the model's family")
     latent = unet_config.get("out_channels", 4)
     if spec.in_channels != latent:
         raise UserError(f"{name} takes {spec.in_channels}-channel latents, the model's have {latent}: use a "

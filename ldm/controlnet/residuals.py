@@ -67,8 +67,8 @@ def residual_hook(units: list[Steering], batch: int) -> ResidualHook:
                 continue
             half = unit.cond_only and two
             rows = slice(batch, None) if half else slice(None)
-            added = unet_kwargs.get("added_cond_kwargs")
-            added = None if added is None else {k: added[k][rows] for k in ("text_embeds", "time_ids")}
+            added = {k: v[rows] for k, v in (unet_kwargs.get("added_cond_kwargs") or {}).items()
+                     if k in ("text_embeds", "time_ids")} or None  # SDXL's; a ControlNet takes no image embeds
             xs = x[rows]
             d, m = unit.model(xs, t, encoder_hidden_states=unet_kwargs["encoder_hidden_states"][rows],
                               controlnet_cond=unit.image.expand(xs.shape[0], -1, -1, -1),
