@@ -9,6 +9,7 @@
     ldm-generate "a red car" --model DIR --lora lcm-lora.safetensors --sampler lcm --steps 4 --cfg 1   # few-step
     ldm-generate "a cat" --model DIR --ip-adapter ip-adapter_sd15.safetensors --ip-image cat.png --ip-scale 0.6
     ldm-generate --prompts-file prompts.txt --model DIR --outdir out      # many prompts; a rerun resumes
+    ldm-generate "a house" --model DIR --controlnet canny-cn/ --control-image photo.png --control-preprocess canny
 
 stdout carries only the paths of the written PNGs, one a line (so `ldm-generate ... | xargs ...` works); logs,
 warnings and the progress bar go to stderr. Every bad input is found before any work is done and reported in one
@@ -144,6 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="an embedding file, named by its stem; repeat for several")
     add_ip_adapter_arguments(p)  # --ip-adapter, --ip-image, --ip-scale, --ip-image-encoder
+    c = p.add_argument_group("ControlNet (repeat --controlnet for several, their residuals summed; each option "
+                             "below once for all units or once per --controlnet, in order)")
+    c.add_argument("--controlnet", action="append", default=[], metavar="MODEL",
+                   help="a ControlNet: a diffusers directory (config.json + diffusion_pytorch_model.safetensors), a "
+                   ".safetensors file (original or diffusers names), or a name in --controlnet-dir")
+    c.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="the control image of each --controlnet (not stored in the PNG: a --from-png replay needs it)")
+    c.add_argument("--control-weight", action="append", type=float, metavar="W",
+                   help="residual scale in [0, 2] (default 1)")
+    c.add_argument("--control-start", action="append", type=float, metavar="S",
+                   help="share of the steps before the ControlNet acts, in [0, 1) (default 0)")
+    c.add_argument("--control-end", action="append", type=float, metavar="E",
+                   help="share of the steps after which it stops, in (0, 1] (default 1)")
+    c.add_argument("--control-preprocess", action="append", metavar="NAME",
+                   help="none (default: the image is the control map) or canny (edges, as A1111's canny module)")
+    c.add_argument("--canny-low", action="append", type=float, metavar="N",
+                   help="canny's low threshold, 1..255 (default 100)")
+    c.add_argument("--canny-high", action="append", type=float, metavar="N",
+                   help="canny's high threshold, 1..255 (default 200)")
+    c.add_argument("--control-mode", action="append", metavar="MODE",
+                   help="balanced (default), prompt ('My prompt is more important') or control ('ControlNet is more "
+                   "important': the ControlNet on the conditional branch only, diffusers' guess mode)")
+    c.add_argument("--control-resize", action="append", metavar="MODE",
+                   help="a control image of another aspect ratio: crop (default: crop the centre, then resize), just "
+                   "(stretch) or fill (fit inside, pad)")
+    c.add_argument("--controlnet-dir", default=None, metavar="DIR",
+                   help="where --controlnet names and a --from-png's ControlNet models are found (by file stem or "
+                   "directory name, searched below too)")
     d = p.add_argument_group("device and precision")
     d.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -184,6 +213,16 @@ def typed_layer(args: argparse.Namespace) -> dict[str, Any]:
             if k in FIELDS and k not in NOT_REQUEST and v is not None}
 
 
+def control_units(args: argparse.Namespace, from_png: tuple = ()) -> tuple:
+    """The ControlNet units of --controlnet (or a --from-png's) with their --control-image files decoded."""
+    from ldm.controlnet.unit import OPTION_FIELDS, units_from_options
+    from ldm.pipeline import images as im
+
+    images = [im.load_image(path, "control image") for path in args.control_image]
+    return units_from_options(args.controlnet, images, {k: getattr(args, k) for k in OPTION_FIELDS}, from_png,
+                              args.from_png or "")
+
+
 def build_request(args: argparse.Namespace) -> GenerationRequest:
     """Typed options > the --from-png image's values > the request's defaults; the init image and mask decoded."""
     from ldm.ip_adapter.options import ip_adapter_units
@@ -194,7 +233,7 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
     if args.from_png:
         from ldm.pipeline.a1111 import replay_values
 
-        from_png = replay_values(args.from_png, set(typed))
+        from_png = replay_values(args.from_png, set(typed) | ({"controlnets"} if args.controlnet else set()))
         if from_png.get("strength") is not None and not args.init_image:
             raise UserError(
                 f"'{args.from_png}' was made from an init image (Denoising strength: {from_png['strength']}): pass "
@@ -209,6 +248,8 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
         typed["ip_adapters"] = ip_units
     images = {"init_image": im.load_image(args.init_image) if args.init_image else None,
               "mask": im.load_mask(args.mask) if args.mask else None}
+    units = control_units(args, from_png.pop("controlnets", ()))
+    typed.update({"controlnets": units} if units else {})
     return GenerationRequest.layered(typed, from_png, {k: v for k, v in images.items() if v is not None})
 
 
@@ -298,6 +339,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         return run_prompts(args)
     import torch
 
+    from ldm.controlnet.load import check_units
     from ldm.demo import NAME as DEMO_NAME
     from ldm.demo import NOTICE as DEMO_NOTICE
     from ldm.lora.prompt_tags import check_lora_inputs, parse_lora_hashes
@@ -315,7 +357,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     request = request.resolve(spec)
     refiner = refiner_spec(args, request, spec)
     ip_adapters = inspect_ip_adapters([u.model for u in request.ip_adapters], spec, args.ip_image_encoder or ())
-    # 2. the rest of the inputs: device, output directory, LoRA files (all before any weight is loaded)
+    # 2. the rest of the inputs: ControlNets, device, output directory, LoRA files (all before any weight is loaded)
+    if request.controlnets:
+        check_units(request.controlnets, spec.unet_config, spec.vae_factor, args.controlnet_dir)
     device = pick_device(args.device)
     outdir = check_writable(args.outdir)
     loras = check_lora_inputs(args.lora, request.prompt, args.lora_dir, parse_lora_hashes(request.lora_hashes))
@@ -330,7 +374,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     log.info("loading %s on %s (%s)", spec.name, device, dtype_name(dtype))
     pipe = Pipeline.open(spec, device, dtype, loras=loras, lora_dir=args.lora_dir, vae_tiling=args.vae_tiling,
                          compile_unet=args.compile, refiner=refiner, embeddings_dir=args.embeddings_dir,
-                         embeddings=args.embedding, ip_adapters=ip_adapters)
+                         embeddings=args.embedding, ip_adapters=ip_adapters, controlnet_dir=args.controlnet_dir)
     log.info("loaded in %.1fs; generating %d image(s) at %dx%d, seeds %d..%d", time.perf_counter() - start,
              request.num_images, request.width, request.height, request.seed, request.seed + request.num_images - 1)
     written: list[Path] = []
@@ -362,6 +406,8 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
     ip_units = ip_adapter_units(args)  # every line's image prompts
     if ip_units is not None:
         typed["ip_adapters"] = ip_units
+    units = control_units(args)
+    typed.update({"controlnets": units} if units else {})
     spec = model_spec(args, typed.get("model"))
     refiner = refiner_spec(args, GenerationRequest.layered(typed), spec)
     ip_adapters = inspect_ip_adapters([u.model for u in ip_units or ()], spec, args.ip_image_encoder or ())
@@ -369,7 +415,7 @@ def run_prompts(args: argparse.Namespace) -> list[Path]:
                             lora_dir=args.lora_dir, device=args.device, dtype=args.dtype,
                             vae_tiling=args.vae_tiling, compile_unet=args.compile, quiet=args.quiet,
                             refiner=refiner, embeddings_dir=args.embeddings_dir, embeddings=args.embedding,
-                            ip_adapters=ip_adapters)
+                            ip_adapters=ip_adapters, controlnet_dir=args.controlnet_dir)
 
 
 if __name__ == "__main__":

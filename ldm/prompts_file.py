@@ -8,17 +8,19 @@ The file (UTF-8) holds one job a line: a plain prompt, or a JSON object with per
 Blank lines and lines starting with `#` are skipped. JSON keys (`ldm.pipeline.request.PROMPTS_FILE_KEYS`): prompt
 (required), negative, seed, cfg, steps, sampler, schedule, eta, width, height, count (images of that line); a key
 left out takes the command line's value (`--cfg`, `--num-images`, ...), and the command line's hires fix and
-IP-Adapters (`--ip-adapter`, `--ip-image`) apply to every line. Every line is checked before any model weight is
-read; one bad line refuses the whole file (`prompts file 'F' line 3: ...`), and nothing is written.
+IP-Adapters (`--ip-adapter`, `--ip-image`) and ControlNet units (`--controlnet`, `--control-image`, ...) apply to
+every line; `control_image` (a path, or a list of one path per --controlnet; relative to the current directory, as
+the options' paths) replaces a line's control images. Every line is checked before any model weight is read; one
+bad line refuses the whole file (`prompts file 'F' line 3: ...`), and nothing is written.
 
 Seeds: the line's `seed`, else `--seed`, else a number derived from the prompt text (sha256): never random, so the
 same file gives the same images. Image i of a line uses seed + i.
 
 Names: `<line>-<seed>-<prompt slug>-<hash>.png`, `hash` = the first 8 hex digits of the sha256 of the image's PNG
-`parameters` text (prompt, settings, model). A name is thus a function of what the image is: a rerun skips the
-images that are already there, and an edited line (another cfg, another model) gets new names instead of being
-taken for done. PNGs are written atomically (`ldm.files.atomic_write_bytes`): a killed run leaves at most a `.tmp-`
-file, which the next run deletes, never a half PNG under a final name.
+`parameters` text (prompt, settings, model) and of its control images' pixels. A name is thus a function of what
+the image is: a rerun skips the images that are already there, and an edited line (another cfg, another model)
+gets new names instead of being taken for done. PNGs are written atomically (`ldm.files.atomic_write_bytes`): a
+killed run leaves at most a `.tmp-` file, which the next run deletes, never a half PNG under a final name.
 
 Processes: under `accelerate launch -m ldm.generate --prompts-file F ...` the main process lists the images still
 missing, and the work units (one line's consecutive seeds, up to `--batch-size` images) are dealt round-robin by
@@ -104,12 +106,15 @@ def _line_request(raw: str, cli: dict[str, Any], model: ModelFacts, lora_dir, em
         if not isinstance(item, dict):
             raise UserError("a JSON line must be an object")
         item = {PROMPTS_FILE_ALIASES.get(k, k): v for k, v in item.items()}
-        unknown = [k for k in item if k not in PROMPTS_FILE_KEYS]
+        unknown = [k for k in item if k not in PROMPTS_FILE_KEYS and k != "control_image"]
         if unknown:
-            raise UserError(f"unknown key '{unknown[0]}'; known keys: {', '.join(PROMPTS_FILE_KEYS)}")
+            raise UserError(f"unknown key '{unknown[0]}'; known keys: {', '.join(PROMPTS_FILE_KEYS)}, control_image")
     else:
         item = {"prompt": text}
+    control_images = item.pop("control_image", None)
     line = {PROMPTS_FILE_KEYS[k][0]: _typed(k, v) for k, v in item.items()}
+    if control_images is not None:
+        line["controlnets"] = _line_control(control_images, cli.get("controlnets", ()))
     if not line.get("prompt", "").strip():
         raise UserError("no prompt (a JSON line needs a non-empty \"prompt\")")
     if line.get("seed") == -1:
@@ -122,6 +127,19 @@ def _line_request(raw: str, cli: dict[str, Any], model: ModelFacts, lora_dir, em
     check_references(embeddings, [request.prompt, request.negative_prompt], model.arch,  # embedding:NAME
                      getattr(model, "unet_config", {}).get("cross_attention_dim"))
     return resolved
+
+
+def _line_control(paths: Any, units: tuple) -> tuple:
+    """The command line's units with a line's own control images: a path (one unit) or one path per unit."""
+    from ldm.pipeline import images as im
+
+    paths = [paths] if isinstance(paths, str) else paths
+    if not units:
+        raise UserError("\"control_image\" only applies with --controlnet MODEL on the command line")
+    if not isinstance(paths, list) or len(paths) != len(units) or not all(isinstance(p, str) for p in paths):
+        raise UserError(f"\"control_image\" must be a path (one --controlnet) or a list of {len(units)} paths (one "
+                        f"per --controlnet), got {json.dumps(paths)}")
+    return tuple(replace(u, image=im.load_image(p, "control image")) for u, p in zip(units, paths))
 
 
 def _typed(key: str, value: Any) -> Any:
@@ -139,8 +157,11 @@ def image_name(params: GenerationRequest) -> str:
     from ldm.pipeline.metadata import format_parameters
     from ldm.pipeline.output import slug
 
-    digest = hashlib.sha256(format_parameters(params).encode("utf-8")).hexdigest()[:8]
-    return f"{params.seed}-{slug(params.prompt)}-{digest}.png"
+    digest = hashlib.sha256(format_parameters(params).encode("utf-8"))
+    for unit in params.controlnets:  # not in the text: another control image is another image
+        if unit.image is not None:
+            digest.update(unit.image.tobytes())
+    return f"{params.seed}-{slug(params.prompt)}-{digest.hexdigest()[:8]}.png"
 
 
 def named(line: Line, model_name: str, loras=()) -> GenerationRequest:
@@ -206,15 +227,17 @@ def write_png(image, params: GenerationRequest, path: Path) -> None:
 def run_prompts_file(
     path: str, spec, cli: dict[str, Any], *, outdir: str, loras: list[str], lora_dir: str | None, device: str,
     dtype: str, vae_tiling: bool = False, compile_unet: str | None = None, quiet: bool = False, refiner=None,
-    embeddings_dir: str | None = None, embeddings: list[str] = (), ip_adapters=(),
+    embeddings_dir: str | None = None, embeddings: list[str] = (), ip_adapters=(), controlnet_dir: str | None = None,
 ) -> list[Path]:
     """Check the file and everything else against `spec` (`ldm.models.spec.ModelSpec`), open the model on every
     process, generate this process's share. `cli` holds the request fields typed on the command line; `refiner`
     is the spec of the SDXL refiner they name; `embeddings_dir` and `embeddings` the textual-inversion embeddings
-    every line may use; `ip_adapters` the specs of their IP-Adapters (`ldm.models.ip_adapter`)."""
+    every line may use; `ip_adapters` the specs of their IP-Adapters (`ldm.models.ip_adapter`); `controlnet_dir` is
+    where their ControlNets are found."""
     import torch
     from accelerate import Accelerator
 
+    from ldm.controlnet.load import check_units
     from ldm.lora.prompt_tags import check_lora_inputs
     from ldm.parallel.collective import attempt, raise_if_any_failed, run_on_all
     from ldm.pipeline.device import pick_device, pick_dtype
@@ -223,6 +246,8 @@ def run_prompts_file(
     from ldm.text.embeddings import check_embedding_inputs
 
     GenerationRequest.layered(cli).check()  # the command line's own values, before the file's lines
+    if cli.get("controlnets"):
+        check_units(cli["controlnets"], spec.unet_config, spec.vae_factor, controlnet_dir)
     lora_files = check_lora_inputs(loras, "", lora_dir)
     library = check_embedding_inputs(embeddings_dir, embeddings, [], spec.arch, spec.unet_config["cross_attention_dim"])
     out = check_writable(outdir)
@@ -251,7 +276,8 @@ def run_prompts_file(
         pipe, error = attempt(lambda: Pipeline.open(spec, dev, dt, loras=lora_files, lora_dir=lora_dir,
                                                     vae_tiling=vae_tiling, compile_unet=compile_unet,
                                                     refiner=refiner, embeddings_dir=embeddings_dir,
-                                                    embeddings=embeddings, ip_adapters=ip_adapters))
+                                                    embeddings=embeddings, ip_adapters=ip_adapters,
+                                                    controlnet_dir=controlnet_dir))
         raise_if_any_failed(accelerator, error, what="loading the model")
     written: list[Path] = []
     loaded = time.perf_counter()

@@ -33,6 +33,7 @@ OVERRIDES: dict[str, tuple[str, ...]] = {
     "model": ("Model",),
     "steps": ("Steps",), "cfg": ("CFG scale",), "seed": ("Seed",), "hires_upscaler": ("Hires upscaler",),
     "clip_skip": ("Clip skip",), "refiner": ("Refiner", "Refiner switch at"),
+    "controlnets": ("ControlNet",),  # --controlnet MODEL replaces every 'ControlNet N' unit of the PNG
 }
 
 

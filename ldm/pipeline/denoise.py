@@ -45,8 +45,13 @@ def denoise(
     generators: list[torch.Generator] | None = None,
     inpaint: Inpaint | None = None,
     on_step: Callable[[], None] | None = None,
+    extra_kwargs: Callable[[torch.Tensor, torch.Tensor, int, int, dict], dict] | None = None,
 ) -> torch.Tensor:
-    """Run the sampler over `timesteps` and return the final latents (B, C, h, w)."""
+    """Run the sampler over `timesteps` and return the final latents (B, C, h, w).
+
+    `extra_kwargs(x, t, i, n, unet_kwargs)`: more U-Net keyword arguments for step i of the n here, from the scaled
+    input x (copies * B, C, h, w) before a 9-channel U-Net's extra channels (ControlNet residuals,
+    ldm/controlnet/residuals.py)."""
     # w = 1 is the conditional prediction and w = 0 the unconditional one: either needs one branch, not two
     if uncond is None or guidance_scale == 1.0:
         branches, context = "cond", cond
@@ -66,9 +71,10 @@ def denoise(
     for i, t in enumerate(timesteps):
         x = torch.cat([latents] * copies)  # (copies * B, C, h, w)
         x = scheduler.scale_model_input(x, t)  # sigma-parameterised samplers divide by sqrt(sigma^2 + 1)
+        added = {} if extra_kwargs is None else extra_kwargs(x, t, i, len(timesteps), unet_kwargs)
         if extra is not None:
             x = torch.cat([x, extra], dim=1)  # (copies * B, 2C + 1, h, w) for a 9-channel inpainting U-Net
-        pred = unet(x, t, **unet_kwargs, return_dict=False)[0]  # eps or v, (copies * B, C, h, w)
+        pred = unet(x, t, **unet_kwargs, **added, return_dict=False)[0]  # eps or v, (copies * B, C, h, w)
         if branches == "both":
             pred_uncond, pred_cond = pred.chunk(2)
             pred = classifier_free_guidance(pred_uncond, pred_cond, guidance_scale)

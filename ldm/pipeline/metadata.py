@@ -11,7 +11,16 @@ pass's strength, then `Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent
 the first pass's number of steps). The schedule is written as A1111 >= 1.9 writes it, `Schedule type: Karras` or
 `Schedule type: SGM Uniform` after the sampler (left out for the sampler's own, A1111's "Automatic", which A1111
 reads a missing field as); older texts with the schedule in the sampler's name (`Sampler: DPM++ 2M Karras`) read too.
-TCD's gamma is written as `Eta` (A1111's name for a sampler's eta).
+TCD's gamma is written as `Eta` (A1111's name for a sampler's eta). ControlNet units are written as the A1111
+ControlNet extension writes them (scripts/infotext.py, `ControlNetUnit.serialize`: its infotext fields, `str()` of
+each value), one field per unit:
+
+    ControlNet 0: "Module: canny, Model: NAME [hash], Weight: 1.0, Resize Mode: Crop and Resize, Processor Res: 512,
+    Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: True,
+    Control Mode: Balanced"
+
+Preprocessing runs at the generation size, A1111's "Pixel Perfect", which is what is written (the processor
+resolution, then unused, as its default 512); the control image itself is not in the PNG.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from ldm.controlnet.unit import ControlUnit, model_name
 from ldm.errors import UserError
 from ldm.ip_adapter.unit import FIELD as IP_ADAPTER_FIELD
 from ldm.ip_adapter.unit import png_fields as ip_adapter_fields
@@ -81,6 +91,8 @@ def format_parameters(p: GenerationRequest) -> str:
             fields.append((label, _num(value) if name.endswith("aesthetic_score") else _pair(name, value)))
     # ours (A1111 has no core field; ldm/ip_adapter/unit.py says why not the ControlNet extension's form)
     fields += ip_adapter_fields(p.ip_adapters)
+    for i, unit in enumerate(p.controlnets):
+        fields.append((f"ControlNet {i}", format_unit(unit)))
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields))
     return "\n".join(lines)
 
@@ -116,7 +128,8 @@ def parameter_fields(text: str) -> dict[str, str]:
 
 def unread_fields(text: str) -> list[str]:
     """The field names in `text` that `parse_parameters` drops, in their order."""
-    return [k for k in parameter_fields(text) if k not in READ_FIELDS and not IP_ADAPTER_FIELD.fullmatch(k)]
+    return [k for k in parameter_fields(text)
+            if k not in READ_FIELDS and not IP_ADAPTER_FIELD.fullmatch(k) and not CONTROLNET_FIELD.fullmatch(k)]
 
 
 def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -190,6 +203,9 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
             out[name] = float(raw[label]) if name.endswith("aesthetic_score") else _read_pair(name, raw[label])
     if "IP-Adapter" in raw:  # without their images, which the PNG does not hold
         out["ip_adapters"] = ip_adapter_units(raw)
+    units = sorted((int(m[1]), v) for k, v in raw.items() if (m := CONTROLNET_FIELD.fullmatch(k)))
+    if units and "ControlNet" not in skip:
+        out["controlnets"] = tuple(parse_unit(v) for _, v in units)
     return out
 
 
@@ -199,6 +215,39 @@ def _schedule(label: str) -> str:
         return schedule_from_label(label)
     except UserError:
         return ""
+# ------------------------------------------------------------------------------------------------- ControlNet units
+CONTROLNET_FIELD = re.compile(r"ControlNet (\d+)")
+PROCESSOR_RES = 512  # A1111's default preprocessor resolution; with Pixel Perfect it is not used
+
+
+def format_unit(u: ControlUnit) -> str:
+    """One unit as the extension serialises it: `Field: str(value)` joined by ', ', in its field order."""
+    a, b = u.thresholds()
+    values = (("Module", u.preprocess), ("Model", u.model), ("Weight", float(u.weight)),
+              ("Resize Mode", u.resize_mode), ("Processor Res", PROCESSOR_RES), ("Threshold A", a),
+              ("Threshold B", b), ("Guidance Start", float(u.start)), ("Guidance End", float(u.end)),
+              ("Pixel Perfect", True), ("Control Mode", u.control_mode))
+    return ", ".join(f"{k}: {v}" for k, v in values)
+
+
+def parse_unit(text: str) -> ControlUnit:
+    """`format_unit`'s text (or the extension's, older ones' `Low Vram` too) -> a unit without its image."""
+    values = dict(item.strip().partition(": ")[::2] for item in text.split(","))
+
+    def number(key: str, default: float) -> float:
+        try:
+            return float(values[key])
+        except (KeyError, ValueError):
+            return default
+
+    preprocess = values.get("Module", "none").strip().lower()
+    thresholds = [number(k, -1) for k in ("Threshold A", "Threshold B")]
+    thresholds = [None if t == -1 else int(t) if preprocess == "canny" and t.is_integer() else t for t in thresholds]
+    return ControlUnit(model=model_name(values.get("Model", "")), weight=number("Weight", 1.0),
+                       start=number("Guidance Start", 0.0), end=number("Guidance End", 1.0), preprocess=preprocess,
+                       threshold_a=thresholds[0], threshold_b=thresholds[1],
+                       control_mode=values.get("Control Mode", "Balanced"),
+                       resize_mode=values.get("Resize Mode", "Crop and Resize"))
 
 
 def _pair(name: str, value: tuple[int, int]) -> str:

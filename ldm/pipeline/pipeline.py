@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.controlnet.apply import Control, ControlNets
 from ldm.errors import UserError
 from ldm.image_io import to_rgb
 from ldm.lora.apply import AppliedLora, LoraStack
@@ -46,6 +47,7 @@ from ldm.pipeline.refiner import (
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import make_scheduler
 from ldm.pipeline.seeds import generators, per_image_noise
+from ldm.pipeline.unet_calls import unet_calls_per_batch
 from ldm.pipeline.validation import steps_to_run
 from ldm.pixels import float_to_uint8, tensor_to_float_images
 from ldm.progress import progress_bar
@@ -76,6 +78,7 @@ class Pipeline:
         vae_tiling: bool = False,
         compile_unet: bool | str = False,
         lora_dir: str | Path | None = None,
+        controlnet_dir: str | Path | None = None,
     ) -> None:
         self.unet = components.unet
         self.vae = components.vae
@@ -110,6 +113,7 @@ class Pipeline:
         self.loras = LoraStack(self.unet, self.text_encoder)  # merged LoRAs (ldm/lora/apply.py)
         self.embeddings: EmbeddingDatabase | None = None  # textual-inversion embeddings prompts may name
         self.ip_adapters = IPAdapters()  # IP-Adapters on the U-Net (`open(ip_adapters=...)`, ldm/ip_adapter)
+        self.controlnets = ControlNets(self.unet.config, self.vae_factor, device, dtype, controlnet_dir)
 
     @classmethod
     def open(
@@ -126,17 +130,19 @@ class Pipeline:
         embeddings_dir: str | Path | None = None,
         embeddings: Sequence[str | Path] = (),
         ip_adapters: tuple[IPAdapterSpec, ...] = (),
+        controlnet_dir: str | Path | None = None,
     ) -> Pipeline:
         """The one way to open a model for generation: load what `spec` (`ldm.models.spec.inspect_model`) describes
         on `device` in `dtype` ('fp32' | 'fp16' | 'bf16' | None = auto), then merge `loras` ((path, scale) pairs,
         `--lora`). `lora_dir` is where prompt tags find their files. `refiner`: an SDXL refiner's spec, opened the
         same way, for requests that name it (`--refiner`). `embeddings_dir` and `embeddings` (files): the
-        textual-inversion embeddings prompts may name (ldm/text/embeddings.py). `ip_adapters`: IP-Adapter specs."""
+        textual-inversion embeddings prompts may name (ldm/text/embeddings.py). `ip_adapters`: IP-Adapter specs;
+        `controlnet_dir`, where ControlNets are found."""
         check_refiner_pair(spec, refiner)
         dev = device if isinstance(device, torch.device) else pick_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
         pipe = cls(load_components(spec, dev, dt), dev, dt, vae_tiling=vae_tiling, compile_unet=compile_unet or False,
-                   lora_dir=lora_dir)
+                   lora_dir=lora_dir, controlnet_dir=controlnet_dir)
         for path, scale in loras:
             pipe.load_lora(path, scale)
         pipe.embeddings = open_database(embeddings_dir, embeddings, pipe.text_encoder)
@@ -261,10 +267,11 @@ class Pipeline:
                                                          parse_lora_hashes(request.lora_hashes))
         r = request.resolve(self)
         refiner = self._refiner_for(r)
-        job = prepare_job(r)
+        job, control = prepare_job(r), self.controlnets.use(r.controlnets)  # ControlNets opened and checked once
         # what each image's PNG records: the resolved request, its prompt with a tag per loaded LoRA
         base = replace(r, prompt=prompt, model=self.model_name, lora_hashes=used_loras, init_image=None, mask=None)
-        base = replace(base, ip_adapters=self.ip_adapters.recorded(r.ip_adapters))  # hashes, not images
+        base = replace(base, ip_adapters=self.ip_adapters.recorded(r.ip_adapters),  # hashes, not images
+                       controlnets=control.recorded)
         hires = r.hires()
         second = hires.second_pass(r.steps, r.height, r.width, self.vae_factor) if hires is not None else None
 
@@ -285,16 +292,8 @@ class Pipeline:
         decoded_all: list[np.ndarray] = []
         latents_all: list[torch.Tensor] = []
         # one bar for the whole run, counting U-Net evaluations over all batches (Heun takes 2 per step)
-        probe = make_scheduler(r.sampler, self.scheduler_config, r.schedule, r.eta)
-        probe.set_timesteps(r.steps)
-        per_batch = len(probe.timesteps) - (r.steps - steps_run) * probe.order
-        if refiner is not None:
-            cutoff = switch_cutoff(r.refiner_switch, self.train_timesteps)
-            run = probe.timesteps[len(probe.timesteps) - per_batch:]
-            per_batch = len(base_timesteps(run, cutoff)) + len(refiner_timesteps(probe, cutoff, len(run)))
-        if second is not None:
-            probe.set_timesteps(second.steps)
-            per_batch += hires.unet_calls(probe, second)
+        per_batch = unet_calls_per_batch(r, self.scheduler_config, self.train_timesteps, steps_run, refiner is not None,
+                                         hires, second)
         num_batches = -(-r.num_images // r.batch_size)
         progress = progress_bar(total=num_batches * per_batch, disable=not show_progress, desc="denoising",
                                 unit="step", file=sys.stderr, leave=False)
@@ -310,14 +309,14 @@ class Pipeline:
         for start in range(0, r.num_images, r.batch_size):
             seeds = [r.seed + i for i in range(start, min(start + r.batch_size, r.num_images))]
             gens = generators(seeds)
-            latents = self._sample(gens, cond, uncond, image_latents, job, r.steps, r.strength, r, step,
+            latents = self._sample(gens, cond, uncond, image_latents, job, r.steps, r.strength, r, step, control,
                                    switch=None if refiner is None else r.refiner_switch)
             if refiner is not None:  # the rest of the schedule on the refiner, the same generators going on
                 latents = refiner._refine(gens, latents, *refined, job, r, step)
             if second is not None:  # img2img of the upscaled first pass, same seeds
                 upscaled = self.codec.resize(latents, second.height, second.width, hires.upscaler)
                 latents = self._sample(generators(seeds), cond, uncond, upscaled, Job(second.height, second.width),
-                                       second.steps, second.strength, r, step)
+                                       second.steps, second.strength, r, step, control)
             codec = self.codec if refiner is None else refiner.codec
             latents_all.append(codec.unscale(latents).float().cpu())
             decoded = tensor_to_float_images(codec.decode(latents))  # (b, H, W, 3) in [0, 1]
@@ -394,6 +393,7 @@ class Pipeline:
         strength: float | None,
         r: GenerationRequest,
         on_step: Callable[[], None],
+        control: Control,
         switch: float | None = None,
     ) -> torch.Tensor:
         """One batch (one generator per image): starting latents for its mode, then the loop. Returns the final
@@ -442,7 +442,7 @@ class Pipeline:
 
         return denoise(
             self._unet_fn, scheduler, latents, timesteps, expand(cond), expand(uncond), r.cfg, r.guidance_rescale,
-            generators=gens, inpaint=inpaint, on_step=on_step,
+            generators=gens, inpaint=inpaint, on_step=on_step, extra_kwargs=control.hook(job.height, job.width, b),
         )
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from ldm.controlnet.unit import ControlUnit, check_units, units_from_a1111
 from ldm.errors import UserError
 from ldm.ip_adapter.unit import IPAdapterUnit
 from ldm.pipeline.hires import HIRES_STRENGTH, HIRES_UPSCALER, UPSCALERS, HiresFix
@@ -97,6 +98,7 @@ class GenerationRequest:
     # IP-Adapter image prompts (ldm/ip_adapter): adapters as named (the pipeline must be opened with them), each
     # with its image (not compared, not in the PNG) and scale
     ip_adapters: tuple[IPAdapterUnit, ...] = ()
+    controlnets: tuple[ControlUnit, ...] = ()  # ControlNet units (ldm/controlnet/unit.py), their residuals summed
     num_images: int = 1
     batch_size: int = 1  # images per U-Net batch: memory vs speed, same pixels
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)  # RGB; img2img / inpainting
@@ -171,6 +173,10 @@ class GenerationRequest:
             if not isinstance(unit, IPAdapterUnit):
                 raise TypeError(f"ip_adapters holds IPAdapterUnit items, got {type(unit).__name__}")
             unit.check()
+        check_units(self.controlnets)
+        if self.refiner and self.controlnets:
+            raise UserError("a refiner with ControlNet is not supported (the refiner would run without control): "
+                            "drop --refiner or --controlnet")
 
     def resolve(self, model: ModelFacts) -> GenerationRequest:
         """Every 'decide for me' value decided, and the whole request checked against `model`."""
@@ -196,7 +202,8 @@ class GenerationRequest:
             else None
         eta = SAMPLERS[self.sampler].eta if self.eta is None else self.eta  # TCD's default gamma; None for others
         resolved = replace(self, height=height, width=width, strength=strength, mask_blur=mask_blur, seed=seed,
-                           refiner_switch=refiner_switch, eta=eta, resolved=True)
+                           refiner_switch=refiner_switch, eta=eta, resolved=True,
+                           controlnets=tuple(u.resolved() for u in self.controlnets))
         hires = self.hires()
         if hires is not None:
             hires.check(self.steps, height, width, model.vae_factor)
@@ -299,6 +306,10 @@ def from_a1111(payload: Mapping[str, Any], *, clip_skip: int = 1, known_samplers
     for key in ("init_image", "mask"):
         if payload.get(key) is not None:
             layer[key] = payload[key]
+    scripts = {str(k).lower(): v for k, v in (payload.get("alwayson_scripts") or {}).items()}
+    if scripts.get("controlnet"):  # the A1111 ControlNet extension's units, their images decoded
+        args = scripts["controlnet"].get("args", []) if isinstance(scripts["controlnet"], dict) else None
+        layer["controlnets"] = units_from_a1111(args, payload.get("init_image"))
     if layer.get("init_image") is None:  # txt2img: an img2img-only field sent anyway does not apply
         layer.pop("strength", None)
         layer.pop("mask_blur", None)

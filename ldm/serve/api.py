@@ -25,6 +25,7 @@ from fastapi.responses import Response
 from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 
+from ldm.controlnet.load import check_units
 from ldm.errors import UserError
 from ldm.image_io import decode_base64_image, decode_base64_mask
 from ldm.lora.prompt_tags import check_lora_inputs
@@ -33,6 +34,7 @@ from ldm.pipeline.metadata import format_parameters, png_bytes
 from ldm.pipeline.refiner import check_refiner_pair
 from ldm.pipeline.request import GenerationRequest, from_a1111
 from ldm.pipeline.samplers import AUTOMATIC, SAMPLERS, SCHEDULES, full_label, sampler_label, schedule_label
+from ldm.serve.controlnet import check_unit_names, decode_unit_images
 from ldm.serve.schemas import (
     EmbeddingsResponse,
     Img2ImgRequest,
@@ -59,7 +61,8 @@ class Limits:
 
 
 def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
-                 lora_dir: str | None = None, embeddings_dir: str | None = None) -> APIRouter:
+                 lora_dir: str | None = None, embeddings_dir: str | None = None,
+                 controlnet_dir: str | None = None) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
     # the textual-inversion embeddings prompts may name (each model's pipeline reads the same files)
     embeddings = EmbeddingLibrary.read(embeddings_dir) if embeddings_dir is not None else None
@@ -75,14 +78,14 @@ def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
         name = _model_for(req, models, selected["name"])
         r = await run_in_threadpool(_request, req, name, models[name], limits, init=None, mask=None,
                                     lora_dir=lora_dir, clip_skip=selected["clip_skip"], clip_limit=clip_limits.get(name),
-                                    models=models, embeddings=embeddings)
+                                    models=models, embeddings=embeddings, controlnet_dir=controlnet_dir)
         return await _run(request, worker, name, req, r, "txt2img", clip_limits, lora_dir, models)
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(req: Img2ImgRequest, request: Request):
         name = _model_for(req, models, selected["name"])
         r = await run_in_threadpool(_img2img_request, req, name, models[name], limits, lora_dir,
-                                    selected["clip_skip"], clip_limits.get(name), models, embeddings)
+                                    selected["clip_skip"], clip_limits.get(name), models, embeddings, controlnet_dir)
         return await _run(request, worker, name, req, r, "img2img", clip_limits, lora_dir, models)
 
     @router.get("/samplers", response_model=list[SamplerItem])
@@ -176,7 +179,8 @@ def _clip_skip(value: Any, model: str, limit: int | None = None) -> int:
 
 def _img2img_request(req: Img2ImgRequest, name: str, spec: ModelSpec, limits: Limits, lora_dir: str | None,
                      clip_skip: int, clip_limit: int | None, models: dict[str, ModelSpec] | None = None,
-                     embeddings: EmbeddingLibrary | None = None) -> GenerationRequest:
+                     embeddings: EmbeddingLibrary | None = None,
+                     controlnet_dir: str | None = None) -> GenerationRequest:
     """The init image and mask decoded, then `_request` (in the thread pool: decoding is slow work)."""
     if not req.init_images:
         raise UserError("init_images is empty: send the init image as a base64 PNG or JPEG")
@@ -188,24 +192,26 @@ def _img2img_request(req: Img2ImgRequest, name: str, spec: ModelSpec, limits: Li
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
     return _request(req, name, spec, limits, init=init, mask=mask, lora_dir=lora_dir, clip_skip=clip_skip,
-                    clip_limit=clip_limit, models=models, embeddings=embeddings)
+                    clip_limit=clip_limit, models=models, embeddings=embeddings, controlnet_dir=controlnet_dir)
 
 
 def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, init: Image.Image | None,
              mask: Image.Image | None, lora_dir: str | None = None, clip_skip: int = 1,
              clip_limit: int | None = None, models: dict[str, ModelSpec] | None = None,
-             embeddings: EmbeddingLibrary | None = None) -> GenerationRequest:
+             embeddings: EmbeddingLibrary | None = None, controlnet_dir: str | None = None) -> GenerationRequest:
     """The payload as a request resolved against the model's spec, every value checked as the CLI checks it:
-    prompt syntax, LoRA tags (names in the server's --lora-dir only), embedding:NAME (in --embeddings-dir), sizes,
-    steps, clip skip (when `clip_limit`, the model's, is known) and the server's limits. Blocking (file reads):
-    call it from the thread pool."""
+    prompt syntax, LoRA tags (names in the server's --lora-dir only), embedding:NAME (in --embeddings-dir),
+    ControlNet units (names in its --controlnet-dir only), sizes, steps, clip skip (when `clip_limit`, the model's,
+    is known) and the server's limits. Blocking (file reads): call it from the thread pool."""
     if "CLIP_stop_at_last_layers" in req.override_settings:
         clip_skip = req.override_settings["CLIP_stop_at_last_layers"]
     clip_skip = _clip_skip(clip_skip, name, clip_limit)  # the server-wide one too: it may be another model's
-    payload = {**req.model_dump(), "init_image": init, "mask": mask}
+    payload = {**req.model_dump(), "init_image": init, "mask": mask,
+               "alwayson_scripts": decode_unit_images(req.alwayson_scripts, 4 * limits.max_pixels)}
     known = ", ".join(full_label(n) for n in SAMPLERS)
     request = GenerationRequest.layered(from_a1111(payload, clip_skip=clip_skip, known_samplers=known))
     check_lora_inputs([], request.prompt, lora_dir)
+    check_unit_names(request.controlnets, controlnet_dir)
     check_refiner_pair(spec, None)
     if request.refiner:  # A1111's refiner_checkpoint: a listed model, recorded as the model is (its spec's name)
         refiner = (models or {})[_listed(request.refiner, models or {})]
@@ -216,6 +222,8 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
         embeddings.refresh()
     check_references(embeddings, [r.prompt, r.negative_prompt], spec.arch,  # embedding:NAME
                      getattr(spec, "unet_config", {}).get("cross_attention_dim"))
+    if r.controlnets:  # each fits the model
+        check_units(r.controlnets, spec.unet_config, spec.vae_factor, controlnet_dir)
     if r.steps > limits.max_steps:
         raise UserError(f"steps {r.steps} is over this server's limit of {limits.max_steps} (ldm-serve --max-steps)")
     if r.width * r.height > limits.max_pixels:

@@ -3,6 +3,7 @@
     ldm-serve                                     # the bundled demo model on http://127.0.0.1:7860
     ldm-serve --model DIR --model DIR2 --api-auth me:secret --listen
     ldm-serve --models-dir models/                # each model directory and *.safetensors file in it
+    ldm-serve --model DIR --controlnet-dir controlnets/   # + A1111 ControlNet units naming what is in it
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings-dir", default=None,
                    help="textual-inversion embeddings that prompts may use by name (A1111's embeddings/ folder, "
                    "searched below too; GET /sdapi/v1/embeddings lists them)")
+    p.add_argument("--controlnet-dir", default=None,
+                   help="ControlNets that requests may name in alwayson_scripts.controlnet (A1111's ControlNet "
+                   "extension): each .safetensors file (by stem) and diffusers ControlNet directory in it or below")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--listen", action="store_true", help="bind all interfaces (0.0.0.0); set --api-auth with it")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
@@ -84,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--lora-dir '{args.lora_dir}' is not a directory")
     if args.embeddings_dir is not None and not Path(args.embeddings_dir).expanduser().is_dir():
         raise UserError(f"--embeddings-dir '{args.embeddings_dir}' is not a directory")
+    if args.controlnet_dir is not None and not Path(args.controlnet_dir).expanduser().is_dir():
+        raise UserError(f"--controlnet-dir '{args.controlnet_dir}' is not a directory")
 
     import uvicorn
 
@@ -100,11 +106,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     def load(name: str) -> Pipeline:
         spec = models[name]
         log.info("loading %s on %s", spec.name, args.device)
-        return Pipeline.open(spec, args.device, args.dtype, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+        return Pipeline.open(spec, args.device, args.dtype, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                             controlnet_dir=args.controlnet_dir)
 
     worker = Worker(load, next(iter(models)), args.queue_size)
     worker.start()
-    app = create_app(models, worker, limits, credentials, args.lora_dir, args.embeddings_dir)
+    app = create_app(models, worker, limits, credentials, args.lora_dir, args.embeddings_dir, args.controlnet_dir)
     log.info("ldm-serve: http://%s:%d/ (API: /sdapi/v1/..., models: %s)", host, args.port, ", ".join(models))
     config = uvicorn.Config(app, host=host, port=args.port, log_level="warning" if args.quiet else "info",
                             access_log=not args.quiet)

@@ -36,6 +36,8 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] = Field(default_factory=dict)  # sd_model_checkpoint, CLIP_stop_at_last_layers
     refiner_checkpoint: str | None = None  # an SDXL refiner among the listed models (A1111 >= 1.6)
     refiner_switch_at: float | None = None  # share of the steps the base runs (default 0.8)
+    # scripts run with every request; of these, the A1111 ControlNet extension's units (ldm/serve/controlnet.py)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
 
 
 class Img2ImgRequest(Txt2ImgRequest):

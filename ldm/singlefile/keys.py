@@ -7,6 +7,10 @@ on what each `*_to_original` gave and checks (`check_inverse`) that they give ba
 from, so a file written here is, by construction, one diffusers (and therefore A1111 and ComfyUI, which use the same
 names) reads back as the same model.
 
+ControlNets are read through `controlnet_to_original`, the names a ControlNet file in the original layout has for
+each of the model's weights (ldm/controlnet/load.py), since diffusers' reader knows only the 4-level hint block and
+no SDXL `label_emb`; where it does read a file, both give the same (tests/test_controlnet.py).
+
 Shapes that differ between the layouts: the VAE's mid-block attention is 1x1 convolutions in the original
 ((C, C, 1, 1)) and linear layers in diffusers ((C, C)); OpenCLIP keeps q, k and v in one `in_proj` ((3D, D)) where
 transformers' CLIP has three (D, D) projections. Both are reshapes/concatenations, so the round trip is exact.
@@ -104,6 +108,42 @@ def _resnet(rest: str, key: str) -> str:
     return f"{_RESNET[head]}.{tail}"
 
 
+# ------------------------------------------------------------------------------------------------------- ControlNet
+CONTROLNET_PREFIX = sfu.LDM_CONTROLNET_KEY  # "control_model." (lllyasviel's cldm files; many files drop it)
+
+
+def controlnet_to_original(names: list[str], config: dict[str, Any]) -> dict[str, str]:
+    """diffusers `ControlNetModel` names -> the original (cldm) names, without the `control_model.` prefix.
+
+    A ControlNet is a copy of the U-Net's encoder (conv_in, time embedding, SDXL's label_emb, input and middle
+    blocks: the U-Net's own names, from `_unet_name`) plus its own parts: `zero_convs.N.0` (one 1x1 zero conv per
+    input block, diffusers' `controlnet_down_blocks.N`), `middle_block_out.0` (`controlnet_mid_block`) and
+    `input_hint_block.{0,2,4,...}` (the conditioning embedding's convolutions, SiLUs between them:
+    conv_in, blocks.0, ..., conv_out)."""
+    lpb = config["layers_per_block"]
+    addition = config.get("addition_embed_type")
+    if not isinstance(lpb, int) or config.get("class_embed_type") or addition not in (None, "text_time"):
+        raise UserError("this ControlNet (per-level layers_per_block, class embeddings or an addition embedding "
+                        "other than SDXL's) has no original single-file layout")
+    layers = {**_UNET_LAYERS, **(_ADD_EMBEDDING if addition == "text_time" else {})}
+    hint_out = 2 * (2 * len(config["conditioning_embedding_out_channels"]) - 1)  # 14 for the usual 4 levels
+    out: dict[str, str] = {}
+    for key in names:
+        if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(weight|bias)", key):
+            out[key] = f"zero_convs.{m[1]}.0.{m[2]}"
+        elif m := re.fullmatch(r"controlnet_mid_block\.(weight|bias)", key):
+            out[key] = f"middle_block_out.0.{m[1]}"
+        elif m := re.fullmatch(r"controlnet_cond_embedding\.conv_in\.(weight|bias)", key):
+            out[key] = f"input_hint_block.0.{m[1]}"
+        elif m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(weight|bias)", key):
+            out[key] = f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"
+        elif m := re.fullmatch(r"controlnet_cond_embedding\.conv_out\.(weight|bias)", key):
+            out[key] = f"input_hint_block.{hint_out}.{m[1]}"
+        else:
+            out[key] = _unet_name(key, lpb, [], layers)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------------- VAE
 def vae_to_original(state: State, config: dict[str, Any], prefix: str = VAE_PREFIX) -> State:
     """diffusers `AutoencoderKL` state dict -> `first_stage_model.*` (encoder.down.N / decoder.up.N, reversed)."""
@@ -180,6 +220,11 @@ def open_clip_to_original(state: State, prefix: str = OPEN_CLIP_PREFIX) -> State
 # ----------------------------------------------------------------------------------------------- diffusers' readers
 def unet_from_original(checkpoint: State, config: dict[str, Any]) -> State:
     return sfu.convert_ldm_unet_checkpoint(checkpoint, config)
+
+
+def controlnet_from_original(checkpoint: State, config: dict[str, Any]) -> State:
+    """diffusers' reader of SD 1.x/2.x ControlNets (the usual 4-level hint block; no SDXL label_emb)."""
+    return sfu.convert_controlnet_checkpoint(checkpoint, config)
 
 
 def vae_from_original(checkpoint: State, config: dict[str, Any]) -> State:
