@@ -266,7 +266,7 @@ def test_errors_name_the_negative_prompt():
 
 
 # Randomized: prompts A1111's grammar cannot run as prompt editing, built from a small alphabet. Words are joined
-# by spaces, so no colon is followed at once by a word (the `(word:abc)` refusal) and no two numbers run together;
+# by spaces, so no colon is followed by one word and ')' (the `(word:abc)` refusal) and no two numbers run together;
 # every number is within -10..10 and every BREAK follows a word (no empty chunk): none of our refusals applies.
 WORDS = ["(", ")", "]", ":", "|", "\\", "\\(", "\\)", "\\[", "\\]", "\\\\", "\\|", "x\\BREAK", "a BREAK", "cat",
          "12:30pm", "0.5", "1.2", "-3", ":1.5)", "(a:0.8)", "AND", "\n"]
