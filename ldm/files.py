@@ -216,3 +216,11 @@ def sha256_file(path: str | Path, offset: int = 0) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def a1111_model_hash(path: str | Path) -> str:
+    """A1111's old 8-digit model hash, how its ControlNet extension titles a model ('NAME [hash]'): the sha256 of
+    the 64 KiB at offset 1 MiB (modules/sd_models.py `model_hash`; nothing there: the hash of no bytes)."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

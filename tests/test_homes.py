@@ -27,8 +27,9 @@ OPENERS = {
     "load_single_file": {"ldm/models/load.py", "ldm/singlefile/load.py", "ldm/singlefile/save.py"},
     "load_unet_file": {"ldm/models/load.py", "ldm/singlefile/load.py"},
     "Pipeline": {"ldm/pipeline/pipeline.py", "ldm/unet/validation_grid.py"},  # validation samples: parts already in memory
-    # IP-Adapters: opened with the model, put on its U-Net by diffusers' loader in one place
-    "load_ip_adapters": {"ldm/models/ip_adapter.py", "ldm/pipeline/pipeline.py"},
+    # IP-Adapters: put on the U-Net (and taken off) by one switch the pipeline calls, with diffusers' loader
+    "load_ip_adapters": {"ldm/models/ip_adapter.py"},
+    "switch_ip_adapters": {"ldm/models/ip_adapter.py", "ldm/pipeline/pipeline.py"},
     "_load_ip_adapter_weights": {"ldm/ip_adapter/adapters.py"},
 }
 

@@ -11,6 +11,10 @@ LoRA test, whose tolerance is derived there.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import re
 from functools import partial
 from pathlib import Path
 
@@ -348,3 +352,111 @@ def test_cli_writes_the_fields_and_a_replay_needs_the_image_again(tiny_model, fi
     assert code == 0 and len(written) == 2, err
     assert all("IP-Adapter scale: 0.5" in Image.open(p).info["parameters"] for p in written)
 
+
+
+# ------------------------------------------------------------------------------ the server (A1111 ControlNet form)
+
+def _b64(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_a1111_ip_adapter_units_are_split_from_the_controlnet_ones():
+    from ldm.controlnet.unit import units_from_a1111 as control_units
+    from ldm.ip_adapter.unit import units_from_a1111
+
+    init = _image(9)
+    args = [{"enabled": True, "module": "canny", "model": "cn-a [d14c016b]", "image": _image(0)},
+            {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15 [6a3f6166]",
+             "weight": 0.6, "image": _image(1), "guidance_start": 0.0, "guidance_end": 1.0},
+            {"enabled": False, "module": "ip-adapter_clip_h", "model": "x"},
+            {"enabled": True, "module": "ip-adapter-auto", "model": "plus"}]  # no image: img2img's init image
+    units = units_from_a1111(args, init)
+    assert [(u.model, u.scale) for u in units] == [("ip-adapter_sd15", 0.6), ("plus", 1.0)]
+    assert units[1].image is init and [u.model for u in control_units(args, init)] == ["cn-a"]
+    for change, message in (
+            ({"guidance_end": 0.5}, "ControlNet unit 0 (IP-Adapter): guidance_end 0.5 is not supported: an "
+                                    "IP-Adapter acts on every step here"),
+            ({"guidance_start": 0.2}, "guidance_start 0.2 is not supported"),
+            ({"module": "ip-adapter_face_id_plus"}, "module 'ip-adapter_face_id_plus' is not supported here "
+                                                    "(FaceID and PuLID take insightface face embeddings)"),
+            ({"model": "None"}, "is enabled but names no model"),
+            ({"weight": "high"}, "weight must be a number"),
+            ({"image": None}, "has no image: send the image prompt as 'image'")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            units_from_a1111([{**args[1], **change}])
+
+
+def test_server_takes_the_extensions_ip_adapter_units_and_switches_them_per_request(tiny_model, tiny_sdxl_model,
+                                                                                     files, sd_pipe, sd_ref):
+    """The server runs on `sd_pipe` (opened with the two adapters by path): a request naming them by name (from
+    --ip-adapter-dir) switches to those and gives sd_pipe's image with the same scales and images (which equals
+    diffusers', above), exactly; the next request, without units, takes them off and gives diffusers' image of the
+    model without adapters (`without_adapters`, which `Pipeline` gives too: test_scale_0_...), exactly."""
+    from test_serve_worker import app_server_for, request
+
+    from ldm.files import a1111_model_hash
+    from ldm.pixels import float_to_uint8
+    from ldm.serve.api import IPAdapterDirs, Limits
+    from ldm.serve.app import create_app
+    from ldm.serve.worker import Worker
+
+    spec, xl = inspect_model(tiny_model), inspect_model(tiny_sdxl_model)
+    with_adapters = sd_pipe(PROMPT, NEGATIVE, ip_adapters=_units(files, 0.6, 0.4), **KW).images[0]
+    units = [{"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15 [0123abcd]", "weight": 0.6,
+              "image": _b64(_image(0))},
+             {"enabled": False, "module": "canny", "model": "not-a-controlnet"},
+             {"enabled": True, "module": "ip-adapter-auto", "model": "ip-adapter-plus_sd15", "weight": 0.4,
+              "image": _b64(_image(1))}]
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 2, "cfg_scale": 7.5, "sampler_name": "Euler a",
+            "seed": 3, "width": 32, "height": 32, "alwayson_scripts": {"controlnet": {"args": units}}}
+    opened = sd_pipe.ip_adapters.specs
+    worker = Worker(lambda name: sd_pipe, "tiny", queue_size=2)
+    worker.start()
+    try:
+        app = create_app({"tiny": spec, "xl": xl}, worker, Limits(), ip=IPAdapterDirs(str(files["root"])))
+        with app_server_for(app) as port:
+            status, listed = request(port, "GET", "/controlnet/model_list")
+            assert status == 200 and listed["model_list"] == [
+                f"{p.stem} [{a1111_model_hash(p)}]" for p in (files["sd_full"], files["sd_plus"], files["sd_plain"],
+                                                             files["sdxl_plus"])]  # not narrow/'s CLIP weights
+            status, modules = request(port, "GET", "/controlnet/module_list")
+            assert {"ip-adapter_clip_sd15", "ip-adapter-auto"} <= set(modules["module_list"])
+
+            status, answer = request(port, "POST", "/sdapi/v1/txt2img", body)
+            assert status == 200, answer
+            served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))))
+            np.testing.assert_array_equal(served, np.asarray(with_adapters))
+            info = json.loads(answer["info"])["infotexts"][0]
+            assert "IP-Adapter: ip-adapter_sd15 [" in info and "IP-Adapter 2: ip-adapter-plus_sd15 [" in info
+
+            status, answer = request(port, "POST", "/sdapi/v1/txt2img", {**body, "alwayson_scripts": {}})
+            assert status == 200, answer
+            served_plain = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))))
+            np.testing.assert_array_equal(served_plain, float_to_uint8(sd_ref.without_adapters)[0])
+            assert np.abs(served.astype(int) - served_plain).max() > 0  # the test can fail
+            assert sd_pipe.ip_adapters.names == [] and sd_pipe.unet.encoder_hid_proj is None
+
+            for change, message in (
+                    ({"args": [{**units[0], "model": "nope"}]},
+                     "IP-Adapter 'nope' is not one of this server's IP-Adapters (ip-adapter, ip-adapter-plus_sd15, "
+                     "ip-adapter_sd15, ip-adapter-plus_sdxl; GET /controlnet/model_list)"),
+                    ({"args": [{**units[0], "model": str(files["sd_plain"])}]}, "is not one of this server's"),
+                    ({"args": [{**units[0], "guidance_end": 0.8}]}, "guidance_end 0.8 is not supported")):
+                status, answer = request(port, "POST", "/sdapi/v1/txt2img",
+                                         {**body, "alwayson_scripts": {"controlnet": change}})
+                assert status == 422 and message in answer["detail"] and "\n" not in answer["detail"], answer
+            status, answer = request(port, "POST", "/sdapi/v1/txt2img",  # refused before the SDXL model is loaded
+                                     {**body, "override_settings": {"sd_model_checkpoint": "xl"}})
+            assert status == 422 and "\n" not in answer["detail"], answer
+            assert answer["detail"].startswith("IP-Adapter 'ip-adapter_sd15' is for models with a 32-dim text "
+                                               "context but "), answer
+            assert "is an SDXL base model (64-dim text context): use an IP-Adapter made for" in answer["detail"]
+    finally:
+        worker.stop()
+        sd_pipe.use_ip_adapters(opened)  # as the other tests have it
+    kept = sd_pipe.ip_adapters  # the same adapters again are kept, not loaded again
+    sd_pipe.use_ip_adapters(inspect_ip_adapters([str(files["sd_plain"]), str(files["sd_plus"])], inspect_model(
+        tiny_model)))
+    assert sd_pipe.ip_adapters is kept and kept.names == [str(files["sd_plain"]), str(files["sd_plus"])]

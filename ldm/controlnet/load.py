@@ -21,7 +21,6 @@ offset 1 MiB (modules/sd_models.py `model_hash`); a directory's is that of its w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -34,6 +33,7 @@ import torch
 
 from ldm.controlnet.unit import ControlUnit, model_name, where
 from ldm.errors import UserError
+from ldm.files import a1111_model_hash
 from ldm.singlefile import keys
 from ldm.weights import PICKLE_SUFFIXES, check_weights, read_safetensors
 
@@ -71,9 +71,7 @@ class ControlNetSpec:
     def hash(self) -> str:
         """A1111's old 8-digit model hash (see the module docstring)."""
         path = min(self.path.glob("*.safetensors")) if self.path.is_dir() else self.path  # WEIGHTS_FILE, or a variant
-        with open(path, "rb") as f:
-            f.seek(0x100000)
-            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        return a1111_model_hash(path)
 
     @property
     def title(self) -> str:

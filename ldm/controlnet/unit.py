@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 
 from ldm.errors import UserError
+from ldm.ip_adapter.unit import is_a1111_unit as is_ip_adapter_unit
 
 PREPROCESSORS = ("none", "canny")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -173,8 +174,9 @@ def units_from_options(models: list[str], images: list[Image.Image], options: Ma
 
 def units_from_a1111(args: Any, init_image: Image.Image | None = None) -> tuple[ControlUnit, ...]:
     """`alwayson_scripts.controlnet.args` of an A1111 API request (images already decoded to PIL images) -> the
-    enabled units. As the extension does: a unit is used only with `"enabled": true`; -1 (or no value) for a
-    threshold means the preprocessor's default; an img2img unit without an image takes the init image."""
+    enabled ControlNet units (not the IP-Adapter ones: `ldm.ip_adapter.unit.units_from_a1111`). As the extension
+    does: a unit is used only with `"enabled": true`; -1 (or no value) for a threshold means the preprocessor's
+    default; an img2img unit without an image takes the init image."""
     if not isinstance(args, list):
         raise UserError("alwayson_scripts.controlnet.args must be a list of ControlNet units")
     units = []
@@ -182,7 +184,7 @@ def units_from_a1111(args: Any, init_image: Image.Image | None = None) -> tuple[
         if not isinstance(raw, dict):
             raise UserError(f"alwayson_scripts.controlnet.args[{i}] must be an object (a ControlNet unit)")
         values = {{"input_image": "image", "guidance": "guidance_end"}.get(k, k): v for k, v in raw.items()}
-        if not values.get("enabled", False):
+        if not values.get("enabled", False) or is_ip_adapter_unit(raw):  # ldm/ip_adapter/unit.py takes those
             continue
         model = values.get("model")
         if not isinstance(model, str) or model_name(model) in ("", "None"):

@@ -42,9 +42,12 @@ class LoadedAdapter:
 class IPAdapters:
     """The IP-Adapters on one U-Net (none: the U-Net is untouched), in the order requests name them."""
 
-    def __init__(self, adapters: list[LoadedAdapter] | None = None, processors: list | None = None) -> None:
+    def __init__(self, adapters: list[LoadedAdapter] | None = None, processors: list | None = None,
+                 before: tuple[dict, object] | None = None) -> None:
         self.adapters = adapters or []
         self._processors = processors or []  # the U-Net's IPAdapterAttnProcessor2_0s
+        self._before = before  # (attention processors, config.encoder_hid_dim_type) of the U-Net before `attach`
+        self.specs: tuple = ()  # what they were opened from (ldm.models.ip_adapter), to tell a request's from them
 
     @property
     def names(self) -> list[str]:
@@ -57,6 +60,7 @@ class IPAdapters:
             return cls()
         for adapter in adapters:
             check_fits(unet, adapter.facts, adapter.name)
+        before = (unet.attn_processors, unet.config.encoder_hid_dim_type)
         from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
         from diffusers.utils import logging as diffusers_logging
 
@@ -70,7 +74,18 @@ class IPAdapters:
         object.__setattr__(unet, "encoder_hid_proj", projection)
         processors = [p for p in unet.attn_processors.values()
                       if isinstance(p, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0))]
-        return cls(adapters, processors)
+        return cls(adapters, processors, before)
+
+    def detach(self, unet) -> None:
+        """Take the adapters off `unet`, as diffusers' `unload_ip_adapter` does: its attention processors (the very
+        objects it had before `attach`) and `encoder_hid_dim_type` restored, the projection removed; the image
+        encoders are let go. This object is then empty (no adapters), as the U-Net is."""
+        if self._before is not None:
+            processors, hid_dim_type = self._before
+            unet.set_attn_processor(processors)
+            object.__setattr__(unet, "encoder_hid_proj", None)  # the plain attribute `attach` made (or None)
+            unet.config.encoder_hid_dim_type = hid_dim_type
+        self.adapters, self._processors, self._before, self.specs = [], [], None, ()
 
     def condition(self, cond: Conditioning, uncond: Conditioning | None, units: tuple[IPAdapterUnit, ...]
                   ) -> tuple[Conditioning, Conditioning | None]:
@@ -101,7 +116,7 @@ class IPAdapters:
     def _mismatch(self, names: list[str]) -> str:
         if not self.adapters:
             return (f"the request names the IP-Adapter '{names[0]}' but it was not opened with this model: pass "
-                    "--ip-adapter MODEL (Pipeline.open(ip_adapters=...))")
+                    "--ip-adapter MODEL (Pipeline.open(ip_adapters=...) or use_ip_adapters)")
         opened = ", ".join(f"'{n}'" for n in self.names)
         if not names:
             return (f"this model was opened with the IP-Adapter(s) {opened}: the request needs an image prompt for "

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import UserError
+from ldm.ip_adapter.image_encoder import FOLDER
 from ldm.weights import check_safetensors_file, read_safetensors, read_weights_only_pickle
 
 PLAIN, PLUS, FULL = "plain", "plus", "full"
@@ -78,6 +79,32 @@ def find_adapter_file(name: str | Path) -> Path:
     if p.suffix.lower() not in (".safetensors", *TORCH_SUFFIXES):
         raise UserError(f"IP-Adapter '{p}' is neither a .safetensors nor a .bin file")
     return p
+
+
+def list_ip_adapters(directory: str | Path) -> dict[str, Path]:
+    """Name (the stem) -> file of every IP-Adapter in `directory` and below (`ldm-serve --ip-adapter-dir`): the
+    .safetensors files whose header holds the adapter's two key groups, and the .bin/.pt/.pth files (read only when
+    used); `image_encoder/` folders are skipped. On a clash of names a .safetensors file wins, else the first in
+    sorted order."""
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--ip-adapter-dir '{directory}' is not a directory")
+    found: dict[str, Path] = {}
+    files = [p for p in root.rglob("*") if p.suffix.lower() in (".safetensors", *TORCH_SUFFIXES) and p.is_file()
+             and FOLDER not in p.relative_to(root).parts[:-1]]
+    for path in sorted(files, key=lambda p: (p.suffix.lower() != ".safetensors", str(p))):
+        if path.stem in found:
+            continue
+        if path.suffix.lower() == ".safetensors":
+            try:
+                keys = check_safetensors_file(path)
+            except UserError:
+                continue  # not a file this server can read; it is no adapter it lists
+            if not any(k.startswith("image_proj.") for k in keys) or not any(k.startswith("ip_adapter.")
+                                                                             for k in keys):
+                continue
+        found[path.stem] = path
+    return found
 
 
 def inspect_adapter(path: Path) -> AdapterFacts:

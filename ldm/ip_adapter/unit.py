@@ -9,6 +9,9 @@ PNG fields (ours: A1111 has no core IP-Adapter field), one pair per unit, number
 extension's `ControlNet N: "Module: ip-adapter_clip_sd15, Model: ..., Weight: 0.6, ..."` form is not copied: that
 extension would read it back as one of its own units with our names and its other settings defaulted, and our
 ControlNet units keep that name to themselves. The image itself is not in the PNG: a replay needs --ip-image again.
+
+The A1111 ControlNet extension sends IP-Adapters as units of its `alwayson_scripts.controlnet.args` whose `module`
+is an IP-Adapter preprocessor (`units_from_a1111`; the other units are ControlNets, ldm/controlnet/unit.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -25,6 +29,12 @@ SCALE = 1.0  # diffusers' load_ip_adapter default, A1111 ControlNet's default we
 LABEL, SCALE_LABEL = "IP-Adapter", "IP-Adapter scale"
 FIELD = re.compile(r"IP-Adapter(?: scale)?(?: (\d+))?")  # the PNG field names this module reads
 _TITLE = re.compile(r"(.*?)(?: \[([0-9a-f]{8,64})\])?")
+# the extension's CLIP preprocessors for IP-Adapters, by name and label (Mikubill/sd-webui-controlnet,
+# scripts/preprocessor/legacy/preprocessor_compiled.py, scripts/preprocessor/ip_adapter_auto.py): ViT-H, ViT-bigG,
+# the SDXL Plus ViT-H one, and "auto". Here the image encoder is the adapter's own (ldm/ip_adapter/image_encoder.py),
+# whichever of them a unit names, as "auto" picks it. Its other "ip-adapter..." modules (FaceID, PuLID) are refused.
+A1111_MODULES = ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_h", "ip-adapter_clip_sdxl",
+                 "ip-adapter_clip_g", "ip-adapter_clip_sdxl_plus_vith")
 
 
 @dataclass(frozen=True)
@@ -65,4 +75,47 @@ def units_from_fields(raw: dict[str, str]) -> tuple[IPAdapterUnit, ...]:
         scale = raw.get(label(SCALE_LABEL, i))
         units.append(IPAdapterUnit(title[1], scale=SCALE if scale is None else float(scale), hash=title[2] or ""))
         i += 1
+    return tuple(units)
+
+
+def is_a1111_unit(raw: Any) -> bool:
+    """Whether an `alwayson_scripts.controlnet.args` item is an IP-Adapter unit (its module an IP-Adapter one)."""
+    module = raw.get("module") if isinstance(raw, dict) else None
+    return isinstance(module, str) and module.strip().lower().startswith("ip-adapter")
+
+
+def units_from_a1111(args: Any, init_image: Image.Image | None = None) -> tuple[IPAdapterUnit, ...]:
+    """The enabled IP-Adapter units of an A1111 request's `alwayson_scripts.controlnet.args` (images already decoded
+    to PIL images): `model` 'NAME [hash]' or NAME, `weight` the scale, `image` the image prompt (img2img: the init
+    image when it has none, as the extension's units take it). Messages number the units as the list does."""
+    units = []
+    for i, raw in enumerate(args if isinstance(args, list) else []):
+        if not is_a1111_unit(raw) or not raw.get("enabled", False):
+            continue
+        where = f"ControlNet unit {i} (IP-Adapter)"
+        module = raw["module"].strip().lower()
+        if module not in A1111_MODULES:
+            raise UserError(f"{where}: module '{raw['module']}' is not supported here (FaceID and PuLID take "
+                            f"insightface face embeddings); use one of {', '.join(A1111_MODULES)}")
+        model = raw.get("model")
+        name = re.sub(r" \[[0-9a-fA-F]{8,64}\]$", "", model.strip()) if isinstance(model, str) else ""
+        if name in ("", "None"):
+            raise UserError(f"{where} is enabled but names no model (GET /controlnet/model_list)")
+        if raw.get("ipadapter_input") is not None:
+            raise UserError(f"{where}: ipadapter_input (CLIP outputs from /controlnet/detect) is not supported: send "
+                            "the image prompt as 'image'")
+        for key, whole in (("guidance_start", 0.0), ("guidance_end", 1.0)):  # "guidance": the old name of the end
+            value = raw.get(key, raw.get("guidance", whole) if key == "guidance_end" else whole)
+            if isinstance(value, bool) or value != whole:
+                raise UserError(f"{where}: {key} {value!r} is not supported: an IP-Adapter acts on every step here "
+                                "(send guidance_start 0 and guidance_end 1)")
+        scale = raw.get("weight", SCALE)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise UserError(f"{where}: weight must be a number (the image prompt's scale), got {scale!r}")
+        image = raw.get("image", raw.get("input_image"))
+        image = init_image if image is None else image
+        if image is None:
+            raise UserError(f"{where} has no image: send the image prompt as 'image' (base64), or use img2img, "
+                            "whose init image a unit without one takes")
+        units.append(IPAdapterUnit(name, image, float(scale)))
     return tuple(units)

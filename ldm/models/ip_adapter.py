@@ -1,7 +1,9 @@
 """Opening IP-Adapters (ldm/ip_adapter) as models are opened: a spec from headers and configs alone, with every check
 that needs no weight (the file, its kind, the model family it was made for, its image encoder and whether that
-fits), then `load_ip_adapters`, which `Pipeline.open(ip_adapters=...)` calls on the opened U-Net (-> `IPAdapters`,
-which requests name by the names given here)."""
+fits), then `load_ip_adapters` on the opened U-Net (-> `IPAdapters`, which requests name by the names given here).
+`switch_ip_adapters` is the one way a pipeline changes them (`Pipeline.open(ip_adapters=...)`, and
+`Pipeline.use_ip_adapters` for the server, whose requests name their own): kept when they are the same, else the old
+ones taken off and the new ones loaded."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from ldm.ip_adapter.image_encoder import (
 )
 from ldm.models.spec import ModelSpec
 
-__all__ = ["IPAdapterSpec", "IPAdapters", "inspect_ip_adapter", "inspect_ip_adapters", "load_ip_adapters"]
+__all__ = ["IPAdapterSpec", "IPAdapters", "inspect_ip_adapter", "inspect_ip_adapters", "load_ip_adapters",
+           "switch_ip_adapters"]
 HASH_LENGTH = 10  # A1111's short checkpoint hash: the first 10 hex digits of the file's sha256
 # the text-context widths of the full-size families, for messages
 _FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
@@ -37,11 +40,13 @@ class IPAdapterSpec:
     encoder: EncoderFacts
 
 
-def inspect_ip_adapter(name: str, model: ModelSpec, image_encoder: str | None = None) -> IPAdapterSpec:
+def inspect_ip_adapter(name: str | Path, model: ModelSpec, image_encoder: str | None = None,
+                       label: str | None = None) -> IPAdapterSpec:
     """The spec of the adapter `name` (a .safetensors file, or a directory holding one) for `model`, with its image
     encoder (`image_encoder`, else found next to it or in the model's directory); anything that does not fit is a
-    one-line `UserError`."""
+    one-line `UserError`. `label`: what requests, PNGs and messages call it (default: `name`)."""
     path = find_adapter_file(name)
+    name = str(name) if label is None else label
     facts = inspect_adapter(path)
     width = model.unet_config.get("cross_attention_dim")
     if facts.cross_attention_dim != width:
@@ -80,7 +85,20 @@ def load_ip_adapters(specs: Sequence[IPAdapterSpec], unet, device: torch.device,
         digest = sha256_file(spec.adapter.path)[:HASH_LENGTH]
         loaded.append(LoadedAdapter(spec.name, digest, spec.adapter, encoder))
         state_dicts.append(read_adapter(spec.adapter.path))
-    return IPAdapters.attach(unet, loaded, state_dicts)
+    adapters = IPAdapters.attach(unet, loaded, state_dicts)
+    adapters.specs = tuple(specs)
+    return adapters
+
+
+def switch_ip_adapters(current: IPAdapters, specs: Sequence[IPAdapterSpec], unet, device: torch.device,
+                       dtype: torch.dtype) -> IPAdapters:
+    """The adapters `specs` on `unet` in place of `current` (those on it): `current` itself when they are the same
+    (names, files and encoders, in order), else `current` taken off (`IPAdapters.detach`: the U-Net as it was) and
+    `specs` loaded. Should loading fail, the U-Net is left with none, as `current` (now empty) says."""
+    if current.specs == tuple(specs):
+        return current
+    current.detach(unet)
+    return load_ip_adapters(specs, unet, device, dtype)
 
 
 def _family(width: int) -> str:

@@ -27,7 +27,7 @@ from ldm.image_io import to_rgb
 from ldm.lora.apply import AppliedLora, LoraStack
 from ldm.lora.prompt_tags import format_lora_hashes, parse_lora_hashes
 from ldm.models.components import Components
-from ldm.models.ip_adapter import IPAdapters, IPAdapterSpec, load_ip_adapters
+from ldm.models.ip_adapter import IPAdapters, IPAdapterSpec, switch_ip_adapters
 from ldm.models.load import load_components
 from ldm.models.spec import ModelSpec, inspect_model
 from ldm.pipeline import images as im
@@ -54,7 +54,6 @@ from ldm.progress import progress_bar
 from ldm.text.conditioning import Conditioning
 from ldm.text.embeddings import EmbeddingDatabase, open_database, ti_hashes
 from ldm.text.prompt_encoding import encode_prompt_pair, prompt_embeddings
-from ldm.text.sdxl import SDXLTextEncoder
 from ldm.vae.load_vae import vae_factor
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class Pipeline:
         self.train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
         # a 9-channel U-Net is an inpainting model (latents + mask + masked-image latents); 4 channels is ordinary
         self.inpainting_unet = self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
-        self._check_parts_fit()
+        components.check_fit()
         # SDXL: the U-Net's time ids, 6 (base) or 5 (refiner: an aesthetic score in place of the target size)
         self.time_id_count = time_id_count(self.unet.config, self.text_encoder)
         self.arch = arch_of(self.time_id_count)
@@ -112,7 +111,7 @@ class Pipeline:
             self.unet.compile_repeated_blocks(dynamic=True)
         self.loras = LoraStack(self.unet, self.text_encoder)  # merged LoRAs (ldm/lora/apply.py)
         self.embeddings: EmbeddingDatabase | None = None  # textual-inversion embeddings prompts may name
-        self.ip_adapters = IPAdapters()  # IP-Adapters on the U-Net (`open(ip_adapters=...)`, ldm/ip_adapter)
+        self.ip_adapters = IPAdapters()  # IP-Adapters on the U-Net (`use_ip_adapters`, ldm/ip_adapter)
         self.controlnets = ControlNets(self.unet.config, self.vae_factor, device, dtype, controlnet_dir)
 
     @classmethod
@@ -146,7 +145,7 @@ class Pipeline:
         for path, scale in loras:
             pipe.load_lora(path, scale)
         pipe.embeddings = open_database(embeddings_dir, embeddings, pipe.text_encoder)
-        pipe.ip_adapters = load_ip_adapters(ip_adapters, pipe.unet, dev, dt)
+        pipe.use_ip_adapters(ip_adapters)
         if refiner is not None:
             pipe.attach_refiner(refiner, compile_unet=compile_unet)
         return pipe
@@ -189,22 +188,9 @@ class Pipeline:
     def unload_loras(self) -> None:
         self.loras.unload()
 
-    def _check_parts_fit(self) -> None:
-        """Parts that do not fit each other would fail deep inside the U-Net; say which ones, before any work."""
-        c, unet = self.vae.config.latent_channels, self.unet.config
-        if unet.out_channels != c or unet.in_channels not in (c, 2 * c + 1):
-            raise UserError(
-                f"the U-Net ({unet.in_channels} in / {unet.out_channels} out channels) does not fit the VAE's "
-                f"{c} latent channels (expected {c} or {2 * c + 1} in, {c} out)"
-            )
-        if unet.cross_attention_dim != self.text_encoder.hidden_size:
-            raise UserError(
-                f"the U-Net attends to {unet.cross_attention_dim}-dim text features but the text encoder gives "
-                f"{self.text_encoder.hidden_size}-dim ones: text encoder and U-Net come from different models"
-            )
-        if (unet.addition_embed_type == "text_time") != isinstance(self.text_encoder, SDXLTextEncoder):
-            raise UserError("the U-Net and the text encoder are of different families (SDXL and SD 1.x/2.x): "
-                            "they come from different models")
+    def use_ip_adapters(self, specs: Sequence[IPAdapterSpec]) -> None:
+        """Put the IP-Adapters `specs` on the U-Net in place of those on it (kept when the same; none: taken off)."""
+        self.ip_adapters = switch_ip_adapters(self.ip_adapters, specs, self.unet, self.device, self.dtype)
 
     def __call__(
         self,

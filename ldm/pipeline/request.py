@@ -32,6 +32,7 @@ from PIL import Image
 from ldm.controlnet.unit import ControlUnit, check_units, units_from_a1111
 from ldm.errors import UserError
 from ldm.ip_adapter.unit import IPAdapterUnit
+from ldm.ip_adapter.unit import units_from_a1111 as ip_adapter_units_from_a1111
 from ldm.pipeline.hires import HIRES_STRENGTH, HIRES_UPSCALER, UPSCALERS, HiresFix
 from ldm.pipeline.samplers import SAMPLERS, SCHEDULES, check_sampler, sampler_from_label, schedule_from_label
 from ldm.pipeline.seeds import random_seed
@@ -95,8 +96,8 @@ class GenerationRequest:
     negative_aesthetic_score: float | None = None
     refiner: str = ""  # the refiner model as the user named it (what PNGs record); "": none
     refiner_switch: float | None = None  # share of the schedule the base runs before the refiner; None: 0.8
-    # IP-Adapter image prompts (ldm/ip_adapter): adapters as named (the pipeline must be opened with them), each
-    # with its image (not compared, not in the PNG) and scale
+    # IP-Adapter image prompts (ldm/ip_adapter): adapters as named (the pipeline must have them on: `open` or
+    # `use_ip_adapters`), each with its image (not compared, not in the PNG) and scale
     ip_adapters: tuple[IPAdapterUnit, ...] = ()
     controlnets: tuple[ControlUnit, ...] = ()  # ControlNet units (ldm/controlnet/unit.py), their residuals summed
     num_images: int = 1
@@ -310,6 +311,7 @@ def from_a1111(payload: Mapping[str, Any], *, clip_skip: int = 1, known_samplers
     if scripts.get("controlnet"):  # the A1111 ControlNet extension's units, their images decoded
         args = scripts["controlnet"].get("args", []) if isinstance(scripts["controlnet"], dict) else None
         layer["controlnets"] = units_from_a1111(args, payload.get("init_image"))
+        layer["ip_adapters"] = ip_adapter_units_from_a1111(args, payload.get("init_image"))  # units of that list
     if layer.get("init_image") is None:  # txt2img: an img2img-only field sent anyway does not apply
         layer.pop("strength", None)
         layer.pop("mask_blur", None)

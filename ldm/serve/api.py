@@ -7,6 +7,10 @@ need the model's weights and happen in the job instead, answered the same way (4
 fit the model, and clip skip over the text encoder's layers on a model the worker has not loaded yet (once loaded,
 its limit is known here).
 
+A request's IP-Adapters (A1111 ControlNet-extension units, ldm/serve/controlnet.py) are checked here too, from their
+headers; the job puts them on the model before it runs (`Pipeline.use_ip_adapters`), and takes them off for a request
+without any, so that each request gets exactly the adapters it names.
+
 The checks read files (LoRA tags are looked up in --lora-dir, init images are decoded), so they run in a worker
 thread of the event loop's pool, never on the loop itself: `/progress` and `/interrupt` answer while they run.
 """
@@ -29,12 +33,13 @@ from ldm.controlnet.load import check_units
 from ldm.errors import UserError
 from ldm.image_io import decode_base64_image, decode_base64_mask
 from ldm.lora.prompt_tags import check_lora_inputs
+from ldm.models.ip_adapter import IPAdapterSpec
 from ldm.models.spec import ModelSpec
 from ldm.pipeline.metadata import format_parameters, png_bytes
 from ldm.pipeline.refiner import check_refiner_pair
 from ldm.pipeline.request import GenerationRequest, from_a1111
 from ldm.pipeline.samplers import AUTOMATIC, SAMPLERS, SCHEDULES, full_label, sampler_label, schedule_label
-from ldm.serve.controlnet import check_unit_names, decode_unit_images
+from ldm.serve.controlnet import check_unit_names, decode_unit_images, ip_adapter_specs
 from ldm.serve.schemas import (
     EmbeddingsResponse,
     Img2ImgRequest,
@@ -60,9 +65,15 @@ class Limits:
     max_body_bytes: int = 32 * 2**20
 
 
+@dataclass(frozen=True)
+class IPAdapterDirs:
+    directory: str | None = None  # --ip-adapter-dir: the adapters requests may name
+    image_encoder: str | None = None  # --ip-image-encoder: for every adapter, in place of the one next to it
+
+
 def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
                  lora_dir: str | None = None, embeddings_dir: str | None = None,
-                 controlnet_dir: str | None = None) -> APIRouter:
+                 controlnet_dir: str | None = None, ip: IPAdapterDirs = IPAdapterDirs()) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
     # the textual-inversion embeddings prompts may name (each model's pipeline reads the same files)
     embeddings = EmbeddingLibrary.read(embeddings_dir) if embeddings_dir is not None else None
@@ -79,14 +90,18 @@ def build_router(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
         r = await run_in_threadpool(_request, req, name, models[name], limits, init=None, mask=None,
                                     lora_dir=lora_dir, clip_skip=selected["clip_skip"], clip_limit=clip_limits.get(name),
                                     models=models, embeddings=embeddings, controlnet_dir=controlnet_dir)
-        return await _run(request, worker, name, req, r, "txt2img", clip_limits, lora_dir, models)
+        specs = await run_in_threadpool(ip_adapter_specs, r.ip_adapters, models[name], ip.directory,
+                                        ip.image_encoder)
+        return await _run(request, worker, name, req, r, "txt2img", clip_limits, lora_dir, models, specs)
 
     @router.post("/img2img", response_model=ImagesResponse)
     async def img2img(req: Img2ImgRequest, request: Request):
         name = _model_for(req, models, selected["name"])
         r = await run_in_threadpool(_img2img_request, req, name, models[name], limits, lora_dir,
                                     selected["clip_skip"], clip_limits.get(name), models, embeddings, controlnet_dir)
-        return await _run(request, worker, name, req, r, "img2img", clip_limits, lora_dir, models)
+        specs = await run_in_threadpool(ip_adapter_specs, r.ip_adapters, models[name], ip.directory,
+                                        ip.image_encoder)
+        return await _run(request, worker, name, req, r, "img2img", clip_limits, lora_dir, models, specs)
 
     @router.get("/samplers", response_model=list[SamplerItem])
     def samplers():
@@ -251,15 +266,17 @@ def _embeddings(library: EmbeddingLibrary | None, spec: ModelSpec) -> dict:
 
 
 def _generate(r: GenerationRequest, note_limit: Callable[[Any], None], lora_dir: str | None = None,
-              refiner: ModelSpec | None = None):
+              refiner: ModelSpec | None = None, ip_adapters: tuple[IPAdapterSpec, ...] = ()):
     """The job: run the pipeline, keeping each image as it is finished; an interrupt keeps those finished so far.
     `note_limit(pipe)` first records the model's clip-skip limit for the requests that follow; `refiner` (the
-    request's) is opened next to the model unless it already is."""
+    request's) is opened next to the model unless it already is; `ip_adapters` (the request's, or none) replace
+    those on the model unless they are the same."""
 
     def run(pipe, on_step):
         note_limit(pipe)
         if refiner is not None and (pipe.refiner is None or pipe.refiner.model_name != refiner.name):
             pipe.attach_refiner(refiner)
+        pipe.use_ip_adapters(ip_adapters)
         done: list[tuple[Image.Image, GenerationRequest]] = []
         try:
             pipe.generate(r, lora_dir=lora_dir, show_progress=False, on_image=lambda image, p: done.append((image, p)), on_step=on_step)
@@ -273,10 +290,10 @@ def _generate(r: GenerationRequest, note_limit: Callable[[Any], None], lora_dir:
 
 async def _run(request: Request, worker: Worker, name: str, req: Txt2ImgRequest, r: GenerationRequest,
                mode: str, clip_limits: dict[str, int], lora_dir: str | None = None,
-               models: dict[str, ModelSpec] | None = None):
+               models: dict[str, ModelSpec] | None = None, ip_adapters: tuple[IPAdapterSpec, ...] = ()):
     note = lambda pipe: _note_clip_limit(clip_limits, name, pipe)  # noqa: E731
     refiner = next((m for m in (models or {}).values() if m.name == r.refiner), None) if r.refiner else None
-    job = worker.submit(Job(name, _generate(r, note, lora_dir, refiner), description=mode))
+    job = worker.submit(Job(name, _generate(r, note, lora_dir, refiner, ip_adapters), description=mode))
     waiting = asyncio.wrap_future(job.future)
     while not waiting.done():
         await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)

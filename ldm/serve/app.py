@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ldm.errors import UserError
 from ldm.models.spec import ModelSpec
-from ldm.serve.api import Limits, build_router
+from ldm.serve.api import IPAdapterDirs, Limits, build_router
 from ldm.serve.auth import BasicAuth
 from ldm.serve.controlnet import build_controlnet_router
 from ldm.serve.page import mount_page
@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 
 def create_app(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
                credentials: dict[str, str] | None = None, lora_dir: str | None = None,
-               embeddings_dir: str | None = None, controlnet_dir: str | None = None) -> FastAPI:
+               embeddings_dir: str | None = None, controlnet_dir: str | None = None,
+               ip: IPAdapterDirs = IPAdapterDirs()) -> FastAPI:
     # no /docs or /redoc: their pages load scripts from a CDN, and this server works offline
     app = FastAPI(title="ldm-serve", docs_url=None, redoc_url=None)
-    app.include_router(build_router(models, worker, limits, lora_dir, embeddings_dir, controlnet_dir))
-    app.include_router(build_controlnet_router(controlnet_dir))
+    app.include_router(build_router(models, worker, limits, lora_dir, embeddings_dir, controlnet_dir, ip))
+    app.include_router(build_controlnet_router(controlnet_dir, ip.directory))
     mount_page(app)
 
     @app.exception_handler(RequestValidationError)

@@ -4,6 +4,7 @@
     ldm-serve --model DIR --model DIR2 --api-auth me:secret --listen
     ldm-serve --models-dir models/                # each model directory and *.safetensors file in it
     ldm-serve --model DIR --controlnet-dir controlnets/   # + A1111 ControlNet units naming what is in it
+    ldm-serve --model DIR --ip-adapter-dir ip-adapters/   # + the extension's IP-Adapter units, by name
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet-dir", default=None,
                    help="ControlNets that requests may name in alwayson_scripts.controlnet (A1111's ControlNet "
                    "extension): each .safetensors file (by stem) and diffusers ControlNet directory in it or below")
+    p.add_argument("--ip-adapter-dir", default=None,
+                   help="IP-Adapters that requests may name in alwayson_scripts.controlnet (an IP-Adapter module such "
+                   "as ip-adapter_clip_sd15): each adapter .safetensors/.bin file (by stem) in it or below, its "
+                   "image encoder in an image_encoder/ folder next to it")
+    p.add_argument("--ip-image-encoder", default=None, metavar="DIR",
+                   help="the CLIP vision model directory for every IP-Adapter, in place of an image_encoder/ folder "
+                   "next to each (as ldm-generate --ip-image-encoder)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--listen", action="store_true", help="bind all interfaces (0.0.0.0); set --api-auth with it")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
@@ -88,13 +96,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--lora-dir '{args.lora_dir}' is not a directory")
     if args.embeddings_dir is not None and not Path(args.embeddings_dir).expanduser().is_dir():
         raise UserError(f"--embeddings-dir '{args.embeddings_dir}' is not a directory")
-    if args.controlnet_dir is not None and not Path(args.controlnet_dir).expanduser().is_dir():
-        raise UserError(f"--controlnet-dir '{args.controlnet_dir}' is not a directory")
+    for option, value in (("--controlnet-dir", args.controlnet_dir), ("--ip-adapter-dir", args.ip_adapter_dir),
+                          ("--ip-image-encoder", args.ip_image_encoder)):
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise UserError(f"{option} '{value}' is not a directory")
+    if args.ip_image_encoder is not None and args.ip_adapter_dir is None:
+        raise UserError("--ip-image-encoder only applies with --ip-adapter-dir DIR")
 
     import uvicorn
 
     from ldm.pipeline import Pipeline
-    from ldm.serve.api import Limits
+    from ldm.serve.api import IPAdapterDirs, Limits
     from ldm.serve.app import create_app
     from ldm.serve.models import list_models
     from ldm.serve.worker import Worker
@@ -111,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     worker = Worker(load, next(iter(models)), args.queue_size)
     worker.start()
-    app = create_app(models, worker, limits, credentials, args.lora_dir, args.embeddings_dir, args.controlnet_dir)
+    app = create_app(models, worker, limits, credentials, args.lora_dir, args.embeddings_dir, args.controlnet_dir,
+                     IPAdapterDirs(args.ip_adapter_dir, args.ip_image_encoder))
     log.info("ldm-serve: http://%s:%d/ (API: /sdapi/v1/..., models: %s)", host, args.port, ", ".join(models))
     config = uvicorn.Config(app, host=host, port=args.port, log_level="warning" if args.quiet else "info",
                             access_log=not args.quiet)

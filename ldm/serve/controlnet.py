@@ -10,6 +10,12 @@ maps them); an image may be a base64 string or {"image": base64}. A unit names i
 'NAME [hash]' or NAME), never a path: the names are those of the server's --controlnet-dir, and any other is
 refused (422, listing what there is). `GET /controlnet/model_list` lists them as A1111's titles;
 `GET /controlnet/module_list` the preprocessors with their sliders, as the extension's routes do (scripts/api.py).
+
+IP-Adapters come the extension's way too: a unit whose `module` is an IP-Adapter preprocessor ('ip-adapter_clip_sd15',
+'ip-adapter-auto', ...: ldm/ip_adapter/unit.py), `model` an adapter of the server's --ip-adapter-dir (by name, as
+ControlNets), `weight` its scale, `image` the image prompt. The model list has them with the ControlNets, as the
+extension lists its one models folder; the worker puts a request's adapters on the model before it runs
+(`Pipeline.use_ip_adapters`), and takes them off for a request without any.
 """
 
 from __future__ import annotations
@@ -24,7 +30,12 @@ from fastapi import APIRouter
 from ldm.controlnet.load import inspect_controlnet, list_controlnets
 from ldm.controlnet.unit import CANNY_RANGE, THRESHOLDS, ControlUnit
 from ldm.errors import UserError
+from ldm.files import a1111_model_hash
 from ldm.image_io import decode_base64_image
+from ldm.ip_adapter.format import list_ip_adapters
+from ldm.ip_adapter.unit import A1111_MODULES, IPAdapterUnit
+from ldm.models.ip_adapter import IPAdapterSpec, inspect_ip_adapter
+from ldm.models.spec import ModelSpec
 from ldm.pipeline.metadata import PROCESSOR_RES
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,8 @@ MODULES = {
         {"name": "High Threshold", "value": THRESHOLDS["canny"][1], "min": CANNY_RANGE[0], "max": CANNY_RANGE[1],
          "step": 1}]},
 }
+# listed with an --ip-adapter-dir; no sliders (no resolution: the image encoder's preprocessing sizes the image)
+IP_ADAPTER_MODULES = {name: {"model_free": False, "sliders": []} for name in A1111_MODULES}
 
 
 def decode_unit_images(scripts: Mapping[str, Any] | None, max_pixels: int) -> dict[str, Any]:
@@ -78,17 +91,36 @@ def check_unit_names(units: tuple[ControlUnit, ...], directory: str | Path | Non
                             f"({there}; GET /controlnet/model_list)")
 
 
-def build_controlnet_router(directory: str | Path | None) -> APIRouter:
+def ip_adapter_specs(units: tuple[IPAdapterUnit, ...], model: ModelSpec, directory: str | Path | None,
+                     image_encoder: str | None = None) -> tuple[IPAdapterSpec, ...]:
+    """The specs of the adapters `units` name, for `model`: each a name in --ip-adapter-dir (never a path; 422
+    listing them otherwise), checked as the CLI checks --ip-adapter (family, image encoder: next to the adapter
+    unless the server's --ip-image-encoder). Reads headers and configs only."""
+    listed = list_ip_adapters(directory) if directory is not None and units else {}
+    specs = []
+    for unit in units:
+        if unit.model not in listed:
+            there = ", ".join(listed) or "none: start ldm-serve with --ip-adapter-dir DIR"
+            raise UserError(f"IP-Adapter '{unit.model}' is not one of this server's IP-Adapters ({there}; "
+                            "GET /controlnet/model_list)")
+        specs.append(inspect_ip_adapter(listed[unit.model], model, image_encoder, label=unit.model))
+    return tuple(specs)
+
+
+def build_controlnet_router(directory: str | Path | None, ip_adapter_dir: str | Path | None = None) -> APIRouter:
     router = APIRouter(prefix="/controlnet")
 
     @router.get("/model_list")
     def model_list(update: bool = True):
         listed = list_controlnets(directory) if directory is not None else {}
-        return {"model_list": [inspect_controlnet(path).title for path in listed.values()]}
+        adapters = list_ip_adapters(ip_adapter_dir) if ip_adapter_dir is not None else {}
+        return {"model_list": [inspect_controlnet(path).title for path in listed.values()]
+                + [f"{name} [{a1111_model_hash(path)}]" for name, path in adapters.items()]}
 
     @router.get("/module_list")
     def module_list(alias_names: bool = False):
-        return {"module_list": list(MODULES), "module_detail": MODULES}
+        modules = {**MODULES, **(IP_ADAPTER_MODULES if ip_adapter_dir is not None else {})}
+        return {"module_list": list(modules), "module_detail": modules}
 
     @router.get("/version")
     def version():
