@@ -13,6 +13,8 @@ directory (the rename itself is only durable once the directory is).
   file in memory), so a multi-GB model is never held twice.
 - `write_synced`, `fsync_file`, `fsync_dir`, `fsync_tree`: the steps, for callers that publish by other means
   (a checkpoint sealed by its manifest, a PNG that must never overwrite an existing name).
+- `append_synced`: one record appended to a log (a line of `val_loss.jsonl`), on disk when it returns. An append is
+  not atomic: a kill can leave a torn last record, which the log's reader must drop (and an atomic rewrite repair).
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ def write_synced(path: str | Path, content: Content) -> None:
             content(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def append_synced(path: str | Path, data: bytes) -> None:
+    """Append `data` to `path` (created if missing) and fsync it, and the directory when the file is new, so the
+    record is on disk when this returns. Only the last record can be torn by a kill: readers must expect that."""
+    path = Path(path)
+    created = not path.exists()
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if created:
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, content: Content) -> None:

@@ -70,6 +70,23 @@ def fresh_accelerate():
     reset_accelerate_state()
 
 
+def one_process(rank: int = 0, world: int = 1):
+    """A stand-in for an `Accelerator` of one CPU process, for validation code called in a test: its `reduce`
+    returns the tensor as it is (what process `rank` of `world` contributes) and keeps a copy in `reduced`."""
+    import contextlib
+    from types import SimpleNamespace
+
+    reduced: list[torch.Tensor] = []
+
+    def reduce(tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        reduced.append(tensor.clone())
+        return tensor.clone()
+
+    return SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
+                           device=torch.device("cpu"), reduce=reduce, reduced=reduced,
+                           autocast=contextlib.nullcontext, log=lambda values, step=None: None)
+
+
 def accelerate_launch(script: Path, *args: str, processes: int = 2) -> list[str]:
     """The command for a real multi-process CPU run (gloo): the script must be given train.cpu=true."""
     port = free_port()  # for the rendezvous

@@ -123,3 +123,46 @@ def test_the_shim_runs_what_the_shipped_fsdp_config_asks_for():
     unet = build_unet("tiny", sample_size=8, latent_channels=4, cross_attention_dim=32)
     present = {type(m).__name__ for m in unet.modules()}
     assert set(WRAPPED_CLASSES) <= present  # the policy shards block by block, not the whole U-Net as one unit
+
+
+def test_inference_leaves_the_shards_to_the_next_forward():
+    """After forward passes without a backward (validation, samples) FSDP2 keeps the root unit's parameters whole:
+    `parameters()` gives plain tensors, and a later forward reuses them even when the shards changed (an EMA swapped
+    in and out). `reshard_after_inference` puts them back. One process (gloo, world size 1) shows it."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from ldm.parallel.fsdp import reshard_after_inference
+
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        plain.load_state_dict(model.state_dict())
+        fully_shard(model[1])
+        fully_shard(model)
+        shards = list(model.parameters())  # what an EMA swap writes into
+        x = torch.randn(2, 4)
+
+        def shift_the_shards(by: float) -> None:
+            with torch.no_grad():
+                for p, q in zip(shards, plain.parameters()):
+                    p.add_(by)
+                    q.add_(by)
+
+        with torch.no_grad():
+            model(x)
+            assert not all(isinstance(p, DTensor) for p in model.parameters())  # the root's stayed whole
+            shift_the_shards(0.5)
+            assert not torch.allclose(model(x), plain(x))  # the root's stale whole weights were used: the bug
+            reshard_after_inference(model)
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+            shift_the_shards(0.5)
+            assert torch.allclose(model(x), plain(x), atol=1e-6)  # every shard's change is seen
+            reshard_after_inference(torch.nn.Linear(2, 2))  # no FSDP: nothing to do
+    finally:
+        dist.destroy_process_group()

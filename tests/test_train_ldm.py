@@ -1,4 +1,5 @@
-"""Stage-2 training end to end on tiny models: learning, caption dropout, exact resume, 2 processes, export."""
+"""Stage-2 training end to end on tiny models: learning, caption dropout, exact resume, 2 processes, export, and the
+validation loss those runs write (its mechanism on its own: tests/test_validation.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, one_process
+from ldm.config import load_config
+from ldm.data.dataset import split_train_val
 from ldm.latents.cache import LatentCache, sample_latents
+from ldm.text.load_encoder import load_text_encoder
 from ldm.text.tiny import tiny_clip_text_encoder
+from ldm.training.validation import timestep_bands
+from ldm.unet.config import LDMConfig
 from ldm.unet.objective import NoiseConfig, build_noise_scheduler, diffusion_loss, drop_captions
 from ldm.unet.presets import build_unet
 from ldm.unet.tiny import write_tiny_stage2_inputs
+from ldm.unet.val_loss import unet_val_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
@@ -40,6 +47,10 @@ def args(out: Path, parts: dict[str, Path], *overrides: str) -> list[str]:
 
 def train(out: Path, parts: dict[str, Path], *overrides: str, resume: str | None = None) -> None:
     train_ldm.main(args(out, parts, *overrides) + (["--resume", resume] if resume else []))
+
+
+def val_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "checkpoints/val_loss.jsonl").read_text().splitlines()]
 
 
 def reset_accelerate() -> None:
@@ -113,14 +124,21 @@ def test_tiny_unet_loss_decreases(tmp_path, parts, fresh_accelerate):
 def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate):
     hard = ["train.grad_accum=2", "train.batch_size=8", "train.checkpoint_every=3", "train.caption_dropout=0.3",
             "data.random_flip=true", "noise.min_snr_gamma=5", "noise.offset_noise=0.05", "noise.input_perturbation=0.1",
-            "optim.warmup_steps=2", "sample.every=3", "sample.prompts=[a red circle]", "sample.steps=2"]
+            "optim.warmup_steps=2", "sample.every=3", "sample.prompts=[a red circle]", "sample.steps=2",
+            "data.num_val=8", "train.val_every=3"]
     # (the schedule after warmup must not depend on max_steps here: the first run is a shorter run, not a killed one)
     shared_cache = f"cache.dir={tmp_path / 'latents'}"
     train(tmp_path / "a", parts, *hard, shared_cache, "train.max_steps=6")
     reset_accelerate()
     train(tmp_path / "b", parts, *hard, shared_cache, "train.max_steps=3")
     reset_accelerate()
+    # as if killed after validating step 5 (a row the resumed run computes again) and while appending step 6's
+    with open(tmp_path / "b/checkpoints/val_loss.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "raw": {"loss": 1.0, "count": 1}}) + '\n{"step": 6, "raw": {"lo')
     train(tmp_path / "b", parts, *hard, shared_cache, "train.max_steps=6", resume="latest")
+    # every validated step once, with the uninterrupted run's numbers (the same weights, the same fixed draws)
+    assert [row["step"] for row in val_rows(tmp_path / "a")] == [3, 6]
+    assert val_rows(tmp_path / "b") == val_rows(tmp_path / "a")
     a = {k: v for f in sorted((tmp_path / "a/checkpoints/step-00000006").rglob("*.safetensors"))
          if not f.name.startswith("rng") for k, v in load_file(f).items()}
     b = {k: v for f in sorted((tmp_path / "b/checkpoints/step-00000006").rglob("*.safetensors"))
@@ -132,15 +150,17 @@ def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate):
 @pytest.mark.slow
 def test_two_processes_and_the_export_loads_in_diffusers(tmp_path, parts):
     out = tmp_path / "run"
+    validation = ["data.num_val=7", "train.val_every=2"]  # 7 held out: batches of 4 and 3, rank 1 pads and drops
     cmd = accelerate_launch(ROOT / "train/train_ldm.py", *args(
         out, parts, "train.cpu=true", "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=2",
-        "sample.every=2", "sample.steps=2", "sample.prompts=[a,b,c]"))
+        "sample.every=2", "sample.steps=2", "sample.prompts=[a,b,c]", *validation))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas identical across 2 processes" in result.stderr
     state = json.loads((out / "checkpoints/step-00000004/state.json").read_text())
     assert state["batches_consumed"] == [4, 4]
+    check_validation_equals_one_process(out, parts, validation)
     shards = sorted(p.name for p in (out / "latents").glob("shard-*.safetensors"))
     assert any(s.startswith("shard-0") for s in shards) and any(s.startswith("shard-1") for s in shards)
 
@@ -152,6 +172,33 @@ def test_two_processes_and_the_export_loads_in_diffusers(tmp_path, parts):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
     assert pipe.scheduler.config.clip_sample is False
+
+
+def check_validation_equals_one_process(out: Path, parts: dict[str, Path], validation: list[str]) -> None:
+    """The 2-process run's validation rows against the same weights validated here, in one process: the raw weights
+    of the step-4 checkpoint and the EMA weights the run exported."""
+    rows = val_rows(out)
+    assert [row["step"] for row in rows] == [2, 4] and all(row.keys() == {"step", "raw", "ema"} for row in rows)
+    cfg = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", args(out, parts, *validation)[2:])
+    cache = LatentCache.read(out / "latents")
+    positions = cache.positions_of(split_train_val(cache.dataset_size, 7, seed=0)[1])
+    text = load_text_encoder(cfg.text_encoder)
+    unet = build_unet("tiny", sample_size=16, latent_channels=4, cross_attention_dim=32)
+    scheduler = build_noise_scheduler(cfg.noise)
+    for weights, state in (("raw", load_file(out / "checkpoints/step-00000004/models/unet.safetensors")),
+                           ("ema", load_file(out / "model/unet/diffusion_pytorch_model.safetensors"))):
+        unet.load_state_dict(state)
+        here = unet_val_loss(one_process(), unet, scheduler, cache, positions, text.encode_conditioning, cfg.noise,
+                             timestep_bands(1000, 4), batch_size=4)  # the run's train.batch_size
+        there = rows[-1][weights]
+        assert there["count"] == here["count"] == 28 and there["bands"].keys() == here["bands"].keys()
+        # the same batches through the same float32 kernels; only the thread count (1 per process there, up to 2
+        # here) may reorder a convolution's sums: float32 rounding, ~1e-7 relative
+        assert there["loss"] == pytest.approx(here["loss"], rel=1e-6), weights
+        for label, band in here["bands"].items():
+            assert there["bands"][label]["loss"] == pytest.approx(band["loss"], rel=1e-6), (weights, label)
+        overall = sum(b["loss"] * b["count"] for b in there["bands"].values()) / there["count"]
+        assert there["loss"] == pytest.approx(overall, rel=1e-12)  # the bands weighted by their counts
 
 
 def test_resolution_not_divisible_by_the_vae_factor_is_refused(tmp_path, parts, fresh_accelerate):

@@ -208,13 +208,15 @@ def test_a_latent_cache_built_for_the_other_family_is_refused_then_rebuilt_keepi
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory, tiny_sdxl_model, shapes) -> Path:
-    """3 steps from scratch with the text-embedding cache, caption dropout and EMA."""
+    """3 steps from scratch with the text-embedding cache, caption dropout, EMA and the validation loss on 4 of the 16
+    images."""
     out = tmp_path_factory.mktemp("sdxl-scratch")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         train(*sdxl_args(out, tiny_sdxl_model, shapes, "train.max_steps=3", "train.checkpoint_every=3",
-                         "cache.text_embeddings=true", "train.caption_dropout=0.5", "train.ema_decay=0.5"))
+                         "cache.text_embeddings=true", "train.caption_dropout=0.5", "train.ema_decay=0.5",
+                         "data.num_val=4", "train.val_every=2", "train.val_bands=2", "noise.min_snr_gamma=5"))
     finally:
         torch.set_num_threads(before)
     return out
@@ -225,6 +227,25 @@ def test_the_text_cache_of_a_run_holds_both_towers_and_the_pooled_embedding(scra
         assert file.get_slice("embeddings").get_shape()[1:] == [77, 64]
         assert file.get_slice("pooled").get_shape()[1:] == [32]
         assert json.loads(file.metadata()["key"])["family"] == "sdxl"
+
+
+def val_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "checkpoints/val_loss.jsonl").read_text().splitlines()]
+
+
+def test_an_sdxl_run_writes_its_validation_loss(scratch):
+    """SDXL's conditioning (pooled embedding, time ids) from the text cache: rows at val_every and at the end, raw and
+    EMA weights, per band, the min-SNR-weighted loss beside the plain MSE."""
+    rows = val_rows(scratch)
+    assert [row["step"] for row in rows] == [2, 3]
+    for row in rows:
+        for weights in ("raw", "ema"):
+            numbers = row[weights]
+            assert numbers["count"] == 8 and list(numbers["bands"]) == ["0-500", "500-1000"]
+            assert all(band["count"] == 4 and band["loss"] <= band["mse"] for band in numbers["bands"].values())
+            overall = sum(band["loss"] * band["count"] for band in numbers["bands"].values()) / numbers["count"]
+            assert numbers["loss"] == pytest.approx(overall, rel=1e-12)
+    assert rows[0]["raw"] != rows[0]["ema"]  # EMA weights lag the raw ones
 
 
 def test_the_export_is_an_sdxl_directory_giving_diffusers_image(scratch):
@@ -283,14 +304,16 @@ def test_a_run_killed_in_a_step_resumes_to_the_same_weights(tmp_path, tiny_sdxl_
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_sdxl_model, shapes) -> Path:
-    """LoRA on the pretrained tiny SDXL's U-Net and both text towers (towers from model.pretrained), merged too.
+    """LoRA on the pretrained tiny SDXL's U-Net and both text towers (towers from model.pretrained), merged too, with
+    the validation loss (through the adapted towers) on 4 of the 16 images.
     (All four attention projections: diffusers 0.42 cannot read this kohya file's text-encoder part without out_proj,
     "Could not automatically infer state dict type"; the diffusers file loads either way.)"""
     out = tmp_path_factory.mktemp("sdxl-lora")
     train(*sdxl_args(out, tiny_sdxl_model, shapes, f"model.pretrained={tiny_sdxl_model}", "text_encoder.path=",
                      "lora.enabled=true", "lora.text_encoder_targets=[q_proj,k_proj,v_proj,out_proj]",
                      "lora.export_merged=true",
-                     "optim.lr=1e-2", "train.max_steps=2", "train.checkpoint_every=2", "train.ema_decay=0"))
+                     "optim.lr=1e-2", "train.max_steps=2", "train.checkpoint_every=2", "train.ema_decay=0",
+                     "data.num_val=4", "train.val_every=1"))
     return out
 
 
@@ -300,6 +323,9 @@ def test_sdxl_lora_files_load_in_diffusers_as_the_merged_model(lora_run, tiny_sd
 
     adapter = load_file(lora_run / "lora/pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in adapter} == {"unet", "text_encoder", "text_encoder_2"}
+    rows = val_rows(lora_run)  # the adapters' validation loss (no EMA: raw weights only), moving as they train
+    assert [row["step"] for row in rows] == [1, 2] and all(row.keys() == {"step", "raw"} for row in rows)
+    assert rows[0]["raw"]["loss"] != rows[1]["raw"]["loss"]
     assert all(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k and k.startswith("text_encoder_2."))
     kohya = load_file(lora_run / "lora/lora.safetensors")
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
@@ -359,12 +385,14 @@ def test_a_full_fine_tune_from_an_sdxl_model_trains_its_unet(tmp_path, tiny_sdxl
 
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory, tiny_sdxl_model, shapes) -> Path:
-    """2-process runs of 4 steps on one cache: DDP, FSDP2 and ZeRO-2 (through the CPU shims)."""
+    """2-process runs of 4 steps on one cache: DDP, FSDP2 and ZeRO-2 (through the CPU shims), validating 5 held-out
+    images in batches of 2 at steps 2 and 4: 3 batches, so rank 1 pads one and drops its results."""
     root = tmp_path_factory.mktemp("sdxl-parallel")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("ddp", "fsdp", "zero"):
         args = sdxl_args(root / name, tiny_sdxl_model, shapes, "train.cpu=true", "train.max_steps=4",
-                         "train.checkpoint_every=2", "train.caption_dropout=0.3", f"cache.dir={root / 'latents'}")
+                         "train.checkpoint_every=2", "train.caption_dropout=0.3", f"cache.dir={root / 'latents'}",
+                         "data.num_val=5", "train.val_every=2")
         script = ROOT / "train/train_ldm.py"
         if name == "ddp":
             cmd = accelerate_launch(script, *args)
@@ -399,3 +427,17 @@ def test_fsdp2_and_zero2_train_what_ddp_trains(parallel_runs, name):
         return sum((a[k].double() - b[k].double()).pow(2).sum().item() for k in a) ** 0.5
     ddp = weights("ddp")
     assert dist(weights(name), ddp) < 0.02 * dist(ddp, weights("ddp", 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsdp", "zero"])
+def test_fsdp2_and_zero2_validate_as_ddp_does(parallel_runs, name):
+    """Under FSDP2 every forward pass gathers weights from both processes: the padded batch keeps them in step (a
+    process short of a batch would hang the other). The numbers follow DDP's."""
+    ddp, other = val_rows(parallel_runs / "ddp"), val_rows(parallel_runs / name)
+    assert [row["step"] for row in other] == [row["step"] for row in ddp] == [2, 4]
+    for mine, theirs in zip(other, ddp):
+        for weights in ("raw", "ema"):
+            assert mine[weights]["count"] == theirs[weights]["count"] == 20  # 5 images x 4 bands, each once
+            # weights equal to DDP's up to summation order (see above): measured within 3e-8 relative (2026-12-07)
+            assert mine[weights]["loss"] == pytest.approx(theirs[weights]["loss"], rel=1e-5), (mine["step"], weights)

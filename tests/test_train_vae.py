@@ -1,4 +1,5 @@
-"""Stage-1 training end to end on the tiny preset: learning, the GAN switch, exact resume, 2 processes, bad input."""
+"""Stage-1 training end to end on the tiny preset: learning, the GAN switch, exact resume, 2 processes, bad input, and
+the validation rows those runs write (val_loss.jsonl; the mechanism on its own: tests/test_validation.py)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import accelerate_launch, reset_accelerate_state
+from conftest import accelerate_launch, one_process, reset_accelerate_state
 from ldm.config import load_config
+from ldm.data.dataset import split_train_val
+from ldm.data.loader import KeyedSubset
+from ldm.data.sources import build_image_dataset
+from ldm.data.transforms import ImageTransform
 from ldm.demo.shapes import write_dataset
 from ldm.errors import UserError
 from ldm.vae.config import VAEConfig
 from ldm.vae.export import export_vae
 from ldm.vae.finetune import DecoderAnchor, LatentAnchor
 from ldm.vae.presets import build_vae
+from ldm.vae.validation import evaluate_reconstructions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
@@ -48,6 +54,10 @@ def checkpoint_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
         if not f.name.startswith("rng_"):
             tensors.update({f"{f.relative_to(step_dir)}:{k}": v for k, v in load_file(f).items()})
     return tensors
+
+
+def val_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "checkpoints/val_loss.jsonl").read_text().splitlines()]
 
 
 def images(data: Path, n: int) -> torch.Tensor:
@@ -131,7 +141,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, shapes,
     reset_accelerate_state()
     train(tmp_path / "b", shapes, *hard, "train.max_steps=3")
     reset_accelerate_state()
+    with open(tmp_path / "b/checkpoints/val_loss.jsonl", "a") as f:  # as if killed while appending step 6's row
+        f.write('{"step": 6, "raw": {"rec')
     train(tmp_path / "b", shapes, *hard, "train.max_steps=6", resume="latest")
+    # each validated step once, raw and EMA weights, with the uninterrupted run's numbers
+    rows = val_rows(tmp_path / "a")
+    assert [row["step"] for row in rows] == [3, 6] and all(row.keys() == {"step", "raw", "ema"} for row in rows)
+    assert rows[-1]["ema"]["count"] == 32 and rows[-1]["ema"]["lpips_loss"] > 0  # configs/vae/tiny.yaml's num_val
+    assert val_rows(tmp_path / "b") == rows
     a = checkpoint_tensors(tmp_path / "a/checkpoints/step-00000006")
     b = checkpoint_tensors(tmp_path / "b/checkpoints/step-00000006")
     assert a.keys() == b.keys() and any(k.startswith("ema/") for k in a) and any(k.startswith("optimizers/") for k in a)
@@ -181,6 +198,22 @@ def test_two_process_run_keeps_replicas_identical(tmp_path, shapes):
     consumed = state["batches_consumed"]
     assert consumed == [4, 4]  # one batch per step on each process
     assert AutoencoderKL.from_pretrained(out / "vae") is not None
+    # the validation of step 4 equals the same weights' validation in one process
+    rows = val_rows(out)
+    assert [row["step"] for row in rows] == [2, 4] and rows[-1].keys() == {"step", "raw"}
+    vae = build_vae("tiny", 32)
+    saved = load_file(out / "checkpoints/step-00000004/models/vae.safetensors")  # keys 'vae.<param>'
+    vae.load_state_dict({k.removeprefix("vae."): v for k, v in saved.items()})
+    full = build_image_dataset(str(shapes), transform=ImageTransform(32, True, False), image_column="image",
+                               caption_column=None, split="train", seed=0)
+    held_out = KeyedSubset(full, split_train_val(len(full), 32, seed=0)[1])  # configs/vae/tiny.yaml's data.num_val
+    here, _, _ = evaluate_reconstructions(vae, held_out, one_process(), None, "l1")
+    there = rows[-1]["raw"]
+    assert there["count"] == here["count"] == 32
+    # the same batches of 16 (one per process there) through the same float32 kernels; only the thread count (1 per
+    # process there, up to 2 here) may reorder a convolution's sums: float32 rounding, ~1e-7 relative (the latent
+    # mean, near 0, gets an absolute bound)
+    assert there == pytest.approx(here, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow  # starts a process (~20 s of imports); the fine-tune settings' errors below stay fast

@@ -8,9 +8,12 @@ timestep and regresses the U-Net's eps (or v) prediction, conditioned on the fro
 (SDXL, `text_encoder.kind: sdxl`: two towers' context, the pooled embedding and each image's time ids from the latent
 cache); `train.caption_dropout` of the captions are replaced by the unconditional branch (the empty prompt, or an SDXL
 model's zeros) so classifier-free guidance works. With `lora.enabled` only adapters train (ldm/lora/), on the U-Net
-and, with `lora.text_encoder_targets`, the text encoder(s). Outputs in `train.output_dir`: `config.yaml`, `latents/`,
-`checkpoints/step-*/`, TensorBoard logs in `logs/`, and `model/`: a diffusers model directory (EMA weights) that
-`StableDiffusionPipeline.from_pretrained` (SDXL: `StableDiffusionXLPipeline`) loads.
+and, with `lora.text_encoder_targets`, the text encoder(s). With `data.num_val` held-out images, every
+`train.val_every` steps the validation loss (ldm/unet/val_loss.py: the objective at fixed noise and timesteps, per
+timestep band, on the raw and the EMA weights) goes to the trackers and `checkpoints/val_loss.jsonl`. Outputs in
+`train.output_dir`: `config.yaml`, `latents/`, `checkpoints/step-*/`, TensorBoard logs in `logs/`, and `model/`: a
+diffusers model directory (EMA weights) that `StableDiffusionPipeline.from_pretrained` (SDXL:
+`StableDiffusionXLPipeline`) loads.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from diffusers.optimization import get_scheduler
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.buckets import check_unet_takes_buckets
+from ldm.data.dataset import split_train_val
 from ldm.data.loader import train_loader
-from ldm.errors import exit_on_user_error
+from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import check_cache_family, ensure_latent_cache
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.latents.text_cache import ensure_text_cache
@@ -37,11 +41,13 @@ from ldm.progress import progress_bar
 from ldm.training.args import parse_train_args
 from ldm.training.run import NonFiniteSteps, apply_optimizer_settings, start_run
 from ldm.training.tracking import log_image
+from ldm.training.validation import ValidationLog, timestep_bands
 from ldm.unet.conditioning import batch_conditioning, check_unet_takes, load_run_text_encoder
 from ldm.unet.config import LDMConfig
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss
 from ldm.unet.presets import build_unet
 from ldm.unet.trained_weights import trained_weights
+from ldm.unet.val_loss import unet_val_loss
 from ldm.unet.validation_grid import sample_grid
 from ldm.vae.load_vae import load_vae
 
@@ -74,6 +80,15 @@ def main(argv: list[str] | None = None) -> None:
     trained.check_text_encoder(text_encoder)  # LoRA: its adapter targets, with lora.text_encoder_targets
     cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=cache_dir, family=cfg.family)
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
+    # the held-out split, by dataset index as stage 1 makes it (none with data.num_val=0, the default); the cache holds
+    # every image, so changing data.num_val never re-encodes
+    train_idx, val_idx = split_train_val(cache.dataset_size, cfg.data.num_val, seed=0)
+    val_positions = cache.positions_of(val_idx)  # rows of the decodable held-out images
+    if val_idx and not val_positions:
+        raise UserError(f"none of the {len(val_idx)} held-out images (data.num_val) could be decoded: raise "
+                        "data.num_val or fix the dataset")
+    if val_idx:
+        log.info("%d latents held out for the validation loss", len(val_positions))
     # captions -> Conditioning (context (B, 77, D), SDXL's pooled (B, P)); `empty`: the unconditional branch (batch 1)
     if cfg.latent_cache().text_embeddings:  # every caption encoded once: the steps look their embeddings up
         text_cache = ensure_text_cache(accelerator, text_encoder, cache.captions, cache.directory, cfg.cache.rebuild)
@@ -128,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("optim.%s differs from the checkpoint's: the config's value is used from here on", name)
         log.info("resumed from %s at step %d", resume_path, step)
 
-    dataset = cache.dataset(seed=cfg.train.seed)
+    val_log = ValidationLog(ckpt_root, accelerator, start_step=step) if val_positions else None
+    bands = timestep_bands(cfg.noise.num_train_timesteps, cfg.train.val_bands)
+    dataset = cache.dataset(seed=cfg.train.seed, indices=train_idx)
     loader = train_loader(dataset, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator,
                           start_batch=batches_done, collate=collate_latents, bucket_ids=dataset.bucket_ids())
     batches = iter(loader)
@@ -155,6 +172,19 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder.train()
         if grid is not None:
             log_image(accelerator, "samples", grid, step)
+
+    def validate(step: int) -> None:
+        def val_loss() -> dict:
+            return unet_val_loss(accelerator, raw, noise_scheduler, cache, val_positions, encode_text, cfg.noise,
+                                 bands, cfg.train.batch_size)
+
+        text_encoder.eval()  # as in `sample`
+        results = {"raw": val_loss()}  # the training weights
+        if ema is not None:
+            with trained.ema_weights(ema):
+                results["ema"] = val_loss()  # the weights the run exports
+        text_encoder.train()
+        val_log.write(step, results)
 
     # ---- the loop: one iteration = one optimizer step over `grad_accum` micro-batches
     accum = cfg.train.grad_accum
@@ -199,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if cfg.sample.every and (step % cfg.sample.every == 0 or step == cfg.train.max_steps):
             sample(step)
+        if val_log is not None and (step % cfg.train.val_every == 0 or step == cfg.train.max_steps):
+            validate(step)  # before this step's checkpoint: a run resumed from it never validates the step again
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
             save(step)
     progress.close()

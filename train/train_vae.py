@@ -4,7 +4,9 @@
 
 Each optimizer step: (1) the autoencoder minimises NLL (L1/L2 + LPIPS, optional learned log-variance) + KL + an
 adaptively weighted GAN term; (2) from `loss.disc_start` on, the PatchGAN discriminator learns to tell the images from
-their reconstructions. Both optimizers are stepped here, in plain sight. Outputs in `train.output_dir`:
+their reconstructions. Both optimizers are stepped here, in plain sight. Every `train.val_every` steps the held-out
+images are measured (ldm/vae/validation.py: the loss terms at fixed posterior samples, PSNR, SSIM, LPIPS, the latent
+scale; raw and EMA weights) into the trackers and `checkpoints/val_loss.jsonl`. Outputs in `train.output_dir`:
 `config.yaml`, `checkpoints/step-*/` (safetensors, atomic), TensorBoard logs, and `vae/` in the diffusers format.
 """
 
@@ -28,6 +30,7 @@ from ldm.progress import progress_bar
 from ldm.training.args import parse_train_args
 from ldm.training.run import apply_optimizer_settings, NonFiniteSteps, start_run, SkippedImages, ema_weights
 from ldm.training.tracking import log_image
+from ldm.training.validation import ValidationLog
 from ldm.vae.autoencoder import PosteriorAutoencoder
 from ldm.vae.config import VAEConfig
 from ldm.vae.discriminator import PatchDiscriminator
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         batches_done = state["batches_consumed"][accelerator.process_index]
         log.info("resumed from %s at step %d", resume_path, step)
 
+    val_log = ValidationLog(ckpt_root, accelerator, start_step=step)  # drops rows after the resumed step
     loader = train_loader(
         train_ds, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator, start_batch=batches_done
     )
@@ -148,12 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     def validate(step: int) -> None:
         nonlocal scaling_factor
         unwrapped = accelerator.unwrap_model(model).vae
-        with ema_weights(ema, trained):
-            metrics, grid, val_skipped = evaluate_reconstructions(unwrapped, val_ds, accelerator, perceptual)
+        results = {}
+        if ema is not None:  # the training weights, beside the EMA's
+            results["raw"], _, _ = evaluate_reconstructions(unwrapped, val_ds, accelerator, perceptual,
+                                                            cfg.loss.recon, grid_images=0)
+        with ema_weights(ema, trained):  # the weights the run exports
+            metrics, grid, val_skipped = evaluate_reconstructions(unwrapped, val_ds, accelerator, perceptual,
+                                                                  cfg.loss.recon)
+        results["ema" if ema is not None else "raw"] = metrics
         skipped.note(val_skipped)
         scaling_factor = metrics["scaling_factor"]
-        log.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        val_log.write(step, results)
         if grid is not None:
             log_image(accelerator, "val/reconstructions", grid, step)
 

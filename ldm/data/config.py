@@ -21,7 +21,8 @@ class DataConfig:
     resolution: int = 32
     center_crop: bool = True
     random_flip: bool = False
-    num_val: int = 64  # held-out images for validation, taken from the dataset by a fixed seed
+    # held-out images for validation, taken from the dataset by a fixed seed (stage 2's default: 0, no validation)
+    num_val: int = 64
     num_workers: int = 0
     max_image_pixels: int = MAX_PIXELS  # larger images are skipped (decompression bombs)
     shapes_count: int = 2000

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ldm.errors import UserError
@@ -32,6 +33,18 @@ GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tenso
 def is_fsdp(accelerator: Accelerator) -> bool:
     """True under FSDP: model, optimizer and EMA state are DTensor shards."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def reshard_after_inference(model: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of `model` back into its shards after forward passes without a backward (validation,
+    samples); a no-op for a model without FSDP. FSDP2 leaves some units whole after a forward, expecting the backward
+    to need them at once: the root, and the last unit run (U-Net: its `conv_norm_out`). With no backward coming they
+    stay whole: `parameters()` then gives plain tensors instead of the DTensor shards (an EMA swap fails on them), and
+    the next training forward reuses those whole tensors even though the shards changed in between (EMA weights
+    swapped in and out)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()  # not recursive; a no-op for a unit already sharded
 
 
 class FsdpBackend(Backend):

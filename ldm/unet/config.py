@@ -64,6 +64,10 @@ class LDMTrainLoopConfig:
     ema_decay: float = 0.9999  # 0 disables the EMA (the exported model then holds the raw weights)
     caption_dropout: float = 0.1  # share of captions replaced by the empty prompt, for classifier-free guidance
     log_every: int = 10
+    # validation loss on data.num_val held-out images (none by default: set data.num_val to turn it on), every
+    # val_every steps and at the end, per band of training timesteps (val_bands equal ranges; ldm/unet/val_loss.py)
+    val_every: int = 1000
+    val_bands: int = 4
     checkpoint_every: int = 1000
     keep_last: int = 3
     report_to: Literal["tensorboard", "none"] = "tensorboard"
@@ -71,7 +75,8 @@ class LDMTrainLoopConfig:
     max_nonfinite_steps: int = 10
 
     def validate(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_last"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "val_every", "val_bands", "checkpoint_every",
+                    "keep_last"):
             check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         check(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(0 <= self.caption_dropout <= 1, "train.caption_dropout", f"must be in [0, 1], got {self.caption_dropout}")
@@ -101,7 +106,8 @@ class SampleConfig:
 class LDMConfig:
     model: UNetModelConfig = field(default_factory=UNetModelConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # no held-out images unless asked for: LoRA datasets are small, and stage 2 trains on every image by default
+    data: DataConfig = field(default_factory=lambda: DataConfig(num_val=0))
     cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     optim: LDMOptimConfig = field(default_factory=LDMOptimConfig)
@@ -122,6 +128,9 @@ class LDMConfig:
 
     def validate(self) -> None:
         check(self.data.caption_column is not None, "data.caption_column", "stage 2 needs captions: name the column")
+        check(self.train.val_bands <= self.noise.num_train_timesteps, "train.val_bands",
+              f"{self.train.val_bands} bands of {self.noise.num_train_timesteps} training timesteps would leave some "
+              "empty: use at most noise.num_train_timesteps (4 is usual)")
         if not self.model.pretrained:
             check(is_sdxl_preset(self.model.preset) == (self.family == "sdxl"), "model.preset",
                   f"'{self.model.preset}' is {'' if is_sdxl_preset(self.model.preset) else 'not '}SDXL-shaped but "

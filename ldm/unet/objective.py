@@ -92,21 +92,42 @@ def diffusion_loss(
     embedding (B, P) and time ids (B, 6)). Random numbers come from the global RNG, which checkpoints save and
     restore, so a resumed run draws the same noise.
     """
-    cond = text if isinstance(text, Conditioning) else Conditioning(text)
     b = x0.shape[0]
     eps = torch.randn_like(x0)
     if cfg.offset_noise > 0:
         eps = eps + cfg.offset_noise * torch.randn(b, x0.shape[1], 1, 1, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
     eps_in = eps + cfg.input_perturbation * torch.randn_like(eps) if cfg.input_perturbation > 0 else eps
-    x_t = scheduler.add_noise(x0, eps_in, t)  # sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps_in
+    mse, weight = denoising_error(unet, scheduler, x0, eps, t, text, cfg, eps_in=eps_in)
+    return (mse * weight).mean()
+
+
+def denoising_error(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    text: Text,
+    cfg: NoiseConfig,
+    eps_in: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The U-Net's squared error at given noise and timesteps: (mse (B,), loss weight (B,)); the loss is their product.
+
+    x0, eps: (B, C, h, w); t: (B,) int; `eps_in`: the noise put into x_t when it differs from the target's `eps`
+    (input perturbation). The target is eps, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0. The weight is
+    min-SNR's under `cfg.min_snr_gamma`, else ones. The error is computed in float32 at least (float64 stays float64).
+    """
+    cond = text if isinstance(text, Conditioning) else Conditioning(text)
+    x_t = scheduler.add_noise(x0, eps if eps_in is None else eps_in, t)  # sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps
     target = eps if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
     dtype = next(unet.parameters()).dtype  # bf16/fp16 in a DeepSpeed engine; fp32 elsewhere (autocast casts)
     pred = unet(x_t.to(dtype), t, **cond.to(dtype).unet_kwargs()).sample  # (B, C, h, w)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    wide = torch.promote_types(pred.dtype, torch.float32)
+    mse = F.mse_loss(pred.to(wide), target.to(wide), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if cfg.min_snr_gamma > 0:
-        per_sample = per_sample * min_snr_weights(scheduler, t, cfg.min_snr_gamma, cfg.prediction_type)
-    return per_sample.mean()
+        return mse, min_snr_weights(scheduler, t, cfg.min_snr_gamma, cfg.prediction_type)
+    return mse, torch.ones_like(mse)
 
 
 def min_snr_weights(

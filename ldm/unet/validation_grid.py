@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torchvision.utils import make_grid
 
 from ldm.models.components import Components
-from ldm.parallel.fsdp import is_fsdp
+from ldm.parallel.fsdp import is_fsdp, reshard_after_inference
 from ldm.pipeline.pipeline import Pipeline
 from ldm.text.encoder import FrozenTextEncoder
 from ldm.unet.config import SampleConfig
@@ -54,6 +54,9 @@ def sample_grid(
                           show_progress=False)
         if i >= 0:
             images.append((i, np.array(result.images[0])))  # (H, W, 3) uint8
+    # FSDP2 leaves some units' parameters whole after a forward without backward: without this the next training
+    # step would run them with the weights sampled with (the EMA's, swapped in) instead of the restored ones
+    reshard_after_inference(unet)
     unet.train(was_training)
     gathered = sorted(gather_object(images), key=lambda pair: pair[0])
     if not accelerator.is_main_process or not gathered:
