@@ -23,8 +23,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # pytest-xdist hands whole files to its two workers in collection order (`--dist loadfile --no-loadscope-reorder`
 # in pyproject.toml): the longest files go first, so that no long file starts when the other worker is nearly done
 # (longest-processing-time-first scheduling). Measured with `--durations=0`, summed per file (docs/development.md).
-LONGEST_FIRST = ["test_faults.py", "test_deepspeed.py", "test_train_vae.py", "test_lora_train.py", "test_fsdp.py",
-                 "test_train_sdxl.py", "test_train_ldm.py", "test_demo_model.py", "test_checkpoint.py"]
+LONGEST_FIRST = ["test_faults.py", "test_deepspeed.py", "test_train_vae.py", "test_train_sdxl.py", "test_train_ldm.py",
+                 "test_fsdp.py", "test_demo_model.py", "test_lora_train.py", "test_generate_cli.py"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:
