@@ -18,13 +18,17 @@ import torch  # noqa: E402
 # that bench/bench_serve.py imports outside pytest, which must not pull in this file's torch and offline settings
 from serve_server import free_port  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One torch thread per pytest-xdist worker when the workers fill the cores (the README's command: 2 workers on 2
+# cores): the tests' tiny models have kernels too small to split, and two workers' OpenMP threads spin-waiting on each
+# other's cores make a 20 ms forward pass take seconds (see `one_torch_thread`). Alone (-n 0): up to 2 threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads(), len(os.sched_getaffinity(0)) // _WORKERS)))
 
 # pytest-xdist hands whole files to its two workers in collection order (`--dist loadfile --no-loadscope-reorder`
 # in pyproject.toml): the longest files go first, so that no long file starts when the other worker is nearly done
 # (longest-processing-time-first scheduling). Measured with `--durations=0`, summed per file (docs/development.md).
-LONGEST_FIRST = ["test_faults.py", "test_deepspeed.py", "test_train_vae.py", "test_train_sdxl.py", "test_train_ldm.py",
-                 "test_fsdp.py", "test_demo_model.py", "test_lora_train.py", "test_generate_cli.py"]
+LONGEST_FIRST = ["test_sharded_training.py", "test_faults.py", "test_train_vae.py", "test_train_ldm.py",
+                 "test_train_sdxl.py", "test_demo_model.py", "test_lora_train.py", "test_generate_cli.py"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:

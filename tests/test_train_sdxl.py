@@ -1,12 +1,10 @@
 """Stage 2 trains SDXL (tiny models): the conditioning (two towers' context, pooled embedding, cached time ids, the
 unconditional branch for caption dropout), caches refused across families, the export as a diffusers SDXL directory
-giving diffusers' image, exact resume, LoRA files diffusers loads, and DDP / FSDP2 / ZeRO-2 (slow)."""
+giving diffusers' image, exact resume, LoRA files diffusers loads (DDP / FSDP2 / ZeRO-2: test_sharded_training.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, reset_accelerate_state, run
+from conftest import reset_accelerate_state, run
 from ldm.latents.cache import StaleCacheError
 from ldm.latents.text_cache import FILE_NAME, TextEmbeddingCache, build_text_cache, encoder_key
 from ldm.models.load import load_sdxl_text_encoder
@@ -383,61 +381,3 @@ def test_a_full_fine_tune_from_an_sdxl_model_trains_its_unet(tmp_path, tiny_sdxl
     assert inspect_model(tmp_path / "model").arch == "sdxl"
 
 
-@pytest.fixture(scope="module")
-def parallel_runs(tmp_path_factory, tiny_sdxl_model, shapes) -> Path:
-    """2-process runs of 4 steps on one cache: DDP, FSDP2 and ZeRO-2 (through the CPU shims), validating 5 held-out
-    images in batches of 2 at steps 2 and 4: 3 batches, so rank 1 pads one and drops its results."""
-    root = tmp_path_factory.mktemp("sdxl-parallel")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("ddp", "fsdp", "zero"):
-        args = sdxl_args(root / name, tiny_sdxl_model, shapes, "train.cpu=true", "train.max_steps=4",
-                         "train.checkpoint_every=2", "train.caption_dropout=0.3", f"cache.dir={root / 'latents'}",
-                         "data.num_val=5", "train.val_every=2")
-        script = ROOT / "train/train_ldm.py"
-        if name == "ddp":
-            cmd = accelerate_launch(script, *args)
-        elif name == "fsdp":
-            cmd = accelerate_launch(Path(__file__).with_name("fsdp_on_cpu.py"), str(script), *args)
-        else:
-            pytest.importorskip("deepspeed")
-            from test_deepspeed import zero_launch
-
-            cmd = zero_launch(str(script), *args)
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, f"{name}:\n{result.stderr[-4000:]}"
-        (root / f"{name}.log").write_text(result.stderr)
-    return root
-
-
-@pytest.mark.slow
-def test_ddp_replicas_are_identical(parallel_runs):
-    assert "replicas identical across 2 processes" in (parallel_runs / "ddp.log").read_text()
-    state = json.loads((parallel_runs / "ddp/checkpoints/step-00000004/state.json").read_text())
-    assert state["batches_consumed"] == [4, 4]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["fsdp", "zero"])
-def test_fsdp2_and_zero2_train_what_ddp_trains(parallel_runs, name):
-    """Within 2% of DDP's own movement from step 2 to 4 (the tolerance tests/test_fsdp.py derives)."""
-    def weights(run: str, step: int = 4) -> dict[str, torch.Tensor]:
-        return load_file(parallel_runs / run / f"checkpoints/step-{step:08d}/models/unet.safetensors")
-
-    def dist(a: dict, b: dict) -> float:
-        return sum((a[k].double() - b[k].double()).pow(2).sum().item() for k in a) ** 0.5
-    ddp = weights("ddp")
-    assert dist(weights(name), ddp) < 0.02 * dist(ddp, weights("ddp", 2))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["fsdp", "zero"])
-def test_fsdp2_and_zero2_validate_as_ddp_does(parallel_runs, name):
-    """Under FSDP2 every forward pass gathers weights from both processes: the padded batch keeps them in step (a
-    process short of a batch would hang the other). The numbers follow DDP's."""
-    ddp, other = val_rows(parallel_runs / "ddp"), val_rows(parallel_runs / name)
-    assert [row["step"] for row in other] == [row["step"] for row in ddp] == [2, 4]
-    for mine, theirs in zip(other, ddp):
-        for weights in ("raw", "ema"):
-            assert mine[weights]["count"] == theirs[weights]["count"] == 20  # 5 images x 4 bands, each once
-            # weights equal to DDP's up to summation order (see above): measured within 3e-8 relative (2026-12-07)
-            assert mine[weights]["loss"] == pytest.approx(theirs[weights]["loss"], rel=1e-5), (mine["step"], weights)
