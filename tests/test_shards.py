@@ -147,8 +147,11 @@ def test_a_pattern_without_samples_or_captions_is_one_clear_error(tmp_path, shar
         load_shards(str(tmp_path / "{00000..00001}.tar"), "image", "text", str(tmp_path / "index"))
     with pytest.raises(UserError, match="expands to no shard names"):
         expand_pattern("::")
-    with pytest.raises(UserError, match="is a remote URL"):
-        expand_pattern("https://example.com/{0..3}.tar")
+    with pytest.raises(UserError, match=r"the 'gs://' scheme is not supported: use a local path, http://, https://"):
+        expand_pattern("gs://bucket/{0..3}.tar")
+    with pytest.raises(UserError, match="pipe: sources are not supported"):
+        expand_pattern("pipe:curl -s https://example.com/0.tar")
+    assert expand_pattern("https://example.com/{0..2}.tar") == [f"https://example.com/{k}.tar" for k in range(3)]
     bare = tmp_path / "bare.tar"
     with wds.TarWriter(str(bare), encoder=False) as sink:
         sink.write({"__key__": "a", "png": png_bytes((9, 9, 9))})
