@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -16,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from ldm.data.dataset import collate_images
@@ -36,41 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
 import cache_latents  # noqa: E402
 from conftest import accelerate_launch  # noqa: E402
-
-PER_SHARD = 5
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
-
-
-def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (40, 32), fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def write_shards(root: Path, shards: int, *, corrupt: str | None = None) -> list[Path]:
-    """img2dataset's layout, written with webdataset's own TarWriter: shard k holds keys k*5 .. k*5+4.
-
-    Even shards caption with `.txt` (+ a `.json` without a caption key), odd ones with `.json` only; `corrupt` names
-    one key whose image bytes are garbage.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(shards):
-        path = root / f"{k:05d}.tar"
-        with wds.TarWriter(str(path), encoder=False) as sink:
-            for j in range(PER_SHARD):
-                key = f"{k * PER_SHARD + j:09d}"
-                sample = {"__key__": key, "jpg": png_bytes(COLOURS[j], fmt="JPEG")}
-                if key == corrupt:
-                    sample["jpg"] = b"\xff\xd8 this is not a jpeg"
-                if k % 2 == 0:
-                    sample["txt"] = f"caption {key}".encode()
-                    sample["json"] = json.dumps({"key": key, "width": 40}).encode()
-                else:
-                    sample["json"] = json.dumps({"caption": f"json caption {key}"}).encode()
-                sink.write(sample)
-        paths.append(path)
-    return paths
+from shard_files import COLOURS, PER_SHARD, png_bytes, write_shards  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ class RemoteFiles:
         for attempt in range(1, self.options.tries + 1):
             try:
                 return call()
-            except Exception as error:  # noqa: BLE001: classified below, the rest re-raised
+            except Exception as error:  # noqa: BLE001 (classified below, the rest re-raised)
                 kind = _classify(error)
                 if kind == "denied":
                     raise UserError(f"access to {url} was denied ({_reason(error)}): set credentials (AWS_* "
@@ -140,7 +140,8 @@ class RemoteFiles:
                 if kind == "other":
                     raise
                 if attempt == self.options.tries:
-                    raise RemoteUnavailable(f"{url}: {_reason(error)} (after {attempt} tries)") from None
+                    reason = "not found (deleted?)" if kind == "missing" else _reason(error)
+                    raise RemoteUnavailable(f"{url}: {reason} (after {attempt} tries)") from None
                 log.debug("%s: %s; try %d of %d in %.2f s", url, _reason(error), attempt + 1, self.options.tries,
                           delay)
                 time.sleep(delay)
