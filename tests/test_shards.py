@@ -27,6 +27,7 @@ from ldm.latents import LatentCache
 from ldm.latents import shard_writer
 from ldm.latents.build import shard_plan
 from ldm.latents.cache import parse_shard
+from ldm.latents.shard_reader import open_latent_shards
 from ldm.latents.shard_writer import write_latent_shards
 from ldm.vae.presets import build_vae
 
@@ -172,12 +173,15 @@ def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shard
     # the cache as webdataset shards, read back with webdataset's own reader
     written = write_latent_shards(LatentCache.read(cache_dir), str(tmp_path / "out" / "latents-%05d.tar"), 8)
     assert [p.name for p in written] == ["latents-00000.tar", "latents-00001.tar", "latents-00002.tar"]
-    samples = list(wds.WebDataset([str(p) for p in written], shardshuffle=False).decode())
+    samples = [s for s in wds.WebDataset([str(p) for p in written], shardshuffle=False).decode()
+               if s["__key__"] != "cache"]  # each shard starts with the cache's manifest
     assert len(samples) == 19 and samples[0]["__key__"] == "000000000"
     first = LatentCache.read(cache_dir).row(0)
     tensors = load_safetensors(samples[0]["latents.safetensors"])
     assert torch.equal(tensors["mean"].float(), first["mean"]) and samples[0]["txt"] == first["caption"]
     assert samples[0]["json"]["index"] == 0
+    # ... and read back for training (cache.shards): the same in-memory cache as the directory, bit for bit
+    assert_same_cache(open_latent_shards(str(tmp_path / "out" / "latents-{00000..00002}.tar")), LatentCache.read(cache_dir))
     with pytest.raises(SystemExit) as exit_info:  # the CLI: a bad output pattern is one line, exit 2
         shard_writer.main([str(cache_dir), str(tmp_path / "latents.tar")])
     assert exit_info.value.code == 2
@@ -203,6 +207,21 @@ def test_two_processes_encode_their_own_shards(shards, cached, tmp_path):
     assert one.indices.tolist() == two.indices.tolist() and one.captions == two.captions
     for name in one.tensors:
         torch.testing.assert_close(one.tensors[name], two.tensors[name], atol=1e-6, rtol=1e-5)
+
+
+def assert_same_cache(read: LatentCache, cache: LatentCache) -> None:
+    """Everything training takes from a cache: rows by index, captions, every tensor (dtype too), the manifest."""
+    assert torch.equal(read.indices, cache.indices) and read.captions == cache.captions
+    assert read.tensors.keys() == cache.tensors.keys()
+    for name, tensor in cache.tensors.items():
+        assert read.tensors[name].dtype == tensor.dtype and torch.equal(read.tensors[name], tensor), name
+    assert {k: v for k, v in read.manifest.items() if k not in ("shards", "row_shape")} == \
+        {k: v for k, v in cache.manifest.items() if k != "shards"}
+    one, two = read.dataset(seed=5), cache.dataset(seed=5)
+    for key in (0, 3, len(two) + 1):
+        a, b = one[key], two[key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                            for k in a)
 
 
 def test_a_resumed_loader_restarts_at_the_same_shard_and_sample(shards):
@@ -235,8 +254,9 @@ def test_a_bucketed_cache_exports_each_row_at_its_bucket_and_an_empty_one_is_ref
                        + ["data.buckets=true", "data.bucket_step=8", "data.caption_column=txt"])
     cache = LatentCache.read(cache_dir)
     written = write_latent_shards(cache, str(tmp_path / "out" / "b-%05d.tar"), 100)
-    samples = list(wds.WebDataset([str(p) for p in written], shardshuffle=False).decode())
+    samples = list(wds.WebDataset([str(p) for p in written], shardshuffle=False).decode())[1:]  # [0]: the manifest
     assert len(samples) == len(cache) == 3
+    assert_same_cache(open_latent_shards(str(written[0])), cache)  # zero-padded bucket rows, re-padded
     buckets = []
     for position, sample in enumerate(samples):
         row, tensors = cache.row(position), load_safetensors(sample["latents.safetensors"])
@@ -257,8 +277,9 @@ def test_a_bucketed_cache_exports_each_row_at_its_bucket_and_an_empty_one_is_ref
     build_text_cache(cache_dir / FILE_NAME, encoder, encoder_key(encoder), cache.captions)
     written = write_latent_shards(cache, str(tmp_path / "text" / "t-%05d.tar"), 2)
     samples = [s for p in written for s in wds.WebDataset([str(p)], shardshuffle=False)]
-    assert [s["__key__"] for s in samples] == ["empty", "000000000", "000000001", "empty", "000000002"]
-    for sample in samples:
+    assert [s["__key__"] for s in samples] == ["cache", "empty", "000000000", "000000001", "cache", "empty",
+                                              "000000002"]
+    for sample in [s for s in samples if s["__key__"] != "cache"]:
         caption = "" if sample["__key__"] == "empty" else sample["txt"].decode()
         embedding = load_safetensors(sample["text.safetensors"])["embedding"]
         assert torch.equal(embedding, encoder.encode([caption])[0])
