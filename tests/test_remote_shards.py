@@ -215,3 +215,44 @@ def test_missing_remote_shards_are_counted_and_unreachable_storage_is_one_line(h
         load_shards("ftp://host/{0..1}.tar", "image", "text", str(tmp_path / "i"), FAST)
     with pytest.raises(UserError, match="is a URL but not of .tar shards"):
         dataset("https://host/images/", tmp_path / "i", FAST)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_training_from_latent_shards_over_http_equals_training_from_the_cache_directory(http, tmp_path):
+    """`ldm-latent-shards` output served over HTTP as `cache.shards` trains the same U-Net, bit for bit, as the
+    cache directory it was exported from, without reading data.path (it does not exist in the second run)."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import reset_accelerate_state
+    from ldm.latents.cache import LatentCache
+    from ldm.latents.shard_writer import write_latent_shards
+    from ldm.unet.tiny import write_tiny_stage2_inputs
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "train"))
+    import train_ldm
+
+    parts = write_tiny_stage2_inputs(tmp_path / "parts", num_images=12)
+    common = ["--config", str(root / "configs/ldm/tiny.yaml"), f"cache.vae={parts['vae']}",
+              f"text_encoder.path={parts['text']}", "train.report_to=none", "sample.every=0", "train.max_steps=3",
+              "train.batch_size=4", "train.checkpoint_every=3", "data.random_flip=true", "data.num_val=2",
+              "train.caption_dropout=0.3", "data.remote_backoff_s=0.01"]
+    train_ldm.main([*common, f"train.output_dir={tmp_path / 'a'}", f"data.path={parts['data']}",
+                    f"cache.dir={tmp_path / 'latents'}"])
+    reset_accelerate_state()
+    written = write_latent_shards(LatentCache.read(tmp_path / "latents"), str(http.root / "lat" / "l-%05d.tar"), 5)
+    assert len(written) == 3
+    train_ldm.main([*common, f"train.output_dir={tmp_path / 'b'}", f"data.path={tmp_path / 'no-images'}",
+                    f"cache.shards={http.url}/lat/l-{{00000..00002}}.tar"])
+    assert not (tmp_path / "b" / "latents").exists()
+
+    def weights(run: str) -> dict[str, torch.Tensor]:
+        files = sorted((tmp_path / run / "checkpoints/step-00000003").rglob("*.safetensors"))
+        return {k: v for f in files if not f.name.startswith("rng") for k, v in load_file(f).items()}
+
+    a, b = weights("a"), weights("b")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
