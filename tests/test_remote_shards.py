@@ -217,6 +217,41 @@ def test_missing_remote_shards_are_counted_and_unreachable_storage_is_one_line(h
         dataset("https://host/images/", tmp_path / "i", FAST)
 
 
+def test_remote_options_come_from_the_data_config():
+    from ldm.config import load_config
+    from ldm.data.config import DataConfig
+    from ldm.latents.config import LatentCacheConfig
+
+    cfg = load_config(DataConfig, None, ["storage_options.endpoint_url=http://127.0.0.1:9000", "remote_tries=2",
+                                         "storage_options.client_kwargs.region_name=eu-west-1", "remote_backoff_s=0"])
+    options = RemoteOptions.from_data_config(cfg)
+    assert options.storage_options == {"endpoint_url": "http://127.0.0.1:9000",
+                                       "client_kwargs": {"region_name": "eu-west-1"}}
+    assert (options.tries, options.backoff_s, options.timeout_s) == (2, 0.0, 60.0)
+    with pytest.raises(UserError, match=r"config key 'storage_options': expected a mapping, got 'x'"):
+        load_config(DataConfig, None, ["storage_options=x"])
+    with pytest.raises(UserError, match=r"config key 'data.remote_tries': must be >= 1, got 0"):
+        load_config(DataConfig, None, ["remote_tries=0"])
+    with pytest.raises(UserError, match=r"'cache.shards': cannot be used with cache.text_embeddings=true"):
+        load_config(LatentCacheConfig, None, ["shards=s3://b/{0..1}.tar", "text_embeddings=true"])
+
+
+def test_remote_reads_have_one_home():
+    """Only ldm/data/remote.py talks to fsspec, s3fs, aiohttp or boto: retries and errors are decided in one place."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    clients = {"fsspec", "s3fs", "aiohttp", "boto3", "botocore", "aiobotocore"}
+    importers = set()
+    for path in sorted(p for folder in ("ldm", "train") for p in (root / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split(".")[0] in clients for name in names):
+                importers.add(str(path.relative_to(root)))
+    assert importers == {"ldm/data/remote.py"}
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_training_from_latent_shards_over_http_equals_training_from_the_cache_directory(http, tmp_path):
@@ -238,7 +273,7 @@ def test_training_from_latent_shards_over_http_equals_training_from_the_cache_di
     parts = write_tiny_stage2_inputs(tmp_path / "parts", num_images=12)
     common = ["--config", str(root / "configs/ldm/tiny.yaml"), f"cache.vae={parts['vae']}",
               f"text_encoder.path={parts['text']}", "train.report_to=none", "sample.every=0", "train.max_steps=3",
-              "train.batch_size=4", "train.checkpoint_every=3", "data.random_flip=true", "data.num_val=2",
+              "train.batch_size=4", "train.checkpoint_every=3", "data.random_flip=true", "data.num_val=0",
               "train.caption_dropout=0.3", "data.remote_backoff_s=0.01"]
     train_ldm.main([*common, f"train.output_dir={tmp_path / 'a'}", f"data.path={parts['data']}",
                     f"cache.dir={tmp_path / 'latents'}"])

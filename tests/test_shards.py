@@ -181,7 +181,12 @@ def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shard
     assert torch.equal(tensors["mean"].float(), first["mean"]) and samples[0]["txt"] == first["caption"]
     assert samples[0]["json"]["index"] == 0
     # ... and read back for training (cache.shards): the same in-memory cache as the directory, bit for bit
-    assert_same_cache(open_latent_shards(str(tmp_path / "out" / "latents-{00000..00002}.tar")), LatentCache.read(cache_dir))
+    pattern = str(tmp_path / "out" / "latents-{00000..00003}.tar")  # 00003 does not exist: skipped and counted
+    assert_same_cache(open_latent_shards(pattern), LatentCache.read(cache_dir))
+    with pytest.raises(UserError, match=r"latent shards .* were built with resolution 16 != 32 \(shards != this run\)"):
+        open_latent_shards(pattern, resolution=32)
+    with pytest.raises(UserError, match=r"matches 1 shard names but none is readable \(.*missing"):
+        open_latent_shards(str(tmp_path / "out" / "nothing-00000.tar"))
     with pytest.raises(SystemExit) as exit_info:  # the CLI: a bad output pattern is one line, exit 2
         shard_writer.main([str(cache_dir), str(tmp_path / "latents.tar")])
     assert exit_info.value.code == 2

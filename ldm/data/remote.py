@@ -3,8 +3,9 @@ network. `ldm.data.shards` reads remote tar shards (image shards and `ldm-latent
 
 What a shard reader needs is three calls, each retried the same way:
 
-    stat(url)              size and a version stamp (ETag, else Last-Modified), or None for a missing file; keys the
-                           cached shard index, so a rewritten remote shard is re-indexed and a resumed run is not
+    stat(url)              size and a version stamp (ETag, else Last-Modified; a server with neither: the size
+                           alone), or None for a missing file; keys the cached shard index, so a rewritten remote
+                           shard is re-indexed and a resumed run is not
     read(url, start, end)  bytes [start, end): one ranged GET (a sample's members lie next to each other in a tar)
     open(url)              a seekable file object with a read-ahead cache, to walk a tar's headers once
 
