@@ -33,7 +33,7 @@ from ldm.errors import UserError
 from ldm.latents.cache import LatentCache, Shard, check_family
 from ldm.latents.cache_key import UNCHECKED, VAEIdentity, differences
 from ldm.latents.micro_conditioning import CROP_KEY, FLIP_CROP_KEY, ORIGINAL_SIZE_KEY
-from ldm.latents.shard_writer import MANIFEST_KEY
+from ldm.latents.shard_writer import MANIFEST_EXT, MANIFEST_KEY
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def _parse(path: str, data: bytes) -> tuple[dict[str, Any], Shard]:
             if member.isfile() and key is not None:
                 samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     if MANIFEST_KEY not in samples:
-        raise ValueError(f"no {MANIFEST_KEY}.manifest.json member: not written by this version of ldm-latent-shards")
-    manifest = json.loads(samples.pop(MANIFEST_KEY)["manifest.json"])
+        raise ValueError(f"no {MANIFEST_KEY}.{MANIFEST_EXT} member: not written by this version of ldm-latent-shards")
+    manifest = json.loads(samples.pop(MANIFEST_KEY)[MANIFEST_EXT])
     samples.pop("empty", None)  # the empty caption's text embedding
     flips = bool(manifest["data"]["random_flip"])
     table = manifest["data"].get("buckets")

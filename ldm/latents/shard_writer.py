@@ -18,7 +18,7 @@ One sample per cached image, keyed by its zero-padded dataset index (`000000017`
 
 and, first in every shard, one sample keyed `cache`:
 
-    cache.manifest.json         the cache's manifest (VAE identity, data settings, dataset size, skipped images,
+    cache.manifest              JSON: the cache's manifest (VAE identity, data settings, dataset size, skipped images,
                                 bucket table; without the file list) plus "row_shape" (a cache row's tensor shape),
                                 so the shards alone rebuild the in-memory cache (`ldm.latents.shard_reader`)
 
@@ -44,6 +44,8 @@ from ldm.latents.text_cache import FILE_NAME as TEXT_FILE_NAME
 from ldm.latents.text_cache import TextEmbeddingCache
 
 MANIFEST_KEY = "cache"  # the sample holding the cache's manifest, first in every shard
+# JSON, but not named .json: readers that take every `.json` member for a sample's info skip it
+MANIFEST_EXT = "manifest"
 
 
 def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_000) -> list[Path]:
@@ -69,7 +71,7 @@ def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_00
     for k, start in enumerate(range(0, len(cache), per_shard)):
         buffer = io.BytesIO()
         with wds.TarWriter(buffer, encoder=False) as sink:
-            sink.write({"__key__": MANIFEST_KEY, "manifest.json": json.dumps(manifest).encode("utf-8")})
+            sink.write({"__key__": MANIFEST_KEY, MANIFEST_EXT: json.dumps(manifest).encode("utf-8")})
             if text is not None:
                 sink.write({"__key__": "empty", "text.safetensors": save_safetensors(
                     {"embedding": text.empty_embedding()[0].contiguous()})})
