@@ -1,6 +1,7 @@
 """WebDataset tar shards (the layout img2dataset writes) as records with random access, for `build_image_dataset`.
 
-`data.path` may be one `.tar` file or a brace pattern such as `/data/shards/{00000..00999}.tar`; the pattern is
+`data.path` may be one `.tar` file or a brace pattern such as `/data/shards/{00000..00999}.tar`, local or remote
+(`s3://bucket/{00000..00099}.tar`, `https://host/{...}.tar`: read through `ldm.data.remote`); the pattern is
 expanded by webdataset's own `expand_urls` (braceexpand). Inside a shard, consecutive members with the same key form
 one sample, split as webdataset splits them (`webdataset.tariterators.base_plus_ext`: `000017.jpg`, `000017.txt`,
 `000017.json` -> key `000017`). A sample's image is its first member with an image extension; its caption is the
@@ -10,7 +11,8 @@ Why not webdataset's own reader (or `datasets` streaming of the tars): both are 
 `IterableDataset`). Our data order is a pure function of (seed, epoch, index) so a resumed run sees exactly the batches
 an uninterrupted one would, the latent cache is keyed by the dataset index, and a bad sample is reported by its index
 and name; all three need map-style access. So each shard is indexed once (`tarfile` gives every member's byte offset;
-the index is cached as JSON, keyed by the shard's path, size and mtime) and a record is read with one seek. A global
+the index is cached as JSON, keyed by the shard's path, size and mtime, or a remote shard's URL, size and ETag) and a
+record is read with one seek (remote: one ranged GET) covering its members. A global
 index maps to (shard, offset) through the cumulative sample counts, and the existing sampler, caches and resume work
 unchanged. Each process still reads its own shards where it reads images at all: `process_indices` gives process r
 the samples of shards r, r+n, r+2n, ..., which is how the latent cache build splits the encoding work.
@@ -18,7 +20,9 @@ the samples of shards r, r+n, r+2n, ..., which is how the latent cache build spl
 Faults: a missing shard of the pattern, a file that is not a tar archive, and a truncated tar (samples before the
 damage are kept) are skipped, named in one warning and counted (`ShardRecords.problems`); a corrupt image inside a
 good shard is skipped at decode time like any bad image file (`ldm.data.decoding`), named `<shard>/<member>`. A
-pattern that matches no readable sample is a `UserError`.
+shard that cannot be read mid-run (deleted; remote: still failing after `ldm.data.remote`'s retries) is skipped from
+then on, named in one warning and counted too, its samples reported as skipped. A pattern that matches no readable
+sample is a `UserError`.
 """
 
 from __future__ import annotations
