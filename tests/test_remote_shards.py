@@ -220,7 +220,6 @@ def test_missing_remote_shards_are_counted_and_unreachable_storage_is_one_line(h
 def test_remote_options_come_from_the_data_config():
     from ldm.config import load_config
     from ldm.data.config import DataConfig
-    from ldm.latents.config import LatentCacheConfig
 
     cfg = load_config(DataConfig, None, ["storage_options.endpoint_url=http://127.0.0.1:9000", "remote_tries=2",
                                          "storage_options.client_kwargs.region_name=eu-west-1", "remote_backoff_s=0"])
@@ -232,8 +231,6 @@ def test_remote_options_come_from_the_data_config():
         load_config(DataConfig, None, ["storage_options=x"])
     with pytest.raises(UserError, match=r"config key 'data.remote_tries': must be >= 1, got 0"):
         load_config(DataConfig, None, ["remote_tries=0"])
-    with pytest.raises(UserError, match=r"'cache.shards': cannot be used with cache.text_embeddings=true"):
-        load_config(LatentCacheConfig, None, ["shards=s3://b/{0..1}.tar", "text_embeddings=true"])
 
 
 def test_remote_reads_have_one_home():

@@ -17,6 +17,7 @@ import torch
 import webdataset as wds
 from safetensors.torch import load as load_safetensors
 
+from ldm.config import load_config
 from ldm.data.dataset import collate_images
 from ldm.data.loader import train_loader
 from ldm.data.shards import expand_pattern, load_shards, process_indices
@@ -26,6 +27,7 @@ from ldm.errors import UserError
 from ldm.latents import LatentCache
 from ldm.latents import shard_writer
 from ldm.latents.build import shard_plan
+from ldm.latents.config import LatentCacheConfig
 from ldm.latents.cache import parse_shard
 from ldm.latents.shard_reader import open_latent_shards
 from ldm.latents.shard_writer import write_latent_shards
@@ -187,6 +189,8 @@ def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shard
         open_latent_shards(pattern, resolution=32)
     with pytest.raises(UserError, match=r"matches 1 shard names but none is readable \(.*missing"):
         open_latent_shards(str(tmp_path / "out" / "nothing-00000.tar"))
+    with pytest.raises(UserError, match=r"'cache.shards': cannot be used with cache.text_embeddings=true"):
+        load_config(LatentCacheConfig, None, ["shards=s3://b/{0..1}.tar", "text_embeddings=true"])
     with pytest.raises(SystemExit) as exit_info:  # the CLI: a bad output pattern is one line, exit 2
         shard_writer.main([str(cache_dir), str(tmp_path / "latents.tar")])
     assert exit_info.value.code == 2
