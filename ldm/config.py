@@ -151,6 +151,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         item = args[0] if args else Any
         items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:  # free-form options handed to a library (data.storage_options): keys are text
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}': expected a mapping, got {value!r} (write e.g. {key}={{a: 1}})")
+        return {str(k): _unwrap(v) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -176,6 +180,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise UserError(f"config key '{key}': expected text, got {value!r} (quote it in YAML)")
         return value
     raise TypeError(f"config field '{key}' has an unsupported type {tp}")  # a bug in a config class, not user input
+
+
+def _unwrap(value: Any) -> Any:
+    """Plain values from overrides' `_RawText`s, at any depth (a.b.c=1 nests mappings)."""
+    if isinstance(value, _RawText):
+        value = value.value
+    if isinstance(value, dict):
+        return {str(k): _unwrap(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_unwrap(v) for v in value]
+    return value
 
 
 def _fail_float(key: str, value: Any) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -16,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from ldm.config import load_config
 from ldm.data.dataset import collate_images
 from ldm.data.loader import train_loader
 from ldm.data.shards import expand_pattern, load_shards, process_indices
@@ -28,7 +27,9 @@ from ldm.errors import UserError
 from ldm.latents import LatentCache
 from ldm.latents import shard_writer
 from ldm.latents.build import shard_plan
+from ldm.latents.config import LatentCacheConfig
 from ldm.latents.cache import parse_shard
+from ldm.latents.shard_reader import open_latent_shards
 from ldm.latents.shard_writer import write_latent_shards
 from ldm.vae.presets import build_vae
 
@@ -36,41 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
 import cache_latents  # noqa: E402
 from conftest import accelerate_launch  # noqa: E402
-
-PER_SHARD = 5
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
-
-
-def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (40, 32), fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def write_shards(root: Path, shards: int, *, corrupt: str | None = None) -> list[Path]:
-    """img2dataset's layout, written with webdataset's own TarWriter: shard k holds keys k*5 .. k*5+4.
-
-    Even shards caption with `.txt` (+ a `.json` without a caption key), odd ones with `.json` only; `corrupt` names
-    one key whose image bytes are garbage.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(shards):
-        path = root / f"{k:05d}.tar"
-        with wds.TarWriter(str(path), encoder=False) as sink:
-            for j in range(PER_SHARD):
-                key = f"{k * PER_SHARD + j:09d}"
-                sample = {"__key__": key, "jpg": png_bytes(COLOURS[j], fmt="JPEG")}
-                if key == corrupt:
-                    sample["jpg"] = b"\xff\xd8 this is not a jpeg"
-                if k % 2 == 0:
-                    sample["txt"] = f"caption {key}".encode()
-                    sample["json"] = json.dumps({"key": key, "width": 40}).encode()
-                else:
-                    sample["json"] = json.dumps({"caption": f"json caption {key}"}).encode()
-                sink.write(sample)
-        paths.append(path)
-    return paths
+from shard_files import COLOURS, PER_SHARD, png_bytes, write_shards  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +114,11 @@ def test_a_pattern_without_samples_or_captions_is_one_clear_error(tmp_path, shar
         load_shards(str(tmp_path / "{00000..00001}.tar"), "image", "text", str(tmp_path / "index"))
     with pytest.raises(UserError, match="expands to no shard names"):
         expand_pattern("::")
-    with pytest.raises(UserError, match="is a remote URL"):
-        expand_pattern("https://example.com/{0..3}.tar")
+    with pytest.raises(UserError, match=r"the 'gs://' scheme is not supported: use a local path, http://, https://"):
+        expand_pattern("gs://bucket/{0..3}.tar")
+    with pytest.raises(UserError, match="pipe: sources are not supported"):
+        expand_pattern("pipe:curl -s https://example.com/0.tar")
+    assert expand_pattern("https://example.com/{0..2}.tar") == [f"https://example.com/{k}.tar" for k in range(3)]
     bare = tmp_path / "bare.tar"
     with wds.TarWriter(str(bare), encoder=False) as sink:
         sink.write({"__key__": "a", "png": png_bytes((9, 9, 9))})
@@ -205,12 +175,22 @@ def test_the_latent_cache_builds_from_shards_resumes_and_exports_as_shards(shard
     # the cache as webdataset shards, read back with webdataset's own reader
     written = write_latent_shards(LatentCache.read(cache_dir), str(tmp_path / "out" / "latents-%05d.tar"), 8)
     assert [p.name for p in written] == ["latents-00000.tar", "latents-00001.tar", "latents-00002.tar"]
-    samples = list(wds.WebDataset([str(p) for p in written], shardshuffle=False).decode())
+    samples = [s for s in wds.WebDataset([str(p) for p in written], shardshuffle=False).decode()
+               if s["__key__"] != "cache"]  # each shard starts with the cache's manifest
     assert len(samples) == 19 and samples[0]["__key__"] == "000000000"
     first = LatentCache.read(cache_dir).row(0)
     tensors = load_safetensors(samples[0]["latents.safetensors"])
     assert torch.equal(tensors["mean"].float(), first["mean"]) and samples[0]["txt"] == first["caption"]
     assert samples[0]["json"]["index"] == 0
+    # ... and read back for training (cache.shards): the same in-memory cache as the directory, bit for bit
+    pattern = str(tmp_path / "out" / "latents-{00000..00003}.tar")  # 00003 does not exist: skipped and counted
+    assert_same_cache(open_latent_shards(pattern), LatentCache.read(cache_dir))
+    with pytest.raises(UserError, match=r"latent shards .* were built with resolution 16 != 32 \(shards != this run\)"):
+        open_latent_shards(pattern, resolution=32)
+    with pytest.raises(UserError, match=r"matches 1 shard names but none is readable \(.*missing"):
+        open_latent_shards(str(tmp_path / "out" / "nothing-00000.tar"))
+    with pytest.raises(UserError, match=r"'cache.shards': cannot be used with cache.text_embeddings=true"):
+        load_config(LatentCacheConfig, None, ["shards=s3://b/{0..1}.tar", "text_embeddings=true"])
     with pytest.raises(SystemExit) as exit_info:  # the CLI: a bad output pattern is one line, exit 2
         shard_writer.main([str(cache_dir), str(tmp_path / "latents.tar")])
     assert exit_info.value.code == 2
@@ -236,6 +216,21 @@ def test_two_processes_encode_their_own_shards(shards, cached, tmp_path):
     assert one.indices.tolist() == two.indices.tolist() and one.captions == two.captions
     for name in one.tensors:
         torch.testing.assert_close(one.tensors[name], two.tensors[name], atol=1e-6, rtol=1e-5)
+
+
+def assert_same_cache(read: LatentCache, cache: LatentCache) -> None:
+    """Everything training takes from a cache: rows by index, captions, every tensor (dtype too), the manifest."""
+    assert torch.equal(read.indices, cache.indices) and read.captions == cache.captions
+    assert read.tensors.keys() == cache.tensors.keys()
+    for name, tensor in cache.tensors.items():
+        assert read.tensors[name].dtype == tensor.dtype and torch.equal(read.tensors[name], tensor), name
+    assert {k: v for k, v in read.manifest.items() if k not in ("shards", "row_shape")} == \
+        {k: v for k, v in cache.manifest.items() if k != "shards"}
+    one, two = read.dataset(seed=5), cache.dataset(seed=5)
+    for key in (0, 3, len(two) + 1):
+        a, b = one[key], two[key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                            for k in a)
 
 
 def test_a_resumed_loader_restarts_at_the_same_shard_and_sample(shards):
@@ -268,8 +263,9 @@ def test_a_bucketed_cache_exports_each_row_at_its_bucket_and_an_empty_one_is_ref
                        + ["data.buckets=true", "data.bucket_step=8", "data.caption_column=txt"])
     cache = LatentCache.read(cache_dir)
     written = write_latent_shards(cache, str(tmp_path / "out" / "b-%05d.tar"), 100)
-    samples = list(wds.WebDataset([str(p) for p in written], shardshuffle=False).decode())
+    samples = list(wds.WebDataset([str(p) for p in written], shardshuffle=False).decode())[1:]  # [0]: the manifest
     assert len(samples) == len(cache) == 3
+    assert_same_cache(open_latent_shards(str(written[0])), cache)  # zero-padded bucket rows, re-padded
     buckets = []
     for position, sample in enumerate(samples):
         row, tensors = cache.row(position), load_safetensors(sample["latents.safetensors"])
@@ -290,8 +286,9 @@ def test_a_bucketed_cache_exports_each_row_at_its_bucket_and_an_empty_one_is_ref
     build_text_cache(cache_dir / FILE_NAME, encoder, encoder_key(encoder), cache.captions)
     written = write_latent_shards(cache, str(tmp_path / "text" / "t-%05d.tar"), 2)
     samples = [s for p in written for s in wds.WebDataset([str(p)], shardshuffle=False)]
-    assert [s["__key__"] for s in samples] == ["empty", "000000000", "000000001", "empty", "000000002"]
-    for sample in samples:
+    assert [s["__key__"] for s in samples] == ["cache", "empty", "000000000", "000000001", "cache", "empty",
+                                              "000000002"]
+    for sample in [s for s in samples if s["__key__"] != "cache"]:
         caption = "" if sample["__key__"] == "empty" else sample["txt"].decode()
         embedding = load_safetensors(sample["text.safetensors"])["embedding"]
         assert torch.equal(embedding, encoder.encode([caption])[0])

@@ -31,6 +31,7 @@ from ldm.data.dataset import split_train_val
 from ldm.data.loader import train_loader
 from ldm.errors import UserError, exit_on_user_error
 from ldm.latents.build import check_cache_family, ensure_latent_cache
+from ldm.latents.shard_reader import open_latent_shards_for_run
 from ldm.latents.cache import collate_latents, sample_latents
 from ldm.latents.text_cache import ensure_text_cache
 from ldm.models.load import load_unet
@@ -78,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     # SD's one tower (text_encoder.*), or SDXL's two (kind sdxl: from text_encoder.path or model.pretrained)
     text_encoder = load_run_text_encoder(cfg, base, weight_dtype, accelerator.device)
     trained.check_text_encoder(text_encoder)  # LoRA: its adapter targets, with lora.text_encoder_targets
-    cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=cache_dir, family=cfg.family)
+    if cfg.latent_cache().shards:  # ldm-latent-shards output, local or remote: no cache directory, no encoding
+        cache = open_latent_shards_for_run(cfg.data, cfg.latent_cache(), cfg.family)
+    else:
+        cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=cache_dir, family=cfg.family)
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
     # the held-out split, by dataset index as stage 1 makes it (none with data.num_val=0, the default); the cache holds
     # every image, so changing data.num_val never re-encodes

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from ldm.config import check
 from ldm.image_io import MAX_PIXELS
@@ -15,6 +15,14 @@ class DataConfig:
     # captioned shapes set, generated into `shapes_dir` on first use. Or webdataset tar shards: one `.tar` or a brace
     # pattern such as "/data/shards/{00000..00999}.tar" (ldm/data/shards.py).
     path: str = "shapes"
+    # Remote shards (path "s3://bucket/{00000..00099}.tar" or "https://host/{...}.tar"; ldm/data/remote.py): options
+    # for the URL's fsspec filesystem (s3: endpoint_url, key, secret, anon; http: headers; empty: AWS_* variables),
+    # and the retries of a failing request: remote_tries attempts in all, waiting remote_backoff_s, 2x, 4x, ...
+    # between them, each request timing out after remote_timeout_s; then the shard is skipped and counted.
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    remote_tries: int = 4
+    remote_backoff_s: float = 1.0
+    remote_timeout_s: float = 60.0
     image_column: str = "image"
     caption_column: str | None = "text"
     split: str = "train"
@@ -44,6 +52,9 @@ class DataConfig:
         check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.shapes_count > 0, "data.shapes_count", f"must be > 0, got {self.shapes_count}")
         check(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+        check(self.remote_tries >= 1, "data.remote_tries", f"must be >= 1, got {self.remote_tries}")
+        check(self.remote_backoff_s >= 0, "data.remote_backoff_s", f"must be >= 0, got {self.remote_backoff_s}")
+        check(self.remote_timeout_s > 0, "data.remote_timeout_s", f"must be > 0, got {self.remote_timeout_s}")
         if self.buckets:
             check(self.bucket_step >= 1, "data.bucket_step", f"must be >= 1, got {self.bucket_step}")
             check(self.max_aspect >= 1, "data.max_aspect", f"must be >= 1 (width/height or height/width), got "

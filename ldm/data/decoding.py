@@ -21,6 +21,8 @@ class SkipImage(Exception):
 def decode_image(record: dict[str, Any], max_pixels: int) -> PIL.Image.Image:
     """Decode a `{"bytes", "path"}` record into an RGB PIL image (`ldm.image_io.open_image`: the rule the CLI and
     the server follow too), or raise `SkipImage` with a short reason."""
+    if record.get("error"):  # the record could not be read at all (a remote shard that went away mid-run)
+        raise SkipImage(record["error"])
     data, path = record.get("bytes"), record.get("path")
     if data is None and not path:
         raise SkipImage("record has neither bytes nor path")

@@ -14,6 +14,7 @@ from ldm.data.batch_order import ResumableBatchSampler
 from ldm.data.buckets import BucketBatchSampler
 from ldm.data.config import DataConfig
 from ldm.data.dataset import ImageCaptionDataset, collate_images, split_train_val
+from ldm.data.remote import RemoteOptions
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
 from ldm.parallel.collective import main_process_first
@@ -60,7 +61,7 @@ def build_datasets(
     source = resolve_source(cfg, accelerator)
     kwargs = dict(
         image_column=cfg.image_column, caption_column=caption_column, split=cfg.split, seed=seed,
-        max_pixels=cfg.max_image_pixels,
+        max_pixels=cfg.max_image_pixels, remote=RemoteOptions.from_data_config(cfg),
     )
     with main_process_first(accelerator):  # the main process builds the `datasets` cache, the others reuse it
         train_full = build_image_dataset(

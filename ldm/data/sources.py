@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from ldm import hub
 from ldm.data.dataset import ImageCaptionDataset
+from ldm.data.remote import RemoteOptions, is_remote
 from ldm.data.shards import is_shard_source, load_shards
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
@@ -37,19 +38,24 @@ def build_image_dataset(
     seed: int = 0,
     max_pixels: int = MAX_PIXELS,
     cache_dir: str | None = None,
+    remote: RemoteOptions | None = None,
 ) -> ImageCaptionDataset:
     """Load a local image folder (imagefolder layout, optional metadata.jsonl) or a hub dataset `user/name`.
 
     `caption_column=None` means "no captions needed" (every caption is ""); a named caption column that the data
     lacks is an error. Images over `max_pixels` are skipped (Pillow's own bomb guard, 2 * PIL.Image.MAX_IMAGE_PIXELS
     ~ 179 MP, still applies above that). `cache_dir` overrides where `datasets` writes its Arrow cache (default
-    ~/.cache/huggingface/datasets). An existing local path wins over a hub id of the same spelling.
+    ~/.cache/huggingface/datasets). An existing local path wins over a hub id of the same spelling. `remote`: how
+    http(s):// and s3:// shards are reached (storage options, retries; `ldm.data.remote`).
     """
     import datasets  # deferred: importing `datasets` takes seconds and most of ldm does not need it
 
     path = Path(source).expanduser()
     if is_shard_source(source) and not path.is_dir():  # webdataset tar shards: ldm.data.shards
-        records, fingerprint, root = _load_shards(source, image_column, caption_column, cache_dir)
+        records, fingerprint, root = _load_shards(source, image_column, caption_column, cache_dir, remote)
+    elif is_remote(source):
+        raise UserError(f"data.path '{source}' is a URL but not of .tar shards: remote data must be webdataset "
+                        "shards ('.../{00000..00099}.tar'); download other datasets first")
     elif path.exists():
         records, fingerprint, root = _load_local(path, split, image_column, cache_dir)
     elif hub.is_hub_id(source):  # anything else that does not exist on disk is reported as a missing path
@@ -212,11 +218,16 @@ def _load_hub(source: str, split: str, image_column: str, cache_dir: str | None)
 
 
 def _load_shards(
-    source: str, image_column: str, caption_column: str | None, cache_dir: str | None
+    source: str, image_column: str, caption_column: str | None, cache_dir: str | None,
+    remote: RemoteOptions | None,
 ) -> tuple[Any, str, str]:
-    records = load_shards(source, image_column, caption_column, cache_dir)
+    records = load_shards(source, image_column, caption_column, cache_dir, remote)
     fingerprint = _hash_parts(["shards", f"caption_column={caption_column}"] + records.fingerprint_parts())
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(ix["path"])) for ix in records.indexes])
+    if is_remote(source):  # bad samples are named relative to the URLs' common folder, as local ones are
+        folders = {ix["path"].rsplit("/", 1)[0] for ix in records.indexes}
+        root = folders.pop() if len(folders) == 1 else os.path.commonprefix(sorted(folders)).rsplit("/", 1)[0]
+    else:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(ix["path"])) for ix in records.indexes])
     return records, fingerprint, root
 
 

@@ -35,6 +35,7 @@ from ldm.data.config import DataConfig
 from ldm.data.crops import CropGeometry
 from ldm.data.dataset import ImageCaptionDataset, collate_images
 from ldm.data.loader import resolve_source
+from ldm.data.remote import RemoteOptions
 from ldm.data.sources import build_image_dataset
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
@@ -185,6 +186,7 @@ def _encoding_dataset(
             split=data_cfg.split,
             seed=0,  # only picks one caption of multi-caption records; a fixed value keeps the cache seed-independent
             max_pixels=data_cfg.max_image_pixels,
+            remote=RemoteOptions.from_data_config(data_cfg),
         )
 
 

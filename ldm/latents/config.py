@@ -11,6 +11,10 @@ from ldm.config import check
 @dataclass
 class LatentCacheConfig:
     dir: str = ""  # empty: <output_dir>/latents
+    # Train from `ldm-latent-shards` output instead of a cache directory: a pattern such as
+    # "s3://bucket/latents/latents-{00000..00009}.tar" (local, s3:// or https://; ldm/latents/shard_reader.py), read
+    # with data.storage_options and data.remote_*; nothing is encoded and data.path is not read.
+    shards: str = ""
     # A diffusers AutoencoderKL directory; stage 1 (train/train_vae.py) exports one to <its output_dir>/vae.
     vae: str = "runs/vae/vae"
     # fp32 stores the posterior exactly; fp16 halves RAM and disk (per image: 2 tensors (mean, std), x2 with flips,
@@ -30,3 +34,5 @@ class LatentCacheConfig:
         check(self.vae.strip() != "", "cache.vae", "must name the VAE directory (e.g. runs/vae/vae from stage 1)")
         check(self.batch_size >= 1, "cache.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.shard_size >= 1, "cache.shard_size", f"must be >= 1, got {self.shard_size}")
+        check(not (self.shards and self.text_embeddings), "cache.shards",
+              "cannot be used with cache.text_embeddings=true (text embeddings are read from a cache directory only)")

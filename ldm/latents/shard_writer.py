@@ -16,10 +16,17 @@ One sample per cached image, keyed by its zero-padded dataset index (`000000017`
                                 "target_size" [H, W], and "flip_crop_top_left" with flips (the flipped copy's
                                 mirrored offset; `ldm.latents.micro_conditioning`)
 
+and, first in every shard, one sample keyed `cache`:
+
+    cache.manifest              JSON: the cache's manifest (VAE identity, data settings, dataset size, skipped images,
+                                bucket table; without the file list) plus "row_shape" (a cache row's tensor shape),
+                                so the shards alone rebuild the in-memory cache (`ldm.latents.shard_reader`)
+
 Safetensors rather than webdataset's `.pth` (a pickle) so reading a shard never runs code. Each tar (one shard of
 small latents) is built in memory and written through `ldm.files.atomic_write_bytes`, so a shard on disk is always
-complete; the cache itself (verified by
-`LatentCache.read`) stays the source of truth: our trainer reads the cache directory, not these shards.
+complete. Training reads them with `cache.shards: PATTERN` (local or s3:// / https://, `ldm.latents.shard_reader`),
+so nodes without a shared disk need no cache directory; the cache directory (verified by `LatentCache.read`) stays
+the source they are exported from.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ from ldm.files import atomic_write_bytes, os_reason
 from ldm.latents.cache import LatentCache
 from ldm.latents.text_cache import FILE_NAME as TEXT_FILE_NAME
 from ldm.latents.text_cache import TextEmbeddingCache
+
+MANIFEST_KEY = "cache"  # the sample holding the cache's manifest, first in every shard
+# JSON, but not named .json: readers that take every `.json` member for a sample's info skip it
+MANIFEST_EXT = "manifest"
 
 
 def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_000) -> list[Path]:
@@ -54,10 +65,13 @@ def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_00
     if (Path(cache.directory) / TEXT_FILE_NAME).exists():
         # verified as training verifies it (corrupt, or built for other captions: refused); any encoder's is fine
         text = TextEmbeddingCache.open(Path(cache.directory) / TEXT_FILE_NAME, {}, cache.captions)
+    manifest = {key: value for key, value in cache.manifest.items() if key != "shards"}
+    manifest["row_shape"] = list(cache.tensors["mean"].shape[1:])  # (C, h, w), or (L,) zero-padded with buckets
     written = []
     for k, start in enumerate(range(0, len(cache), per_shard)):
         buffer = io.BytesIO()
         with wds.TarWriter(buffer, encoder=False) as sink:
+            sink.write({"__key__": MANIFEST_KEY, MANIFEST_EXT: json.dumps(manifest).encode("utf-8")})
             if text is not None:
                 sink.write({"__key__": "empty", "text.safetensors": save_safetensors(
                     {"embedding": text.empty_embedding()[0].contiguous()})})
