@@ -1,4 +1,4 @@
-"""Sample-quality estimators over features already extracted (`ldm.eval.features`): rows of (N, D) tensors, one row
+"""Sample-quality estimators over features already extracted (`ldm.quality.features`): rows of (N, D) tensors, one row
 per image, reference ("real") against generated ("fake").
 
 - FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) are torchmetrics' own `FrechetInceptionDistance` and
