@@ -127,7 +127,7 @@ def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate, capsys
             "data.random_flip=true", "noise.min_snr_gamma=5", "noise.offset_noise=0.05", "noise.input_perturbation=0.1",
             "optim.warmup_steps=2", "sample.every=3", "sample.prompts=[a red circle]", "sample.steps=2",
             "data.num_val=8", "train.val_every=3",
-            # sample quality against the held-out images; at patience 1 any metric worse at step 6 than at 3 warns
+            # sample quality against the held-out images, every worse evaluation warned of
             "sample.metrics=[fid,kid,clip,cmmd]", "sample.features=demo", "sample.metric_images=2",
             "sample.worse_patience=1"]
     # (the schedule after warmup must not depend on max_steps here: the first run is a shorter run, not a killed one)
@@ -136,18 +136,22 @@ def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate, capsys
     reset_accelerate()
     train(tmp_path / "b", parts, *hard, shared_cache, "train.max_steps=3")
     reset_accelerate()
-    # as if killed after validating step 5 (a row the resumed run computes again) and while appending step 6's
-    with open(tmp_path / "b/checkpoints/val_loss.jsonl", "a") as f:
-        f.write(json.dumps({"step": 5, "raw": {"loss": 1.0, "count": 1}}) + '\n{"step": 6, "raw": {"lo')
+    # as if killed after validating step 5 (a row the resumed run computes again) and while appending step 6's; and
+    # with a perfect evaluation at step 2 before step 3's, so that the resumed run's streaks start at 1 for all four
+    path = tmp_path / "b/checkpoints/val_loss.jsonl"
+    perfect = {"step": 2, "metrics": {"fid": 0.0, "kid": {"mean": 0.0}, "clip_score": 100.0, "cmmd": 0.0}}
+    path.write_text(json.dumps(perfect) + "\n" + path.read_text() + json.dumps({"step": 5, "raw": {"loss": 1.0,
+                    "count": 1}}) + '\n{"step": 6, "raw": {"lo')
     capsys.readouterr()
     train(tmp_path / "b", parts, *hard, shared_cache, "train.max_steps=6", resume="latest")
     # every validated step once, with the uninterrupted run's numbers (the same weights, the same fixed draws)
     assert [row["step"] for row in val_rows(tmp_path / "a")] == [3, 6]
-    assert val_rows(tmp_path / "b") == val_rows(tmp_path / "a")
-    # the streaks went on from the rows before the resume: step 6 is compared with step 3 (a forgetful resume would
-    # see step 6 as the first evaluation and warn of nothing)
+    assert val_rows(tmp_path / "b") == [perfect, *val_rows(tmp_path / "a")]
+    # the streaks went on from the rows before the resume: at step 6 each metric is worse than step 2's for the 2nd
+    # time in a row (a forgetful resume would see step 6 as the first evaluation and warn of nothing)
     worse = [line.split("sample_metrics: ", 1)[1] for line in capsys.readouterr().err.splitlines() if "worse:" in line]
-    assert worse == expected_warnings(val_rows(tmp_path / "a"), patience=1) and worse
+    assert worse == expected_warnings(val_rows(tmp_path / "b"), patience=1)[4:]
+    assert len(worse) == 4 and all("(step 2, " in w and "2 evaluations in a row" in w for w in worse)
     a = {k: v for f in sorted((tmp_path / "a/checkpoints/step-00000006").rglob("*.safetensors"))
          if not f.name.startswith("rng") for k, v in load_file(f).items()}
     b = {k: v for f in sorted((tmp_path / "b/checkpoints/step-00000006").rglob("*.safetensors"))

@@ -122,30 +122,63 @@ def parts(tmp_path_factory) -> dict[str, Path]:
     return write_tiny_stage2_inputs(tmp_path_factory.mktemp("parts"), num_images=16)
 
 
+def held_out_folder(data: Path, target: Path, names: list[str]) -> Path:
+    """An imagefolder of some of `data`'s images (PNG files and metadata.jsonl lines, unchanged)."""
+    target.mkdir()
+    lines = [line for line in (data / "metadata.jsonl").read_text().splitlines()
+             if json.loads(line)["file_name"] in names]
+    (target / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    for name in names:
+        shutil.copy(data / name, target / name)
+    return target
+
+
 def test_a_run_writes_ldm_evals_numbers_at_each_sample_step_and_warns(tmp_path, parts, fresh_accelerate, capsys):
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    for png in sorted(Path(parts["data"]).glob("*.png"))[:5]:
-        shutil.copy(png, reference / png.name)
+    """Validation on a separate held-out folder (data.val_path), which is also the metrics' reference."""
+    from safetensors.torch import load_file
+
+    from ldm.latents.cache import LatentCache
+    from ldm.text.load_encoder import load_text_encoder
+    from ldm.training.validation import timestep_bands
+    from ldm.unet.objective import build_noise_scheduler
+    from ldm.unet.presets import build_unet
+    from ldm.unet.val_loss import unet_val_loss
+
+    val = held_out_folder(Path(parts["data"]), tmp_path / "val", [f"0000{i}.png" for i in range(5)])
     prompts = ["a red circle", "a blue square"]
     settings = {"seed": 3, "steps": 2, "cfg": 7.5}
     out = tmp_path / "run"
-    train_ldm.main([
-        "--config", str(ROOT / "configs/ldm/tiny.yaml"), f"train.output_dir={out}", f"data.path={parts['data']}",
-        f"cache.vae={parts['vae']}", f"text_encoder.path={parts['text']}", "train.report_to=none",
-        "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=4", "sample.every=2",
-        "sample.prompts=[a red circle]", f"sample.metric_prompts=[{','.join(prompts)}]", "sample.metric_images=3",
-        f"sample.seed={settings['seed']}", f"sample.steps={settings['steps']}", f"sample.cfg={settings['cfg']}",
-        "sample.metrics=[fid,kid,clip,cmmd]", "sample.features=demo", f"sample.reference={reference}",
-        "sample.worse_patience=1"])
+    argv = ["--config", str(ROOT / "configs/ldm/tiny.yaml"), f"train.output_dir={out}", f"data.path={parts['data']}",
+            f"cache.vae={parts['vae']}", f"text_encoder.path={parts['text']}", "train.report_to=none",
+            "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=4", "sample.every=2",
+            "sample.prompts=[a red circle]", f"sample.metric_prompts=[{','.join(prompts)}]", "sample.metric_images=3",
+            f"sample.seed={settings['seed']}", f"sample.steps={settings['steps']}", f"sample.cfg={settings['cfg']}",
+            "sample.metrics=[fid,kid,clip,cmmd]", "sample.features=demo", "sample.worse_patience=1",
+            f"data.val_path={val}", "train.val_every=4"]
+    train_ldm.main(argv)
     err = capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "checkpoints/val_loss.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [2, 4] and all(row.keys() == {"step", "metrics"} for row in rows)
+    assert [row["step"] for row in rows] == [2, 4]
+    assert rows[0].keys() == {"step", "metrics"} and rows[1].keys() == {"step", "metrics", "raw", "ema"}
     assert rows[0]["metrics"]["reference"] == 5 and rows[0]["metrics"]["kid"]["subset_size"] == 3
     assert rows[0]["metrics"] != rows[1]["metrics"]  # the weights changed between the evaluations
     logged = [line.split("ldm.training.sample_metrics: ", 1)[1] for line in err.splitlines() if "getting worse" in line]
     assert logged == expected_warnings(rows, patience=1) and logged  # with 4 metrics at patience 1, one worsened
-    check_metrics_are_ldm_evals(rows, out / "model", reference, prompts, 3, settings, tmp_path, capsys)
+    # the held-out images are the val folder's own: the reference the metrics used, and ldm-eval's
+    check_metrics_are_ldm_evals(rows, out / "model", val, prompts, 3, settings, tmp_path, capsys)
+
+    # the validation loss is that of the val folder's 5 images, cached apart, at the raw weights of step 4
+    cache = LatentCache.read(out / "latents-val")
+    assert len(cache) == cache.dataset_size == 5 and len(LatentCache.read(out / "latents")) == 16  # all of data.path
+    cfg = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", argv[2:])
+    unet = build_unet("tiny", sample_size=16, latent_channels=4, cross_attention_dim=32)
+    unet.load_state_dict(load_file(out / "checkpoints/step-00000004/models/unet.safetensors"))
+    here = unet_val_loss(one_process(), unet, build_noise_scheduler(cfg.noise), cache, range(5),
+                         load_text_encoder(cfg.text_encoder).encode_conditioning, cfg.noise, timestep_bands(1000, 4),
+                         batch_size=4)
+    assert rows[1]["raw"]["count"] == here["count"] == 20
+    # the same batches through the same float32 kernels in the same process: equal up to thread-count reordering
+    assert rows[1]["raw"]["loss"] == pytest.approx(here["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -166,6 +199,12 @@ def test_a_run_writes_ldm_evals_numbers_at_each_sample_step_and_warns(tmp_path, 
      "'sample.worse_patience': must be >= 1, got 0"),
     (["sample.stop_when_worse=true"], "config key 'sample.stop_when_worse': needs sample.metrics: name the metrics "
      "to watch"),
+    (["data.val_path=/no/such/dir"], "config key 'data.val_path': '/no/such/dir' does not exist: name a local folder, "
+     "tar shards or a hub id 'user/name' of held-out images"),
+    (["data.val_path=.", "data.num_val=4"], "config key 'data.num_val': is 4 and data.val_path is set: both choose "
+     "the held-out images; set data.num_val=0 to validate on all of data.val_path, or clear data.val_path"),
+    (["data.val_path=shapes"], "config key 'data.val_path': 'shapes' is the training data: name a separate held-out "
+     "dataset (or use data.num_val to hold images out of data.path)"),
 ])
 def test_bad_metric_settings_are_one_line(overrides, message):
     with pytest.raises(UserError) as error:

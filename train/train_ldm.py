@@ -12,14 +12,15 @@ and, with `lora.text_encoder_targets`, the text encoder(s). With `data.num_val` 
 `train.val_every` steps the validation loss (ldm/unet/val_loss.py: the objective at fixed noise and timesteps, per
 timestep band, on the raw and the EMA weights) goes to the trackers and `checkpoints/val_loss.jsonl`; with
 `sample.metrics`, every `sample.every` steps so do FID, KID, CLIP score and CMMD of fixed samples of the EMA weights
-(ldm/training/sample_metrics.py), a warning when they keep getting worse, and with `sample.stop_when_worse` a stop. Outputs in
-`train.output_dir`: `config.yaml`, `latents/`, `checkpoints/step-*/`, TensorBoard logs in `logs/`, and `model/`: a
-diffusers model directory (EMA weights) that `StableDiffusionPipeline.from_pretrained` (SDXL:
-`StableDiffusionXLPipeline`) loads.
+(ldm/training/sample_metrics.py), a warning when they keep getting worse, and with `sample.stop_when_worse` a stop.
+Outputs in `train.output_dir`: `config.yaml`, `latents/` (with `data.val_path`, `latents-val/` too),
+`checkpoints/step-*/`, TensorBoard logs in `logs/`, and `model/`: a diffusers model directory (EMA weights) that
+`StableDiffusionPipeline.from_pretrained` (SDXL: `StableDiffusionXLPipeline`) loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -84,12 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=cache_dir, family=cfg.family)
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
     # the held-out split, by dataset index as stage 1 makes it (none with data.num_val=0, the default); the cache holds
-    # every image, so changing data.num_val never re-encodes
+    # every image, so changing data.num_val never re-encodes. With data.val_path: all of that dataset, cached apart.
     train_idx, val_idx = split_train_val(cache.dataset_size, cfg.data.num_val, seed=0)
-    val_positions = cache.positions_of(val_idx)  # rows of the decodable held-out images
+    val_cache = cache
+    if cfg.data.val_path:
+        val_dir = cache_dir.with_name(cache_dir.name + "-val")
+        val_cache = ensure_latent_cache(accelerator, dataclasses.replace(cfg.data, path=cfg.data.val_path),
+                                        dataclasses.replace(cfg.latent_cache(), dir=str(val_dir)), default_dir=val_dir,
+                                        family=cfg.family)
+        val_idx = list(range(val_cache.dataset_size))
+    val_positions = val_cache.positions_of(val_idx)  # rows of the decodable held-out images
     if val_idx and not val_positions:
-        raise UserError(f"none of the {len(val_idx)} held-out images (data.num_val) could be decoded: raise "
-                        "data.num_val or fix the dataset")
+        raise UserError(f"none of the {len(val_idx)} held-out images (data.num_val or data.val_path) could be "
+                        "decoded: raise data.num_val or fix the dataset")
     if val_idx:
         log.info("%d latents held out for the validation loss", len(val_positions))
     sample_metrics = None  # sample quality on the EMA weights every sample.every steps (ldm/training/sample_metrics.py)
@@ -104,8 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         text_cache = ensure_text_cache(accelerator, text_encoder, cache.captions, cache.directory, cfg.cache.rebuild)
         zeros = getattr(text_encoder, "force_zeros_for_empty_prompt", False)
         encode_text, empty = text_cache.encode_conditioning, text_cache.empty_conditioning(zeros)
+        encode_val = encode_text if val_cache is cache else ensure_text_cache(
+            accelerator, text_encoder, val_cache.captions, val_cache.directory, cfg.cache.rebuild).encode_conditioning
     else:
         encode_text, empty = text_encoder.encode_conditioning, text_encoder.empty_conditioning()
+        encode_val = encode_text
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def validate(step: int) -> dict:
         def val_loss() -> dict:
-            return unet_val_loss(accelerator, raw, noise_scheduler, cache, val_positions, encode_text, cfg.noise,
+            return unet_val_loss(accelerator, raw, noise_scheduler, val_cache, val_positions, encode_val, cfg.noise,
                                  bands, cfg.train.batch_size)
 
         text_encoder.eval()  # as in `sample`
@@ -258,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
             save(step)
         if stop:  # sample.stop_when_worse: the warning above says which metric and since when
             log.warning("stopping at step %d (sample.stop_when_worse): sample quality got worse for "
-                        "sample.worse_patience=%d evaluations in a row; checkpoint saved", step, cfg.sample.worse_patience)
+                        "sample.worse_patience=%d evaluations in a row; checkpoint saved", step,
+                        cfg.sample.worse_patience)
             break
     progress.close()
     if accelerator.num_processes > 1 and backend.replicated:

@@ -41,17 +41,17 @@ def reference_files(directory: str) -> list[ImageLoader]:
 
 
 def held_out_images(data_cfg: DataConfig, accelerator: Accelerator, indices: Sequence[int]) -> list[ImageLoader]:
-    """The held-out images at dataset `indices`, as training sees them before any random flip: centre-cropped to
-    `data.resolution` squares (the size the samples are drawn at), None for one that does not decode (skipped, as
-    the latent cache skips it)."""
+    """The held-out images at dataset `indices` (of `data.val_path` when set, else of `data.path`), as training sees
+    them before any random flip: centre-cropped to `data.resolution` squares (the size the samples are drawn at),
+    None for one that does not decode (skipped, as the latent cache skips it)."""
     from ldm.data.loader import resolve_source
     from ldm.data.sources import build_image_dataset
     from ldm.data.transforms import ImageTransform
     from ldm.parallel.collective import main_process_first
 
     with main_process_first(accelerator):
-        dataset = build_image_dataset(resolve_source(data_cfg, accelerator),
-                                      transform=ImageTransform(data_cfg.resolution, center_crop=True, random_flip=False),
+        transform = ImageTransform(data_cfg.resolution, center_crop=True, random_flip=False)
+        dataset = build_image_dataset(data_cfg.val_path or resolve_source(data_cfg, accelerator), transform=transform,
                                       image_column=data_cfg.image_column, caption_column=data_cfg.caption_column,
                                       split=data_cfg.split, seed=0, max_pixels=data_cfg.max_image_pixels)
 

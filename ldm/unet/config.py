@@ -193,8 +193,9 @@ class LDMConfig:
                   "every step; set cache.text_embeddings=false")
         check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only (a cached random "
               "crop would be the same crop every epoch): set it to true")
-        check(not self.sample.metrics or bool(self.sample.reference) or self.data.num_val > 0, "sample.reference",
-              "is empty, which measures sample.metrics against the held-out images, but data.num_val is 0: set "
-              "data.num_val or name a directory of reference images")
+        held_out = self.data.num_val > 0 or bool(self.data.val_path)
+        check(not self.sample.metrics or bool(self.sample.reference) or held_out, "sample.reference",
+              "is empty, which measures sample.metrics against the held-out images, but there are none: set "
+              "data.num_val or data.val_path, or name a directory of reference images")
         check(not self.data.random_flip or "left" not in " ".join(self.sample.prompts), "data.random_flip",
               "flips contradict 'left'/'right' in captions; set data.random_flip=false")
