@@ -134,7 +134,8 @@ def held_out_folder(data: Path, target: Path, names: list[str]) -> Path:
 
 
 def test_a_run_writes_ldm_evals_numbers_at_each_sample_step_and_warns(tmp_path, parts, fresh_accelerate, capsys):
-    """Validation on a separate held-out folder (data.val_path), which is also the metrics' reference."""
+    """Validation on a separate held-out folder (data.val_path), which is also the metrics' reference; a metric worse
+    at step 4 than at step 2 stops the run there (sample.stop_when_worse at patience 1)."""
     from safetensors.torch import load_file
 
     from ldm.latents.cache import LatentCache
@@ -150,10 +151,11 @@ def test_a_run_writes_ldm_evals_numbers_at_each_sample_step_and_warns(tmp_path, 
     out = tmp_path / "run"
     argv = ["--config", str(ROOT / "configs/ldm/tiny.yaml"), f"train.output_dir={out}", f"data.path={parts['data']}",
             f"cache.vae={parts['vae']}", f"text_encoder.path={parts['text']}", "train.report_to=none",
-            "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=4", "sample.every=2",
+            "train.max_steps=6", "train.batch_size=4", "train.checkpoint_every=6", "sample.every=2",
             "sample.prompts=[a red circle]", f"sample.metric_prompts=[{','.join(prompts)}]", "sample.metric_images=3",
             f"sample.seed={settings['seed']}", f"sample.steps={settings['steps']}", f"sample.cfg={settings['cfg']}",
             "sample.metrics=[fid,kid,clip,cmmd]", "sample.features=demo", "sample.worse_patience=1",
+            "sample.stop_when_worse=true",
             f"data.val_path={val}", "train.val_every=4"]
     train_ldm.main(argv)
     err = capsys.readouterr().err
@@ -164,6 +166,8 @@ def test_a_run_writes_ldm_evals_numbers_at_each_sample_step_and_warns(tmp_path, 
     assert rows[0]["metrics"] != rows[1]["metrics"]  # the weights changed between the evaluations
     logged = [line.split("ldm.training.sample_metrics: ", 1)[1] for line in err.splitlines() if "getting worse" in line]
     assert logged == expected_warnings(rows, patience=1) and logged  # with 4 metrics at patience 1, one worsened
+    assert "stopping at step 4 (sample.stop_when_worse)" in err  # saved, exported, and no step 5
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000004"]
     # the held-out images are the val folder's own: the reference the metrics used, and ldm-eval's
     check_metrics_are_ldm_evals(rows, out / "model", val, prompts, 3, settings, tmp_path, capsys)
 
@@ -186,8 +190,8 @@ def test_a_run_writes_ldm_evals_numbers_at_each_sample_step_and_warns(tmp_path, 
     (["sample.metrics=[fid]", "sample.every=0"], "config key 'sample.metrics': are measured every sample.every steps: "
      "set sample.every >= 1"),
     (["sample.metrics=[fid]", "sample.features=demo"], "config key 'sample.reference': is empty, which measures "
-     "sample.metrics against the held-out images, but data.num_val is 0: set data.num_val or name a directory of "
-     "reference images"),
+     "sample.metrics against the held-out images, but there are none: set data.num_val or data.val_path, or name a "
+     "directory of reference images"),
     (["sample.metrics=[clip]", "sample.reference=x"], "config key 'sample.clip_model': is needed for sample.metrics "
      "clip/cmmd with sample.features=standard: a local transformers CLIPModel directory, or sample.features=demo"),
     (["sample.metrics=[fid]", "sample.features=demo", "sample.inception=x.pth", "sample.reference=x"],
