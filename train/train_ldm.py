@@ -43,8 +43,8 @@ from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
 from ldm.training.args import parse_train_args
 from ldm.training.run import NonFiniteSteps, apply_optimizer_settings, start_run
-from ldm.training.tracking import log_image
 from ldm.training.sample_metrics import SampleMetrics, held_out_images, reference_files
+from ldm.training.tracking import log_image
 from ldm.training.validation import ValidationLog, timestep_bands
 from ldm.unet.conditioning import batch_conditioning, check_unet_takes, load_run_text_encoder
 from ldm.unet.config import LDMConfig
