@@ -133,6 +133,7 @@ def held_out_folder(data: Path, target: Path, names: list[str]) -> Path:
     return target
 
 
+@pytest.mark.slow  # a 4-step run and an ldm-eval run: ~10 s on an idle core
 def test_a_run_writes_ldm_evals_numbers_at_each_sample_step_and_warns(tmp_path, parts, fresh_accelerate, capsys):
     """Validation on a separate held-out folder (data.val_path), which is also the metrics' reference; a metric worse
     at step 4 than at step 2 stops the run there (sample.stop_when_worse at patience 1)."""
