@@ -222,6 +222,7 @@ def test_stage_2_holds_nothing_out_unless_asked():
     assert cfg.data.num_val == 0 and cfg.train.val_every == 1000 and cfg.train.val_bands == 4
 
 
+@pytest.mark.slow  # two `datasets` imagefolder loads: 12-29 s on the loaded shared cores
 def test_stage_1_validates_a_val_folder_as_the_same_images_held_out(tmp_path):
     """data.val_path: a folder of the images data.num_val would hold out gives the same held-out inputs (pixels and
     captions, in the same order) and so the same draw-free numbers (PSNR, SSIM, KL of the posterior mode, on a tiny
