@@ -1,7 +1,7 @@
-"""Sample-quality metrics (`ldm.eval.metrics`, `ldm.eval.features`, `ldm.eval.quality`): FID, KID and CLIP score equal
-torchmetrics' own computation on the same images through tiny random extractors, CMMD equals a float64 reference
-written here from the paper's formula, the sample-size warnings and refusals, and `ldm-eval --metrics` end to end
-on the bundled demo model with `--features demo` (report, JSON, determinism, one-line errors)."""
+"""Sample-quality metrics (`ldm.quality.metrics`, `.features`, `.measure`; `ldm.eval.quality`): FID, KID and CLIP
+score equal torchmetrics' own computation on the same images through tiny random extractors, CMMD equals a float64
+reference written here from the paper's formula, the sample-size warnings and refusals, and `ldm-eval --metrics` end to
+end on the bundled demo model with `--features demo` (report, JSON, determinism, one-line errors)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ from torch import nn
 
 from conftest import accelerate_launch, run
 from ldm.errors import UserError
-from ldm.eval import metrics
+from ldm.quality import metrics
 from ldm.eval.cli import main
-from ldm.eval.features import ClipFeatures, DemoFeatures, batches, extract, find_inception
-from ldm.eval.quality import Extractors, features_of, measure
+from ldm.quality.features import ClipFeatures, DemoFeatures, batches, extract, find_inception
+from ldm.quality.measure import Extractors, features_of, measure
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyFeatures(nn.Module):
     """uint8 (N, 3, H, W) -> (N, 16) float32: 4x4 average pooling, then a fixed random projection and tanh. Satisfies
-    `ldm.eval.features.ImageFeatures` and is a module torchmetrics takes as its `feature`."""
+    `ldm.quality.features.ImageFeatures` and is a module torchmetrics takes as its `feature`."""
 
     name = "tiny"
 
@@ -154,7 +154,7 @@ def test_clip_score_is_torchmetrics_clipscore_and_loads_from_a_directory(tmp_pat
 
 
 def cmmd_reference(x: torch.Tensor, y: torch.Tensor, unbiased: bool) -> float:
-    """The paper's CMMD, written from its formula, independently of ldm.eval.metrics: Gaussian RBF kernel
+    """The paper's CMMD, written from its formula, independently of ldm.quality.metrics: Gaussian RBF kernel
     exp(-|a - b|^2 / (2 sigma^2)), sigma 10, MMD^2 scaled by 1000; every pair counted, or (unbiased) not i == j."""
     x, y = x.double(), y.double()
     k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * 10.0**2))  # noqa: E731
@@ -228,7 +228,7 @@ def test_inception_features_load_a_weights_file_of_the_fid_networks_layout(tmp_p
     saved in that layout go through --inception's checks and torchmetrics' loader (the real file is 91 MB, offline)."""
     from torchvision.models.inception import Inception3
 
-    from ldm.eval.features import InceptionFeatures
+    from ldm.quality.features import InceptionFeatures
 
     torch.save(Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict(), tmp_path / "w.pth")
     features = InceptionFeatures(find_inception(str(tmp_path / "w.pth")))
@@ -347,7 +347,7 @@ def test_the_demo_tower_ranks_the_true_caption_of_a_shape_first():
     import random
 
     from ldm.demo.shapes import canonical_caption, heldout_combinations, render
-    from ldm.eval.quality import to_chw
+    from ldm.quality.measure import to_chw
 
     demo, rng = DemoFeatures(), random.Random(1)
     combos = heldout_combinations()[::9]  # 7 combinations neither tower saw

@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch, one_process
+from test_training_metrics import check_metrics_are_ldm_evals, expected_warnings
 from ldm.config import load_config
 from ldm.data.dataset import split_train_val
 from ldm.latents.cache import LatentCache, sample_latents
@@ -121,24 +122,36 @@ def test_tiny_unet_loss_decreases(tmp_path, parts, fresh_accelerate):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate):
+def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate, capsys):
     hard = ["train.grad_accum=2", "train.batch_size=8", "train.checkpoint_every=3", "train.caption_dropout=0.3",
             "data.random_flip=true", "noise.min_snr_gamma=5", "noise.offset_noise=0.05", "noise.input_perturbation=0.1",
             "optim.warmup_steps=2", "sample.every=3", "sample.prompts=[a red circle]", "sample.steps=2",
-            "data.num_val=8", "train.val_every=3"]
+            "data.num_val=8", "train.val_every=3",
+            # sample quality against the held-out images, every worse evaluation warned of
+            "sample.metrics=[fid,kid,clip,cmmd]", "sample.features=demo", "sample.metric_images=2",
+            "sample.worse_patience=1"]
     # (the schedule after warmup must not depend on max_steps here: the first run is a shorter run, not a killed one)
     shared_cache = f"cache.dir={tmp_path / 'latents'}"
     train(tmp_path / "a", parts, *hard, shared_cache, "train.max_steps=6")
     reset_accelerate()
     train(tmp_path / "b", parts, *hard, shared_cache, "train.max_steps=3")
     reset_accelerate()
-    # as if killed after validating step 5 (a row the resumed run computes again) and while appending step 6's
-    with open(tmp_path / "b/checkpoints/val_loss.jsonl", "a") as f:
-        f.write(json.dumps({"step": 5, "raw": {"loss": 1.0, "count": 1}}) + '\n{"step": 6, "raw": {"lo')
+    # as if killed after validating step 5 (a row the resumed run computes again) and while appending step 6's; and
+    # with a perfect evaluation at step 2 before step 3's, so that the resumed run's streaks start at 1 for all four
+    path = tmp_path / "b/checkpoints/val_loss.jsonl"
+    perfect = {"step": 2, "metrics": {"fid": 0.0, "kid": {"mean": 0.0}, "clip_score": 100.0, "cmmd": 0.0}}
+    path.write_text(json.dumps(perfect) + "\n" + path.read_text() + json.dumps({"step": 5, "raw": {"loss": 1.0,
+                    "count": 1}}) + '\n{"step": 6, "raw": {"lo')
+    capsys.readouterr()
     train(tmp_path / "b", parts, *hard, shared_cache, "train.max_steps=6", resume="latest")
     # every validated step once, with the uninterrupted run's numbers (the same weights, the same fixed draws)
     assert [row["step"] for row in val_rows(tmp_path / "a")] == [3, 6]
-    assert val_rows(tmp_path / "b") == val_rows(tmp_path / "a")
+    assert val_rows(tmp_path / "b") == [perfect, *val_rows(tmp_path / "a")]
+    # the streaks went on from the rows before the resume: at step 6 each metric is worse than step 2's for the 2nd
+    # time in a row (a forgetful resume would see step 6 as the first evaluation and warn of nothing)
+    worse = [line.split("sample_metrics: ", 1)[1] for line in capsys.readouterr().err.splitlines() if "worse:" in line]
+    assert worse == expected_warnings(val_rows(tmp_path / "b"), patience=1)[4:]
+    assert len(worse) == 4 and all("(step 2, " in w and "2 evaluations in a row" in w for w in worse)
     a = {k: v for f in sorted((tmp_path / "a/checkpoints/step-00000006").rglob("*.safetensors"))
          if not f.name.startswith("rng") for k, v in load_file(f).items()}
     b = {k: v for f in sorted((tmp_path / "b/checkpoints/step-00000006").rglob("*.safetensors"))
@@ -148,12 +161,14 @@ def test_resume_gives_the_same_weights(tmp_path, parts, fresh_accelerate):
 
 
 @pytest.mark.slow
-def test_two_processes_and_the_export_loads_in_diffusers(tmp_path, parts):
+def test_two_processes_and_the_export_loads_in_diffusers(tmp_path, parts, fresh_accelerate, capsys):
     out = tmp_path / "run"
     validation = ["data.num_val=7", "train.val_every=2"]  # 7 held out: batches of 4 and 3, rank 1 pads and drops
+    metrics = ["sample.metrics=[fid,kid,clip,cmmd]", "sample.features=demo", "sample.metric_images=5",
+               f"sample.reference={parts['data']}"]  # 5 images: 3 on rank 0, 2 on rank 1
     cmd = accelerate_launch(ROOT / "train/train_ldm.py", *args(
         out, parts, "train.cpu=true", "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=2",
-        "sample.every=2", "sample.steps=2", "sample.prompts=[a,b,c]", *validation))
+        "sample.every=2", "sample.steps=2", "sample.prompts=[a,b,c]", *validation, *metrics))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,6 +176,8 @@ def test_two_processes_and_the_export_loads_in_diffusers(tmp_path, parts):
     state = json.loads((out / "checkpoints/step-00000004/state.json").read_text())
     assert state["batches_consumed"] == [4, 4]
     check_validation_equals_one_process(out, parts, validation)
+    check_metrics_are_ldm_evals(val_rows(out), out / "model", parts["data"], ["a", "b", "c"], 5,
+                                {"seed": 0, "steps": 2, "cfg": 7.5}, tmp_path, capsys)  # 2 processes = 1 process
     shards = sorted(p.name for p in (out / "latents").glob("shard-*.safetensors"))
     assert any(s.startswith("shard-0") for s in shards) and any(s.startswith("shard-1") for s in shards)
 
@@ -178,7 +195,7 @@ def check_validation_equals_one_process(out: Path, parts: dict[str, Path], valid
     """The 2-process run's validation rows against the same weights validated here, in one process: the raw weights
     of the step-4 checkpoint and the EMA weights the run exported."""
     rows = val_rows(out)
-    assert [row["step"] for row in rows] == [2, 4] and all(row.keys() == {"step", "raw", "ema"} for row in rows)
+    assert [row["step"] for row in rows] == [2, 4] and all(row.keys() >= {"step", "raw", "ema"} for row in rows)
     cfg = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", args(out, parts, *validation)[2:])
     cache = LatentCache.read(out / "latents")
     positions = cache.positions_of(split_train_val(cache.dataset_size, 7, seed=0)[1])

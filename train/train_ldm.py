@@ -10,14 +10,17 @@ cache); `train.caption_dropout` of the captions are replaced by the unconditiona
 model's zeros) so classifier-free guidance works. With `lora.enabled` only adapters train (ldm/lora/), on the U-Net
 and, with `lora.text_encoder_targets`, the text encoder(s). With `data.num_val` held-out images, every
 `train.val_every` steps the validation loss (ldm/unet/val_loss.py: the objective at fixed noise and timesteps, per
-timestep band, on the raw and the EMA weights) goes to the trackers and `checkpoints/val_loss.jsonl`. Outputs in
-`train.output_dir`: `config.yaml`, `latents/`, `checkpoints/step-*/`, TensorBoard logs in `logs/`, and `model/`: a
-diffusers model directory (EMA weights) that `StableDiffusionPipeline.from_pretrained` (SDXL:
-`StableDiffusionXLPipeline`) loads.
+timestep band, on the raw and the EMA weights) goes to the trackers and `checkpoints/val_loss.jsonl`; with
+`sample.metrics`, every `sample.every` steps so do FID, KID, CLIP score and CMMD of fixed samples of the EMA weights
+(ldm/training/sample_metrics.py), a warning when they keep getting worse, and with `sample.stop_when_worse` a stop.
+Outputs in `train.output_dir`: `config.yaml`, `latents/` (with `data.val_path`, `latents-val/` too),
+`checkpoints/step-*/`, TensorBoard logs in `logs/`, and `model/`: a diffusers model directory (EMA weights) that
+`StableDiffusionPipeline.from_pretrained` (SDXL: `StableDiffusionXLPipeline`) loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from ldm.parallel.setup import backend_for
 from ldm.progress import progress_bar
 from ldm.training.args import parse_train_args
 from ldm.training.run import NonFiniteSteps, apply_optimizer_settings, start_run
+from ldm.training.sample_metrics import SampleMetrics, held_out_images, reference_files
 from ldm.training.tracking import log_image
 from ldm.training.validation import ValidationLog, timestep_bands
 from ldm.unet.conditioning import batch_conditioning, check_unet_takes, load_run_text_encoder
@@ -49,7 +53,7 @@ from ldm.unet.objective import build_noise_scheduler, diffusion_loss
 from ldm.unet.presets import build_unet
 from ldm.unet.trained_weights import trained_weights
 from ldm.unet.val_loss import unet_val_loss
-from ldm.unet.validation_grid import sample_grid
+from ldm.unet.validation_grid import sample_grid, sample_images
 from ldm.vae.load_vae import load_vae
 
 log = logging.getLogger("train_ldm")
@@ -85,21 +89,38 @@ def main(argv: list[str] | None = None) -> None:
         cache = ensure_latent_cache(accelerator, cfg.data, cfg.latent_cache(), default_dir=cache_dir, family=cfg.family)
     log.info("%d cached latents of shape %s, scaling factor %.5f", len(cache), cache.latent_shape, cache.scaling_factor)
     # the held-out split, by dataset index as stage 1 makes it (none with data.num_val=0, the default); the cache holds
-    # every image, so changing data.num_val never re-encodes
+    # every image, so changing data.num_val never re-encodes. With data.val_path: all of that dataset, cached apart.
     train_idx, val_idx = split_train_val(cache.dataset_size, cfg.data.num_val, seed=0)
-    val_positions = cache.positions_of(val_idx)  # rows of the decodable held-out images
+    val_cache = cache
+    if cfg.data.val_path:
+        val_dir = cache_dir.with_name(cache_dir.name + "-val")
+        val_cache = ensure_latent_cache(accelerator, dataclasses.replace(cfg.data, path=cfg.data.val_path),
+                                        dataclasses.replace(cfg.latent_cache(), dir=str(val_dir)), default_dir=val_dir,
+                                        family=cfg.family)
+        val_idx = list(range(val_cache.dataset_size))
+    val_positions = val_cache.positions_of(val_idx)  # rows of the decodable held-out images
     if val_idx and not val_positions:
-        raise UserError(f"none of the {len(val_idx)} held-out images (data.num_val) could be decoded: raise "
-                        "data.num_val or fix the dataset")
+        raise UserError(f"none of the {len(val_idx)} held-out images (data.num_val or data.val_path) could be "
+                        "decoded: raise data.num_val or fix the dataset")
     if val_idx:
         log.info("%d latents held out for the validation loss", len(val_positions))
+    sample_metrics = None  # sample quality on the EMA weights every sample.every steps (ldm/training/sample_metrics.py)
+    if cfg.sample.metrics:  # its extractors opened and the reference set's features extracted once, now
+        s = cfg.sample
+        reference = reference_files(s.reference) if s.reference else held_out_images(cfg.data, accelerator, val_idx)
+        sample_metrics = SampleMetrics(accelerator, s.metrics, s.features, s.inception, s.clip_model, reference,
+                                       s.metric_prompts or s.prompts, s.metric_images, s.seed, s.worse_patience,
+                                       s.stop_when_worse)
     # captions -> Conditioning (context (B, 77, D), SDXL's pooled (B, P)); `empty`: the unconditional branch (batch 1)
     if cfg.latent_cache().text_embeddings:  # every caption encoded once: the steps look their embeddings up
         text_cache = ensure_text_cache(accelerator, text_encoder, cache.captions, cache.directory, cfg.cache.rebuild)
         zeros = getattr(text_encoder, "force_zeros_for_empty_prompt", False)
         encode_text, empty = text_cache.encode_conditioning, text_cache.empty_conditioning(zeros)
+        encode_val = encode_text if val_cache is cache else ensure_text_cache(
+            accelerator, text_encoder, val_cache.captions, val_cache.directory, cfg.cache.rebuild).encode_conditioning
     else:
         encode_text, empty = text_encoder.encode_conditioning, text_encoder.empty_conditioning()
+        encode_val = encode_text
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)
@@ -147,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("optim.%s differs from the checkpoint's: the config's value is used from here on", name)
         log.info("resumed from %s at step %d", resume_path, step)
 
-    val_log = ValidationLog(ckpt_root, accelerator, start_step=step) if val_positions else None
+    val_log = ValidationLog(ckpt_root, accelerator, start_step=step) if val_positions or sample_metrics else None
+    if sample_metrics is not None:
+        sample_metrics.replay(val_log.rows)  # a resumed run's streaks of worse evaluations go on
     bands = timestep_bands(cfg.noise.num_train_timesteps, cfg.train.val_bands)
     dataset = cache.dataset(seed=cfg.train.seed, indices=train_idx)
     loader = train_loader(dataset, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator,
@@ -169,17 +192,25 @@ def main(argv: list[str] | None = None) -> None:
         state = {"step": step, "batches_consumed": consumed, **trained.state()}  # LoRA: its settings
         return save_checkpoint(accelerator, ckpt_root, step, keep_last=cfg.train.keep_last, state=state, **ckpt)
 
-    def sample(step: int) -> None:
+    def sample(step: int) -> tuple[dict, bool]:
+        """The grid, and with sample.metrics their numbers ({"metrics": ...}) and whether to stop."""
         text_encoder.eval()  # an adapted text encoder trains (adapter dropout); the samples use it as inference will
         with trained.ema_weights(ema):
             grid = sample_grid(accelerator, raw, vae, text_encoder, noise_scheduler, cfg.sample)
+            if sample_metrics is not None:
+                images = sample_images(accelerator, raw, vae, text_encoder, noise_scheduler, cfg.sample,
+                                       sample_metrics.items)
         text_encoder.train()
         if grid is not None:
             log_image(accelerator, "samples", grid, step)
+        if sample_metrics is None:
+            return {}, False
+        numbers, stop = sample_metrics.evaluate(step, images)
+        return {"metrics": numbers}, stop
 
-    def validate(step: int) -> None:
+    def validate(step: int) -> dict:
         def val_loss() -> dict:
-            return unet_val_loss(accelerator, raw, noise_scheduler, cache, val_positions, encode_text, cfg.noise,
+            return unet_val_loss(accelerator, raw, noise_scheduler, val_cache, val_positions, encode_val, cfg.noise,
                                  bands, cfg.train.batch_size)
 
         text_encoder.eval()  # as in `sample`
@@ -188,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             with trained.ema_weights(ema):
                 results["ema"] = val_loss()  # the weights the run exports
         text_encoder.train()
-        val_log.write(step, results)
+        return results
 
     # ---- the loop: one iteration = one optimizer step over `grad_accum` micro-batches
     accum = cfg.train.grad_accum
@@ -231,12 +262,20 @@ def main(argv: list[str] | None = None) -> None:
                              "train/lr": lr_schedule.get_last_lr()[0], "train/nonfinite_steps": nonfinite.total},
                             step=step)
             progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        results, stop = {}, False  # one row of val_loss.jsonl: what was measured at this step
         if cfg.sample.every and (step % cfg.sample.every == 0 or step == cfg.train.max_steps):
-            sample(step)
-        if val_log is not None and (step % cfg.train.val_every == 0 or step == cfg.train.max_steps):
-            validate(step)  # before this step's checkpoint: a run resumed from it never validates the step again
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            results, stop = sample(step)
+        if val_positions and (step % cfg.train.val_every == 0 or step == cfg.train.max_steps):
+            results.update(validate(step))
+        if results:  # before this step's checkpoint: a run resumed from it never measures the step again
+            val_log.write(step, results)
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stop:
             save(step)
+        if stop:  # sample.stop_when_worse: the warning above says which metric and since when
+            log.warning("stopping at step %d (sample.stop_when_worse): sample quality got worse for "
+                        "sample.worse_patience=%d evaluations in a row; checkpoint saved", step,
+                        cfg.sample.worse_patience)
+            break
     progress.close()
     if accelerator.num_processes > 1 and backend.replicated:
         log.info("replicas identical across %d processes (checked at every checkpoint)", accelerator.num_processes)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from ldm.config import check
+from ldm.data.shards import is_shard_source
+from ldm.hub import is_hub_id
 from ldm.image_io import MAX_PIXELS
 
 
@@ -31,6 +34,9 @@ class DataConfig:
     random_flip: bool = False
     # held-out images for validation, taken from the dataset by a fixed seed (stage 2's default: 0, no validation)
     num_val: int = 64
+    # or a separate held-out dataset, in any form `path` takes but "shapes" (a folder, tar shards, a hub id): all of its
+    # images are validated and all of `path` trains; num_val must then be 0
+    val_path: str = ""
     num_workers: int = 0
     max_image_pixels: int = MAX_PIXELS  # larger images are skipped (decompression bombs)
     shapes_count: int = 2000
@@ -49,6 +55,15 @@ class DataConfig:
     def validate(self) -> None:
         check(self.resolution >= 8, "data.resolution", f"must be at least 8, got {self.resolution}")
         check(self.num_val >= 0, "data.num_val", f"must be >= 0, got {self.num_val}")
+        if self.val_path:
+            check(self.num_val == 0, "data.num_val", f"is {self.num_val} and data.val_path is set: both choose the "
+                  "held-out images; set data.num_val=0 to validate on all of data.val_path, or clear data.val_path")
+            check(self.val_path not in ("shapes", self.path), "data.val_path", f"'{self.val_path}' is the training "
+                  "data: name a separate held-out dataset (or use data.num_val to hold images out of data.path)")
+            exists = Path(self.val_path).expanduser().exists()
+            check(exists or is_shard_source(self.val_path) or is_hub_id(self.val_path), "data.val_path",
+                  f"'{self.val_path}' does not exist: name a local folder, tar shards or a hub id 'user/name' of "
+                  "held-out images")
         check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.shapes_count > 0, "data.shapes_count", f"must be > 0, got {self.shapes_count}")
         check(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")

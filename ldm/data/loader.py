@@ -57,7 +57,8 @@ def resolve_source(cfg: DataConfig, accelerator: Accelerator) -> str:
 def build_datasets(
     cfg: DataConfig, accelerator: Accelerator, seed: int, caption_column: str | None
 ) -> tuple[KeyedSubset, KeyedSubset]:
-    """Train and held-out validation subsets of one dataset, split by a fixed seed (validation is never augmented)."""
+    """Train and held-out validation subsets of one dataset, split by a fixed seed (validation is never augmented); with
+    `data.val_path`, all of `data.path` and all of that second dataset."""
     source = resolve_source(cfg, accelerator)
     kwargs = dict(
         image_column=cfg.image_column, caption_column=caption_column, split=cfg.split, seed=seed,
@@ -67,7 +68,10 @@ def build_datasets(
         train_full = build_image_dataset(
             source, transform=ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip), **kwargs
         )
-        val_full = build_image_dataset(source, transform=ImageTransform(cfg.resolution, True, False), **kwargs)
+        val_full = build_image_dataset(cfg.val_path or source, transform=ImageTransform(cfg.resolution, True, False),
+                                       **kwargs)
+    if cfg.val_path:
+        return KeyedSubset(train_full, list(range(len(train_full)))), KeyedSubset(val_full, list(range(len(val_full))))
     train_idx, val_idx = split_train_val(len(train_full), cfg.num_val, seed=0)
     return KeyedSubset(train_full, train_idx), KeyedSubset(val_full, val_idx)
 

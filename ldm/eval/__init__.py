@@ -1,6 +1,7 @@
 """`ldm-eval`: the command and its reports. The shapes-domain judges it runs (attribute reader, prompt sets, prompt
 adherence, VAE reconstructions) live with the demo, in `ldm.demo`; the sample-quality metrics (`--metrics`) are
-`metrics` (the estimators), `features` (the extractors) and `quality` (generate, extract, gather, measure)."""
+`quality` (generate, extract, gather, measure) over `ldm.quality` (the estimators, extractors and `measure`, which
+training runs use too)."""
 
 from ldm.demo.adherence import Settings, img2img_test, inpaint_test, negative_prompt_test, prompt_adherence
 from ldm.demo.prompts import prompt_sets

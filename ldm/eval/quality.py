@@ -16,8 +16,7 @@ as `ldm-generate --prompts-file` deals them (`ldm.prompts_file.seed_runs` + `sha
 images; each process extracts the features of its own images, and the main process gathers the rows
 (`ldm.parallel.collective.gather_rows`), puts them back in file and prompt order, and computes the numbers.
 
-For a training loop, the three steps stand alone: `open_extractors` and `features_of` the reference images once;
-every N steps, `features_of` the images of the same prompts and seeds, and `measure`.
+The features and the numbers are `ldm.quality.measure`'s, which training runs use too (`sample.metrics`).
 """
 
 from __future__ import annotations
@@ -25,138 +24,17 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass, replace
-from collections.abc import Iterable
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from ldm.errors import UserError
-from ldm.eval import metrics as m
-from ldm.eval.features import ImageFeatures, TextImageFeatures, batches
+from ldm.quality import metrics as m
+from ldm.quality.measure import Features, features_of, gathered, list_reference, measure, open_extractors, to_chw
 
 log = logging.getLogger("ldm.eval")
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-FEATURES = ("standard", "demo")
-KID_SEED = 0  # the subsets KID draws: fixed, so the same features give the same KID
-
-
-@dataclass
-class Extractors:
-    """What each metric runs on: `images` for FID and KID, `clip` (images and captions) for CLIP score and CMMD."""
-
-    images: ImageFeatures | None = None
-    clip: TextImageFeatures | None = None
-
-
-@dataclass
-class Features:
-    """One image set's feature rows, in a fixed order (file order, or prompt then seed): `images` (N, D) for FID/KID,
-    `clip` (N, E) L2-normalised image embeddings, `texts` (N, E) their captions' embeddings (generated sets only)."""
-
-    images: torch.Tensor | None = None
-    clip: torch.Tensor | None = None
-    texts: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return next((len(t) for t in (self.images, self.clip, self.texts) if t is not None), 0)
-
-    @staticmethod
-    def cat(parts: list[Features], extractors: Extractors, with_texts: bool) -> Features:
-        """The rows of `parts` one after the other (empty tensors of the right width for no parts)."""
-        def rows(name: str, extractor) -> torch.Tensor | None:
-            if extractor is None or (name == "texts" and not with_texts):
-                return None
-            return torch.cat([getattr(p, name) for p in parts]) if parts else torch.zeros(0, extractor.dim)
-
-        return Features(rows("images", extractors.images), rows("clip", extractors.clip),
-                        rows("texts", extractors.clip))
-
-
-def open_extractors(metrics: tuple[str, ...], features: str, inception: str | None, clip_model: str | None,
-                    device: torch.device | str = "cpu") -> Extractors:
-    """The extractors `metrics` need, loaded; a missing or wrong weights file is a one-line `UserError`."""
-    from ldm.eval.features import ClipFeatures, DemoFeatures, InceptionFeatures, find_inception
-
-    need_images = bool({"fid", "kid"} & set(metrics))
-    need_clip = bool({"clip", "cmmd"} & set(metrics))
-    if features == "demo":
-        demo = DemoFeatures(device)
-        return Extractors(demo if need_images else None, demo if need_clip else None)
-    if need_clip and clip_model is None:
-        names = "/".join(n for n in metrics if n in ("clip", "cmmd"))
-        raise UserError(f"--metrics {names} need a CLIP model: pass --clip-model DIR (a local transformers CLIPModel "
-                        "directory; CMMD as published uses openai/clip-vit-large-patch14-336), or --features demo")
-    images = InceptionFeatures(find_inception(inception), device) if need_images else None
-    return Extractors(images, ClipFeatures.from_dir(clip_model, device) if need_clip else None)
-
-
-def list_reference(directory: str | Path) -> list[Path]:
-    """The image files under `directory` (recursively), sorted by path: the reference set, in a fixed order."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise UserError(f"--reference '{directory}' is not a directory: pass a directory of reference images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UserError(f"--reference '{directory}' holds no images ({', '.join(IMAGE_SUFFIXES)}): pass a directory "
-                        "of reference images")
-    return files
-
-
-def to_chw(image) -> torch.Tensor:
-    """A PIL RGB image -> uint8 (3, H, W)."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def features_of(extractors: Extractors, images: Iterable[torch.Tensor], prompts: list[str] | None = None,
-                batch_size: int = 32) -> Features:
-    """Every extractor's rows for `images` ((3, H, W) uint8 each, read lazily: one batch in memory at a time), and
-    the caption embeddings of `prompts` (one per image) when there is a CLIP extractor."""
-    parts = []
-    for batch in batches(images, batch_size):
-        parts.append(Features(None if extractors.images is None else extractors.images(batch).float().cpu(),
-                              None if extractors.clip is None else extractors.clip(batch).float().cpu()))
-    out = Features.cat(parts, extractors, with_texts=False)
-    if extractors.clip is not None and prompts is not None:
-        texts = [extractors.clip.embed_texts(prompts[i: i + batch_size]) for i in range(0, len(prompts), batch_size)]
-        out.texts = torch.cat(texts) if texts else torch.zeros(0, extractors.clip.dim)
-    return out
-
-
-def measure(metrics: tuple[str, ...], reference: Features, generated: Features, *, kid_subsets: int = m.KID_SUBSETS,
-            kid_subset_size: int | None = None) -> tuple[dict[str, Any], list[str]]:
-    """The numbers of `metrics` and the warnings a reader needs beside them. KID's subset size defaults to
-    min(1000, both set sizes), said in the numbers; one given and too large is refused."""
-    numbers: dict[str, Any] = {}
-    warnings: list[str] = []
-    n_ref, n_gen = len(reference), len(generated)
-    if "fid" in metrics:
-        numbers["fid"] = m.fid(reference.images, generated.images)
-        warning = m.fid_warning(n_ref, n_gen, reference.images.shape[1])
-        warnings += [warning] if warning else []
-    if "kid" in metrics:
-        size = kid_subset_size or min(m.KID_SUBSET_SIZE, n_ref, n_gen)
-        mean, std = m.kid(reference.images, generated.images, subsets=kid_subsets, subset_size=size, seed=KID_SEED)
-        numbers["kid"] = {"mean": mean, "std": std, "subsets": kid_subsets, "subset_size": size, "seed": KID_SEED}
-    if "clip" in metrics:
-        numbers["clip_score"] = m.clip_score(generated.clip, generated.texts)
-    if "cmmd" in metrics:
-        numbers["cmmd"] = m.cmmd(reference.clip, generated.clip)
-        numbers["cmmd_unbiased"] = m.cmmd(reference.clip, generated.clip, unbiased=True)
-    return numbers, warnings
-
-
-def _gathered(accelerator, mine: Features, order: list[int]) -> Features:
-    """Every process's rows on every process, sorted by their global index `order` (this process's indices)."""
-    from ldm.parallel.collective import gather_rows
-
-    index = gather_rows(accelerator, torch.tensor(order, dtype=torch.long)[:, None])[:, 0]  # (N,)
-    sort = torch.argsort(index)
-    rows = {k: None if t is None else gather_rows(accelerator, t)[sort] for k, t in vars(mine).items()}
-    return Features(**rows)
 
 
 def check_args(args: argparse.Namespace) -> tuple[str, ...]:
@@ -221,7 +99,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any] | None:
     run_on_all(accelerator, lambda: held.update(reference=features_of(
         extractors, (to_chw(open_image(files[i], f"reference image '{files[i]}'")) for i in mine_ref),
         batch_size=args.batch_size)), what="reading the reference images")
-    reference = _gathered(accelerator, held["reference"], mine_ref)
+    reference = gathered(accelerator, held["reference"], mine_ref)
     t_reference = time.perf_counter() - start
 
     pipe, error = attempt(lambda: Pipeline.open(spec, device, loras=[parse_lora_option(v) for v in args.lora]))
@@ -245,7 +123,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any] | None:
         held["generated"] = Features.cat(parts, extractors, with_texts=True)
 
     run_on_all(accelerator, work, what="generating and extracting features")
-    generated = _gathered(accelerator, held["generated"], order)
+    generated = gathered(accelerator, held["generated"], order)
     t_generate = time.perf_counter() - start
     if not accelerator.is_main_process:
         return None

@@ -19,7 +19,10 @@ number of processes:
      "raw": {"loss": 0.152, "count": 256, "bands": {"0-250": {"loss": 0.31, "count": 64}, "250-500": ...}},
      "ema": {"loss": 0.149, ...}}
 
-"raw" holds the training weights' numbers, "ema" (only with EMA on) the EMA weights'. The metrics are the stage's:
+"raw" holds the training weights' numbers, "ema" (only with EMA on) the EMA weights'; "metrics" (stage 2 with
+`sample.metrics`, every `sample.every` steps) the sample quality of the EMA weights, `ldm.quality.measure.measure`'s
+numbers ({"fid": 41.2, "kid": {"mean": ..., "std": ...}, "clip_score": ..., "cmmd": ..., "cmmd_unbiased": ...}) with
+"images" and "reference", the two sets' sizes. A row holds what was measured at its step. The losses are the stage's:
 stage 2's "loss" is the training objective (min-SNR-weighted under `noise.min_snr_gamma`, with the plain "mse"
 beside it then), overall and per band of training timesteps; stage 1's are "rec_loss", "lpips_loss", "kl_loss" (the
 training loss terms) and "psnr", "ssim", ... . "count" is how many values were averaged (stage 2: held-out items x
@@ -42,6 +45,7 @@ from accelerate import Accelerator
 
 from ldm.files import append_synced, atomic_write_bytes
 from ldm.parallel.collective import run_on_all
+from ldm.training.worsening import headline
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ VAL_LOG_NAME = "val_loss.jsonl"
 # Item seeds sit far above the small seeds training uses (train.seed + rank), so no item replays a training stream.
 _SEED_BASE = 1 << 40
 
-Results = dict[str, dict[str, Any]]  # {"raw": metrics, ["ema": metrics]}, as `Sums.reduce` returns them
+Results = dict[str, dict[str, Any]]  # {"raw": metrics, ["ema": metrics]} as `Sums.reduce` returns them, ["metrics"]
 
 
 def sample_generator(index: int) -> torch.Generator:
@@ -135,20 +139,29 @@ class ValidationLog:
         self.path = Path(directory) / VAL_LOG_NAME
         self.accelerator = accelerator
         self.last_step = -1  # the newest row's step (main process)
+        self.rows: list[dict[str, Any]] = []  # the rows kept (main process): earlier evaluations, for `Worsening`
 
         def trim() -> None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.last_step = trim_rows(self.path, start_step)
+            self.rows = trim_rows(self.path, start_step)
+            self.last_step = self.rows[-1]["step"] if self.rows else -1
 
         self._on_all(trim if accelerator.is_main_process else None)
 
     def write(self, step: int, results: Results) -> None:
-        """One validation's `results` ({"raw": metrics, ["ema": metrics]}): a row of the file, the trackers and one
-        log line per set of weights. Trackers get "val/<metric>" (and "val/<metric>_t<band>") for the weights the run
-        exports (EMA when on), and "val_raw/..." for the training weights beside them. Call on every process."""
+        """One step's `results` ({["raw": metrics, "ema": metrics], ["metrics": sample quality]}): a row of the file,
+        the trackers and one log line per set of weights. Trackers get "val/<metric>" (and "val/<metric>_t<band>") for
+        the weights the run exports (EMA when on), "val_raw/..." for the training weights beside them, and
+        "metrics/<name>" for the sample quality (KID: its mean). Call on every process."""
         exported = "ema" if "ema" in results else "raw"
         tracked: dict[str, float] = {}
         for weights, metrics in results.items():
+            if weights == "metrics":
+                values = headline(metrics)
+                tracked.update({f"metrics/{k}": v for k, v in values.items()})
+                log.info("step %d sample quality of %d images: %s", step, metrics["images"],
+                         ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+                continue
             values = flat_metrics(metrics)
             tracked.update({f"{'val' if weights == exported else 'val_raw'}/{k}": v for k, v in values.items()})
             log.info("step %d validation, %s weights: %s", step, weights,
@@ -171,24 +184,27 @@ class ValidationLog:
                                                     "its permissions")
 
 
-def trim_rows(path: Path, start_step: int) -> int:
+def trim_rows(path: Path, start_step: int) -> list[dict[str, Any]]:
     """Keep the rows of `path` up to `start_step` (steps increasing), dropping later ones and torn or unreadable lines,
-    rewritten atomically if anything changes; the newest kept step (-1: none)."""
+    rewritten atomically if anything changes; the rows kept, parsed."""
     if not path.is_file():
-        return -1
+        return []
     data = path.read_bytes()
     kept: list[bytes] = []
+    rows: list[dict[str, Any]] = []
     last, later, torn = -1, 0, 0
     for line in data.split(b"\n"):
         if not line.strip():
             continue
         try:
-            step = int(json.loads(line)["step"])
+            row = json.loads(line)
+            step = int(row["step"])
         except (ValueError, KeyError, TypeError):
             torn += 1
             continue
         if last < step <= start_step:
             kept.append(line)
+            rows.append(row)
             last = step
         else:
             later += 1
@@ -197,7 +213,7 @@ def trim_rows(path: Path, start_step: int) -> int:
         atomic_write_bytes(path, text)
         log.warning("%s: kept %d rows up to step %d, dropped %d later ones (computed again by this run) and %d torn "
                     "lines", path, len(kept), start_step, later, torn)
-    return last
+    return rows
 
 
 def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -11,6 +11,7 @@ from ldm.config import check
 from ldm.data.config import DataConfig
 from ldm.latents.config import LatentCacheConfig
 from ldm.lora.config import LoRAConfig
+from ldm.quality.metrics import METRICS
 from ldm.text.config import TextEncoderConfig
 from ldm.text.prompt_syntax import check_prompt
 from ldm.unet.objective import NoiseConfig
@@ -85,7 +86,9 @@ class LDMTrainLoopConfig:
 
 @dataclass
 class SampleConfig:
-    """Validation images: fixed prompts and seeds, sampled with guidance every `every` steps."""
+    """Validation images: fixed prompts and seeds, sampled with guidance every `every` steps. With `metrics`, also
+    sample quality on the EMA weights (docs/evaluation.md): image k of `metric_images` is prompt k % P of
+    `metric_prompts` (P prompts; empty: `prompts`) at seed `seed + k`, measured against `reference`."""
 
     every: int = 1000  # 0 disables
     prompts: list[str] = field(default_factory=lambda: ["a red circle", "a photo of a cat"])
@@ -93,6 +96,20 @@ class SampleConfig:
     cfg: float = 7.5
     steps: int = 25
     sampler: str = "ddim"
+    metrics: list[str] = field(default_factory=list)  # any of fid, kid, clip, cmmd (ldm-eval --metrics); none: off
+    metric_prompts: list[str] = field(default_factory=list)
+    metric_images: int = 64
+    # the reference images: a directory (searched recursively), or empty for the held-out images (data.num_val)
+    reference: str = ""
+    # "standard": FID/KID on the FID Inception (`inception`: its weights file), CLIP score/CMMD on a local CLIPModel
+    # directory (`clip_model`); "demo": the shapes demo's image tower for all four (offline, shapes only)
+    features: Literal["standard", "demo"] = "standard"
+    inception: str = ""
+    clip_model: str = ""
+    # a warning once a metric has been worse than its best for `worse_patience` evaluations in a row; with
+    # `stop_when_worse` the run then saves a checkpoint and stops
+    worse_patience: int = 3
+    stop_when_worse: bool = False
 
     def validate(self) -> None:
         check(self.every >= 0, "sample.every", "must be >= 0 (0 disables)")
@@ -100,6 +117,26 @@ class SampleConfig:
         check(self.cfg >= 0, "sample.cfg", "must be >= 0")
         for i, prompt in enumerate(self.prompts):  # sampled with A1111 prompt syntax: refuse a bad one now, not hours in
             check_prompt(prompt, f"config key 'sample.prompts[{i}]'")
+        for i, prompt in enumerate(self.metric_prompts):
+            check_prompt(prompt, f"config key 'sample.metric_prompts[{i}]'")
+        unknown = [name for name in self.metrics if name not in METRICS]
+        check(not unknown, "sample.metrics", f"unknown metric '{unknown[0] if unknown else ''}': choose from "
+              f"{', '.join(METRICS)}")
+        if not self.metrics:
+            check(not self.stop_when_worse, "sample.stop_when_worse", "needs sample.metrics: name the metrics to watch")
+            return
+        check(self.every >= 1, "sample.metrics", "are measured every sample.every steps: set sample.every >= 1")
+        check(bool(self.metric_prompts or self.prompts), "sample.metric_prompts", "is empty and so is sample.prompts: "
+              "give the prompts to measure")
+        check(self.metric_images >= 2, "sample.metric_images", f"must be >= 2 (the metrics compare sets), got "
+              f"{self.metric_images}")
+        check(self.worse_patience >= 1, "sample.worse_patience", f"must be >= 1, got {self.worse_patience}")
+        check(self.features == "standard" or not (self.inception or self.clip_model), "sample.features",
+              "demo measures with the shapes demo's own image tower: clear sample.inception and sample.clip_model, or "
+              "set sample.features=standard")
+        check(self.features == "demo" or bool(self.clip_model) or not {"clip", "cmmd"} & set(self.metrics),
+              "sample.clip_model", "is needed for sample.metrics clip/cmmd with sample.features=standard: a local "
+              "transformers CLIPModel directory, or sample.features=demo")
 
 
 @dataclass
@@ -156,5 +193,9 @@ class LDMConfig:
                   "every step; set cache.text_embeddings=false")
         check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only (a cached random "
               "crop would be the same crop every epoch): set it to true")
+        held_out = self.data.num_val > 0 or bool(self.data.val_path)
+        check(not self.sample.metrics or bool(self.sample.reference) or held_out, "sample.reference",
+              "is empty, which measures sample.metrics against the held-out images, but there are none: set "
+              "data.num_val or data.val_path, or name a directory of reference images")
         check(not self.data.random_flip or "left" not in " ".join(self.sample.prompts), "data.random_flip",
               "flips contradict 'left'/'right' in captions; set data.random_flip=false")

@@ -1,4 +1,4 @@
-"""Sample-quality estimators over features already extracted (`ldm.eval.features`): rows of (N, D) tensors, one row
+"""Sample-quality estimators over features already extracted (`ldm.quality.features`): rows of (N, D) tensors, one row
 per image, reference ("real") against generated ("fake").
 
 - FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) are torchmetrics' own `FrechetInceptionDistance` and
@@ -28,6 +28,9 @@ from torch import nn
 from ldm.errors import UserError
 
 METRICS = ("fid", "kid", "clip", "cmmd")
+# each metric's one headline number in `ldm.quality.measure.measure`'s output, and which way is better
+HEADLINE = {"fid": "fid", "kid": "kid", "clip": "clip_score", "cmmd": "cmmd"}
+HIGHER_IS_BETTER = {"clip_score"}  # FID, KID and CMMD are distances: lower is better
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torchmetrics' defaults (and the KID paper's)
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0  # google-research cmmd/distance.py: _SIGMA, _SCALE
 _BLOCK = 4096  # rows of a kernel matrix held at once: 4096 x 30k float64 = 1 GB

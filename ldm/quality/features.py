@@ -1,4 +1,4 @@
-"""Feature extractors for the sample-quality metrics (`ldm.eval.metrics`): images in, one feature row per image out.
+"""Feature extractors for the sample-quality metrics (`ldm.quality.metrics`): images in, one feature row per image out.
 
 The protocol is small on purpose, so a test or a training loop can pass its own: `ImageFeatures` is any callable
 taking uint8 images (N, 3, H, W) (one size per call) and returning float32 features (N, D) on the CPU, with a
