@@ -54,7 +54,9 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "logit-normal": (["noise.timestep_sampling=logit_normal"], "eps"),
     "huber": (["loss.type=pseudo_huber", "loss.huber_schedule=snr", "loss.huber_c=0.1"], "eps"),
     "debiased": (["noise.min_snr_gamma=0", "loss.weighting=debiased"], "eps"),
-    "ztsnr-v": (["noise.prediction_type=v_prediction", "noise.zero_terminal_snr=true"], "v"),
+    # without min-SNR: its v weight min(SNR, 5) / (SNR + 1) is 0 at the pure-noise timestep ZTSNR adds (Lin et al.
+    # train the plain v loss)
+    "ztsnr-v": (["noise.prediction_type=v_prediction", "noise.zero_terminal_snr=true", "noise.min_snr_gamma=0"], "v"),
     "immiscible": (["noise.immiscible=true"], "eps"),
     "flow": (["noise.prediction_type=flow", "noise.min_snr_gamma=0"], "velocity"),
 }

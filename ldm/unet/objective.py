@@ -8,6 +8,7 @@ assignment (ldm/unet/immiscible.py) and flow matching (ldm/unet/flow.py). docs/t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,7 +59,7 @@ class NoiseConfig:
         for key in ("min_snr_gamma", "offset_noise", "input_perturbation"):
             check(getattr(self, key) >= 0, f"noise.{key}", f"must be >= 0, got {getattr(self, key)}")
         check(self.logit_std > 0, "noise.logit_std", f"must be > 0, got {self.logit_std}")
-        check(-1 <= self.mode_scale <= 2 / (3.14159265 - 2), "noise.mode_scale",
+        check(-1 <= self.mode_scale <= 2 / (math.pi - 2), "noise.mode_scale",
               f"must be in [-1, 2 / (pi - 2)] for a density on [0, 1], got {self.mode_scale}")
         check(not self.zero_terminal_snr or self.prediction_type == "v_prediction", "noise.zero_terminal_snr",
               "needs noise.prediction_type=v_prediction (an eps prediction at pure noise says nothing about the image)")
