@@ -3,7 +3,7 @@ with each objective, then its validation loss and its held-out prompt adherence.
 
     python bench/objectives.py                                  # all arms, 1500 steps each (hours on 2 cores)
     python bench/objectives.py --steps 20 --arms baseline,flow --images 512 --num-val 32 --eval-prompts 4 --seeds 1
-    nohup python bench/objectives.py > runs/bench-objectives/bench.log 2>&1 &   # the full run, in the background
+    mkdir -p runs/bench-objectives && nohup python bench/objectives.py > runs/bench-objectives/bench.log 2>&1 &
 
 Each arm is one `train/train_ldm.py` run of configs/ldm/shapes-demo.yaml (its U-Net size, data, optimizer, lr
 schedule over `--steps`), with the shipped demo model's frozen text encoder and VAE (ldm/demo/shapes-32px), its own
