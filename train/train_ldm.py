@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     def validate(step: int) -> dict:
         def val_loss() -> dict:
             return unet_val_loss(accelerator, raw, noise_scheduler, val_cache, val_positions, encode_val, cfg.noise,
-                                 bands, cfg.train.batch_size)
+                                 bands, cfg.train.batch_size, cfg.loss)
 
         text_encoder.eval()  # as in `sample`
         results = {"raw": val_loss()}  # the training weights
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                 # through a trained text encoder's adapters with gradients, else the frozen encoder's (or the text
                 # cache's) without; SDXL: with the batch's time ids (B, 6) (original size, crop top-left, target size)
                 text = batch_conditioning(trained.condition(batch["captions"], encode_text, empty), batch)
-                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)  # autocast by accelerate
+                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise, cfg.loss)  # autocast by accelerate
                 finite &= bool(torch.isfinite(loss))
                 backend.backward(unet, loss)  # of the mean over the `accum` micro-batches
             losses.append(loss.detach())

@@ -83,6 +83,9 @@ class ModelSpec:
 
     @property
     def prediction_type(self) -> str:
+        """'epsilon', 'v_prediction', or 'flow' for a flow-matching model (its scheduler has no prediction type)."""
+        if self.scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+            return "flow"
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property

@@ -6,6 +6,11 @@ training steps, `prediction_type` eps or v, timestep spacing); `SchedulerClass.f
 of it and changes only the solver. Latent clipping (`clip_sample`, dynamic `thresholding`) is forced off: SD
 latents routinely exceed [-1, 1], and a sampler that clamps x0 to that range washes images out.
 
+Two kinds of model config change what a name means. A zero-terminal-SNR model (`rescale_betas_zero_snr`, Lin et al.
+2023) ships `timestep_spacing="trailing"`, so its '' schedule starts at the pure-noise timestep; samplers whose diffusers
+class cannot rescale its betas are refused. A flow-matching model (`FlowMatchEulerDiscreteScheduler`, trained with
+`noise.prediction_type: flow`) is sampled by 'euler' only: diffusers' flow-matching Euler, as its own pipelines run it.
+
 A sampler (the solver: 'euler_a', 'lcm', ...) and a schedule (where its steps fall: '' = the sampler's own, as the
 model's config says; 'karras'; 'sgm_uniform') are chosen apart, as AUTOMATIC1111 >= 1.9 ("Sampler", "Schedule type")
 and ComfyUI (`sampler_name`, `scheduler`) choose them.
@@ -26,6 +31,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
     LMSDiscreteScheduler,
@@ -201,14 +207,44 @@ def sampler_from_label(label: str) -> tuple[str, str]:
     )
 
 
+class FlowMatchEuler(FlowMatchEulerDiscreteScheduler):
+    """diffusers' `FlowMatchEulerDiscreteScheduler` (x <- x + (sigma_next - sigma) v, unchanged) with the three
+    members our denoising loop asks every scheduler for: the input is not scaled, pure noise has sigma 1, and
+    img2img's re-noising is its `scale_noise`, (1 - sigma) x0 + sigma eps."""
+
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return self.scale_noise(original_samples, timesteps, noise)
+
+
+FLOW_MATCHING = "FlowMatchEulerDiscreteScheduler"  # a model config's `_class_name` for a flow-matching model
+
+
+def is_flow_matching(model_config: Mapping[str, Any]) -> bool:
+    return model_config.get("_class_name") == FLOW_MATCHING
+
+
 def make_scheduler(name: str, model_config: Mapping[str, Any], schedule: str = "",
                    eta: float | None = None) -> SchedulerMixin:
     """A fresh scheduler of the named kind and schedule from the model's scheduler config; each call returns
     independent state. `eta`: TCD's gamma (None: TCD_GAMMA), bound to every `step` call."""
     check_sampler(name, schedule, eta)
+    if is_flow_matching(model_config):
+        if name != "euler" or schedule:
+            raise UserError(f"this is a flow-matching model: it samples with --sampler euler and the sampler's own "
+                            f"schedule (diffusers' FlowMatchEulerDiscreteScheduler), not '{full_label(name, schedule)}'")
+        return FlowMatchEuler.from_config(dict(model_config))
     sampler = SAMPLERS[name]
     schedule = schedule or sampler.schedule
     params = _init_params(sampler.cls)
+    if model_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
+        takers = [n for n, s in SAMPLERS.items() if "rescale_betas_zero_snr" in _init_params(s.cls)]
+        raise UserError(f"this is a zero-terminal-SNR model and sampler '{name}' cannot rescale its betas: use one of "
+                        f"{', '.join(takers)}")
     overrides: dict[str, Any] = dict(sampler.options)
     # clamping x0 to [-1, 1] is a pixel-space DDPM habit that is wrong for latents; turn it off wherever it exists
     if "clip_sample" in params:

@@ -14,7 +14,8 @@ from ldm.lora.config import LoRAConfig
 from ldm.quality.metrics import METRICS
 from ldm.text.config import TextEncoderConfig
 from ldm.text.prompt_syntax import check_prompt
-from ldm.unet.objective import NoiseConfig
+from ldm.unet.losses import LossConfig
+from ldm.unet.objective import NoiseConfig, check_objective
 from ldm.unet.presets import UNET_PRESETS, is_sdxl_preset
 
 
@@ -147,6 +148,7 @@ class LDMConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(num_val=0))
     cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)  # the loss per element and its weighting (ldm/unet/losses.py)
     optim: LDMOptimConfig = field(default_factory=LDMOptimConfig)
     train: LDMTrainLoopConfig = field(default_factory=LDMTrainLoopConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -164,6 +166,10 @@ class LDMConfig:
         return "sdxl" if self.text_encoder.kind == "sdxl" else "sd"
 
     def validate(self) -> None:
+        check_objective(self.noise, self.loss)
+        check(self.noise.prediction_type != "flow" or not self.sample.every or self.sample.sampler == "euler",
+              "sample.sampler", "a flow-matching model samples with 'euler' (diffusers' FlowMatchEulerDiscreteScheduler): "
+              "set sample.sampler=euler")
         check(self.data.caption_column is not None, "data.caption_column", "stage 2 needs captions: name the column")
         check(self.train.val_bands <= self.noise.num_train_timesteps, "train.val_bands",
               f"{self.train.val_bands} bands of {self.noise.num_train_timesteps} training timesteps would leave some "

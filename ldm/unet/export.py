@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 
 from diffusers import (
-    AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+    AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 
@@ -22,17 +22,24 @@ def export_model(
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     text_encoder: FrozenTextEncoder | SDXLTextEncoder,
-    noise_scheduler: DDPMScheduler,
+    noise_scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler,
     text_cfg: TextEncoderConfig,
 ) -> Path:
     """Write `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` (safetensors).
 
     With a transformers CLIP text encoder the directory loads unchanged in `StableDiffusionPipeline.from_pretrained`
-    (which samples with DDIM, built from the training schedule). With open_clip, `text_encoder/` cannot hold a
+    (which samples with DDIM, built from the training schedule; a zero-terminal-SNR model with trailing spacing). A
+    flow-matching model's scheduler is `FlowMatchEulerDiscreteScheduler`, which `StableDiffusionPipeline` cannot run
+    (it has no `init_noise_sigma`): its parts load in diffusers and sample with that scheduler's loop, or in
+    `ldm-generate --sampler euler`. With open_clip, `text_encoder/` cannot hold a
     transformers model; `ldm_model.json` records how to rebuild it. With SDXL's towers it is an SDXL directory
     (`_write_sdxl`) for `StableDiffusionXLPipeline.from_pretrained`. Written to a temporary sibling, then renamed.
     """
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    # DDIM built from the training config: it keeps v-prediction, zero-terminal-SNR's rescaled betas and its trailing
+    # spacing, which diffusers' pipelines then sample with; a flow-matching model ships its training scheduler
+    # (FlowMatchEulerDiscreteScheduler) as it is
+    scheduler = noise_scheduler if isinstance(noise_scheduler, FlowMatchEulerDiscreteScheduler) else \
+        DDIMScheduler.from_config(noise_scheduler.config)
     with atomic_directory(directory) as tmp:
         if isinstance(text_encoder, SDXLTextEncoder):
             _write_sdxl(tmp, unet, vae, text_encoder, scheduler)

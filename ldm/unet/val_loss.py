@@ -11,8 +11,12 @@ from `sample_generator(index)`, in float64 on the CPU, in this order:
         eps              (C, h, w)   standard normal
         offset           (C, 1, 1)   only with noise.offset_noise > 0: eps += offset_noise * offset, as training does
 
-The loss is `denoising_error`'s, training's: the eps or v target, min-SNR-weighted under `noise.min_snr_gamma` ("loss",
-with the plain "mse" beside it then). What training adds to make learning harder is left out: no caption dropout
+The loss is `denoising_error`'s, training's: the eps, v or flow-velocity target, under `loss.type` and weighted by
+`noise.min_snr_gamma` or `loss.weighting` ("loss", with the plain unweighted "mse" beside it when they differ). Flow
+matching (`noise.prediction_type: flow`) puts band draw t at sigma = (t + 1) / T (so band 750-1000 reaches pure
+noise) and scores the velocity eps - x0: a different quantity from a DDPM model's eps or v error, not comparable
+with it. Timestep sampling (`noise.timestep_sampling`) and noise assignment (`noise.immiscible`) change where and with
+which noise training looks; validation keeps its fixed uniform draws so that runs with different ones compare. What training adds to make learning harder is left out: no caption dropout
 (the captioned loss is measured), no `noise.input_perturbation`, no flipped latents. Noising is done in float64, the
 U-Net runs in the weights' dtype (under the run's autocast), and the errors are summed in float64.
 """
@@ -31,7 +35,8 @@ from ldm.parallel.fsdp import reshard_after_inference
 from ldm.text.conditioning import Conditioning
 from ldm.training.validation import Sums, band_label, process_batches, sample_generator
 from ldm.unet.conditioning import batch_conditioning
-from ldm.unet.objective import NoiseConfig, denoising_error
+from ldm.unet.losses import LossConfig, elementwise_loss, reduce_per_sample
+from ldm.unet.objective import PLAIN, NoiseConfig, predict, score
 
 
 def fixed_draws(
@@ -62,6 +67,7 @@ def unet_val_loss(
     cfg: NoiseConfig,
     bands: Sequence[tuple[int, int]],
     batch_size: int,
+    loss: LossConfig = PLAIN,
 ) -> dict[str, Any]:
     """The validation loss of `unet` on the cache rows at `positions`: {"loss", ["mse"], "count", "bands": {"0-250":
     {...}, ...}}, the same on every process (a collective: call it on all, each computes its share).
@@ -70,7 +76,8 @@ def unet_val_loss(
     time ids come from the cache. Batches hold rows of one aspect-ratio bucket. The U-Net is put in eval mode (LoRA
     dropout off) and back (under FSDP2, resharded); the global RNG is not touched.
     """
-    metrics = ["loss", "mse"] if cfg.min_snr_gamma > 0 else ["loss"]
+    plain = cfg.min_snr_gamma == 0 and loss == PLAIN
+    metrics = ["loss"] if plain else ["loss", "mse"]
     sums = Sums(metrics, [band_label(band) for band in bands], accelerator.device)
     was_training = unet.training
     unet.eval()
@@ -83,11 +90,15 @@ def unet_val_loss(
         text = batch_conditioning(encode(batch["captions"]), batch)
         for k in range(len(bands)):
             t = torch.tensor([draws[k][0] for _, draws in items], device=accelerator.device)  # (B,)
+            if cfg.prediction_type == "flow":
+                t = (t + 1).float()  # sigma = (t + 1) / T in (0, 1]
             eps = torch.stack([draws[k][1] for _, draws in items]).to(accelerator.device)  # (B, C, h, w)
             with accelerator.autocast():
-                mse, weight = denoising_error(unet, scheduler, x0, eps, t, text, cfg)
+                pred, target = predict(unet, scheduler, x0, eps, t, text, cfg)
+            err, weight = score(pred, target, t, scheduler, cfg, loss)
+            mse = err if plain else reduce_per_sample(elementwise_loss(pred, target, "l2"))  # (B,)
             if keep:
-                sums.add({"loss": mse * weight, "mse": mse}, band=k)
+                sums.add({"loss": err * weight, "mse": mse}, band=k)
     reshard_after_inference(unet)  # FSDP2: back to the shards an EMA swap and the next step expect
     unet.train(was_training)
     return sums.reduce(accelerator)
