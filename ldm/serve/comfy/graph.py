@@ -204,31 +204,27 @@ def _upstream(graph: dict, start: str) -> set[str]:
 
 
 def _cycle_nodes(graph: dict) -> set[str]:
-    """The nodes on a dependency cycle: what is left after repeatedly removing nodes with no unresolved inputs
-    (Kahn's algorithm), narrowed to those that reach themselves. O(nodes + links), no recursion."""
+    """The nodes on a dependency cycle: peel off the nodes whose inputs are all resolved (Kahn's algorithm), then
+    those no remaining node takes an input from; what is left lies on a cycle (or between two). O(nodes + links),
+    no recursion."""
     deps = {n: set(links(graph, n)) for n in graph}
     users: dict[str, set[str]] = {n: set() for n in graph}
     for n, ds in deps.items():
         for d in ds:
             users[d].add(n)
-    waiting = {n: len(ds) for n, ds in deps.items()}
+    left = _peel(set(graph), deps, users)
+    return _peel(left, users, deps)
+
+
+def _peel(nodes: set[str], before: dict[str, set[str]], after: dict[str, set[str]]) -> set[str]:
+    """Repeatedly remove from `nodes` those with nothing left in `before`; return the rest."""
+    waiting = {n: len(before[n] & nodes) for n in nodes}
     ready = [n for n, k in waiting.items() if k == 0]
     while ready:
         n = ready.pop()
-        for u in users[n]:
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                ready.append(u)
-    left = {n for n, k in waiting.items() if k > 0}
-    return {n for n in left if n in _reachable_from_deps(deps, n, left)}
-
-
-def _reachable_from_deps(deps: dict[str, set[str]], start: str, within: set[str]) -> set[str]:
-    seen: set[str] = set()
-    stack = [d for d in deps[start] if d in within]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(d for d in deps[n] if d in within)
-    return seen
+        for u in after[n]:
+            if u in waiting:
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    ready.append(u)
+    return {n for n, k in waiting.items() if k > 0}
