@@ -7,14 +7,32 @@ message, details, extra_info and `node_errors` {id: {errors, dependent_outputs, 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from comfy_graphs import txt2img
+from comfy_graphs import img2img, txt2img
+from ldm.demo import NAME
+from ldm.pipeline.metadata import format_parameters, parse_parameters
+from ldm.pipeline.request import GenerationRequest
+from ldm.pipeline.validation import steps_to_run
 from ldm.serve.comfy.graph import MAX_NODES, validate
 from ldm.serve.comfy.nodes import Catalog, node_types, object_info
+from ldm.serve.comfy.plan import GraphError, plan
 
-TYPES = node_types(Catalog(checkpoints=["shapes-32px-demo"], loras=["style.safetensors"], images=["in.png"]))
+TYPES = node_types(Catalog(checkpoints=["shapes-32px-demo"], loras=["style.safetensors"],
+                           images=["in.png", "mask.png", "../../etc/passwd"]))
+
+
+@pytest.fixture(scope="module")
+def demo_pipeline():
+    from ldm.models.spec import inspect_model
+    from ldm.pipeline import Pipeline
+
+    return Pipeline.open(inspect_model(NAME), "cpu", "fp32")
 
 
 def graph():
@@ -142,7 +160,7 @@ def test_ten_thousand_nodes_refused_cheaply():
         g[f"x{i}"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     start = time.perf_counter()
     checked = validate(g, TYPES)
-    assert time.perf_counter() - start < 0.05  # the count is checked before any node is
+    assert time.perf_counter() - start < 0.5  # the count is checked before any node is (~1 ms)
     assert checked.error["type"] == "invalid_prompt" and str(MAX_NODES) in checked.error["message"]
 
 
@@ -165,3 +183,105 @@ def test_object_info_describes_the_table():
     assert k["output"] == ["LATENT"] and k["output_node"] is False
     assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] == [["shapes-32px-demo"]]
     assert info["SaveImage"]["output_node"] is True
+
+
+# ------------------------------------------------------------------------------------------- graph -> request
+
+def planned(g, input_dir=None):
+    checked = validate(g, TYPES)
+    assert checked.error is None, checked.body()
+    return plan(g, checked.good_outputs, input_dir or Path("/nonexistent"), 4096)
+
+
+def test_the_default_graph_becomes_one_request():
+    [run] = planned(txt2img("shapes-32px-demo", "a red circle", "blurry", seed=7, steps=3, cfg=6.5, size=32,
+                            batch=2, sampler="dpmpp_2m", scheduler="karras"))
+    assert (run.output, run.kind, run.prefix, run.model, run.sampler) == ("9", "output", "ComfyUI",
+                                                                          "shapes-32px-demo", "3")
+    assert run.layer == {"noise": "comfy", "cfg": 6.5, "model": "shapes-32px-demo", "prompt": "a red circle",
+                         "negative_prompt": "blurry", "clip_skip": 1, "sampler": "dpmpp_2m", "schedule": "karras",
+                         "seed": 7, "steps": 3, "width": 32, "height": 32, "num_images": 2, "batch_size": 2}
+    assert run.nodes[-1] == "9" and set(run.nodes) == {"3", "4", "5", "6", "7", "8", "9"}
+    assert run.nodes.index("4") < run.nodes.index("3") < run.nodes.index("8")
+
+
+def test_lora_and_clip_skip_become_tags_and_clip_skip():
+    g = txt2img("shapes-32px-demo", "a red circle", size=32)
+    g["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
+                                                     "lora_name": "style.safetensors", "strength_model": 0.8,
+                                                     "strength_clip": 0.5}}
+    g["11"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["10", 1], "stop_at_clip_layer": -2}}
+    g["3"]["inputs"]["model"] = ["10", 0]
+    g["6"]["inputs"]["clip"] = g["7"]["inputs"]["clip"] = ["11", 0]
+    [run] = planned(g)
+    assert run.layer["prompt"] == "a red circle <lora:style:0.5:0.8>"  # A1111's <lora:name:te:unet>
+    assert run.layer["clip_skip"] == 2
+
+
+@pytest.mark.parametrize("steps,denoise,total", [(20, 0.5, 40), (7, 0.3, 23), (10, 1.0, 10), (3, 0.99, 3)])
+def test_denoise_runs_the_last_steps_of_a_longer_schedule(tmp_path, steps, denoise, total):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")
+    g = img2img("shapes-32px-demo", "a red circle", "in.png", denoise=denoise, steps=steps)
+    [run] = planned(g, tmp_path)
+    assert run.layer["steps"] == total  # ComfyUI: int(steps / denoise)
+    assert steps_to_run(total, run.layer["strength"]) == steps  # and exactly `steps` of them run
+    assert run.layer["init_image"].size == (32, 32) and "width" not in run.layer
+
+
+def test_inpainting_mask_from_a_mask_image(tmp_path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")
+    m = Image.new("RGB", (32, 32), "black")
+    m.paste((255, 255, 255), (8, 8, 16, 16))
+    m.save(tmp_path / "mask.png")
+    [run] = planned(img2img("shapes-32px-demo", "a circle", "in.png", denoise=1.0, mask="mask.png"), tmp_path)
+    assert run.layer["strength"] == 1.0
+    assert np.array_equal(np.asarray(run.layer["mask"]) > 127, np.asarray(m.convert("L")) > 127)
+
+
+def test_unsupported_shapes_are_node_errors(tmp_path):
+    g = txt2img("shapes-32px-demo", "a red circle", size=32)
+    g["3"]["inputs"]["denoise"] = 0.5  # an empty latent half-denoised
+    with pytest.raises(GraphError, match="needs an image's latent"):
+        planned(g)
+    g = img2img("shapes-32px-demo", "a circle", "../../etc/passwd", denoise=0.5)
+    with pytest.raises(GraphError, match="not an uploaded image"):
+        plan(g, ["9"], tmp_path, 4096)  # (validation would refuse the name first; the plan checks again)
+
+
+@pytest.mark.slow  # runs the demo model (~5 s on a shared core)
+def test_comfy_noise_is_torch_manual_seed_for_the_whole_batch(demo_pipeline, monkeypatch):
+    """The initial latents are exactly ComfyUI's prepare_noise: torch.manual_seed(seed); torch.randn(batch shape)
+    on the CPU, times the scheduler's initial sigma (where diffusers' Euler starts)."""
+    import ldm.pipeline.pipeline as pipeline_module
+
+    seen = []
+    real = pipeline_module.denoise
+
+    def spy(unet, scheduler, latents, *args, **kw):
+        seen.append((latents.clone(), float(scheduler.init_noise_sigma)))
+        return real(unet, scheduler, latents, *args, **kw)
+
+    monkeypatch.setattr(pipeline_module, "denoise", spy)
+    [run] = planned(txt2img(NAME, "a red circle", seed=1234, steps=1, size=32, batch=3))
+    demo_pipeline.generate(GenerationRequest.layered(run.layer), show_progress=False)
+    latents, sigma = seen[0]
+    f = demo_pipeline.vae_factor
+    assert latents.shape == (3, demo_pipeline.vae.config.latent_channels, 32 // f, 32 // f)
+    torch.manual_seed(1234)  # ComfyUI's call, on the global generator
+    expected = torch.randn(latents.shape)
+    assert torch.equal(latents, expected * sigma)
+
+
+@pytest.mark.slow  # runs the demo model twice
+def test_comfy_image_equals_ldm_generate(demo_pipeline):
+    """One image: ComfyUI's noise for a batch of one is ldm-generate's for that seed (the request `ldm-generate
+    --seed 3 --steps 2 --cfg 7 --sampler euler_a --negative blurry` builds), so the pixels are equal."""
+    [run] = planned(txt2img(NAME, "a large red circle in the center", "blurry", seed=3, steps=2, cfg=7.0,
+                            size=32, sampler="euler_ancestral"))
+    comfy = demo_pipeline.generate(GenerationRequest.layered(run.layer), show_progress=False)
+    cli = demo_pipeline.generate(GenerationRequest(prompt="a large red circle in the center", negative_prompt="blurry",
+                                                   cfg=7.0, seed=3, steps=2, sampler="euler_a"), show_progress=False)
+    assert np.array_equal(np.asarray(comfy.images[0]), np.asarray(cli.images[0]))  # pixel for pixel
+    assert format_parameters(comfy.params[0]) == format_parameters(cli.params[0]).replace("Seed: 3,",
+                                                                                          "Seed: 3, Noise: comfy,")
+    assert parse_parameters(format_parameters(comfy.params[0]))["noise"] == "comfy"
