@@ -90,7 +90,6 @@ class Run:
 class _Trace:
     def __init__(self, graph: dict, input_dir: Path, max_pixels: int) -> None:
         self.graph, self.input_dir, self.max_pixels = graph, input_dir, max_pixels
-        self.order: list[str] = []
 
     def node(self, link: list, want: set[str], node_id: str, name: str) -> tuple[str, dict, int]:
         """The node a link points to, which must be one of `want` classes."""
@@ -99,8 +98,6 @@ class _Trace:
         if n["class_type"] not in want:
             raise GraphError(node_id, name, f"{name} from a {n['class_type']} node is not supported by this server "
                              f"(supported: {', '.join(sorted(want))})")
-        if source not in self.order:
-            self.order.append(source)
         return source, n["inputs"], slot
 
     def model(self, link: list, node_id: str, name: str) -> tuple[str, list[str]]:
@@ -208,8 +205,29 @@ def _run(graph: dict, out: str, input_dir: Path, max_pixels: int) -> Run:
     layer.update(seed=seed, steps=total)
     _latent(t, k["latent_image"], k_id, layer, run, total, ckpt)
     return Run(out, "output" if node["class_type"] == "SaveImage" else "temp",
-               str(node["inputs"].get("filename_prefix", "ComfyUI")), ckpt, layer, [*reversed(t.order), out],
+               str(node["inputs"].get("filename_prefix", "ComfyUI")), ckpt, layer, execution_order(graph, out),
                k_id, after)
+
+
+def execution_order(graph: dict, out: str) -> list[str]:
+    """The nodes `out` needs, in the order ComfyUI's recursive execution reaches them: depth first through each
+    node's inputs in the order the graph lists them, a node after its inputs (iterative: no recursion limit)."""
+    order: list[str] = []
+    done: set[str] = set()
+    stack: list[tuple[str, bool]] = [(out, False)]
+    while stack:
+        node_id, expanded = stack.pop()
+        if node_id in done:
+            continue
+        if expanded:
+            done.add(node_id)
+            order.append(node_id)
+            continue
+        stack.append((node_id, True))
+        for value in reversed(list(graph[node_id].get("inputs", {}).values())):
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in graph and str(value[0]) not in done:
+                stack.append((str(value[0]), False))
+    return order
 
 
 def _vae(t: _Trace, link: list, node_id: str) -> tuple[str, list[str]]:
