@@ -180,7 +180,7 @@ def test_limits_auth_queue_and_interrupt(server):
 
 def test_object_info_lists_exactly_our_nodes(server):
     info = server.get("/object_info").json()
-    assert "KSampler" in info and "UltimateSDUpscale" not in info and len(info) == 17
+    assert "KSampler" in info and "UltimateSDUpscale" not in info and len(info) == 16
     assert NAME in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert server.get("/api/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
     assert server.get("/embeddings").json() == []
@@ -189,9 +189,10 @@ def test_object_info_lists_exactly_our_nodes(server):
 # ------------------------------------------------------------------------ comfy-api-simplified, unmodified
 
 def titled(graph: dict) -> dict:
-    """The graph as ComfyUI's "Save (API)" exports it: each node with a `_meta.title` (its class name here)."""
-    for node in graph.values():
-        node["_meta"] = {"title": node["class_type"]}
+    """The graph as ComfyUI's "Save (API)" exports it: each node with a `_meta.title` (its class name, the prompts
+    "Positive" and "Negative")."""
+    for node_id, node in graph.items():
+        node["_meta"] = {"title": {"6": "Positive", "7": "Negative"}.get(node_id, node["class_type"])}
     return graph
 
 
@@ -206,7 +207,7 @@ def test_client_txt2img_img2img_inpaint(client, tmp_path):
     from comfy_api_simplified import ComfyWorkflowWrapper
 
     wf = ComfyWorkflowWrapper(titled(txt2img(NAME, "a square", size=32, steps=STEPS)))
-    wf.set_node_param("CLIPTextEncode", "text", PROMPT)  # both prompt nodes share the title: both get it
+    wf.set_node_param("Positive", "text", PROMPT)
     wf.set_node_param("KSampler", "seed", 3)
     [png] = client.queue_and_wait_images(wf, "SaveImage").values()
     image = Image.open(io.BytesIO(png))
