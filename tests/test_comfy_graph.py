@@ -284,3 +284,33 @@ def test_comfy_image_equals_ldm_generate(demo_pipeline):
     assert format_parameters(comfy.params[0]) == format_parameters(cli.params[0]).replace("Seed: 3,",
                                                                                           "Seed: 3, Noise: comfy,")
     assert parse_parameters(format_parameters(comfy.params[0]))["noise"] == "comfy"
+
+
+def controlnet_graph(tmp_path):
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "in.png")
+    g = txt2img("shapes-32px-demo", "a red circle", size=32)
+    g["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "cn-a"}}
+    g["21"] = {"class_type": "LoadImage", "inputs": {"image": "in.png"}}
+    g["22"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["20", 0], "image": ["21", 0], "strength": 0.7,
+        "start_percent": 0.1, "end_percent": 0.9}}
+    g["3"]["inputs"].update(positive=["22", 0], negative=["22", 1])
+    return g
+
+
+def test_controlnet_apply_becomes_a_unit(tmp_path):
+    types = node_types(Catalog(checkpoints=["shapes-32px-demo"], controlnets=["cn-a"], images=["in.png"]))
+    g = controlnet_graph(tmp_path)
+    checked = validate(g, types)
+    assert checked.error is None, checked.body()
+    [run] = plan(g, checked.good_outputs, tmp_path, 4096)
+    [unit] = run.layer["controlnets"]
+    assert (unit.model, unit.weight, unit.start, unit.end, unit.preprocess) == ("cn-a", 0.7, 0.1, 0.9, "none")
+    assert unit.image.size == (32, 32)
+    assert (run.layer["prompt"], run.layer["negative_prompt"]) == ("a red circle", "")
+    g["3"]["inputs"]["negative"] = ["7", 0]  # the ControlNet on one branch only
+    with pytest.raises(GraphError, match="same ControlNetApplyAdvanced"):
+        plan(g, ["9"], tmp_path, 4096)
+    g = controlnet_graph(tmp_path)
+    g["20"]["inputs"]["control_net_name"] = "../cn-a"
+    assert only_error(validate(g, types), "20")["type"] == "value_not_in_list"

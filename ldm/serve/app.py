@@ -43,7 +43,8 @@ def create_app(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
     if comfy_dir is None:
         app.state.comfy_tmp = tempfile.TemporaryDirectory(prefix="ldm-serve-comfy-")  # removed with the app
         comfy_dir = app.state.comfy_tmp.name
-    for router in build_comfy_routers(models, worker, limits, State(Path(comfy_dir)), lora_dir, embeddings_dir):
+    for router in build_comfy_routers(models, worker, limits, State(Path(comfy_dir)), lora_dir, embeddings_dir,
+                                      controlnet_dir):
         app.include_router(router)
     mount_page(app)
 

@@ -2,7 +2,8 @@
 A1111's payloads. The graph is not interpreted node by node: each SaveImage/PreviewImage is traced back through the
 node shapes this server runs, and those become the fields of the one request the pipeline takes:
 
-    CheckpointLoaderSimple -> [LoraLoader ...] -> model / clip (-> [CLIPSetLastLayer] -> CLIPTextEncode x 2)
+    CheckpointLoaderSimple -> [LoraLoader ...] -> model / clip (-> [CLIPSetLastLayer] -> CLIPTextEncode x 2
+        [-> ControlNetApplyAdvanced(ControlNetLoader, LoadImage) ...])
     EmptyLatentImage | LoadImage [-> ImageScale] -> VAEEncode | VAEEncodeForInpaint(mask) | + SetLatentNoiseMask
         -> KSampler | KSamplerAdvanced -> VAEDecode [-> ImageScale] -> SaveImage | PreviewImage
 
@@ -14,7 +15,9 @@ ComfyUI's conventions, mapped:
 - KSamplerAdvanced from start_at_step a to the end, noise added: the last steps - a steps of a `steps` schedule;
 - sampler and scheduler names: ComfyUI's (`ldm.serve.comfy.nodes.SAMPLER_NAMES`); "normal" is the model's own
   timestep spacing;
-- CLIPSetLastLayer -n is clip skip n; LoraLoader's strengths are a LoRA tag's two weights (text encoder, U-Net).
+- CLIPSetLastLayer -n is clip skip n; LoraLoader's strengths are a LoRA tag's two weights (text encoder, U-Net);
+- ControlNetApplyAdvanced on both prompts: a ControlNet unit (its strength, start and end percent, the image as the
+  control map, no preprocessor).
 A graph of other shapes (two samplers in a chain, a latent upscale, conditioning from two checkpoints) is refused
 with a node error naming the node, as unsupported here, before it is queued.
 """
@@ -28,6 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
+from ldm.controlnet.unit import ControlUnit
 from ldm.errors import UserError
 from ldm.image_io import open_image
 from ldm.lora.prompt_tags import tag_text
@@ -116,15 +120,27 @@ class _Trace:
             else:
                 link = inputs["clip"]
 
-    def text(self, link: list, node_id: str, name: str) -> tuple[str, str, list[str], int]:
-        """(text, checkpoint, LoRA tags, clip skip) of a CONDITIONING input."""
-        source, inputs, _ = self.node(link, {"CLIPTextEncode"}, node_id, name)
+    def text(self, link: list, node_id: str, name: str) -> tuple[str, str, list[str], int, list]:
+        """(text, checkpoint, LoRA tags, clip skip, ControlNet units) of a CONDITIONING input: CLIPTextEncode,
+        through any ControlNetApplyAdvanced nodes (each one unit: ComfyUI's strength, start and end percent)."""
+        units: list[tuple[str, ControlUnit]] = []
+        while True:
+            source, inputs, slot = self.node(link, {"CLIPTextEncode", "ControlNetApplyAdvanced"}, node_id, name)
+            if self.graph[source]["class_type"] == "CLIPTextEncode":
+                break
+            _, loader, _ = self.node(inputs["control_net"], {"ControlNetLoader"}, source, "control_net")
+            # ComfyUI scales the control image to the generation's size after a centre crop: A1111's Crop and Resize
+            units.insert(0, (source, ControlUnit(
+                loader["control_net_name"], self.image(inputs["image"], source, "image"), float(inputs["strength"]),
+                float(inputs["start_percent"]), float(inputs["end_percent"]))))
+            node_id, name = source, "positive" if slot == 0 else "negative"
+            link = inputs[name]
         clip_skip, clip = 1, inputs["clip"]
         n = self.graph[str(clip[0])]
         if n["class_type"] == "CLIPSetLastLayer":
             clip_skip = -int(n["inputs"]["stop_at_clip_layer"])
         ckpt, tags = self.model(clip, source, "clip")
-        return str(inputs["text"]), ckpt, tags, clip_skip
+        return str(inputs["text"]), ckpt, tags, clip_skip, units
 
     def image(self, link: list, node_id: str, name: str) -> Image.Image:
         source, inputs, _ = self.node(link, {"LoadImage", "ImageScale"}, node_id, name)
@@ -174,8 +190,13 @@ def _run(graph: dict, out: str, input_dir: Path, max_pixels: int) -> Run:
     ckpt, tags = t.model(k["model"], k_id, "model")
     vae_ckpt, _ = _vae(t, inputs["vae"], decode)
     layer: dict[str, Any] = {"noise": "comfy", "cfg": float(k["cfg"]), "model": ckpt}
-    prompt, p_ckpt, p_tags, clip_skip = t.text(k["positive"], k_id, "positive")
-    negative, n_ckpt, n_tags, n_skip = t.text(k["negative"], k_id, "negative")
+    prompt, p_ckpt, p_tags, clip_skip, units = t.text(k["positive"], k_id, "positive")
+    negative, n_ckpt, n_tags, n_skip, n_units = t.text(k["negative"], k_id, "negative")
+    if [n for n, _ in units] != [n for n, _ in n_units]:
+        raise GraphError(k_id, "negative", "both prompts must pass through the same ControlNetApplyAdvanced nodes "
+                         "(a ControlNet steers both branches here)")
+    if units:
+        layer["controlnets"] = tuple(u for _, u in units)
     if {p_ckpt, n_ckpt, vae_ckpt} != {ckpt} or p_tags != n_tags or clip_skip != n_skip:
         raise GraphError(k_id, "positive", "the model, both prompts' CLIP and the VAE must come from one checkpoint "
                          "through the same LoRAs and CLIPSetLastLayer on this server")

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from ldm.controlnet.load import check_units, list_controlnets
 from ldm.errors import UserError
 from ldm.lora.prompt_tags import check_lora_inputs
 from ldm.models.spec import ModelSpec
@@ -34,18 +35,21 @@ from ldm.serve.comfy.nodes import Catalog, node_types, object_info
 from ldm.serve.comfy.plan import GraphError, plan
 from ldm.serve.comfy.state import FOLDERS, Item, State
 from ldm.serve.comfy.uploads import save_upload
+from ldm.serve.controlnet import check_unit_names
 from ldm.serve.worker import Job, Worker
 from ldm.text.embedding_files import EmbeddingLibrary
 from ldm.text.embeddings import check_references
 
 
 def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Limits, state: State,
-                        lora_dir: str | None = None, embeddings_dir: str | None = None) -> list[APIRouter]:
+                        lora_dir: str | None = None, embeddings_dir: str | None = None,
+                        controlnet_dir: str | None = None) -> list[APIRouter]:
     """The same routes twice: at the root, as ComfyUI serves them, and under /api/ (its newer clients' prefix)."""
     embeddings = EmbeddingLibrary.read(embeddings_dir) if embeddings_dir is not None else None
 
     def catalog() -> Catalog:
         return Catalog(checkpoints=list(models), loras=_files(lora_dir, "*.safetensors"),
+                       controlnets=sorted(list_controlnets(controlnet_dir)) if controlnet_dir else [],
                        images=_files(str(state.folder("input")), "*"))
 
     def check(body: dict) -> tuple[int, dict, list]:
@@ -71,7 +75,7 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
         for r in runs:
             try:
                 out.append((r, _resolve(GenerationRequest.layered(r.layer), models[r.model], limits, lora_dir,
-                                        embeddings)))
+                                        embeddings, controlnet_dir)))
             except UserError as e:
                 return 422, _refusal(r.sampler, graph, "", str(e).splitlines()[0], checked), []
         return 200, {"node_errors": checked.node_errors}, out
@@ -238,10 +242,14 @@ async def _body(request: Request) -> dict:
 
 
 def _resolve(request: GenerationRequest, spec: ModelSpec, limits: Limits, lora_dir: str | None,
-             embeddings: EmbeddingLibrary | None) -> GenerationRequest:
-    """As the A1111 API checks its requests: LoRA names in --lora-dir, the model, embedding:NAME, the limits."""
+             embeddings: EmbeddingLibrary | None, controlnet_dir: str | None = None) -> GenerationRequest:
+    """As the A1111 API checks its requests: LoRA names in --lora-dir, ControlNets in --controlnet-dir (each fits
+    the model), the model, embedding:NAME, the limits."""
     check_lora_inputs([], request.prompt, lora_dir)
+    check_unit_names(request.controlnets, controlnet_dir)
     r = request.resolve(spec)
+    if r.controlnets:
+        check_units(r.controlnets, spec.unet_config, spec.vae_factor, controlnet_dir)
     if embeddings is not None:
         embeddings.refresh()
     check_references(embeddings, [r.prompt, r.negative_prompt], spec.arch,
