@@ -314,3 +314,36 @@ def test_controlnet_apply_becomes_a_unit(tmp_path):
     g = controlnet_graph(tmp_path)
     g["20"]["inputs"]["control_net_name"] = "../cn-a"
     assert only_error(validate(g, types), "20")["type"] == "value_not_in_list"
+
+
+def hires_graph(by: bool = True):
+    g = txt2img("shapes-32px-demo", "a red circle", seed=5, steps=6, size=32)
+    g["30"] = ({"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "bilinear",
+                                                            "scale_by": 1.5}} if by else
+               {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0], "upscale_method": "bilinear",
+                                                          "width": 48, "height": 48, "crop": "disabled"}})
+    g["31"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "latent_image": ["30", 0], "steps": 4,
+                                                    "denoise": 0.5}}
+    g["8"]["inputs"]["samples"] = ["31", 0]
+    return g
+
+
+@pytest.mark.parametrize("by", [True, False])
+def test_latent_upscale_between_two_samplers_is_the_hires_fix(by):
+    [run] = planned(hires_graph(by))
+    assert {k: run.layer[k] for k in ("steps", "seed", "width", "hires_scale", "hires_strength", "hires_steps",
+                                      "hires_upscaler")} == {"steps": 6, "seed": 5, "width": 32, "hires_scale": 1.5,
+                                                             "hires_strength": 0.5, "hires_steps": 4,
+                                                             "hires_upscaler": "latent"}
+    assert run.sampler == "31" and run.nodes == ["5", "4", "7", "6", "3", "30", "31", "8", "9"]
+    r = GenerationRequest.layered(run.layer)
+    second = r.hires().second_pass(r.steps, 32, 32, 8)
+    assert (second.width, steps_to_run(second.steps, second.strength)) == (48, 4)  # ComfyUI: 4 of int(4 / 0.5)
+    g = hires_graph(by)
+    g["31"]["inputs"]["seed"] = 6
+    with pytest.raises(GraphError, match="first one's seed"):
+        planned(g)
+    g = hires_graph(by)
+    g["30"]["inputs"]["upscale_method"] = "nearest-exact"
+    with pytest.raises(GraphError, match="use bilinear"):
+        planned(g)

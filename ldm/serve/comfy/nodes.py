@@ -23,6 +23,7 @@ SAMPLER_NAMES = ["euler", "euler_ancestral", "heun", "lms", "dpmpp_2m", "ddpm", 
 SCHEDULER_NAMES = ["normal", "karras", "sgm_uniform"]
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]  # ImageScale's
 CROP_METHODS = ["disabled", "center"]
+LATENT_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]  # ComfyUI's; bilinear runs here
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ def node_types(c: Catalog) -> dict[str, NodeType]:
         "LoadImageMask": NodeType({"image": (c.images, {"image_upload": True}),
                                    "channel": (["alpha", "red", "green", "blue"], {})}, ("MASK",), ("MASK",),
                                   category="mask"),
+        "LatentUpscale": NodeType({"samples": ("LATENT", {}), "upscale_method": (LATENT_UPSCALE_METHODS, {}),
+                                   "width": _int(512, 0, MAX_RESOLUTION, 8), "height": _int(512, 0, MAX_RESOLUTION, 8),
+                                   "crop": (CROP_METHODS, {})}, ("LATENT",), ("LATENT",), category="latent"),
+        "LatentUpscaleBy": NodeType({"samples": ("LATENT", {}), "upscale_method": (LATENT_UPSCALE_METHODS, {}),
+                                     "scale_by": _float(1.5, 0.01, 8.0)}, ("LATENT",), ("LATENT",),
+                                    category="latent"),
         "ImageScale": NodeType({"image": ("IMAGE", {}), "upscale_method": (UPSCALE_METHODS, {}),
                                 "width": _int(512, 0, MAX_RESOLUTION), "height": _int(512, 0, MAX_RESOLUTION),
                                 "crop": (CROP_METHODS, {})}, ("IMAGE",), ("IMAGE",), category="image/upscaling"),

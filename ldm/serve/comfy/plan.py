@@ -18,8 +18,9 @@ ComfyUI's conventions, mapped:
 - CLIPSetLastLayer -n is clip skip n; LoraLoader's strengths are a LoRA tag's two weights (text encoder, U-Net);
 - ControlNetApplyAdvanced on both prompts: a ControlNet unit (its strength, start and end percent, the image as the
   control map, no preprocessor).
-A graph of other shapes (two samplers in a chain, a latent upscale, conditioning from two checkpoints) is refused
-with a node error naming the node, as unsupported here, before it is queued.
+- KSampler -> LatentUpscale(By), bilinear -> KSampler with the same settings: the hires fix (`_hires`).
+A graph of other shapes (two samplers in another chain, conditioning from two checkpoints, ...) is refused with a
+node error naming the node, as unsupported here, before it is queued.
 """
 
 from __future__ import annotations
@@ -187,6 +188,10 @@ def _run(graph: dict, out: str, input_dir: Path, max_pixels: int) -> Run:
         source, inputs, _ = t.node(inputs["image"], {"VAEDecode", "ImageScale"}, source, "image")
     decode = source
     k_id, k, _ = t.node(inputs["samples"], {"KSampler", "KSamplerAdvanced"}, decode, "samples")
+    last = k_id
+    hires = _hires(t, k_id, k)
+    if hires is not None:
+        k_id, k = hires.pop("first")
     ckpt, tags = t.model(k["model"], k_id, "model")
     vae_ckpt, _ = _vae(t, inputs["vae"], decode)
     layer: dict[str, Any] = {"noise": "comfy", "cfg": float(k["cfg"]), "model": ckpt}
@@ -225,9 +230,55 @@ def _run(graph: dict, out: str, input_dir: Path, max_pixels: int) -> Run:
         raise GraphError(k_id, "seed", f"seeds over {MAX_SEED} are not supported by this server")
     layer.update(seed=seed, steps=total)
     _latent(t, k["latent_image"], k_id, layer, run, total, ckpt)
+    if hires is not None:
+        if "init_image" in layer:
+            raise GraphError(k_id, "latent_image", "a latent upscale (the hires fix) follows a text-to-image pass "
+                             "(EmptyLatentImage) here")
+        size = hires.pop("size", None)
+        if size is not None:  # LatentUpscale's width x height: one scale for both sides
+            scale = size[0] / layer["width"]
+            if abs(size[1] / layer["height"] - scale) > 1e-6:
+                raise GraphError(hires["node"], "width", "LatentUpscale must keep the aspect ratio here (one scale "
+                                 "for both sides, the hires fix)")
+            hires["hires_scale"] = scale
+        del hires["node"]
+        layer.update(hires)
     return Run(out, "output" if node["class_type"] == "SaveImage" else "temp",
                str(node["inputs"].get("filename_prefix", "ComfyUI")), ckpt, layer, execution_order(graph, out),
-               k_id, after)
+               last, after)
+
+
+def _hires(t: _Trace, k_id: str, k: dict) -> dict[str, Any] | None:
+    """KSampler -> LatentUpscale(By) -> KSampler(denoise d, n steps): the hires fix (`ldm.pipeline.hires`, whose
+    second pass runs exactly n steps of an int(n / d)-step schedule, as ComfyUI's denoise does). The second
+    sampler must repeat the first's model, prompts, cfg, sampler, scheduler and seed (the hires fix's second pass
+    draws fresh noise from the same seed: for one image, ComfyUI's torch.manual_seed(seed) draw), and the upscale
+    be bilinear (the hires fix's "latent" upscaler). Returns the request's hires fields and the first sampler."""
+    if not isinstance(k.get("latent_image"), list):
+        return None
+    source = str(k["latent_image"][0])
+    if t.graph[source]["class_type"] not in ("LatentUpscale", "LatentUpscaleBy"):
+        return None
+    if t.graph[k_id]["class_type"] != "KSampler":
+        raise GraphError(k_id, "latent_image", "after a latent upscale, use KSampler (the hires fix) here")
+    up_id, up, _ = t.node(k["latent_image"], {"LatentUpscale", "LatentUpscaleBy"}, k_id, "latent_image")
+    first_id, first, _ = t.node(up["samples"], {"KSampler"}, up_id, "samples")
+    for name in ("model", "positive", "negative", "cfg", "sampler_name", "scheduler", "seed"):
+        if k[name] != first[name]:
+            raise GraphError(k_id, name, f"after a latent upscale, the second KSampler must have the first one's "
+                             f"{name} here (the hires fix)")
+    if up["upscale_method"] != "bilinear":
+        raise GraphError(up_id, "upscale_method", f"upscale_method '{up['upscale_method']}' is not supported "
+                         "here: use bilinear (the hires fix's latent upscale)")
+    out: dict[str, Any] = {"first": (first_id, first), "node": up_id, "hires_strength": min(float(k["denoise"]), 1.0),
+                           "hires_steps": int(k["steps"]), "hires_upscaler": "latent"}
+    if t.graph[up_id]["class_type"] == "LatentUpscaleBy":
+        out["hires_scale"] = float(up["scale_by"])
+    elif up["crop"] != "disabled":
+        raise GraphError(up_id, "crop", "LatentUpscale with a crop is not supported here")
+    else:
+        out["size"] = (int(up["width"]), int(up["height"]))
+    return out
 
 
 def execution_order(graph: dict, out: str) -> list[str]:
