@@ -238,3 +238,39 @@ def test_client_txt2img_img2img_inpaint(client, tmp_path):
     # the right quarter is beyond the grown mask and the paste-back's feathering: unchanged pixel for pixel
     assert np.array_equal(out[:, 26:], kept[:, 26:])
     assert np.abs(out[:, :12] - kept[:, :12]).mean() > 10  # the hole was repainted
+
+
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
+              f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for k, (name, data) in files.items()]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_uploads_image_and_mask_and_refuse_what_is_not_an_image(server):
+    red = Image.new("RGB", (32, 32), "red")
+    body, kind = multipart({"subfolder": "", "type": "input"}, {"image": ("red.png", png(red))})
+    r = server.post("/upload/image", raw=body, headers={"Content-Type": kind})
+    assert r.status == 200 and r.json() == {"name": "red.png", "subfolder": "", "type": "input"}
+    mask = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 16, 32))  # the mask editor's paint: transparent where to repaint
+    body, kind = multipart({"original_ref": json.dumps({"filename": "red.png", "subfolder": "", "type": "input"})},
+                           {"image": ("red-mask.png", png(mask))})
+    r = server.post("/api/upload/mask", raw=body, headers={"Content-Type": kind})
+    assert r.status == 200 and r.json()["name"] == "red-mask.png"
+    stored = view(server, {"filename": "red-mask.png", "subfolder": "", "type": "input"})
+    assert stored.mode == "RGBA" and stored.getpixel((0, 0)) == (255, 0, 0, 0) and stored.getpixel((31, 0))[3] == 255
+    body, kind = multipart({}, {"image": ("evil.png", b"not an image")})
+    assert server.post("/upload/image", raw=body, headers={"Content-Type": kind}).status == 400
+    body, kind = multipart({"subfolder": "../.."}, {"image": ("red.png", png(red))})
+    assert server.post("/upload/image", raw=body, headers={"Content-Type": kind}).status == 400
+    assert server.get("/view?filename=../../etc/passwd&type=input").status == 400
+    assert server.get("/view?filename=nope.png&type=output").status == 404
