@@ -236,7 +236,8 @@ class Pipeline:
         on_image: Callable[[Image.Image, GenerationRequest], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
-        """Generate `request.num_images` images, `batch_size` at a time; image i uses seed + i whatever the batching.
+        """Generate `request.num_images` images, `batch_size` at a time; image i uses seed + i whatever the batching
+        (with `noise="comfy"`, ComfyUI's convention: the initial noise of all images is one draw from `seed`).
 
         txt2img without an init image; img2img with one (`strength`: the share of the schedule re-noised,
         diffusers' convention); inpainting with an init image and a mask (white = repaint). A request with

@@ -4,7 +4,8 @@
     resolved = request.resolve(model)                        # sizes, seed, strength filled in; checked, once
     pipe.generate(resolved)                                  # -> images, each with its own resolved request
 
-Four sources build one, each with its own key names, all mapped here:
+Four sources build one, each with its own key names, all mapped here (a fifth, ComfyUI's API graphs, in
+`ldm.serve.comfy.plan`, which also sets `noise="comfy"`, ComfyUI's seed convention):
 - the command line: `ldm-generate`'s option dests are the field names (`ldm.generate`);
 - a PNG's `parameters` text: A1111's field names (`ldm.pipeline.metadata.parse_parameters`), written back by
   `format_parameters`, the one writer;
