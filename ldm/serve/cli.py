@@ -104,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                           ("--ip-image-encoder", args.ip_image_encoder)):
         if value is not None and not Path(value).expanduser().is_dir():
             raise UserError(f"{option} '{value}' is not a directory")
+    if args.comfy_dir is not None and Path(args.comfy_dir).expanduser().exists() and \
+            not Path(args.comfy_dir).expanduser().is_dir():
+        raise UserError(f"--comfy-dir '{args.comfy_dir}' is not a directory")
     if args.ip_image_encoder is not None and args.ip_adapter_dir is None:
         raise UserError("--ip-image-encoder only applies with --ip-adapter-dir DIR")
 
@@ -128,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker = Worker(load, next(iter(models)), args.queue_size)
     worker.start()
     app = create_app(models, worker, limits, credentials, args.lora_dir, args.embeddings_dir, args.controlnet_dir,
-                     IPAdapterDirs(args.ip_adapter_dir, args.ip_image_encoder), args.comfy_dir)
+                     IPAdapterDirs(args.ip_adapter_dir, args.ip_image_encoder),
+                     None if args.comfy_dir is None else str(Path(args.comfy_dir).expanduser()))
     log.info("ldm-serve: http://%s:%d/ (APIs: A1111 /sdapi/v1/..., ComfyUI /prompt /ws; models: %s)", host,
              args.port, ", ".join(models))
     config = uvicorn.Config(app, host=host, port=args.port, log_level="warning" if args.quiet else "info",
