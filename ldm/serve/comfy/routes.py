@@ -107,7 +107,7 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
         except Exception:
             state.drop(item.prompt_id)
             raise
-        job.future.add_done_callback(lambda f: f.exception() and state.drop(item.prompt_id))
+        job.future.add_done_callback(lambda f: _never_ran(state, item, f.exception()))
         return {"prompt_id": item.prompt_id, "number": item.number, "node_errors": answer["node_errors"]}
 
     @router.get("/prompt")
@@ -220,6 +220,24 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
     api = APIRouter(prefix="/api")
     api.include_router(router)
     return [router, api]
+
+
+def _never_ran(state: State, item: Item, error: BaseException | None) -> None:
+    """A prompt whose job failed before it started (its model failed to load, the server is stopping): its client
+    is told as ComfyUI tells of a failed node, and its history says so. One deleted from the queue just goes."""
+    if error is None:
+        return
+    state.drop(item.prompt_id)
+    if item.cancel.is_set() or item.prompt_id in state.get_history(item.prompt_id):
+        return
+    data = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
+            "exception_message": str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+            "exception_type": type(error).__name__, "traceback": [], "current_inputs": {}, "current_outputs": {}}
+    state.finish(item, {}, "error", [["execution_error", data]], {})
+    client = item.extra_data.get("client_id")
+    if client is not None:
+        state.hub.send("execution_error", data, client)
+        state.hub.send("executing", {"node": None, "prompt_id": item.prompt_id}, client)
 
 
 async def _until_closed(websocket: WebSocket) -> None:
