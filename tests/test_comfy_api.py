@@ -22,7 +22,8 @@ from ldm.demo.reader import read_attributes
 from ldm.demo.shapes import Attributes, render
 from serve_server import AUTH
 
-pytestmark = pytest.mark.slow  # a server process and real generations
+# a server process and real generations; the in-process comparison on one thread, as the server runs
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPT = "a large red circle in the center on a black background"
 STEPS = 12

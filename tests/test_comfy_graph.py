@@ -28,7 +28,7 @@ TYPES = node_types(Catalog(checkpoints=["shapes-32px-demo"], loras=["style.safet
 
 
 @pytest.fixture(scope="module")
-def demo_pipeline():
+def demo_pipeline(one_torch_thread):
     from ldm.models.spec import inspect_model
     from ldm.pipeline import Pipeline
 
