@@ -17,7 +17,7 @@ SOURCES = sorted(p for folder in ("ldm", "train") for p in (ROOT / folder).rglob
 
 # the request's sources: the keyword API, the CLI (+ PNG), prompt lists, the A1111 API
 BUILD_REQUESTS = {"ldm/pipeline/pipeline.py", "ldm/generate.py", "ldm/prompts_file.py",
-                  "ldm/serve/api.py"}
+                  "ldm/serve/api.py", "ldm/serve/comfy/routes.py"}
 # calls that open a model (find it, check its files, load its parts) -> the only files that may make them
 OPENERS = {
     "resolve_model": {"ldm/models/spec.py"},

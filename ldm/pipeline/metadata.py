@@ -58,6 +58,10 @@ def format_parameters(p: GenerationRequest) -> str:
     fields += [
         ("CFG scale", _num(p.cfg)),
         ("Seed", p.seed),
+    ]
+    if p.noise:  # ComfyUI's convention: the batch's noise from one generator (ldm.pipeline.seeds.batch_noise)
+        fields.append(("Noise", p.noise))
+    fields += [
         ("Size", f"{p.width}x{p.height}"),
         ("Model", p.model),
     ]
@@ -111,7 +115,7 @@ SDXL_LABELS = {
 
 # the fields `parse_parameters` reads; `unread_fields` names the others (A1111 writes many: Model hash, Version, ...)
 READ_FIELDS = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Denoising strength", "Mask blur",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Noise", "Size", "Model", "Denoising strength", "Mask blur",
     "CFG rescale", "Eta", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes", "Clip skip",
     "Refiner",
     "Refiner switch at", *SDXL_LABELS.values(),
@@ -168,6 +172,8 @@ def parse_parameters(text: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         out["cfg"] = float(raw["CFG scale"])
     if "Seed" in raw:
         out["seed"] = int(raw["Seed"])
+    if "Noise" in raw:
+        out["noise"] = raw["Noise"]
     if "Size" in raw:
         width, height = raw["Size"].lower().split("x")
         out["width"], out["height"] = int(width), int(height)
@@ -284,15 +290,27 @@ def _unquote(value: str) -> str:
     return value
 
 
-def png_info(p: GenerationRequest) -> PngImagePlugin.PngInfo:
-    """The PNG chunk every writer of our images adds (the CLI, prompt lists, the server)."""
+def png_info(p: GenerationRequest, extra: dict[str, str] | None = None) -> PngImagePlugin.PngInfo:
+    """The PNG chunk every writer of our images adds (the CLI, prompt lists, the server), then `extra` text chunks
+    (ComfyUI's `prompt` and `workflow`: `comfy_chunks`)."""
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, format_parameters(p))
+    for key, value in (extra or {}).items():
+        info.add_text(key, value)
     return info
 
 
-def png_bytes(image: Image.Image, p: GenerationRequest) -> bytes:
-    """The PNG file of `image` with its `parameters` chunk, as bytes."""
+def comfy_chunks(graph: dict, extra_pnginfo: dict | None = None) -> dict[str, str]:
+    """The text chunks ComfyUI's SaveImage writes (comfyanonymous/ComfyUI nodes.py): `prompt`, the API graph as
+    JSON, then each key of the request's `extra_data.extra_pnginfo` (the UI sends `workflow`) as JSON."""
+    out = {"prompt": json.dumps(graph)}
+    for key, value in (extra_pnginfo or {}).items():
+        out[str(key)] = json.dumps(value)
+    return out
+
+
+def png_bytes(image: Image.Image, p: GenerationRequest, extra: dict[str, str] | None = None) -> bytes:
+    """The PNG file of `image` with its `parameters` chunk (and `extra` text chunks), as bytes."""
     out = io.BytesIO()
-    image.save(out, format="PNG", pnginfo=png_info(p))
+    image.save(out, format="PNG", pnginfo=png_info(p, extra))
     return out.getvalue()

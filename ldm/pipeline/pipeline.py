@@ -46,7 +46,7 @@ from ldm.pipeline.refiner import (
 )
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import make_scheduler
-from ldm.pipeline.seeds import generators, per_image_noise
+from ldm.pipeline.seeds import batch_noise, generators, per_image_noise
 from ldm.pipeline.unet_calls import unet_calls_per_batch
 from ldm.pipeline.validation import steps_to_run
 from ldm.pixels import float_to_uint8, tensor_to_float_images
@@ -236,7 +236,8 @@ class Pipeline:
         on_image: Callable[[Image.Image, GenerationRequest], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
-        """Generate `request.num_images` images, `batch_size` at a time; image i uses seed + i whatever the batching.
+        """Generate `request.num_images` images, `batch_size` at a time; image i uses seed + i whatever the batching
+        (with `noise="comfy"`, ComfyUI's convention: the initial noise of all images is one draw from `seed`).
 
         txt2img without an init image; img2img with one (`strength`: the share of the schedule re-noised,
         diffusers' convention); inpainting with an init image and a mask (white = repaint). A request with
@@ -292,11 +293,20 @@ class Pipeline:
             if on_step is not None:
                 on_step(done, total)
 
+        # ComfyUI's convention (noise="comfy"): the whole run's initial noise in one draw from the seed's generator,
+        # sliced per batch; that generator goes on as image 0's (so one image is ldm-generate's, pixel for pixel)
+        first, shared = generators([r.seed])[0], None
+        if r.noise == "comfy":
+            shared = batch_noise(first, (r.num_images, self.vae.config.latent_channels, job.height // self.vae_factor,
+                                         job.width // self.vae_factor))
         for start in range(0, r.num_images, r.batch_size):
             seeds = [r.seed + i for i in range(start, min(start + r.batch_size, r.num_images))]
             gens = generators(seeds)
+            if shared is not None and start == 0:
+                gens[0] = first
             latents = self._sample(gens, cond, uncond, image_latents, job, r.steps, r.strength, r, step, control,
-                                   switch=None if refiner is None else r.refiner_switch)
+                                   switch=None if refiner is None else r.refiner_switch,
+                                   noise=None if shared is None else shared[start:start + len(seeds)])
             if refiner is not None:  # the rest of the schedule on the refiner, the same generators going on
                 latents = refiner._refine(gens, latents, *refined, job, r, step)
             if second is not None:  # img2img of the upscaled first pass, same seeds
@@ -309,7 +319,7 @@ class Pipeline:
             decoded_all.append(decoded)
             for s, pixels in zip(seeds, float_to_uint8(decoded)):
                 image = finish(pixels, job)
-                params = base.with_seed(s)
+                params = base if r.noise == "comfy" else base.with_seed(s)  # ComfyUI's images share the seed
                 out_images.append(image)
                 out_params.append(params)
                 if on_image is not None:
@@ -381,9 +391,11 @@ class Pipeline:
         on_step: Callable[[], None],
         control: Control,
         switch: float | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One batch (one generator per image): starting latents for its mode, then the loop. Returns the final
-        latents (b, C, h, w); with `switch` (a refiner's), those at that point of the schedule."""
+        latents (b, C, h, w); with `switch` (a refiner's), those at that point of the schedule. `noise` (b, C, h, w)
+        on the CPU: the initial noise, in place of a draw from each generator (ComfyUI's convention)."""
         b = len(gens)
         scheduler = make_scheduler(r.sampler, self.scheduler_config, r.schedule, r.eta)  # fresh: state is per run
         scheduler.set_timesteps(steps, device=self.device)
@@ -393,7 +405,7 @@ class Pipeline:
 
         inpaint = None
         if image_latents is None:  # txt2img: pure noise at the scheduler's initial sigma
-            noise = self._to_device(per_image_noise(gens, shape))
+            noise = self._to_device(per_image_noise(gens, shape) if noise is None else noise)
             latents = noise * scheduler.init_noise_sigma
         else:
             steps_run = steps_to_run(steps, strength)
@@ -410,7 +422,7 @@ class Pipeline:
                 known = None
             else:
                 known = self.codec.sample(image_latents, gens)  # (b, C, h, w): draw 1 of each generator
-            noise = self._to_device(per_image_noise(gens, shape))  # draw 2
+            noise = self._to_device(per_image_noise(gens, shape) if noise is None else noise)  # draw 2
             if from_scratch:
                 # inpainting from scratch starts from pure noise, as StableDiffusionInpaintPipeline does
                 latents = noise * scheduler.init_noise_sigma

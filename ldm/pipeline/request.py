@@ -4,7 +4,8 @@
     resolved = request.resolve(model)                        # sizes, seed, strength filled in; checked, once
     pipe.generate(resolved)                                  # -> images, each with its own resolved request
 
-Four sources build one, each with its own key names, all mapped here:
+Four sources build one, each with its own key names, all mapped here (a fifth, ComfyUI's API graphs, in
+`ldm.serve.comfy.plan`, which also sets `noise="comfy"`, ComfyUI's seed convention):
 - the command line: `ldm-generate`'s option dests are the field names (`ldm.generate`);
 - a PNG's `parameters` text: A1111's field names (`ldm.pipeline.metadata.parse_parameters`), written back by
   `format_parameters`, the one writer;
@@ -68,6 +69,10 @@ class GenerationRequest:
     eta: float | None = None  # TCD's gamma (diffusers' `eta`), in [0, 1]; None: 0.3. Only the tcd sampler takes it
     cfg: float = 7.5  # classifier-free guidance scale; 1 = one U-Net branch
     seed: int = -1  # of the first image; image i uses seed + i. -1: a random one
+    # how the initial noise is drawn: "" = each image from its own CPU generator seeded seed + i (a function of its
+    # seed alone); "comfy" = ComfyUI's (comfy/sample.py prepare_noise): one CPU draw of the whole batch's latents
+    # from torch.manual_seed(seed), every image recording `seed`. Either way image 0 alone gets the same noise
+    noise: str = ""
     width: int = 0  # 0: the init image's size rounded down to the VAE factor, else the model's native size
     height: int = 0
     model: str = ""  # the model as the user named it: what PNGs record
@@ -139,6 +144,8 @@ class GenerationRequest:
     def check(self) -> None:
         """Refuse what is wrong whatever the model, naming the option (one line each)."""
         check_sampler(self.sampler, self.schedule, self.eta)
+        if self.noise not in NOISE_MODES:
+            raise UserError(f"unknown noise mode '{self.noise}'; known: {', '.join(repr(m) for m in NOISE_MODES)}")
         check_prompt(escape_references(self.prompt), "prompt")  # ComfyUI's embedding:NAME is text to the syntax
         check_prompt(escape_references(self.negative_prompt), "negative prompt")
         if self.clip_skip < 1:
@@ -230,6 +237,7 @@ class GenerationRequest:
                 raise UserError(f"{given[0]} conditions an SDXL refiner: add --refiner MODEL or drop it")
 
 
+NOISE_MODES = ("", "comfy")
 REFINER_SWITCH = 0.8  # A1111's and diffusers' examples' usual hand-over point
 MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size", "negative_original_size",
                       "negative_crop_top_left", "negative_target_size", "aesthetic_score", "negative_aesthetic_score")

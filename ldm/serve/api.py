@@ -239,15 +239,20 @@ def _request(req: Txt2ImgRequest, name: str, spec: ModelSpec, limits: Limits, in
                      getattr(spec, "unet_config", {}).get("cross_attention_dim"))
     if r.controlnets:  # each fits the model
         check_units(r.controlnets, spec.unet_config, spec.vae_factor, controlnet_dir)
+    check_limits(r, limits)
+    return r
+
+
+def check_limits(r: GenerationRequest, limits: Limits, images_field: str = "batch_size x n_iter") -> None:
+    """The server's limits on a resolved request (the A1111 and ComfyUI APIs' both), one line each."""
     if r.steps > limits.max_steps:
         raise UserError(f"steps {r.steps} is over this server's limit of {limits.max_steps} (ldm-serve --max-steps)")
     if r.width * r.height > limits.max_pixels:
         raise UserError(f"{r.width}x{r.height} is over this server's limit of {limits.max_pixels} pixels per image "
                         "(ldm-serve --max-pixels)")
     if r.num_images > limits.max_images:
-        raise UserError(f"batch_size x n_iter = {r.num_images} images is over this server's limit of "
+        raise UserError(f"{images_field} = {r.num_images} images is over this server's limit of "
                         f"{limits.max_images} per request (ldm-serve --max-images)")
-    return r
 
 
 def _embeddings(library: EmbeddingLibrary | None, spec: ModelSpec) -> dict:

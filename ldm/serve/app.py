@@ -2,13 +2,16 @@
 answered as A1111 answers it: a JSON body `{"error": <kind>, "detail": <one line>}` and a 4xx status.
 
 FastAPI because A1111's API is FastAPI: its pydantic request and response models map one to one onto ours, and
-uvicorn serves it (and the page) from one process.
+uvicorn serves it (and the page) from one process. ComfyUI's API (ldm/serve/comfy) is mounted on the same app, so
+its prompts go through the same worker, queue, body limit and auth.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +22,8 @@ from ldm.errors import UserError
 from ldm.models.spec import ModelSpec
 from ldm.serve.api import IPAdapterDirs, Limits, build_router
 from ldm.serve.auth import BasicAuth
+from ldm.serve.comfy.routes import build_comfy_routers
+from ldm.serve.comfy.state import State
 from ldm.serve.controlnet import build_controlnet_router
 from ldm.serve.page import mount_page
 from ldm.serve.worker import ModelUnavailable, QueueFull, ServerStopping, Worker, first_line
@@ -29,11 +34,18 @@ log = logging.getLogger(__name__)
 def create_app(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
                credentials: dict[str, str] | None = None, lora_dir: str | None = None,
                embeddings_dir: str | None = None, controlnet_dir: str | None = None,
-               ip: IPAdapterDirs = IPAdapterDirs()) -> FastAPI:
+               ip: IPAdapterDirs = IPAdapterDirs(), comfy_dir: str | None = None) -> FastAPI:
+    """`comfy_dir`: ComfyUI's input/output/temp folders (a temporary directory, removed with the app, if None)."""
     # no /docs or /redoc: their pages load scripts from a CDN, and this server works offline
     app = FastAPI(title="ldm-serve", docs_url=None, redoc_url=None)
     app.include_router(build_router(models, worker, limits, lora_dir, embeddings_dir, controlnet_dir, ip))
     app.include_router(build_controlnet_router(controlnet_dir, ip.directory))
+    if comfy_dir is None:
+        app.state.comfy_tmp = tempfile.TemporaryDirectory(prefix="ldm-serve-comfy-")  # removed with the app
+        comfy_dir = app.state.comfy_tmp.name
+    for router in build_comfy_routers(models, worker, limits, State(Path(comfy_dir)), lora_dir, embeddings_dir,
+                                      controlnet_dir):
+        app.include_router(router)
     mount_page(app)
 
     @app.exception_handler(RequestValidationError)

@@ -1,4 +1,4 @@
-"""HTTP basic auth on every path (API, page, static files): an ASGI middleware, so nothing can be mounted around it.
+"""HTTP basic auth on every path (API, page, static files, ComfyUI's websocket): an ASGI middleware, so nothing can be mounted around it.
 
 `--api-auth user:pass[,user2:pass2]`, as A1111's; passwords are compared in constant time.
 """
@@ -30,6 +30,9 @@ class BasicAuth:
         self.credentials = {u.encode(): p.encode() for u, p in credentials.items()}
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "websocket" and not self._allowed(dict(scope["headers"]).get(b"authorization", b"")):
+            await send({"type": "websocket.close", "code": 1008})  # before the handshake: the client gets 403
+            return
         if scope["type"] == "http" and not self._allowed(dict(scope["headers"]).get(b"authorization", b"")):
             body = json.dumps({"error": "HTTPException", "detail": "Incorrect username or password"}).encode()
             await send({"type": "http.response.start", "status": 401, "headers": [

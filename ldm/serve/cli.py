@@ -5,6 +5,7 @@
     ldm-serve --models-dir models/                # each model directory and *.safetensors file in it
     ldm-serve --model DIR --controlnet-dir controlnets/   # + A1111 ControlNet units naming what is in it
     ldm-serve --model DIR --ip-adapter-dir ip-adapters/   # + the extension's IP-Adapter units, by name
+    ldm-serve --models-dir models/ --comfy-dir comfy/     # ComfyUI clients' uploads and outputs kept there
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip-image-encoder", default=None, metavar="DIR",
                    help="the CLIP vision model directory for every IP-Adapter, in place of an image_encoder/ folder "
                    "next to each (as ldm-generate --ip-image-encoder)")
+    p.add_argument("--comfy-dir", default=None,
+                   help="ComfyUI API: the folder for its input/ (uploads), output/ (SaveImage) and temp/ "
+                   "(PreviewImage) files. Default: a temporary folder, removed when the server stops")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--listen", action="store_true", help="bind all interfaces (0.0.0.0); set --api-auth with it")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
@@ -100,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                           ("--ip-image-encoder", args.ip_image_encoder)):
         if value is not None and not Path(value).expanduser().is_dir():
             raise UserError(f"{option} '{value}' is not a directory")
+    if args.comfy_dir is not None and Path(args.comfy_dir).expanduser().exists() and \
+            not Path(args.comfy_dir).expanduser().is_dir():
+        raise UserError(f"--comfy-dir '{args.comfy_dir}' is not a directory")
     if args.ip_image_encoder is not None and args.ip_adapter_dir is None:
         raise UserError("--ip-image-encoder only applies with --ip-adapter-dir DIR")
 
@@ -124,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker = Worker(load, next(iter(models)), args.queue_size)
     worker.start()
     app = create_app(models, worker, limits, credentials, args.lora_dir, args.embeddings_dir, args.controlnet_dir,
-                     IPAdapterDirs(args.ip_adapter_dir, args.ip_image_encoder))
-    log.info("ldm-serve: http://%s:%d/ (API: /sdapi/v1/..., models: %s)", host, args.port, ", ".join(models))
+                     IPAdapterDirs(args.ip_adapter_dir, args.ip_image_encoder),
+                     None if args.comfy_dir is None else str(Path(args.comfy_dir).expanduser()))
+    log.info("ldm-serve: http://%s:%d/ (APIs: A1111 /sdapi/v1/..., ComfyUI /prompt /ws; models: %s)", host,
+             args.port, ", ".join(models))
     config = uvicorn.Config(app, host=host, port=args.port, log_level="warning" if args.quiet else "info",
                             access_log=not args.quiet)
     try:
