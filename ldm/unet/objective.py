@@ -85,12 +85,13 @@ def diffusion_loss(
     x0: torch.Tensor,
     text: Text,
     cfg: NoiseConfig,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean (optionally min-SNR-weighted) squared error of the U-Net's eps or v prediction at random timesteps.
 
     x0: (B, C, h, w) scaled latents; text: (B, 77, D) text embeddings, or a `Conditioning` (SDXL: with the pooled
-    embedding (B, P) and time ids (B, 6)). Random numbers come from the global RNG, which checkpoints save and
-    restore, so a resumed run draws the same noise.
+    embedding (B, P) and time ids (B, 6)); mask: (B, 1, h, w) loss weights in [0, 1] (`denoising_error`). Random
+    numbers come from the global RNG, which checkpoints save and restore, so a resumed run draws the same noise.
     """
     b = x0.shape[0]
     eps = torch.randn_like(x0)
@@ -98,7 +99,7 @@ def diffusion_loss(
         eps = eps + cfg.offset_noise * torch.randn(b, x0.shape[1], 1, 1, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=x0.device)
     eps_in = eps + cfg.input_perturbation * torch.randn_like(eps) if cfg.input_perturbation > 0 else eps
-    mse, weight = denoising_error(unet, scheduler, x0, eps, t, text, cfg, eps_in=eps_in)
+    mse, weight = denoising_error(unet, scheduler, x0, eps, t, text, cfg, eps_in=eps_in, mask=mask)
     return (mse * weight).mean()
 
 
@@ -111,12 +112,15 @@ def denoising_error(
     text: Text,
     cfg: NoiseConfig,
     eps_in: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The U-Net's squared error at given noise and timesteps: (mse (B,), loss weight (B,)); the loss is their product.
 
     x0, eps: (B, C, h, w); t: (B,) int; `eps_in`: the noise put into x_t when it differs from the target's `eps`
     (input perturbation). The target is eps, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0. The weight is
     min-SNR's under `cfg.min_snr_gamma`, else ones. The error is computed in float32 at least (float64 stays float64).
+    `mask` (B, 1, h, w) in [0, 1] weights each latent pixel: mse = sum(err * mask) / (sum(mask) * C) per sample (0 for
+    an all-zero mask); None is the plain mean.
     """
     cond = text if isinstance(text, Conditioning) else Conditioning(text)
     x_t = scheduler.add_noise(x0, eps if eps_in is None else eps_in, t)  # sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps
@@ -124,7 +128,13 @@ def denoising_error(
     dtype = next(unet.parameters()).dtype  # bf16/fp16 in a DeepSpeed engine; fp32 elsewhere (autocast casts)
     pred = unet(x_t.to(dtype), t, **cond.to(dtype).unet_kwargs()).sample  # (B, C, h, w)
     wide = torch.promote_types(pred.dtype, torch.float32)
-    mse = F.mse_loss(pred.to(wide), target.to(wide), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    err = F.mse_loss(pred.to(wide), target.to(wide), reduction="none")  # (B, C, h, w)
+    if mask is None:
+        mse = err.mean(dim=(1, 2, 3))  # (B,)
+    else:
+        mask = mask.to(err.device, wide)  # (B, 1, h, w)
+        total = mask.sum(dim=(1, 2, 3)) * err.shape[1]  # (B,) weighted pixels, over all channels
+        mse = (err * mask).sum(dim=(1, 2, 3)) / total.clamp(min=torch.finfo(wide).tiny)  # 0 where the mask is all 0
     if cfg.min_snr_gamma > 0:
         return mse, min_snr_weights(scheduler, t, cfg.min_snr_gamma, cfg.prediction_type)
     return mse, torch.ones_like(mse)
