@@ -27,6 +27,7 @@ from diffusers.optimization import get_scheduler
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.buckets import check_unet_takes_buckets
+from ldm.data.caption_tags import TagOptions
 from ldm.data.dataset import split_train_val
 from ldm.data.loader import train_loader
 from ldm.errors import UserError, exit_on_user_error
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
 
     val_log = ValidationLog(ckpt_root, accelerator, start_step=step) if val_positions else None
     bands = timestep_bands(cfg.noise.num_train_timesteps, cfg.train.val_bands)
-    dataset = cache.dataset(seed=cfg.train.seed, indices=train_idx)
+    # captions as written, or their tags shuffled/dropped per item (data.shuffle_tags, data.tag_dropout)
+    dataset = cache.dataset(seed=cfg.train.seed, indices=train_idx, tags=TagOptions.from_data(cfg.data))
     loader = train_loader(dataset, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator,
                           start_batch=batches_done, collate=collate_latents, bucket_ids=dataset.bucket_ids())
     batches = iter(loader)

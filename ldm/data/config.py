@@ -17,6 +17,12 @@ class DataConfig:
     path: str = "shapes"
     image_column: str = "image"
     caption_column: str | None = "text"
+    # Tag captions (stage 2; ldm/data/caption_tags.py, kohya's rules): shuffle the comma-separated tags each time an
+    # image is seen, the first keep_tokens staying in place; drop each other tag with probability tag_dropout. Not
+    # with cache.text_embeddings (it stores one embedding per caption as written).
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
     split: str = "train"
     resolution: int = 32
     center_crop: bool = True
@@ -40,6 +46,8 @@ class DataConfig:
 
     def validate(self) -> None:
         check(self.resolution >= 8, "data.resolution", f"must be at least 8, got {self.resolution}")
+        check(self.keep_tokens >= 0, "data.keep_tokens", f"must be >= 0 (tags kept in place), got {self.keep_tokens}")
+        check(0 <= self.tag_dropout <= 1, "data.tag_dropout", f"must be in [0, 1], got {self.tag_dropout}")
         check(self.num_val >= 0, "data.num_val", f"must be >= 0, got {self.num_val}")
         check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.shapes_count > 0, "data.shapes_count", f"must be > 0, got {self.shapes_count}")

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ldm.data.caption_tags import TagOptions, process_tags
 from ldm.errors import UserError
 from ldm.latents.cache_key import FAMILY_NAMES, FORMAT_VERSION, UNCHECKED, VAEIdentity, differences, vae_identity
 from ldm.latents.micro_conditioning import CROP_KEY, FLIP_CROP_KEY, ORIGINAL_SIZE_KEY, row_fields
@@ -234,10 +235,13 @@ class LatentCache:
             "target_size": self.target_size(position),
         }
 
-    def dataset(self, seed: int, indices: Sequence[int] | None = None) -> LatentDataset:
-        """A keyed view over all rows, or over the rows of some dataset `indices` (e.g. a train split)."""
+    def dataset(
+        self, seed: int, indices: Sequence[int] | None = None, tags: TagOptions = TagOptions()
+    ) -> LatentDataset:
+        """A keyed view over all rows, or over the rows of some dataset `indices` (e.g. a train split); `tags`: the
+        caption tag shuffling/dropout applied per item (`ldm.data.caption_tags`)."""
         positions = list(range(len(self))) if indices is None else self.positions_of(indices)
-        return LatentDataset(self, seed, positions)
+        return LatentDataset(self, seed, positions, tags)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -314,12 +318,15 @@ def load_shard(directory: Path, entry: dict[str, Any], build: str) -> Shard:
 class LatentDataset(Dataset):
     """Rows addressed by key = epoch * len(self) + position, like `ImageCaptionDataset`, for a resumable sampler.
 
-    With flips, each key shows the flipped latents with p=0.5, drawn from `random.Random` seeded by (seed, key):
-    the same key always gives the same item, whatever the process, worker count or resume point.
+    With flips, each key shows the flipped latents with p=0.5, and with `tags` its caption's tags shuffled/dropped,
+    drawn (in that order) from `random.Random` seeded by (seed, key): the same key always gives the same item,
+    whatever the process, worker count or resume point.
     """
 
-    def __init__(self, cache: LatentCache, seed: int, positions: Sequence[int]) -> None:
-        self.cache, self.seed, self.positions = cache, seed, list(positions)
+    def __init__(
+        self, cache: LatentCache, seed: int, positions: Sequence[int], tags: TagOptions = TagOptions()
+    ) -> None:
+        self.cache, self.seed, self.positions, self.tags = cache, seed, list(positions), tags
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -335,7 +342,9 @@ class LatentDataset(Dataset):
         # The same integer mix as ldm.data.dataset (ints seed `Random` reproducibly across processes).
         rng = random.Random(self.seed * 1_000_003 + key)
         flipped = self.cache.has_flips and rng.random() < 0.5
-        return self.cache.row(position, flipped)
+        row = self.cache.row(position, flipped)
+        row["caption"] = process_tags(row["caption"], self.tags, rng)  # as written unless data.shuffle_tags/tag_dropout
+        return row
 
 
 def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
