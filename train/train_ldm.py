@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         batches_done += 1
         # a fresh latent from each cached posterior, every epoch: z = (mean + std * eps) * scaling_factor
         mean, std = batch["mean"].to(accelerator.device), batch["std"].to(accelerator.device)
+        if "mask" in batch:  # loss weights (B, 1, h, w) at latent resolution (data.masks; ldm/data/masks.py)
+            batch["mask"] = batch["mask"].to(accelerator.device)
         return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch
 
     def save(step: int) -> Path:
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
                 # through a trained text encoder's adapters with gradients, else the frozen encoder's (or the text
                 # cache's) without; SDXL: with the batch's time ids (B, 6) (original size, crop top-left, target size)
                 text = batch_conditioning(trained.condition(batch["captions"], encode_text, empty), batch)
-                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise)  # autocast by accelerate
+                # autocast by accelerate; with loss masks each latent pixel weighted by its mask (None: the plain mean)
+                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise, mask=batch.get("mask"))
                 finite &= bool(torch.isfinite(loss))
                 backend.backward(unet, loss)  # of the mean over the `accum` micro-batches
             losses.append(loss.detach())

@@ -27,6 +27,10 @@ class DataConfig:
     resolution: int = 32
     center_crop: bool = True
     random_flip: bool = False
+    # Loss masks (stage 2; ldm/data/masks.py): a metadata.jsonl "mask" column or NAME_mask.png beside NAME.ext, white =
+    # trained. auto: used when the folder has any; on: required (refused without any, or for hub datasets / tar
+    # shards); off: ignored (_mask files are then ordinary images).
+    masks: Literal["auto", "on", "off"] = "auto"
     # held-out images for validation, taken from the dataset by a fixed seed (stage 2's default: 0, no validation)
     num_val: int = 64
     num_workers: int = 0

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from ldm import hub
 from ldm.data.dataset import ImageCaptionDataset
+from ldm.data.masks import MASK_COLUMN, find_masks, masks_fingerprint, refuse_masks_for
 from ldm.data.shards import is_shard_source, load_shards
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
@@ -37,22 +38,27 @@ def build_image_dataset(
     seed: int = 0,
     max_pixels: int = MAX_PIXELS,
     cache_dir: str | None = None,
+    masks: str = "off",
 ) -> ImageCaptionDataset:
     """Load a local image folder (imagefolder layout, optional metadata.jsonl) or a hub dataset `user/name`.
 
     `caption_column=None` means "no captions needed" (every caption is ""); a named caption column that the data
     lacks is an error. Images over `max_pixels` are skipped (Pillow's own bomb guard, 2 * PIL.Image.MAX_IMAGE_PIXELS
     ~ 179 MP, still applies above that). `cache_dir` overrides where `datasets` writes its Arrow cache (default
-    ~/.cache/huggingface/datasets). An existing local path wins over a hub id of the same spelling.
+    ~/.cache/huggingface/datasets). An existing local path wins over a hub id of the same spelling. `masks`:
+    `data.masks` ("auto", "on", "off"; `ldm.data.masks`), loss masks of a local folder's images.
     """
     import datasets  # deferred: importing `datasets` takes seconds and most of ldm does not need it
 
     path = Path(source).expanduser()
+    image_files: list[Path] = []  # a local folder's, where its masks are looked for
     if is_shard_source(source) and not path.is_dir():  # webdataset tar shards: ldm.data.shards
+        refuse_masks_for(source, "tar shards", masks)
         records, fingerprint, root = _load_shards(source, image_column, caption_column, cache_dir)
     elif path.exists():
-        records, fingerprint, root = _load_local(path, split, image_column, cache_dir)
+        records, fingerprint, root, image_files = _load_local(path, split, image_column, cache_dir)
     elif hub.is_hub_id(source):  # anything else that does not exist on disk is reported as a missing path
+        refuse_masks_for(source, "a hub dataset", masks)
         records, fingerprint, root = _load_hub(source, split, image_column, cache_dir)
     else:
         raise UserError(
@@ -66,7 +72,7 @@ def build_image_dataset(
             max_pixels=max_pixels, fingerprint=_hash_parts([fingerprint, f"image_column={image_column}"]), root=root,
         )
     keep = [image_column] + ([caption_column] if caption_column else [])
-    records = records.select_columns(keep)
+    records = records.select_columns(keep + ([MASK_COLUMN] if MASK_COLUMN in records.column_names else []))
     try:
         records = records.cast_column(image_column, datasets.Image(decode=False))
     except (TypeError, ValueError) as error:
@@ -74,6 +80,12 @@ def build_image_dataset(
             f"column '{image_column}' of '{source}' does not hold images ({records.features[image_column]}): "
             "set data.image_column to the image column"
         ) from error
+    mask_paths = None
+    if image_files:
+        records, mask_paths = find_masks(records, image_column, source, masks, image_files)
+    elif MASK_COLUMN in records.column_names:
+        refuse_masks_for(source, "a hub dataset", masks)  # its mask column is not read
+    records = records.select_columns(keep)
     fingerprint = _hash_parts([fingerprint, f"image_column={image_column}"])
     return ImageCaptionDataset(
         records,
@@ -84,6 +96,8 @@ def build_image_dataset(
         max_pixels=max_pixels,
         fingerprint=fingerprint,
         root=root,
+        masks=mask_paths,
+        masks_fingerprint=None if mask_paths is None else masks_fingerprint(mask_paths, root),
     )
 
 
@@ -102,7 +116,9 @@ def _check_columns(records: Any, source: str, image_column: str, caption_column:
         )
 
 
-def _load_local(path: Path, split: str, image_column: str, cache_dir: str | None) -> tuple[Any, str, str]:
+def _load_local(
+    path: Path, split: str, image_column: str, cache_dir: str | None
+) -> tuple[Any, str, str, list[Path]]:
     import datasets
 
     if not path.is_dir():
@@ -141,7 +157,7 @@ def _load_local(path: Path, split: str, image_column: str, cache_dir: str | None
     fingerprint = _hash_parts(
         ["local", f"split={split}"] + [_stat_line(path, f) for f in sorted(image_files + metadata_files)]
     )
-    return records, fingerprint, str(path.resolve())
+    return records, fingerprint, str(path.resolve()), image_files
 
 
 def _list_folder(root: Path) -> tuple[list[Path], list[Path]]:

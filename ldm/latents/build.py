@@ -88,6 +88,7 @@ def ensure_latent_cache(
         dtype=cache_cfg.dtype,
         buckets=buckets,
         family=family,
+        masks=dataset.masks_fingerprint(),  # None without loss masks (data.masks)
     )
 
     # Every process inspects the cache; they agree on a shared filesystem, and the gather makes sure of it.
@@ -149,7 +150,7 @@ def _open_kwargs(spec: CacheSpec) -> dict[str, Any]:
     return dict(
         vae=spec.vae, data_fingerprint=spec.data_fingerprint, resolution=spec.resolution,
         center_crop=spec.center_crop, random_flip=spec.random_flip, caption_column=spec.caption_column,
-        dtype=spec.dtype, buckets=spec.buckets, family=spec.family,
+        dtype=spec.dtype, buckets=spec.buckets, family=spec.family, masks=spec.masks,
     )
 
 
@@ -181,6 +182,7 @@ def _encoding_dataset(
             split=data_cfg.split,
             seed=0,  # only picks one caption of multi-caption records; a fixed value keeps the cache seed-independent
             max_pixels=data_cfg.max_image_pixels,
+            masks=data_cfg.masks,
         )
 
 
@@ -298,6 +300,7 @@ def _publish(
             "center_crop": spec.center_crop,
             "random_flip": spec.random_flip,
             "buckets": spec.buckets,
+            "masks": spec.masks,
             "size": len(dataset),
             "family": spec.family,
         },

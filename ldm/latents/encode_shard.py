@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, Subset
 from ldm.data.config import DataConfig
 from ldm.data.crops import CropGeometry
 from ldm.data.dataset import ImageCaptionDataset, collate_images
+from ldm.data.masks import latent_mask
 from ldm.errors import UserError
-from ldm.latents.cache import BUCKET_KEY, DTYPES
+from ldm.latents.cache import BUCKET_KEY, DTYPES, MASK_KEY
 from ldm.latents.cache_key import CacheSpec
 from ldm.latents.config import LatentCacheConfig
 from ldm.latents.micro_conditioning import crop_tensors
@@ -44,12 +45,14 @@ def encode_shard(
         collate_fn=_collate_with_skips if spec.buckets is None else _collate_by_size,
     )
     parts: dict[str, list[torch.Tensor]] = {
-        "mean": [], "std": [], "flip_mean": [], "flip_std": [], "index": [], BUCKET_KEY: []
+        "mean": [], "std": [], "flip_mean": [], "flip_std": [], "index": [], BUCKET_KEY: [], MASK_KEY: []
     }
     captions: list[str] = []
     crops: list[CropGeometry] = []  # where each row's (unflipped) pixels came from
     skipped: list[dict[str, Any]] = []
     store = _flattener(spec)  # (B, C, h, w) -> what a shard row holds
+    store_mask = _flattener(spec, channels=1)  # (B, 1, h, w) -> the same for loss masks
+    factor = vae_factor(spec.vae.config)
     for batch in (group for groups in loader for group in (groups if spec.buckets else [groups])):
         skipped.extend(batch["skipped_items"])
         x = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
@@ -68,15 +71,21 @@ def encode_shard(
             if spec.buckets is not None:
                 bucket = spec.buckets["sizes"].index([x.shape[-1], x.shape[-2]])  # [W, H]
                 parts[BUCKET_KEY].append(torch.full((n,), bucket, dtype=torch.long))
+            if spec.masks is not None:  # (B, 1, R, R) pixel weights -> their area average per latent pixel
+                parts[MASK_KEY].append(store_mask(latent_mask(batch["masks"], factor)))
             captions.extend(batch["captions"])
             crops.extend(batch["crops"])
         progress.update(len(batch["indices"]) + len(batch["skipped_items"]))
 
     dtype = DTYPES[spec.dtype]
     names = ["mean", "std"] + (["flip_mean", "flip_std"] if spec.random_flip else [])
+    names += [MASK_KEY] if spec.masks is not None else []  # the unflipped image's; a flip mirrors it exactly
     if not parts["index"]:  # every image of the shard was undecodable: zero-row tensors of the right shape
-        shape = store(torch.zeros(1, *_latent_shape(vae, spec.resolution, accelerator))).shape[1:]
+        latent = torch.zeros(1, *_latent_shape(vae, spec.resolution, accelerator))
+        shape = store(latent).shape[1:]
         tensors = {name: torch.zeros((0, *shape), dtype=dtype) for name in names}
+        if spec.masks is not None:
+            tensors[MASK_KEY] = torch.zeros((0, *store_mask(latent[:, :1]).shape[1:]), dtype=dtype)
         tensors["index"] = torch.zeros(0, dtype=torch.long)
     else:
         tensors = {name: torch.cat(parts[name]).to(dtype) for name in names}
@@ -87,13 +96,13 @@ def encode_shard(
     return Shard(tensors, captions, skipped, spec.build_id())
 
 
-def _flattener(spec: CacheSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+def _flattener(spec: CacheSpec, channels: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Identity for square caches; with buckets (B, C, h, w) -> (B, L), flattened and zero-padded to the largest
-    bucket's latent size (`ldm.latents.cache` describes the layout)."""
+    bucket's latent size (`ldm.latents.cache` describes the layout); `channels`: C (default: the latents')."""
     if spec.buckets is None:
         return lambda latents: latents
     factor = vae_factor(spec.vae.config)
-    channels = int(spec.vae.config.get("latent_channels", 4))
+    channels = int(spec.vae.config.get("latent_channels", 4)) if channels is None else channels
     length = channels * max(w * h for w, h in spec.buckets["sizes"]) // factor**2
 
     def flatten(latents: torch.Tensor) -> torch.Tensor:
