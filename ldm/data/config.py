@@ -28,9 +28,9 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = False
     # Loss masks (stage 2; ldm/data/masks.py): a metadata.jsonl "mask" column or NAME_mask.png beside NAME.ext, white =
-    # trained. auto: used when the folder has any; on: required (refused without any, or for hub datasets / tar
-    # shards); off: ignored (_mask files are then ordinary images).
-    masks: Literal["auto", "on", "off"] = "auto"
+    # trained. auto: used when the folder has any; require: refused without any (and for hub datasets / tar shards);
+    # ignore: never read (_mask files are then ordinary images). Not on/off: YAML reads those as booleans.
+    masks: Literal["auto", "require", "ignore"] = "auto"
     # held-out images for validation, taken from the dataset by a fixed seed (stage 2's default: 0, no validation)
     num_val: int = 64
     num_workers: int = 0

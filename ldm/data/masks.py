@@ -7,8 +7,8 @@ the alpha channel where the file has one that is not opaque everywhere, else the
 - a `mask` column in metadata.jsonl: the mask file's path, relative to the image's folder (null or "": no mask);
 - else `NAME_mask.png` (any image extension) beside `NAME.ext`: such files are masks, not training images.
 
-`auto` (the default) uses masks when the dataset has any, `on` requires them (refusing a dataset without any, and
-hub datasets or tar shards, which hold none we read), `off` ignores them (`_mask` files are then ordinary images, as
+`auto` (the default) uses masks when the dataset has any, `require` requires them (refusing a dataset without any, and
+hub datasets or tar shards, which hold none we read), `ignore` ignores them (`_mask` files are then ordinary images, as
 before masks existed). In a masked dataset an image without a mask weighs 1 everywhere (the whole image trains).
 
 The mask goes through its image's own resize, crop and flip, in the same call (`ldm.data.transforms`), and is then
@@ -41,7 +41,7 @@ def find_masks(
     `records`: the `datasets` records with the image column cast to `Image(decode=False)`; `files`: the folder's image
     files (`NAME_mask.ext` ones among them). Records that are some image's `_mask` file are taken out (they are masks).
     """
-    if mode == "off":
+    if mode == "ignore":
         return records, None
     image_paths = [_absolute(image.get("path")) if isinstance(image, dict) else None for image in records[image_column]]
     if MASK_COLUMN in records.column_names:  # metadata.jsonl names each image's mask
@@ -49,18 +49,18 @@ def find_masks(
     else:
         records, masks = _sibling_masks(records, image_paths, [os.path.abspath(f) for f in files])
     if not any(masks):
-        if mode == "on":
-            raise UserError(f"data.masks=on, but '{source}' has no masks: add a \"{MASK_COLUMN}\" column to its "
+        if mode == "require":
+            raise UserError(f"data.masks=require, but '{source}' has no masks: add a \"{MASK_COLUMN}\" column to its "
                             f"metadata.jsonl or NAME{MASK_SUFFIX}.png files beside the images, or set data.masks=auto")
         return records, None
     return records, masks
 
 
 def refuse_masks_for(source: str, what: str, mode: str) -> None:
-    """`data.masks=on` with a source we read no masks from (hub datasets, tar shards): one line."""
-    if mode == "on":
-        raise UserError(f"data.masks=on, but masks are read from local image folders only and '{source}' is {what}: "
-                        "set data.masks=auto (no masks) or use a local folder with the masks beside the images")
+    """`data.masks=require` with a source we read no masks from (hub datasets, tar shards): one line."""
+    if mode == "require":
+        raise UserError(f"data.masks=require, but masks are read from local image folders only and '{source}' is "
+                        f"{what}: set data.masks=auto (no masks) or use a local folder with masks beside the images")
 
 
 def _relative_to_image(value: Any, image_path: str | None) -> str | None:

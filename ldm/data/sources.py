@@ -38,7 +38,7 @@ def build_image_dataset(
     seed: int = 0,
     max_pixels: int = MAX_PIXELS,
     cache_dir: str | None = None,
-    masks: str = "off",
+    masks: str = "ignore",
 ) -> ImageCaptionDataset:
     """Load a local image folder (imagefolder layout, optional metadata.jsonl) or a hub dataset `user/name`.
 
@@ -46,7 +46,7 @@ def build_image_dataset(
     lacks is an error. Images over `max_pixels` are skipped (Pillow's own bomb guard, 2 * PIL.Image.MAX_IMAGE_PIXELS
     ~ 179 MP, still applies above that). `cache_dir` overrides where `datasets` writes its Arrow cache (default
     ~/.cache/huggingface/datasets). An existing local path wins over a hub id of the same spelling. `masks`:
-    `data.masks` ("auto", "on", "off"; `ldm.data.masks`), loss masks of a local folder's images.
+    `data.masks` ("auto", "require", "ignore"; `ldm.data.masks`), loss masks of a local folder's images.
     """
     import datasets  # deferred: importing `datasets` takes seconds and most of ldm does not need it
 
