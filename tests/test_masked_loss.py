@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import random
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from conftest import reset_accelerate_state
@@ -24,6 +26,7 @@ from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.latents.cache import LatentCache
 from ldm.latents.cache_key import CacheSpec, VAEIdentity, differences
+from ldm.latents.shard_writer import write_latent_shards
 from ldm.unet.objective import NoiseConfig, build_noise_scheduler, denoising_error
 from ldm.unet.presets import build_unet
 from ldm.unet.tiny import write_tiny_stage2_inputs
@@ -221,6 +224,12 @@ def test_masks_and_tag_shuffling_resume_bit_exactly(tmp_path, parts):
     cache = LatentCache.read(tmp_path / "latents")
     assert torch.equal(cache.tensors["mask"][:, :, :, :8], torch.zeros(8, 1, 16, 8))  # black left half: weight 0
     assert torch.equal(cache.tensors["mask"][:, :, :, 8:], torch.ones(8, 1, 16, 8))
+    row = cache.row(0, flipped=True)  # the flipped copy's mask is mirrored with its latents
+    assert torch.equal(row["mask"], cache.row(0)["mask"].flip(-1))
+    tar = write_latent_shards(cache, str(tmp_path / "out-%05d.tar"), 8)[0]  # the cache as shards keeps the masks
+    with tarfile.open(tar) as archive:
+        tensors = load_safetensors(archive.extractfile("000000000.latents.safetensors").read())
+    assert torch.equal(tensors["mask"], cache.row(0)["mask"]) and torch.equal(tensors["flip_mask"], row["mask"])
     assert same(weights(tmp_path / "a", 3), weights(tmp_path / "b", 3))
     # and the tag options act: without them the same step gives other weights
     train(tmp_path / "c", parts, "half", *hard[:2], hard[-1], "train.max_steps=1", "train.caption_dropout=0.2")
