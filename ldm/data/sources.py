@@ -81,10 +81,10 @@ def build_image_dataset(
             "set data.image_column to the image column"
         ) from error
     mask_paths = None
-    if image_files:
+    if image_files:  # a local folder (hub datasets have none: a "mask" column of theirs is not read)
         records, mask_paths = find_masks(records, image_column, source, masks, image_files)
-    elif MASK_COLUMN in records.column_names:
-        refuse_masks_for(source, "a hub dataset", masks)  # its mask column is not read
+        masks_among = set(mask_paths or []) & {os.path.abspath(f) for f in image_files}  # not unlisted images
+        _warn_unlisted(path, split, len(records), len(image_files) - len(masks_among))
     records = records.select_columns(keep)
     fingerprint = _hash_parts([fingerprint, f"image_column={image_column}"])
     return ImageCaptionDataset(
@@ -141,23 +141,20 @@ def _load_local(
         raise UserError(f"cannot read image folder '{path}': {_one_line(error)}: fix its metadata file") from error
     if len(records) == 0:
         raise UserError(f"split '{split}' of '{path}' has no records: add images (and metadata lines) or fix data.path")
-    if len(records) < len(image_files):
-        # Legitimate with split folders (train/, test/), but also how a metadata.jsonl that misses files silently
-        # drops them: say so once.
-        logger.warning(
-            "%d of %d image files under %s are not in split '%s' (other splits, or not listed in %s)",
-            len(image_files) - len(records),
-            len(image_files),
-            path,
-            split,
-            "/".join(_METADATA_FILENAMES),
-        )
     # Our own fingerprint rather than `datasets`' (which hashes paths + mtimes but not sizes, and changes with the
     # datasets version): names + sizes + mtimes of every image and metadata file, plus the split.
     fingerprint = _hash_parts(
         ["local", f"split={split}"] + [_stat_line(path, f) for f in sorted(image_files + metadata_files)]
     )
     return records, fingerprint, str(path.resolve()), image_files
+
+
+def _warn_unlisted(path: Path, split: str, records: int, images: int) -> None:
+    """`images` image files (masks not counted) but fewer `records`: legitimate with split folders (train/, test/),
+    but also how a metadata.jsonl that misses files silently drops them: say so once."""
+    if records < images:
+        logger.warning("%d of %d image files under %s are not in split '%s' (other splits, or not listed in %s)",
+                       images - records, images, path, split, "/".join(_METADATA_FILENAMES))
 
 
 def _list_folder(root: Path) -> tuple[list[Path], list[Path]]:

@@ -38,6 +38,9 @@ def encode_shard(
     accelerator: Accelerator,
     progress: ProgressCounter,
 ) -> Shard:
+    """Encode the images at dataset `indices` (undecodable ones listed as skipped) into one shard's rows: posterior
+    mean and std (C, h, w) [and the flipped image's], crop geometry, bucket ids and loss masks (1, h, w) as `spec`
+    asks."""
     # Subset(dataset, indices)[i] is dataset[indices[i]]: key = index, i.e. epoch 0 (only the caption pick of
     # multi-caption records depends on the key; the transform is deterministic).
     loader = DataLoader(
