@@ -111,10 +111,12 @@ def test_a_mask_of_another_size_skips_its_image_saying_so(tmp_path):
 
 
 def test_the_latent_mask_is_the_area_average_of_each_block():
-    mask = torch.rand(2, 1, 16, 24)
-    # independently: every 8 x 8 block's mean, by reshaping (B, 1, h, 8, w, 8)
-    expected = mask.reshape(2, 1, 2, 8, 3, 8).mean(dim=(3, 5))
-    assert torch.allclose(latent_mask(mask, 8), expected, atol=1e-7, rtol=0)  # float32 sums of 64 terms
+    mask = torch.rand(2, 1, 16, 24, generator=torch.Generator().manual_seed(0))
+    # independently: every 8 x 8 block's mean, by reshaping (B, 1, h, 8, w, 8), in float64
+    expected = mask.double().reshape(2, 1, 2, 8, 3, 8).mean(dim=(3, 5))
+    # float32 sums of 64 terms in [0, 1): at most 64 roundings of <= 2^-24 * 64 each, / 64 -> under 4e-6 (bound)
+    assert torch.allclose(latent_mask(mask, 8).double(), expected, atol=4e-6, rtol=0)
+    assert not torch.allclose(latent_mask(mask.flip(-1), 8).double(), expected, atol=1e-3)  # the check sees a flip
     assert torch.equal(latent_mask(torch.ones(1, 1, 16, 16), 8), torch.ones(1, 1, 2, 2))
 
 
