@@ -30,6 +30,7 @@ from diffusers.optimization import get_scheduler
 
 from ldm.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.buckets import check_unet_takes_buckets
+from ldm.data.caption_tags import TagOptions
 from ldm.data.dataset import split_train_val
 from ldm.data.loader import train_loader
 from ldm.errors import UserError, exit_on_user_error
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     if sample_metrics is not None:
         sample_metrics.replay(val_log.rows)  # a resumed run's streaks of worse evaluations go on
     bands = timestep_bands(cfg.noise.num_train_timesteps, cfg.train.val_bands)
-    dataset = cache.dataset(seed=cfg.train.seed, indices=train_idx)
+    # captions as written, or their tags shuffled/dropped per item (data.shuffle_tags, data.tag_dropout)
+    dataset = cache.dataset(seed=cfg.train.seed, indices=train_idx, tags=TagOptions.from_data(cfg.data))
     loader = train_loader(dataset, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator,
                           start_batch=batches_done, collate=collate_latents, bucket_ids=dataset.bucket_ids())
     batches = iter(loader)
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         batches_done += 1
         # a fresh latent from each cached posterior, every epoch: z = (mean + std * eps) * scaling_factor
         mean, std = batch["mean"].to(accelerator.device), batch["std"].to(accelerator.device)
+        if "mask" in batch:  # loss weights (B, 1, h, w) at latent resolution (data.masks; ldm/data/masks.py)
+            batch["mask"] = batch["mask"].to(accelerator.device)
         return sample_latents(mean, std, cache.scaling_factor, cache.shift_factor), batch
 
     def save(step: int) -> Path:
@@ -236,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
                 # through a trained text encoder's adapters with gradients, else the frozen encoder's (or the text
                 # cache's) without; SDXL: with the batch's time ids (B, 6) (original size, crop top-left, target size)
                 text = batch_conditioning(trained.condition(batch["captions"], encode_text, empty), batch)
-                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise, cfg.loss)  # autocast by accelerate
+                # autocast by accelerate; with loss masks each latent pixel weighted by its mask (None: the plain mean)
+                loss = diffusion_loss(unet, noise_scheduler, x0, text, cfg.noise, cfg.loss, mask=batch.get("mask"))
                 finite &= bool(torch.isfinite(loss))
                 backend.backward(unet, loss)  # of the mean over the `accum` micro-batches
             losses.append(loss.detach())

@@ -31,9 +31,9 @@ import torch
 
 from ldm.data.batch_order import check_sampler_arguments
 from ldm.data.crops import CropGeometry
+from ldm.data.transforms import place
 from ldm.errors import UserError
 from ldm.image_io import to_rgb
-from ldm.pixels import pil_to_tensor
 
 Size = tuple[int, int]  # (width, height) in pixels, as PIL writes sizes
 
@@ -132,18 +132,20 @@ class BucketTransform:
 
     def apply(self, image: PIL.Image.Image, rng: random.Random) -> tuple[torch.Tensor, CropGeometry]:
         """The (3, H, W) pixels of the image's bucket and their crop geometry (`ldm.data.crops`)."""
+        pixels, crop, _ = self.apply_with_mask(image, None, rng)
+        return pixels, crop
+
+    def apply_with_mask(
+        self, image: PIL.Image.Image, mask: PIL.Image.Image | None, rng: random.Random
+    ) -> tuple[torch.Tensor, CropGeometry, torch.Tensor | None]:
+        """`apply`, and the loss mask through the same resize, crop and flip (`ldm.data.transforms.place`)."""
         image = to_rgb(image)
         original_size = (image.height, image.width)
         bucket = self.buckets[nearest_bucket(image.size, self.buckets)]
         box = cover_crop_box(image.size, bucket, self.center_crop, rng)
-        if image.size != bucket:
-            # one antialiased resample of just the box, as `ImageTransform` does for squares
-            image = image.resize(bucket, resample=PIL.Image.Resampling.BICUBIC, box=box)
         flipped = self.random_flip and rng.random() < 0.5
-        if flipped:
-            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        crop = CropGeometry(original_size, box, (bucket[1], bucket[0]), flipped)
-        return pil_to_tensor(image)[0], crop  # (3, H, W)
+        # one antialiased resample of just the box, as `ImageTransform` does for squares
+        return place(image, mask, CropGeometry(original_size, box, (bucket[1], bucket[0]), flipped))
 
 
 def format_bucket_table(sizes: Sequence[Size], counts: Sequence[int]) -> str:

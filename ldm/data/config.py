@@ -28,10 +28,20 @@ class DataConfig:
     remote_timeout_s: float = 60.0
     image_column: str = "image"
     caption_column: str | None = "text"
+    # Tag captions (stage 2; ldm/data/caption_tags.py, kohya's rules): shuffle the comma-separated tags each time an
+    # image is seen, the first keep_tokens staying in place; drop each other tag with probability tag_dropout. Not
+    # with cache.text_embeddings (it stores one embedding per caption as written).
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
     split: str = "train"
     resolution: int = 32
     center_crop: bool = True
     random_flip: bool = False
+    # Loss masks (stage 2; ldm/data/masks.py): a metadata.jsonl "mask" column or NAME_mask.png beside NAME.ext, white =
+    # trained. auto: used when the folder has any; require: refused without any (and for hub datasets / tar shards);
+    # ignore: never read (_mask files are then ordinary images). Not on/off: YAML reads those as booleans.
+    masks: Literal["auto", "require", "ignore"] = "auto"
     # held-out images for validation, taken from the dataset by a fixed seed (stage 2's default: 0, no validation)
     num_val: int = 64
     # or a separate held-out dataset, in any form `path` takes but "shapes" (a folder, tar shards, a hub id): all of its
@@ -54,6 +64,8 @@ class DataConfig:
 
     def validate(self) -> None:
         check(self.resolution >= 8, "data.resolution", f"must be at least 8, got {self.resolution}")
+        check(self.keep_tokens >= 0, "data.keep_tokens", f"must be >= 0 (tags kept in place), got {self.keep_tokens}")
+        check(0 <= self.tag_dropout <= 1, "data.tag_dropout", f"must be in [0, 1], got {self.tag_dropout}")
         check(self.num_val >= 0, "data.num_val", f"must be >= 0, got {self.num_val}")
         if self.val_path:
             check(self.num_val == 0, "data.num_val", f"is {self.num_val} and data.val_path is set: both choose the "

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ldm.data.decoding import SkipImage, decode_image
+from ldm.data.decoding import SkipImage, decode_image, decode_mask
 from ldm.data.shards import ShardRecords, process_indices
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, MaskSizeError
 from ldm.errors import UserError
 
 _REASON_MAX_CHARS = 160
@@ -44,6 +44,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         fingerprint: str,
         root: str | None = None,
         rows: Sequence[int] | None = None,
+        masks: Sequence[str | None] | None = None,
+        masks_fingerprint: str | None = None,
     ) -> None:
         self._records = records
         self.transform = transform
@@ -54,6 +56,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self._fingerprint = fingerprint
         self._root = root  # local folder, used to report bad files by their relative path
         self._rows = list(rows) if rows is not None else None
+        self.masks = masks  # each record's loss-mask file or None (`ldm.data.masks`); None: a dataset without masks
+        self._masks_fingerprint = masks_fingerprint
 
     def __len__(self) -> int:
         return len(self._rows) if self._rows is not None else len(self._records)
@@ -61,6 +65,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """Stable hash of the source (local files' names, sizes and mtimes, or hub id + split + fingerprint)."""
         return self._fingerprint
+
+    def masks_fingerprint(self) -> str | None:
+        """Hash of the loss masks (`ldm.data.masks.masks_fingerprint`), None without masks: part of the cache key."""
+        return self._masks_fingerprint
 
     def select(self, indices: Sequence[int]) -> ImageCaptionDataset:
         """A view over some records (e.g. the train half of `split_train_val`); keys then range over the view."""
@@ -76,6 +84,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             fingerprint=self._fingerprint,
             root=self._root,
             rows=rows,
+            masks=self.masks,
+            masks_fingerprint=self._masks_fingerprint,
         )
 
     def process_indices(self, rank: int, world_size: int) -> list[int] | None:
@@ -101,16 +111,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             if not isinstance(image_record, dict):
                 raise SkipImage(f"image column holds {type(image_record).__name__}, not an image")
             image = decode_image(image_record, self.max_pixels)
-        except SkipImage as skip:
+            mask_path = self.masks[index] if self.masks is not None else None
+            mask = decode_mask(mask_path, self.max_pixels) if mask_path is not None else None
+            pixel_values, crop, weights = self.transform.apply_with_mask(image, mask, rng)
+        except (SkipImage, MaskSizeError) as skip:  # an undecodable image or mask, a mask of another size
             return {
                 "skipped": self._display_name(image_record, index),
                 "reason": str(skip)[:_REASON_MAX_CHARS],
                 "index": index,
                 "resolution": self.transform.resolution,
             }
-        pixel_values, crop = self.transform.apply(image, rng)
         caption = _pick_caption(record.get(self.caption_column) if self.caption_column else None, rng)
-        return {"pixel_values": pixel_values, "caption": caption, "index": index, "crop": crop}
+        item = {"pixel_values": pixel_values, "caption": caption, "index": index, "crop": crop}
+        if self.masks is not None:  # an image without a mask in a masked dataset weighs 1 everywhere
+            item["mask"] = weights if weights is not None else torch.ones(1, *pixel_values.shape[1:])  # (1, H, W)
+        return item
 
     def _display_name(self, image_record: Any, index: int) -> str:
         path = image_record.get("path") if isinstance(image_record, dict) else None
@@ -133,7 +148,8 @@ def _pick_caption(value: Any, rng: random.Random) -> str:
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch dataset items, dropping skipped ones (so the batch may be smaller than asked, even empty)."""
+    """Batch dataset items, dropping skipped ones (so the batch may be smaller than asked, even empty); items with
+    loss masks add "masks": (B, 1, H, W) in [0, 1]."""
     good = [item for item in items if "skipped" not in item]
     skipped = [f"{item['skipped']}: {item['reason']}" for item in items if "skipped" in item]
     if good:
@@ -141,13 +157,16 @@ def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         resolution = items[0].get("resolution", 0) if items else 0
         pixel_values = torch.empty((0, 3, resolution, resolution), dtype=torch.float32)
-    return {
+    batch = {
         "pixel_values": pixel_values,
         "captions": [item["caption"] for item in good],
         "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
         "crops": [item["crop"] for item in good],
         "skipped": skipped,
     }
+    if good and "mask" in good[0]:
+        batch["masks"] = torch.stack([item["mask"] for item in good])
+    return batch
 
 
 def split_train_val(n: int, num_val: int, seed: int) -> tuple[list[int], list[int]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import PIL.Image
 
-from ldm.image_io import ImageError, open_image
+from ldm.image_io import ImageError, open_image, open_mask
 
 
 class SkipImage(Exception):
@@ -41,3 +41,12 @@ def decode_image(record: dict[str, Any], max_pixels: int) -> PIL.Image.Image:
     except Exception as error:  # noqa: BLE001
         # the archive itself cannot be opened: one bad file must not kill training
         raise SkipImage(f"cannot read ({type(error).__name__}: {error})") from error
+
+
+def decode_mask(path: str, max_pixels: int) -> PIL.Image.Image:
+    """A loss mask's file -> an 'L' image (`ldm.image_io.open_mask`: alpha where not opaque, else grey levels), or
+    `SkipImage` naming the mask (its image is skipped: training it unmasked would silently train what it hides)."""
+    try:
+        return open_mask(path, f"mask '{path}'", max_pixels)
+    except ImageError as error:
+        raise SkipImage(f"its mask: {error.reason}") from error

@@ -63,6 +63,7 @@ def build_datasets(
     kwargs = dict(
         image_column=cfg.image_column, caption_column=caption_column, split=cfg.split, seed=seed,
         max_pixels=cfg.max_image_pixels, remote=RemoteOptions.from_data_config(cfg),
+        masks=cfg.masks,  # the same images as stage 2 (NAME_mask files are not images); the VAE ignores the masks
     )
     with main_process_first(accelerator):  # the main process builds the `datasets` cache, the others reuse it
         train_full = build_image_dataset(

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from ldm import hub
 from ldm.data.dataset import ImageCaptionDataset
+from ldm.data.masks import MASK_COLUMN, find_masks, masks_fingerprint, refuse_masks_for
 from ldm.data.remote import RemoteOptions, is_remote
 from ldm.data.shards import is_shard_source, load_shards
 from ldm.data.transforms import ImageTransform
@@ -39,6 +40,7 @@ def build_image_dataset(
     max_pixels: int = MAX_PIXELS,
     cache_dir: str | None = None,
     remote: RemoteOptions | None = None,
+    masks: str = "ignore",
 ) -> ImageCaptionDataset:
     """Load a local image folder (imagefolder layout, optional metadata.jsonl) or a hub dataset `user/name`.
 
@@ -46,19 +48,23 @@ def build_image_dataset(
     lacks is an error. Images over `max_pixels` are skipped (Pillow's own bomb guard, 2 * PIL.Image.MAX_IMAGE_PIXELS
     ~ 179 MP, still applies above that). `cache_dir` overrides where `datasets` writes its Arrow cache (default
     ~/.cache/huggingface/datasets). An existing local path wins over a hub id of the same spelling. `remote`: how
-    http(s):// and s3:// shards are reached (storage options, retries; `ldm.data.remote`).
+    http(s):// and s3:// shards are reached (storage options, retries; `ldm.data.remote`). `masks`: `data.masks`
+    ("auto", "require", "ignore"; `ldm.data.masks`), loss masks of a local folder's images.
     """
     import datasets  # deferred: importing `datasets` takes seconds and most of ldm does not need it
 
     path = Path(source).expanduser()
+    image_files: list[Path] = []  # a local folder's, where its masks are looked for
     if is_shard_source(source) and not path.is_dir():  # webdataset tar shards: ldm.data.shards
+        refuse_masks_for(source, "tar shards", masks)
         records, fingerprint, root = _load_shards(source, image_column, caption_column, cache_dir, remote)
     elif is_remote(source):
         raise UserError(f"data.path '{source}' is a URL but not of .tar shards: remote data must be webdataset "
                         "shards ('.../{00000..00099}.tar'); download other datasets first")
     elif path.exists():
-        records, fingerprint, root = _load_local(path, split, image_column, cache_dir)
+        records, fingerprint, root, image_files = _load_local(path, split, image_column, cache_dir)
     elif hub.is_hub_id(source):  # anything else that does not exist on disk is reported as a missing path
+        refuse_masks_for(source, "a hub dataset", masks)
         records, fingerprint, root = _load_hub(source, split, image_column, cache_dir)
     else:
         raise UserError(
@@ -72,7 +78,7 @@ def build_image_dataset(
             max_pixels=max_pixels, fingerprint=_hash_parts([fingerprint, f"image_column={image_column}"]), root=root,
         )
     keep = [image_column] + ([caption_column] if caption_column else [])
-    records = records.select_columns(keep)
+    records = records.select_columns(keep + ([MASK_COLUMN] if MASK_COLUMN in records.column_names else []))
     try:
         records = records.cast_column(image_column, datasets.Image(decode=False))
     except (TypeError, ValueError) as error:
@@ -80,6 +86,12 @@ def build_image_dataset(
             f"column '{image_column}' of '{source}' does not hold images ({records.features[image_column]}): "
             "set data.image_column to the image column"
         ) from error
+    mask_paths = None
+    if image_files:  # a local folder (hub datasets have none: a "mask" column of theirs is not read)
+        records, mask_paths = find_masks(records, image_column, source, masks, image_files)
+        masks_among = set(mask_paths or []) & {os.path.abspath(f) for f in image_files}  # not unlisted images
+        _warn_unlisted(path, split, len(records), len(image_files) - len(masks_among))
+    records = records.select_columns(keep)
     fingerprint = _hash_parts([fingerprint, f"image_column={image_column}"])
     return ImageCaptionDataset(
         records,
@@ -90,6 +102,8 @@ def build_image_dataset(
         max_pixels=max_pixels,
         fingerprint=fingerprint,
         root=root,
+        masks=mask_paths,
+        masks_fingerprint=None if mask_paths is None else masks_fingerprint(mask_paths, root),
     )
 
 
@@ -108,7 +122,9 @@ def _check_columns(records: Any, source: str, image_column: str, caption_column:
         )
 
 
-def _load_local(path: Path, split: str, image_column: str, cache_dir: str | None) -> tuple[Any, str, str]:
+def _load_local(
+    path: Path, split: str, image_column: str, cache_dir: str | None
+) -> tuple[Any, str, str, list[Path]]:
     import datasets
 
     if not path.is_dir():
@@ -131,23 +147,20 @@ def _load_local(path: Path, split: str, image_column: str, cache_dir: str | None
         raise UserError(f"cannot read image folder '{path}': {_one_line(error)}: fix its metadata file") from error
     if len(records) == 0:
         raise UserError(f"split '{split}' of '{path}' has no records: add images (and metadata lines) or fix data.path")
-    if len(records) < len(image_files):
-        # Legitimate with split folders (train/, test/), but also how a metadata.jsonl that misses files silently
-        # drops them: say so once.
-        logger.warning(
-            "%d of %d image files under %s are not in split '%s' (other splits, or not listed in %s)",
-            len(image_files) - len(records),
-            len(image_files),
-            path,
-            split,
-            "/".join(_METADATA_FILENAMES),
-        )
     # Our own fingerprint rather than `datasets`' (which hashes paths + mtimes but not sizes, and changes with the
     # datasets version): names + sizes + mtimes of every image and metadata file, plus the split.
     fingerprint = _hash_parts(
         ["local", f"split={split}"] + [_stat_line(path, f) for f in sorted(image_files + metadata_files)]
     )
-    return records, fingerprint, str(path.resolve())
+    return records, fingerprint, str(path.resolve()), image_files
+
+
+def _warn_unlisted(path: Path, split: str, records: int, images: int) -> None:
+    """`images` image files (masks not counted) but fewer `records`: legitimate with split folders (train/, test/),
+    but also how a metadata.jsonl that misses files silently drops them: say so once."""
+    if records < images:
+        logger.warning("%d of %d image files under %s are not in split '%s' (other splits, or not listed in %s)",
+                       images - records, images, path, split, "/".join(_METADATA_FILENAMES))
 
 
 def _list_folder(root: Path) -> tuple[list[Path], list[Path]]:

@@ -27,13 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-from torch.utils.data import DataLoader, Subset
-
 from ldm.data.buckets import BucketTransform, bucket_counts, bucket_settings, bucket_sizes, format_bucket_table
 from ldm.data.config import DataConfig
-from ldm.data.crops import CropGeometry
-from ldm.data.dataset import ImageCaptionDataset, collate_images
+from ldm.data.dataset import ImageCaptionDataset
 from ldm.data.loader import resolve_source
 from ldm.data.remote import RemoteOptions
 from ldm.data.sources import build_image_dataset
@@ -41,15 +37,15 @@ from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.files import TMP_PREFIX, atomic_write_bytes, atomic_write_text
 from ldm.latents.cache import (
-    BUCKET_KEY, DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, LatentCache, MissingCacheError, Shard,
-    check_family, parse_shard, serialize_shard, shard_name, vae_identity,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, LatentCache, MissingCacheError, check_family, vae_identity,
 )
 from ldm.latents.cache_key import CacheSpec
 from ldm.latents.config import LatentCacheConfig
-from ldm.latents.micro_conditioning import crop_tensors
+from ldm.latents.encode_shard import encode_shard
+from ldm.latents.shard_file import SHARD_FILE, parse_shard, serialize_shard, shard_name
 from ldm.latents.text_cache import check_text_cache_family
 from ldm.parallel.collective import main_process_first, run_on_all
-from ldm.progress import ProgressCounter, progress_bar
+from ldm.progress import progress_bar
 from ldm.vae.load_vae import load_vae, vae_factor
 
 if TYPE_CHECKING:
@@ -93,6 +89,7 @@ def ensure_latent_cache(
         dtype=cache_cfg.dtype,
         buckets=buckets,
         family=family,
+        masks=dataset.masks_fingerprint(),  # None without loss masks (data.masks)
     )
 
     # Every process inspects the cache; they agree on a shared filesystem, and the gather makes sure of it.
@@ -154,7 +151,7 @@ def _open_kwargs(spec: CacheSpec) -> dict[str, Any]:
     return dict(
         vae=spec.vae, data_fingerprint=spec.data_fingerprint, resolution=spec.resolution,
         center_crop=spec.center_crop, random_flip=spec.random_flip, caption_column=spec.caption_column,
-        dtype=spec.dtype, buckets=spec.buckets, family=spec.family,
+        dtype=spec.dtype, buckets=spec.buckets, family=spec.family, masks=spec.masks,
     )
 
 
@@ -187,6 +184,7 @@ def _encoding_dataset(
             seed=0,  # only picks one caption of multi-caption records; a fixed value keeps the cache seed-independent
             max_pixels=data_cfg.max_image_pixels,
             remote=RemoteOptions.from_data_config(data_cfg),
+            masks=data_cfg.masks,
         )
 
 
@@ -227,7 +225,7 @@ def _encode_own_shards(
             if data is None:
                 if vae is None:
                     vae = load_vae(vae_dir, device=accelerator.device)
-                shard = _encode_shard(vae, dataset, indices, spec, cache_cfg, data_cfg, accelerator, progress)
+                shard = encode_shard(vae, dataset, indices, spec, cache_cfg, data_cfg, accelerator, progress)
                 data = serialize_shard(shard)
                 atomic_write_bytes(path, data)
             else:
@@ -251,125 +249,6 @@ def _reusable_shard(path: Path, build: str, indices: Sequence[int]) -> bytes | N
         log.info("re-encoding %s: it is from another build or process layout", path.name)
         return None
     return data
-
-
-def _encode_shard(
-    vae: AutoencoderKL,
-    dataset: ImageCaptionDataset,
-    indices: Sequence[int],
-    spec: CacheSpec,
-    cache_cfg: LatentCacheConfig,
-    data_cfg: DataConfig,
-    accelerator: Accelerator,
-    progress: ProgressCounter,
-) -> Shard:
-    # Subset(dataset, indices)[i] is dataset[indices[i]]: key = index, i.e. epoch 0 (only the caption pick of
-    # multi-caption records depends on the key; the transform is deterministic).
-    loader = DataLoader(
-        Subset(dataset, list(indices)), batch_size=cache_cfg.batch_size, num_workers=data_cfg.num_workers,
-        collate_fn=_collate_with_skips if spec.buckets is None else _collate_by_size,
-    )
-    parts: dict[str, list[torch.Tensor]] = {
-        "mean": [], "std": [], "flip_mean": [], "flip_std": [], "index": [], BUCKET_KEY: []
-    }
-    captions: list[str] = []
-    crops: list[CropGeometry] = []  # where each row's (unflipped) pixels came from
-    skipped: list[dict[str, Any]] = []
-    store = _flattener(spec)  # (B, C, h, w) -> what a shard row holds
-    for batch in (group for groups in loader for group in (groups if spec.buckets else [groups])):
-        skipped.extend(batch["skipped_items"])
-        x = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
-        if x.shape[0] > 0:
-            if spec.random_flip:
-                x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): the flipped images ride in the same forward pass
-            mean, std = _encode(vae, x, accelerator, batch["indices"])  # (B or 2B, C, h, w) float32
-            n = len(batch["indices"])
-            mean, std = store(mean), store(std)
-            parts["mean"].append(mean[:n])
-            parts["std"].append(std[:n])
-            if spec.random_flip:
-                parts["flip_mean"].append(mean[n:])
-                parts["flip_std"].append(std[n:])
-            parts["index"].append(batch["indices"])
-            if spec.buckets is not None:
-                bucket = spec.buckets["sizes"].index([x.shape[-1], x.shape[-2]])  # [W, H]
-                parts[BUCKET_KEY].append(torch.full((n,), bucket, dtype=torch.long))
-            captions.extend(batch["captions"])
-            crops.extend(batch["crops"])
-        progress.update(len(batch["indices"]) + len(batch["skipped_items"]))
-
-    dtype = DTYPES[spec.dtype]
-    names = ["mean", "std"] + (["flip_mean", "flip_std"] if spec.random_flip else [])
-    if not parts["index"]:  # every image of the shard was undecodable: zero-row tensors of the right shape
-        shape = store(torch.zeros(1, *_latent_shape(vae, spec.resolution, accelerator))).shape[1:]
-        tensors = {name: torch.zeros((0, *shape), dtype=dtype) for name in names}
-        tensors["index"] = torch.zeros(0, dtype=torch.long)
-    else:
-        tensors = {name: torch.cat(parts[name]).to(dtype) for name in names}
-        tensors["index"] = torch.cat(parts["index"]).to(torch.long)
-    if spec.buckets is not None:
-        tensors[BUCKET_KEY] = torch.cat(parts[BUCKET_KEY]) if parts[BUCKET_KEY] else torch.zeros(0, dtype=torch.long)
-    tensors.update(crop_tensors(crops, flips=spec.random_flip))
-    return Shard(tensors, captions, skipped, spec.build_id())
-
-
-def _flattener(spec: CacheSpec) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Identity for square caches; with buckets (B, C, h, w) -> (B, L), flattened and zero-padded to the largest
-    bucket's latent size (`ldm.latents.cache` describes the layout)."""
-    if spec.buckets is None:
-        return lambda latents: latents
-    factor = vae_factor(spec.vae.config)
-    channels = int(spec.vae.config.get("latent_channels", 4))
-    length = channels * max(w * h for w, h in spec.buckets["sizes"]) // factor**2
-
-    def flatten(latents: torch.Tensor) -> torch.Tensor:
-        flat = latents.flatten(1)  # (B, C*h*w)
-        return torch.nn.functional.pad(flat, (0, length - flat.shape[1]))  # (B, L)
-
-    return flatten
-
-
-def _collate_by_size(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Bucketed encoding: one `_collate_with_skips` batch per image size (undecodable images in a batch of their
-    own), so each VAE forward pass sees one size."""
-    good = [item for item in items if "skipped" not in item]
-    sizes = sorted({tuple(item["pixel_values"].shape) for item in good})
-    groups = [_collate_with_skips([item for item in good if tuple(item["pixel_values"].shape) == s]) for s in sizes]
-    bad = [item for item in items if "skipped" in item]
-    return groups + ([_collate_with_skips(bad)] if bad else [])
-
-
-def _collate_with_skips(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`collate_images`, plus the index, name and reason of each undecodable image (for the manifest)."""
-    batch = collate_images(items)
-    batch["skipped_items"] = [
-        {"index": item["index"], "name": item["skipped"], "reason": item["reason"]}
-        for item in items
-        if "skipped" in item
-    ]
-    return batch
-
-
-@torch.no_grad()
-def _encode(
-    vae: AutoencoderKL, x: torch.Tensor, accelerator: Accelerator, indices: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std, (B, C, h, w) float32 on the CPU."""
-    with accelerator.autocast():
-        posterior = vae.encode(x.to(accelerator.device)).latent_dist
-    mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-        raise UserError(
-            f"the VAE produced non-finite latents for a batch with dataset indices {indices.tolist()[:8]}: "
-            "encode with mixed_precision=no (fp16 overflows in some VAEs) or check the VAE"
-        )
-    return mean, std
-
-
-@torch.no_grad()
-def _latent_shape(vae: AutoencoderKL, resolution: int, accelerator: Accelerator) -> tuple[int, int, int]:
-    probe = torch.zeros(1, 3, resolution, resolution, device=accelerator.device)
-    return tuple(vae.encode(probe).latent_dist.mean.shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,6 +302,7 @@ def _publish(
             "center_crop": spec.center_crop,
             "random_flip": spec.random_flip,
             "buckets": spec.buckets,
+            "masks": spec.masks,
             "size": len(dataset),
             "family": spec.family,
         },

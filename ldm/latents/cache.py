@@ -13,13 +13,17 @@ Each shard holds, for its R encoded images (skipped ones have no row):
     original_size        (R, 2) int64  (h, w) of the image as decoded, before any resize
     crop_top_left        (R, 2) int64  (top, left) of the crop in the resized image (SDXL's micro-conditioning)
     flip_crop_top_left   (R, 2) int64  the same for the flipped copy: mirrored (only when built with flips)
+    mask                 (R, 1, h, w)  loss weights in [0, 1] at latent resolution: the image's mask (`ldm.data.masks`)
+                                       through its crop, area-averaged over each VAE factor x factor block (only with
+                                       masks; the flipped copy's is its mirror image, exactly, so it is not stored)
 
 (`ldm.latents.micro_conditioning` explains the last three and turns a row into SDXL's time ids.)
 
 With aspect-ratio buckets (`data.buckets: true`, see `ldm.data.buckets`) each image is encoded at its bucket, so
 latent sizes differ: mean, std and the flips are then (R, L), each row a (C, H/f, W/f) latent flattened and zero-padded
-to L = C * the largest bucket's latent area, and `bucket` (R,) int64 holds the row's index into the bucket table that
-the manifest's data.buckets.sizes lists ([W, H] pixels). Rows are keyed by dataset index, never by step.
+to L = C * the largest bucket's latent area (a mask: (R, L / C)), and `bucket` (R,) int64 holds the row's index into
+the bucket table that the manifest's data.buckets.sizes lists ([W, H] pixels). Rows are keyed by dataset index, never
+by step.
 
 and, in the safetensors metadata: "format", "version" (2 since the crop offsets; an older cache is stale), "build"
 (hash of everything the latents depend on), "captions" (JSON list, one per row), "skipped" (JSON list of {index,
@@ -27,10 +31,11 @@ name, reason} for undecodable images) and "content_sha256" (hash of tensors + ca
 verifies itself even before a manifest exists.
 
 The manifest records the VAE identity (sha256 of its weights and of its config.json without "_"-keys, the config,
-scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, buckets, dataset
-size, and the model family the cache was built for: "sd" (also when absent) or "sdxl"), the dtype, latent shape,
-count, every shard's file name, rows, bytes and sha256, and the skipped images. A cache built for the other family
-is refused saying so (a rebuild keeps its shards: the family is not in the build id).
+scaling/shift factor), the data (fingerprint, source, caption column, resolution, crop, flip, buckets, the loss
+masks' fingerprint (null without; in the build id only when set, so caches without masks keep theirs), dataset size,
+and the model family the cache was built for: "sd" (also when absent) or "sdxl"), the dtype, latent shape, count,
+every shard's file name, rows, bytes and sha256, and the skipped images. A cache built for the other family is
+refused saying so (a rebuild keeps its shards: the family is not in the build id).
 
 Latents are stored unscaled: training samples z = (mean + std * eps) [- shift_factor] * scaling_factor afresh each
 time (`sample_latents`), and `vae.decode(mean)` reconstructs the image. The whole cache is loaded into memory by
@@ -43,27 +48,21 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch.utils.data import Dataset
 
+from ldm.data.caption_tags import TagOptions, process_tags
 from ldm.errors import UserError
 from ldm.latents.cache_key import FAMILY_NAMES, FORMAT_VERSION, UNCHECKED, VAEIdentity, differences, vae_identity
 from ldm.latents.micro_conditioning import CROP_KEY, FLIP_CROP_KEY, ORIGINAL_SIZE_KEY, row_fields
-from ldm.weights import BadSafetensors, read_safetensors_header
+from ldm.latents.shard_file import Shard, parse_shard
 
 FORMAT_NAME = "ldm-latent-cache"
-SHARD_FORMAT_NAME = "ldm-latent-shard"
 MANIFEST_NAME = "manifest.json"
-SHARD_FILE = re.compile(r"^shard-(\d+)-(\d+)\.safetensors$")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 REBUILD_HINT = "delete it or run train/cache_latents.py with cache.rebuild=true"
 
@@ -72,6 +71,7 @@ _MANIFEST_KEYS = ("build", "vae", "data", "dtype", "latent_shape", "count", "sha
 _LATENT_KEYS = ("mean", "std")
 _FLIP_KEYS = ("flip_mean", "flip_std")
 BUCKET_KEY = "bucket"  # bucketed caches only
+MASK_KEY = "mask"  # caches with loss masks only
 
 
 class MissingCacheError(UserError):
@@ -87,90 +87,6 @@ class CorruptCacheError(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shards
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Shard:
-    """One shard file's contents: tensors with one row per encoded image, captions and skipped images."""
-
-    tensors: dict[str, torch.Tensor]  # mean, std, [flip_mean, flip_std]: (R, C, h, w); index: (R,); crops (R, 2)
-    captions: list[str]
-    skipped: list[dict[str, Any]]  # {"index", "name", "reason"}
-    build: str
-
-    @property
-    def rows(self) -> int:
-        return int(self.tensors["index"].shape[0])
-
-    def covered_indices(self) -> list[int]:
-        """Dataset indices this shard accounts for: encoded or skipped."""
-        return sorted(self.tensors["index"].tolist() + [s["index"] for s in self.skipped])
-
-
-def shard_name(rank: int, k: int) -> str:
-    return f"shard-{rank}-{k}.safetensors"
-
-
-def content_sha256(tensors: dict[str, torch.Tensor], captions_json: str, skipped_json: str, build: str) -> str:
-    """Hash of a shard's payload; stored in its metadata so the file can be verified without a manifest."""
-    return tensors_sha256(tensors, build, captions_json, skipped_json)
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor], *texts: str) -> str:
-    """sha256 of `texts` (each NUL-terminated), then of each tensor's name, dtype, shape and bytes, in name order.
-    The bytes are hashed in place (no copy), so a memory-mapped tensor is read once, page by page."""
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\0")
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\0".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def serialize_shard(shard: Shard) -> bytes:
-    """A shard file's bytes: the tensors, and captions, skipped images and hashes in the metadata."""
-    captions_json = json.dumps(shard.captions, ensure_ascii=False)
-    skipped_json = json.dumps(shard.skipped, ensure_ascii=False)
-    metadata = {
-        "format": SHARD_FORMAT_NAME,
-        "version": str(FORMAT_VERSION),
-        "build": shard.build,
-        "captions": captions_json,
-        "skipped": skipped_json,
-        "content_sha256": content_sha256(shard.tensors, captions_json, skipped_json, shard.build),
-    }
-    return save_safetensors({k: v.contiguous() for k, v in shard.tensors.items()}, metadata=metadata)
-
-
-def parse_shard(data: bytes) -> Shard:
-    """Decode and self-verify a shard file's bytes; raise ValueError saying what is wrong."""
-    try:
-        _, metadata = read_safetensors_header(data)
-        tensors = load_safetensors(data)
-    except BadSafetensors as error:
-        raise ValueError(f"is not a valid safetensors file ({error.reason})") from error
-    except SafetensorError as error:
-        raise ValueError(f"is not a valid safetensors file ({str(error).splitlines()[0]})") from error
-    if metadata.get("format") != SHARD_FORMAT_NAME:
-        raise ValueError("is not a latent cache shard")
-    if int(metadata.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"has format version {metadata['version']}, newer than this code ({FORMAT_VERSION})")
-    build = metadata.get("build", "")
-    captions_json, skipped_json = metadata.get("captions", "[]"), metadata.get("skipped", "[]")
-    if content_sha256(tensors, captions_json, skipped_json, build) != metadata.get("content_sha256"):
-        raise ValueError("does not match its own content hash (corrupted)")
-    shard = Shard(tensors, json.loads(captions_json), json.loads(skipped_json), build)
-    if any(t.shape[0] != shard.rows for t in tensors.values()) or len(shard.captions) != shard.rows:
-        raise ValueError("has tensors or captions of different lengths")
-    return shard
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The cache
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -183,6 +99,7 @@ class LatentCache:
         self.manifest = manifest
         names = [*_LATENT_KEYS, ORIGINAL_SIZE_KEY, CROP_KEY] + ([*_FLIP_KEYS, FLIP_CROP_KEY] if self.has_flips else [])
         names += [BUCKET_KEY] if self.buckets is not None else []
+        names += [MASK_KEY] if self.has_masks else []
         indices = torch.cat([s.tensors["index"] for s in shards]) if shards else torch.zeros(0, dtype=torch.long)
         order = torch.argsort(indices)  # rows by dataset index, whichever process encoded them
         self.indices = indices[order]  # (N,) int64
@@ -205,12 +122,14 @@ class LatentCache:
         dtype: str | None = None,
         buckets: dict[str, Any] | None = UNCHECKED,
         family: str = UNCHECKED,
+        masks: str | None = UNCHECKED,
     ) -> LatentCache:
         """Load a cache after checking that it is complete, intact and built from what the caller expects.
 
         `vae` is the VAE directory or its `vae_identity`; None (like `data_fingerprint=None`, `dtype=None` or an
-        omitted `caption_column`) skips that check. Raises `MissingCacheError`, `StaleCacheError` (naming every
-        difference, or the other model `family`) or `CorruptCacheError` (naming the file), all `UserError`s.
+        omitted `caption_column` or `masks`, the masks' fingerprint) skips that check. Raises `MissingCacheError`,
+        `StaleCacheError` (naming every difference, or the other model `family`) or `CorruptCacheError` (naming the
+        file), all `UserError`s.
         """
         directory = Path(directory)
         manifest = read_manifest(directory)
@@ -228,6 +147,8 @@ class LatentCache:
             expected["caption_column"] = caption_column
         if buckets is not UNCHECKED:
             expected["buckets"] = buckets
+        if masks is not UNCHECKED:
+            expected["masks"] = masks
         diffs = differences(manifest, expected)
         if diffs:
             raise stale_cache_error(directory, diffs)
@@ -254,6 +175,11 @@ class LatentCache:
         return bool(self.manifest["data"]["random_flip"])
 
     @property
+    def has_masks(self) -> bool:
+        """Whether rows hold loss masks (`ldm.data.masks`)."""
+        return self.manifest["data"].get("masks") is not None
+
+    @property
     def scaling_factor(self) -> float:
         return float(self.manifest["vae"]["scaling_factor"])
 
@@ -278,9 +204,9 @@ class LatentCache:
         ids = self.tensors[BUCKET_KEY].tolist()
         return [ids[p] for p in positions]
 
-    def _unflatten(self, flat: torch.Tensor, position: int) -> torch.Tensor:
-        # (L,) zero-padded -> (C, H/f, W/f) of the row's bucket
-        channels, side = self.latent_shape[0], self.latent_shape[-1]
+    def _unflatten(self, flat: torch.Tensor, position: int, channels: int | None = None) -> torch.Tensor:
+        # (L,) zero-padded -> (C, H/f, W/f) of the row's bucket (C = `channels`, default the latents')
+        channels, side = channels or self.latent_shape[0], self.latent_shape[-1]
         factor = self.manifest["data"]["resolution"] // side
         width, height = self.buckets[int(self.tensors[BUCKET_KEY][position])]
         h, w = height // factor, width // factor
@@ -308,14 +234,21 @@ class LatentCache:
 
     def row(self, position: int, flipped: bool = False) -> dict[str, Any]:
         """{"mean": (C, h, w) float32, "std": (C, h, w) float32, "caption", "index", "flipped", and SDXL's
-        "original_size", "crop_top_left" (of this copy, flipped or not), "target_size": (int, int)} of one row."""
+        "original_size", "crop_top_left" (of this copy, flipped or not), "target_size": (int, int)} of one row; with
+        loss masks also "mask": (1, h, w) float32 in [0, 1], mirrored with a flipped copy."""
         if flipped and not self.has_flips:
             raise ValueError(f"latent cache {self.directory} was built without flipped latents")
         mean, std = _FLIP_KEYS if flipped else _LATENT_KEYS
         mean, std = self.tensors[mean][position].float(), self.tensors[std][position].float()
         if self.buckets is not None:
             mean, std = self._unflatten(mean, position), self._unflatten(std, position)
+        extra = {}
+        if self.has_masks:
+            mask = self.tensors[MASK_KEY][position].float()
+            mask = self._unflatten(mask, position, channels=1) if self.buckets is not None else mask  # (1, h, w)
+            extra["mask"] = mask.flip(-1) if flipped else mask
         return {
+            **extra,
             "mean": mean,
             "std": std,
             "caption": self.captions[position],
@@ -325,10 +258,13 @@ class LatentCache:
             "target_size": self.target_size(position),
         }
 
-    def dataset(self, seed: int, indices: Sequence[int] | None = None) -> LatentDataset:
-        """A keyed view over all rows, or over the rows of some dataset `indices` (e.g. a train split)."""
+    def dataset(
+        self, seed: int, indices: Sequence[int] | None = None, tags: TagOptions = TagOptions()
+    ) -> LatentDataset:
+        """A keyed view over all rows, or over the rows of some dataset `indices` (e.g. a train split); `tags`: the
+        caption tag shuffling/dropout applied per item (`ldm.data.caption_tags`)."""
         positions = list(range(len(self))) if indices is None else self.positions_of(indices)
-        return LatentDataset(self, seed, positions)
+        return LatentDataset(self, seed, positions, tags)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -405,12 +341,15 @@ def load_shard(directory: Path, entry: dict[str, Any], build: str) -> Shard:
 class LatentDataset(Dataset):
     """Rows addressed by key = epoch * len(self) + position, like `ImageCaptionDataset`, for a resumable sampler.
 
-    With flips, each key shows the flipped latents with p=0.5, drawn from `random.Random` seeded by (seed, key):
-    the same key always gives the same item, whatever the process, worker count or resume point.
+    With flips, each key shows the flipped latents with p=0.5, and with `tags` its caption's tags shuffled/dropped,
+    drawn (in that order) from `random.Random` seeded by (seed, key): the same key always gives the same item,
+    whatever the process, worker count or resume point.
     """
 
-    def __init__(self, cache: LatentCache, seed: int, positions: Sequence[int]) -> None:
-        self.cache, self.seed, self.positions = cache, seed, list(positions)
+    def __init__(
+        self, cache: LatentCache, seed: int, positions: Sequence[int], tags: TagOptions = TagOptions()
+    ) -> None:
+        self.cache, self.seed, self.positions, self.tags = cache, seed, list(positions), tags
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -426,14 +365,19 @@ class LatentDataset(Dataset):
         # The same integer mix as ldm.data.dataset (ints seed `Random` reproducibly across processes).
         rng = random.Random(self.seed * 1_000_003 + key)
         flipped = self.cache.has_flips and rng.random() < 0.5
-        return self.cache.row(position, flipped)
+        row = self.cache.row(position, flipped)
+        row["caption"] = process_tags(row["caption"], self.tags, rng)  # as written unless data.shuffle_tags/tag_dropout
+        return row
 
 
 def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
     """{"mean": (B, C, h, w), "std": (B, C, h, w), "captions": [B], "indices": (B,) int64, "flipped": (B,) bool,
-    "original_size", "crop_top_left", "target_size": (B, 2) int64} (SDXL's time ids: `batch_time_ids`)."""
+    "original_size", "crop_top_left", "target_size": (B, 2) int64} (SDXL's time ids: `batch_time_ids`), and with loss
+    masks "mask": (B, 1, h, w) in [0, 1]."""
     pairs = ("original_size", "crop_top_left", "target_size")
+    masks = {"mask": torch.stack([item["mask"] for item in items])} if items and "mask" in items[0] else {}
     return {
+        **masks,
         "mean": torch.stack([item["mean"] for item in items]),
         "std": torch.stack([item["std"] for item in items]),
         "captions": [item["caption"] for item in items],

@@ -104,6 +104,7 @@ class CacheSpec:
     dtype: str  # a key of DTYPES
     buckets: dict[str, Any] | None = None  # `ldm.data.buckets.bucket_settings` plus "sizes"; None: square crops
     family: str = "sd"  # a key of FAMILY_NAMES: the model the run trains (not in the build id)
+    masks: str | None = None  # `ldm.data.masks.masks_fingerprint` of the loss masks; None: no masks
 
     def build_id(self) -> str:
         key = {
@@ -115,6 +116,8 @@ class CacheSpec:
         }
         if self.buckets is not None:  # left out otherwise, so square caches keep their build ids
             key["buckets"] = self.buckets
+        if self.masks is not None:  # likewise: caches without masks keep their build ids
+            key["masks"] = self.masks
         return _sha256_json(key)[:32]
 
 
@@ -150,6 +153,11 @@ def differences(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]
             return "off" if b is None else ", ".join(f"{k}={v}" for k, v in b.items() if k != "sizes")
 
         diffs.append(f"buckets {settings(data.get('buckets'))} != {settings(expected['buckets'])}")
+    if "masks" in expected and data.get("masks") != expected["masks"]:
+        def masks(fingerprint: str | None) -> str:
+            return "no loss masks" if fingerprint is None else f"loss masks {fingerprint[:8]}.."
+
+        diffs.append(f"{masks(data.get('masks'))} != {masks(expected['masks'])}")
     if expected.get("dtype") is not None and manifest["dtype"] != expected["dtype"]:
         diffs.append(f"dtype {manifest['dtype']} != {expected['dtype']}")
     return diffs

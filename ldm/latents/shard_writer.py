@@ -5,7 +5,8 @@
 One sample per cached image, keyed by its zero-padded dataset index (`000000017`):
 
     <key>.latents.safetensors   mean, std (C, h, w), and flip_mean, flip_std when built with flips; unscaled,
-                                in the cache's dtype, with the VAE's scaling/shift factor in the metadata
+                                in the cache's dtype, with the VAE's scaling/shift factor in the metadata; with
+                                loss masks also mask (1, h, w) [and flip_mask] (`ldm.data.masks`)
     <key>.txt                   the caption the latents were cached with
     <key>.text.safetensors      `embedding` (77, D): the frozen text encoder's output for that caption, when the
                                 cache directory holds a text-embedding cache (`cache.text_embeddings: true`); the
@@ -80,8 +81,8 @@ def write_latent_shards(cache: LatentCache, pattern: str, per_shard: int = 10_00
                 # the cache's own row accessor: (C, h, w) of the row's bucket, not the zero-padded flat row
                 rows = [("", cache.row(position))] + ([("flip_", cache.row(position, flipped=True))]
                                                      if cache.has_flips else [])
-                tensors = {prefix + name: row[name].to(dtype).contiguous() for prefix, row in rows
-                           for name in ("mean", "std")}
+                names = ("mean", "std", "mask") if cache.has_masks else ("mean", "std")  # mask: (1, h, w) loss weights
+                tensors = {prefix + name: row[name].to(dtype).contiguous() for prefix, row in rows for name in names}
                 info = {"index": index, **meta}
                 for prefix, row in rows:  # SDXL's time ids, in pixels (`ldm.latents.micro_conditioning`)
                     info[prefix + "crop_top_left"] = list(row["crop_top_left"])

@@ -36,8 +36,9 @@ from safetensors.torch import save as save_safetensors
 
 from ldm.errors import UserError
 from ldm.files import atomic_write_bytes
-from ldm.latents.cache import CorruptCacheError, StaleCacheError, tensors_sha256
+from ldm.latents.cache import CorruptCacheError, StaleCacheError
 from ldm.latents.cache_key import FAMILY_NAMES
+from ldm.latents.shard_file import tensors_sha256
 from ldm.parallel.collective import run_on_all
 from ldm.text.conditioning import Conditioning
 

@@ -197,6 +197,9 @@ class LDMConfig:
             check(not self.cache.text_embeddings, "cache.text_embeddings",
                   "cannot be used with lora.text_encoder_targets: the text encoder trains, so captions are encoded at "
                   "every step; set cache.text_embeddings=false")
+        check(not (self.cache.text_embeddings and (self.data.shuffle_tags or self.data.tag_dropout > 0)),
+              "cache.text_embeddings", "cannot be used with data.shuffle_tags or data.tag_dropout: it stores one "
+              "embedding per caption as written, and those rewrite the caption every step; set one of them off")
         check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only (a cached random "
               "crop would be the same crop every epoch): set it to true")
         held_out = self.data.num_val > 0 or bool(self.data.val_path)
