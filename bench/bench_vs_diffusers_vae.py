@@ -2,7 +2,8 @@
 
     python bench/bench_vs_diffusers_vae.py [--diffusers-script PATH] [--vae shapes-f4] [--resolution 32] \
         [--batch-size 8] [--steps 60] [--snapshot-every 10] [--warmup 5] [--lr 5e-4] [--kl-weight 1e-6] \
-        [--perceptual-weight 0] [--disc-start 100000] [--disc-weight 0.5] [--threads 1] [--workdir DIR [--reuse]]
+        [--perceptual-weight 0] [--disc-start 100000] [--disc-weight 0.5] [--heldout 128] [--threads 1] \
+        [--workdir DIR [--reuse]]
 
 diffusers' script (examples/research_projects/autoencoderkl/) is not in the wheel. Without `--diffusers-script` it
 is downloaded at the tag of the installed diffusers into the work folder; offline that fails with a message saying
@@ -25,25 +26,30 @@ Known differences, all theirs by design: LPIPS is computed under no_grad (it add
 gradient: with a perceptual weight > 0 only ours learns from it); they run the discriminator and the two adaptive-weight
 gradients every step even before `disc_start` (cost only, the factor is 0); after `disc_start` they alternate
 autoencoder and discriminator steps and count both in their step counter (ours does both in one step), so the bench
-counts autoencoder optimizer steps; the data order differs (each trainer's own shuffling).
+counts autoencoder optimizer steps; the data order differs (each trainer's own shuffling). Neither logs to a tracker
+(ours: train.report_to=none; theirs: `--report_to aim`, a tracker accelerate skips when its package is missing, as
+here): with TensorBoard their script cannot pass step 1, where it validates (it stores the list-valued
+`--validation_image` as a TensorBoard hparam, which refuses lists, and then hands `add_images` a (1, 2, 3, H, W) stack).
 
 LPIPS offline: the `lpips` wheel ships its linear heads, but the VGG16 backbone's ImageNet weights come from
 torchvision's download, which is unreachable here. Both trainers then use a RANDOM VGG16 backbone (ours:
 loss.lpips_pretrained_backbone=false; theirs: the child makes lpips build its VGG16 with `pretrained=False`, what
-`pnet_rand=True` does, before their script runs; their file is not touched). With such a backbone the perceptual term
-is a random-feature distance, so the default is `--perceptual-weight 0`: the one setting where both minimise exactly
-the same objective.
+`pnet_rand=True` does, before their script runs; their file is not touched). With a random backbone the perceptual
+term is a random-feature distance, so the default is `--perceptual-weight 0`: the one setting where both minimise
+exactly the same objective.
 
-Each trainer runs unmodified in its own subprocess through bench/peer_runner.py, which times every optimizer step and
-saves the autoencoder's weights (the optimizer's parameters) before the first step and every `--snapshot-every`
-autoencoder steps, outside the timing. The snapshots are then evaluated here on the held-out crops (posterior mode):
-PSNR and SSIM (torchmetrics, images in [0, 1], mean over crops), LPIPS with a random VGG16 backbone (seed 0, the same
-module for every row: a feature distance, NOT the calibrated LPIPS), and an rFID-style Frechet distance between the
-held-out crops and their reconstructions in the 64-d space of the shapes demo's image tower (ldm.eval.features
-.DemoFeatures; the only image network with weights offline; it was trained on shapes, not photos: NOT published rFID,
-comparable only within this table). "Equal steps" compares snapshots at the same step; "equal wall time" takes the
-time T the faster trainer needed for all its steps (from the end of its first step, snapshot writing excluded) and
-each trainer's last snapshot at or before T. A bicubic row (down by the VAE's factor and up again) is a reference.
+Each trainer runs unmodified in its own subprocess through bench/peer_runner.py, which times every optimizer step
+and saves the autoencoder's weights (the optimizer's parameters) before the first step and every `--snapshot-every`
+autoencoder steps, outside the timing. The snapshots are then evaluated here on `--heldout` evenly spaced held-out
+crops (posterior mode): PSNR and SSIM (torchmetrics, images in [0, 1], mean over crops), LPIPS with a random VGG16
+backbone (seed 0, the same module for every row: a feature distance, NOT the calibrated LPIPS), and an rFID-style
+Frechet distance between the held-out crops and their reconstructions in the 64-d space of the shapes demo's image
+tower (ldm.eval.features.DemoFeatures; the only image network with weights offline; it was trained on shapes, not
+photos: NOT published rFID, comparable only within this table). "Equal steps" compares snapshots at the same step;
+"equal wall time" takes the time T the faster trainer needed for all its steps (from the end of its first step,
+snapshot writing excluded) and each trainer's last snapshot at or before T. A bicubic row (down by the VAE's factor
+and up again) is a reference.
+
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ ARMS = ("diffusers", "ours")  # theirs first: the run that can fail on a missing
 # black: they would outnumber the rest), page and text too (documents); cat is chelsea again
 TRAIN_PHOTOS = ("astronaut", "coffee", "immunohistochemistry", "camera", "brick", "grass", "gravel", "coins", "moon")
 HELDOUT = ("chelsea", "rocket")
+NO_TRACKER = "aim"  # a tracker whose package is not installed: accelerate then logs nowhere (checked in main)
 
 
 # ---------------------------------------------------------------------------------------------------- the inputs
@@ -100,11 +107,14 @@ def write_crops(folder: Path, names: tuple[str, ...], size: int) -> int:
     return count
 
 
-def read_crops(folder: Path) -> torch.Tensor:
-    """(N, 3, H, W) float in [-1, 1], the PNGs in name order."""
+def read_crops(folder: Path, limit: int = 0) -> torch.Tensor:
+    """(N, 3, H, W) float in [-1, 1], the PNGs in name order; with `limit`, at most that many, evenly spaced."""
     from PIL import Image
 
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
+    files = sorted(folder.glob("*.png"))
+    if 0 < limit < len(files):
+        files = [files[i * len(files) // limit] for i in range(limit)]
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -124,7 +134,7 @@ def commands(args: argparse.Namespace, script: Path, config: Path, data: Path, p
         "optim.warmup_steps=0", "optim.max_grad_norm=1.0",
         f"train.output_dir={out / 'ours'}", f"train.max_steps={steps}", f"train.batch_size={args.batch_size}",
         "train.mixed_precision='no'", "train.seed=0", "train.ema_decay=0", f"train.log_every={steps}",
-        f"train.val_every={steps}", f"train.checkpoint_every={steps}", "train.cpu=true",
+        f"train.val_every={steps}", f"train.checkpoint_every={steps}", "train.cpu=true", "train.report_to=none",
     ]
     theirs = [
         str(script), f"--model_config_name_or_path={config}", f"--train_data_dir={data}", "--image_column=image",
@@ -136,7 +146,7 @@ def commands(args: argparse.Namespace, script: Path, config: Path, data: Path, p
         f"--disc_start={args.disc_start}", "--disc_factor=1.0", f"--disc_scale={args.disc_weight}", "--disc_loss=hinge",
         "--mixed_precision=no", "--dataloader_num_workers=0", f"--output_dir={out / 'diffusers'}",
         f"--cache_dir={out / 'hf-datasets'}", f"--checkpointing_steps={10 * steps}",
-        f"--validation_steps={10 * steps}", f"--validation_image={probe}", "--seed=0", "--report_to=tensorboard",
+        f"--validation_steps={10 * steps}", f"--validation_image={probe}", "--seed=0", f"--report_to={NO_TRACKER}",
     ]
     return {"ours": ours, "diffusers": theirs}
 
@@ -203,8 +213,9 @@ def at_time(snapshots: list[dict], limit: float) -> dict:
 
 
 def child_entry(argv: list[str]) -> None:
-    """The child: for diffusers' arm, LPIPS gets a random backbone (torchvision's download is unreachable)."""
-    if json.loads(argv[2]).get("lpips_random_backbone"):
+    """The child. For diffusers' arm, LPIPS gets a random VGG16 backbone (torchvision's ImageNet download is
+    unreachable offline); their file is run as it is."""
+    if json.loads(argv[2]).get("diffusers_environment"):
         from lpips import pretrained_networks
 
         init = pretrained_networks.vgg16.__init__
@@ -232,7 +243,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="LPIPS weight (random VGG backbone offline, see above)")
     parser.add_argument("--disc-start", type=int, default=100_000, help="step the GAN terms switch on")
     parser.add_argument("--disc-weight", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per trainer (2 on a loaded 2-core machine is slower: OpenMP threads wait on each other)")
+    parser.add_argument("--heldout", type=int, default=128, help="held-out crops evaluated, evenly spaced (0: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per trainer (2 on a loaded 2-core "
+                        "machine are slower: OpenMP threads wait on each other)")
     parser.add_argument("--workdir", help="keep inputs, logs and snapshots here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="evaluate the runs already in --workdir again")
     args = parser.parse_args(argv)
@@ -261,6 +274,10 @@ def main() -> None:
         "show v0.40.0:examples/research_projects/autoencoderkl/train_autoencoderkl.py > tak.py` in a diffusers "
         "clone) and pass --diffusers-script tak.py",
     )
+    from accelerate.tracking import get_available_trackers
+
+    if NO_TRACKER in {str(t) for t in get_available_trackers()}:
+        sys.exit(f"error: {NO_TRACKER} is installed, so diffusers' script would log to it: uninstall it for this bench")
     from bench_ldm_cache import cpu_model  # noqa: PLC0415  (bench/ is on sys.path when run as a script)
 
     from ldm.eval.features import DemoFeatures
@@ -284,7 +301,7 @@ def main() -> None:
             continue
         shutil.rmtree(work / arm, ignore_errors=True)
         options = {"snapshot_every": args.snapshot_every, "snapshot_numel": numel,
-                   "snapshot_dir": str(work / arm / "snapshots"), "lpips_random_backbone": arm == "diffusers"}
+                   "snapshot_dir": str(work / arm / "snapshots"), "diffusers_environment": arm == "diffusers"}
         runs[arm] = run_child(Path(__file__), arm, cmds[arm], args.threads, "cpu", work, options)
         (work / f"{arm}-run.json").write_text(json.dumps(runs[arm]))
         print(f"{arm}: {runs[arm]['tracked_steps']} autoencoder steps in {runs[arm]['wall_s']:.0f} s",
@@ -294,24 +311,33 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     perceptual, features = build_lpips("vgg", pretrained_backbone=False), DemoFeatures()
-    x = read_crops(held)
+    x = read_crops(held, args.heldout)
     rows, curves = [], {}
+
+    def evaluate(arm: str, snap: dict, full: bool) -> dict:
+        """PSNR and SSIM of every snapshot (the curve); LPIPS and the rFID-style number only for the table's rows
+        (a VGG16 over all held-out crops costs minutes per snapshot on a loaded CPU)."""
+        if full and "lpips" in snap or not full and "psnr" in snap:
+            return snap
+        snap_vae = load_snapshot(work / arm / "snapshots" / snap["file"], args.vae, args.resolution)
+        snap.update(reconstruction_metrics(x, reconstruct(snap_vae, x), perceptual if full else None,
+                                           features if full else None))
+        return snap
+
     for arm in ARMS:
-        snaps = runs[arm]["snapshots"]
         first = runs[arm]["steps"][0]
-        for s in snaps:
-            s["time"] = max(0.0, s["time"] - first)  # seconds of training after the first step
-            snap_vae = load_snapshot(work / arm / "snapshots" / s["file"], args.vae, args.resolution)
-            s.update(reconstruction_metrics(x, reconstruct(snap_vae, x), perceptual, features))
-        curves[arm] = snaps
+        for snap in runs[arm]["snapshots"]:
+            snap["time"] = max(0.0, snap["time"] - first)  # seconds of training after the first step
+            evaluate(arm, snap, full=False)
+        curves[arm] = runs[arm]["snapshots"]
     initial = [torch.load(work / a / "snapshots" / "step-000000.pt", weights_only=True) for a in ARMS]
     same_start = all(torch.equal(p, q) for p, q in zip(*initial))
     last_common = max(set(s["step"] for s in curves["ours"]) & set(s["step"] for s in curves["diffusers"]))
     limit = min(curves[a][-1]["time"] for a in ARMS)
     for arm in ARMS:
-        rows.append(("equal steps", arm, next(s for s in curves[arm] if s["step"] == last_common)))
+        rows.append(("equal steps", arm, evaluate(arm, next(s for s in curves[arm] if s["step"] == last_common), True)))
     for arm in ARMS:
-        rows.append((f"equal wall time ({limit:.0f} s)", arm, at_time(curves[arm], limit)))
+        rows.append((f"equal wall time ({limit:.0f} s)", arm, evaluate(arm, at_time(curves[arm], limit), True)))
     f = downsampling_factor(args.vae)
     ref = {"step": 0, "time": 0.0, **reconstruction_metrics(x, bicubic(x, f), perceptual, features)}
     rows.append((f"reference: bicubic /{f} then x{f}", "-", ref))
@@ -341,8 +367,8 @@ def main() -> None:
         print(f"| {arm} | {m['samples_per_s']:.1f} | {m['step_ms']:.0f} | {m['min_step_ms']:.0f} | "
               f"{m['peak_mib']:.0f} | {m['startup_s']:.1f} | {m['machine_load']:.2f} |")
     ratio = med["ours"]["samples_per_s"] / med["diffusers"]["samples_per_s"]
-    print(f"ratio ours/diffusers: {ratio:.2f}x samples/s, {med['ours']['peak_mib'] / med['diffusers']['peak_mib']:.2f}x "
-          "peak memory")
+    memory = med["ours"]["peak_mib"] / med["diffusers"]["peak_mib"]
+    print(f"ratio ours/diffusers: {ratio:.2f}x samples/s, {memory:.2f}x peak memory")
     print(json.dumps({"same_start": same_start, "speed": med, "curves": curves,
                       "rows": [{"point": p, "trainer": a, **r} for p, a, r in rows]}))
 
