@@ -42,6 +42,7 @@ class _MeanColour:
         return images.float().mean(dim=(2, 3))
 
 
+@pytest.mark.slow  # imports torchmetrics' image metrics and FID: ~9 s of CPU alone on this machine, less in the suite
 def test_metrics_on_known_inputs():
     """An offset of 0.2 in [-1, 1] is 0.1 in [0, 1]: MSE 0.01, PSNR exactly 20 dB for every image. The same images
     give SSIM 1 and a Frechet distance of 0 in any feature space."""
@@ -73,6 +74,7 @@ def test_equal_wall_time_takes_the_last_snapshot_written_in_time():
     assert bench.at_time([{"step": 0, "time": 3.0}, {"step": 20, "time": 9.0}], 1.0)["step"] == 0
 
 
+@pytest.mark.slow  # imports diffusers' AutoencoderKL (seconds alone; shared with most of the suite)
 def test_a_snapshot_loads_back_into_the_preset_and_a_wrong_one_is_refused(tmp_path):
     from ldm.vae.presets import build_vae
 
