@@ -16,11 +16,12 @@ schedule), and a local imagefolder of the synthetic shapes with a metadata.jsonl
 fp32 (or `--precision`), AdamW lr 1e-4 constant without warmup, weight decay 1e-2, gradient clipping 1.0, no EMA,
 no caption dropout, no validation, loader workers 0, centre crop without flips, `--threads` torch threads.
 
-Each trainer runs unmodified in its own subprocess, through a small wrapper that sets the thread count and times
-every optimizer step with torch's global step hook (`register_optimizer_step_post_hook`); samples/s is the batch
-size over the median step time after `--warmup` steps, so start-up (imports, model loading, dataset preparation, our
-latent cache build, the final save) is excluded and shown separately as "start -> first step". Peak memory is the
-process's peak resident set (VmHWM) at its last timed step on CPU, `torch.cuda.max_memory_allocated` on CUDA.
+Each trainer runs unmodified in its own subprocess, through a small wrapper (bench/peer_runner.py, shared with the
+stage-1 twin bench_vs_diffusers_vae.py) that sets the thread count and times every optimizer step with torch's global
+step hook (`register_optimizer_step_post_hook`); samples/s is the batch size over the median step time after
+`--warmup` steps, so start-up (imports, model loading, dataset preparation, our latent cache build, the final save) is
+excluded and shown separately as "start -> first step". Peak memory is the process's peak resident set (VmHWM) at its
+last timed step on CPU, `torch.cuda.max_memory_allocated` on CUDA.
 """
 
 from __future__ import annotations
@@ -31,77 +32,29 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from peer_runner import child_main, peer_script, run_child, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_URL = "https://raw.githubusercontent.com/huggingface/diffusers/v{version}/examples/text_to_image/train_text_to_image.py"
 ARMS = ("ours", "diffusers")
 
 
-# ---------------------------------------------------------------------------------------------------- the child
-
-
-def child(out: str, threads: int, script: str, argv: list[str]) -> None:
-    """Run `script argv` as __main__ in this process, timing each optimizer step; results go to `out` at exit."""
-    import atexit
-    import runpy
-
-    import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    torch.set_num_threads(threads)
-    cuda = torch.cuda.is_available()
-    start, steps, peak = time.perf_counter(), [], {"rss_kib": 0, "cuda_bytes": 0}
-
-    def on_step(optimizer, args, kwargs) -> None:
-        if cuda:
-            torch.cuda.synchronize()
-            peak["cuda_bytes"] = torch.cuda.max_memory_allocated()
-        steps.append(time.perf_counter())
-        peak["rss_kib"] = peak_rss_kib()
-
-    register_optimizer_step_post_hook(on_step)
-    atexit.register(lambda: Path(out).write_text(json.dumps({"start": start, "steps": steps, **peak})))
-    sys.argv = [script, *argv]
-    sys.path.insert(0, str(Path(script).parent))
-    runpy.run_path(script, run_name="__main__")
-
-
-def peak_rss_kib() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
-
 # ---------------------------------------------------------------------------------------------------- the inputs
 
 
 def diffusers_script(path: str | None, work: Path) -> Path:
-    if path:
-        script = Path(path).expanduser()
-        if not script.is_file():
-            sys.exit(f"error: --diffusers-script {path} does not exist")
-        return script
     import diffusers
 
-    url = RAW_URL.format(version=diffusers.__version__)
-    target = work / f"train_text_to_image-v{diffusers.__version__}.py"
-    try:
-        with urllib.request.urlopen(url, timeout=15) as response:
-            target.write_bytes(response.read())
-    except (urllib.error.URLError, OSError) as error:
-        sys.exit(
-            f"error: cannot download diffusers' example trainer from {url} ({error}; offline?): fetch "
-            "examples/text_to_image/train_text_to_image.py at a released tag by hand (e.g. `git show "
-            "v0.40.0:examples/text_to_image/train_text_to_image.py > t2i.py` in a diffusers clone) and pass "
-            "--diffusers-script t2i.py"
-        )
-    return target
+    return peer_script(
+        path, RAW_URL.format(version=diffusers.__version__), work / f"train_text_to_image-v{diffusers.__version__}.py",
+        "fetch examples/text_to_image/train_text_to_image.py at a released tag by hand (e.g. `git show "
+        "v0.40.0:examples/text_to_image/train_text_to_image.py > t2i.py` in a diffusers clone) and pass "
+        "--diffusers-script t2i.py",
+    )
 
 
 def build_model_dir(args: argparse.Namespace, directory: Path) -> None:
@@ -157,42 +110,17 @@ def commands(args: argparse.Namespace, script: Path, model: Path, data: Path, ou
 
 
 def run_arm(name: str, argv: list[str], args: argparse.Namespace, out: Path) -> dict[str, float]:
-    from bench_ldm_cache import machine_busy_s  # noqa: PLC0415  (bench/ is on sys.path when run as a script)
-
-    result = out / f"{name}.json"
-    result.unlink(missing_ok=True)
     shutil.rmtree(out / name, ignore_errors=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=f"{ROOT}{os.pathsep}"
-               + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(result), str(args.threads), *argv]
-    busy0, t0 = machine_busy_s(), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    busy = machine_busy_s() - busy0
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not result.is_file():
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-        sys.exit(f"error: the {name} trainer failed (exit {proc.returncode}); log {out / f'{name}.log'}:\n{tail}")
-    data = json.loads(result.read_text())
-    steps = data["steps"]
-    if len(steps) < args.warmup + args.steps + 1:
-        sys.exit(f"error: the {name} trainer took {len(steps)} optimizer steps, expected {args.warmup + args.steps + 1}")
-    deltas = [b - a for a, b in zip(steps[args.warmup:], steps[args.warmup + 1:])][: args.steps]
-    step_s = statistics.median(deltas)
-    return {
-        "samples_per_s": args.batch_size / step_s, "step_ms": 1000 * step_s, "min_step_ms": 1000 * min(deltas),
-        "startup_s": steps[0] - data["start"], "wall_s": wall,
-        "peak_mib": (data["cuda_bytes"] if args.device != "cpu" else data["rss_kib"] * 1024) / 2**20,
-        # CPU-seconds used by everything on the machine during the run, per second of wall time (2 = 2 cores busy)
-        "machine_load": busy / wall if wall > 0 else 0.0,
-    }
+    data = run_child(Path(__file__), name, argv, args.threads, args.device, out)
+    if len(data["steps"]) < args.warmup + args.steps + 1:
+        sys.exit(f"error: the {name} trainer took {len(data['steps'])} optimizer steps, expected "
+                 f"{args.warmup + args.steps + 1}")
+    return speed(data, args.warmup, args.steps, args.batch_size, args.device)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:])
+        child_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--diffusers-script", help="a local copy of examples/text_to_image/train_text_to_image.py")
