@@ -123,6 +123,9 @@ def test_the_config_refuses_what_it_cannot_do(tmp_path):
 MAX_SHIFT = 30.0  # RGB distance; before the fine-tune "blurry" moved the mean by ~50 (211,31,36 -> 185,30,75)
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 28: the shipped U-Net predates configs/ldm/shapes-demo-neutral.yaml "
+                   "(seeds 1-2: 64 from the no-negative colour); remove this mark when the fine-tuned one is shipped")
 @pytest.mark.usefixtures("one_torch_thread")
 def test_an_unseen_word_as_negative_prompt_keeps_the_readme_colour():
     from ldm.pipeline import Pipeline
