@@ -53,6 +53,7 @@ from ldm.unet.config import LDMConfig
 from ldm.unet.objective import build_noise_scheduler, diffusion_loss
 from ldm.unet.presets import build_unet
 from ldm.unet.trained_weights import trained_weights
+from ldm.unet.uncond_words import uncond_words
 from ldm.unet.val_loss import unet_val_loss
 from ldm.unet.validation_grid import sample_grid, sample_images
 from ldm.vae.load_vae import load_vae
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         encode_text, empty = text_encoder.encode_conditioning, text_encoder.empty_conditioning()
         encode_val = encode_text
+    # train.uncond_words: some captions become words the captions never use, trained as unconditional
+    trained.uncond = uncond_words(cfg.train.uncond_words, cfg.train.uncond_vocab, text_encoder, cache.captions)
 
     # ---- the U-Net (identical on every process), its EMA, optimizer and schedule
     set_seed(cfg.train.seed)

@@ -65,6 +65,11 @@ class LDMTrainLoopConfig:
     seed: int = 0
     ema_decay: float = 0.9999  # 0 disables the EMA (the exported model then holds the raw weights)
     caption_dropout: float = 0.1  # share of captions replaced by the empty prompt, for classifier-free guidance
+    # share of captions replaced by random words that no training caption uses, also trained as unconditional, so
+    # that unseen words in a negative prompt act like the empty prompt (ldm/unet/uncond_words.py); 0 = off. The words
+    # come from `uncond_vocab`: "tokenizer" (the text encoder's vocabulary) or a text file with one word a line
+    uncond_words: float = 0.0
+    uncond_vocab: str = "tokenizer"
     log_every: int = 10
     # validation loss on data.num_val held-out images (none by default: set data.num_val to turn it on), every
     # val_every steps and at the end, per band of training timesteps (val_bands equal ranges; ldm/unet/val_loss.py)
@@ -83,6 +88,9 @@ class LDMTrainLoopConfig:
         check(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(0 <= self.caption_dropout <= 1, "train.caption_dropout", f"must be in [0, 1], got {self.caption_dropout}")
         check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+        check(0 <= self.uncond_words <= 1, "train.uncond_words", f"must be in [0, 1], got {self.uncond_words}")
+        check(self.uncond_words == 0 or self.uncond_vocab == "tokenizer" or Path(self.uncond_vocab).is_file(),
+              "train.uncond_vocab", f"'{self.uncond_vocab}' is neither 'tokenizer' nor a word file (one word a line)")
 
 
 @dataclass
@@ -200,6 +208,9 @@ class LDMConfig:
         check(not (self.cache.text_embeddings and (self.data.shuffle_tags or self.data.tag_dropout > 0)),
               "cache.text_embeddings", "cannot be used with data.shuffle_tags or data.tag_dropout: it stores one "
               "embedding per caption as written, and those rewrite the caption every step; set one of them off")
+        check(not (self.train.uncond_words and self.cache.text_embeddings), "train.uncond_words",
+              "needs the text encoder at every step (its random words are not in the text-embedding cache): set "
+              "cache.text_embeddings=false")
         check(self.data.center_crop, "data.center_crop", "the latent cache stores centre crops only (a cached random "
               "crop would be the same crop every epoch): set it to true")
         held_out = self.data.num_val > 0 or bool(self.data.val_path)

@@ -43,6 +43,7 @@ from ldm.text.conditioning import Conditioning
 from ldm.training.run import ema_weights
 from ldm.unet.export import export_model
 from ldm.unet.objective import drop_captions
+from ldm.unet.uncond_words import UncondWords
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -73,6 +74,7 @@ class TrainedWeights:
 
     def __init__(self, cfg: LDMConfig, accelerator: Accelerator, backend: Backend):
         self.cfg, self.accelerator, self.backend = cfg, accelerator, backend
+        self.uncond = UncondWords(0.0)  # train.uncond_words: the loop sets it once the captions are known
 
     def check_text_encoder(self, text_encoder: nn.Module) -> None:
         """Refuse a bad text-encoder target before the latent cache is built (none here)."""
@@ -126,8 +128,8 @@ class TrainedWeights:
         """Captions -> their conditioning (context (B, 77, D), SDXL's pooled (B, P)), `train.caption_dropout` of them
         the unconditional branch's; `encode_text` and `empty` (batch 1): the frozen encoder's `encode_conditioning`
         and `empty_conditioning`, or the text cache's lookups of them."""
-        with torch.no_grad():
-            return drop_captions(encode_text(captions), empty, self.cfg.train.caption_dropout)
+        with torch.no_grad():  # `self.uncond`: some captions become unseen words first (train.uncond_words)
+            return drop_captions(encode_text(self.uncond(captions)), empty, self.cfg.train.caption_dropout)
 
     def export(self, out: Path, ema: EMAModel | None, *, vae: nn.Module, noise_scheduler: Any) -> None:
         """`out/model`: a complete diffusers model directory with the EMA weights (whole fp32 tensors, gathered when
@@ -205,7 +207,7 @@ class LoRAWeights(TrainedWeights):
             return super().condition(captions, encode_text, empty)
         # through the adapted encoder, with gradients; the empty prompt too (row B), since inference's unconditional
         # branch is the adapted encoder's (unless an SDXL model's is zeros: `force_zeros_for_empty_prompt`)
-        out = self.text(self.text_encoder.tokenize([*captions, ""]))
+        out = self.text(self.text_encoder.tokenize([*self.uncond(captions), ""]))
         context, pooled = out if isinstance(out, tuple) else (out, None)  # (B + 1, 77, D); SDXL's pooled (B + 1, P)
         text = Conditioning(context[:-1], None if pooled is None else pooled[:-1])
         empty = Conditioning(context[-1:], None if pooled is None else pooled[-1:])
