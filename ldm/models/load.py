@@ -4,6 +4,7 @@ for training (`model.pretrained`), with the same checks either way."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -12,6 +13,7 @@ from ldm.errors import UserError
 from ldm.models.components import Components
 from ldm.models.spec import ModelSpec
 from ldm.singlefile.load import load_single_file, load_unet_file, load_vae_override
+from ldm.vae.load_vae import vae_factor
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,30 @@ def load_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -
         components.vae = load_vae_override(spec.vae, scale, dtype).to(device).eval().requires_grad_(False)
     log.info("prediction type: %s (%s)", spec.prediction_type, spec.prediction_source)
     return components
+
+
+def load_vae_for(own, source: str | Path, name: str, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """The VAE `source` (as --vae: a VAE .safetensors file or a diffusers VAE directory, `load_vae_override`) for
+    the model whose VAE is `own`, on `device` in `dtype`, called `name` in messages. It must share `own`'s latent
+    space (channels, pixels per latent pixel, scaling and shift factor: the U-Net's latents are in it), else a
+    one-line `UserError`; a file that does not say its scale takes `own`'s, as with --vae."""
+    vae = load_vae_override(source, own.config.scaling_factor, dtype)
+    theirs, mine = _latent_space(vae.config), _latent_space(own.config)
+    if theirs != mine:
+        raise UserError(f"VAE '{name}' does not fit this model: its latents are {_describe(theirs)}, the model's "
+                        f"are {_describe(mine)}; pick a VAE made for this model's family")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def _latent_space(config) -> tuple[int, int, float, float]:
+    shift = getattr(config, "shift_factor", None) or 0.0
+    return (int(config.latent_channels), vae_factor(config), round(float(config.scaling_factor), 6),
+            round(float(shift), 6))
+
+
+def _describe(space: tuple[int, int, float, float]) -> str:
+    channels, factor, scale, shift = space
+    return f"{channels} channels at 1/{factor} size, scaling factor {scale:g}" + (f", shift {shift:g}" if shift else "")
 
 
 def load_unet(spec: ModelSpec) -> UNet2DConditionModel:
