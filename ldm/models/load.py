@@ -4,7 +4,9 @@ for training (`model.pretrained`), with the same checks either way."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -41,21 +43,27 @@ def load_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -
 
 def load_vae_for(own, source: str | Path, name: str, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
     """The VAE `source` (as --vae: a VAE .safetensors file or a diffusers VAE directory, `load_vae_override`) for
-    the model whose VAE is `own`, on `device` in `dtype`, called `name` in messages. It must share `own`'s latent
-    space (channels, pixels per latent pixel, scaling and shift factor: the U-Net's latents are in it), else a
-    one-line `UserError`; a file that does not say its scale takes `own`'s, as with --vae."""
+    the model whose VAE is `own`, on `device` in `dtype`, called `name` in messages; checked by `check_latent_space`
+    (a file that does not say its scale takes `own`'s, as with --vae)."""
     vae = load_vae_override(source, own.config.scaling_factor, dtype)
-    theirs, mine = _latent_space(vae.config), _latent_space(own.config)
-    if theirs != mine:
-        raise UserError(f"VAE '{name}' does not fit this model: its latents are {_describe(theirs)}, the model's "
-                        f"are {_describe(mine)}; pick a VAE made for this model's family")
+    check_latent_space(vae.config, own.config, name)
     return vae.to(device).eval().requires_grad_(False)
 
 
-def _latent_space(config) -> tuple[int, int, float, float]:
-    shift = getattr(config, "shift_factor", None) or 0.0
-    return (int(config.latent_channels), vae_factor(config), round(float(config.scaling_factor), 6),
-            round(float(shift), 6))
+def check_latent_space(vae_config: Mapping[str, Any], model_vae_config: Mapping[str, Any], name: str) -> None:
+    """A VAE replacing a model's must share its latent space (channels, pixels per latent pixel, scaling and shift
+    factor: the U-Net's latents are in it), else a one-line `UserError` naming `name`. Configs as diffusers'
+    AutoencoderKL has them (a config.json's dict, or a loaded VAE's `config`)."""
+    theirs, mine = _latent_space(vae_config), _latent_space(model_vae_config)
+    if theirs != mine:
+        raise UserError(f"VAE '{name}' does not fit this model: its latents are {_describe(theirs)}, the model's "
+                        f"are {_describe(mine)}; pick a VAE made for this model's family")
+
+
+def _latent_space(config: Mapping[str, Any]) -> tuple[int, int, float, float]:
+    # diffusers' AutoencoderKL defaults for keys a config leaves out
+    scale, shift = float(config.get("scaling_factor") or 0.18215), float(config.get("shift_factor") or 0.0)
+    return int(config.get("latent_channels", 4)), vae_factor(config), round(scale, 6), round(shift, 6)
 
 
 def _describe(space: tuple[int, int, float, float]) -> str:

@@ -36,6 +36,7 @@ from ldm.serve.comfy.plan import GraphError, plan
 from ldm.serve.comfy.state import FOLDERS, Item, State
 from ldm.serve.comfy.uploads import save_upload
 from ldm.serve.controlnet import check_unit_names
+from ldm.serve.models import VAEFile, check_vae_fits
 from ldm.serve.worker import Job, Worker
 from ldm.text.embedding_files import EmbeddingLibrary
 from ldm.text.embeddings import check_references
@@ -43,12 +44,15 @@ from ldm.text.embeddings import check_references
 
 def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Limits, state: State,
                         lora_dir: str | None = None, embeddings_dir: str | None = None,
-                        controlnet_dir: str | None = None) -> list[APIRouter]:
-    """The same routes twice: at the root, as ComfyUI serves them, and under /api/ (its newer clients' prefix)."""
+                        controlnet_dir: str | None = None, vaes: dict[str, VAEFile] | None = None
+                        ) -> list[APIRouter]:
+    """The same routes twice: at the root, as ComfyUI serves them, and under /api/ (its newer clients' prefix).
+    `vaes`: what VAELoader may name (`ldm.serve.models.list_vaes`)."""
+    vaes = vaes or {}
     embeddings = EmbeddingLibrary.read(embeddings_dir) if embeddings_dir is not None else None
 
     def catalog() -> Catalog:
-        return Catalog(checkpoints=list(models), loras=_files(lora_dir, "*.safetensors"),
+        return Catalog(checkpoints=list(models), vaes=sorted(vaes), loras=_files(lora_dir, "*.safetensors"),
                        controlnets=sorted(list_controlnets(controlnet_dir)) if controlnet_dir else [],
                        images=_files(str(state.folder("input")), "*"))
 
@@ -78,6 +82,11 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
                                         embeddings, controlnet_dir)))
             except UserError as e:
                 return 422, _refusal(r.sampler, graph, "", str(e).splitlines()[0], checked), []
+            if out[-1][1].vae:  # a VAELoader's: a directory's latent space checked now, a file's when loaded
+                try:
+                    check_vae_fits(vaes[out[-1][1].vae], out[-1][1].vae, models[r.model])
+                except UserError as e:
+                    return 422, _refusal(r.vae_node, graph, "vae_name", str(e).splitlines()[0], checked), []
         return 200, {"node_errors": checked.node_errors}, out
 
     router = APIRouter()
@@ -99,7 +108,7 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
             extra["client_id"] = str(body["client_id"])
         item = Item(state.next_number(), str(body.get("prompt_id") or uuid.uuid4()), body["prompt"], extra,
                     [r.output for r, _ in runs])
-        job = Job(runs[0][0].model, make_job(state, item, runs, lora_dir), description="comfyui")
+        job = Job(runs[0][0].model, make_job(state, item, runs, lora_dir, vaes), description="comfyui")
         job.cancel = item.cancel
         state.add(item)
         try:
