@@ -96,7 +96,7 @@ def make_job(state: State, item: Item, runs: list[tuple[Run, GenerationRequest]]
             note("execution_error", {
                 "node_id": current, "node_type": item.graph.get(current, {}).get("class_type", ""),
                 "executed": executed[:-1], "exception_message": str(e).strip().splitlines()[0] if str(e) else "",
-                "exception_type": f"{type(e).__module__}.{type(e).__qualname__}",
+                "exception_type": exception_type(e),
                 "traceback": traceback.format_tb(e.__traceback__), "current_inputs": {}, "current_outputs": {},
                 "timestamp": now_ms()})
             status = "error"
@@ -128,6 +128,12 @@ def _save(state: State, r: Run, image, params: GenerationRequest, item: Item) ->
         extra = comfy_chunks(item.graph, item.extra_data.get("extra_pnginfo"))
         (folder / name).write_bytes(png_bytes(image, params, extra))
     return {"filename": name, "subfolder": subfolder, "type": r.kind}
+
+
+def exception_type(e: BaseException) -> str:
+    """As ComfyUI's execution.py full_type_name names an exception's class: `module.Name`, a builtin's bare."""
+    kind = type(e)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def safe_prefix(prefix: str) -> str:

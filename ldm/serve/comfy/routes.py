@@ -29,15 +29,15 @@ from ldm.lora.prompt_tags import check_lora_inputs
 from ldm.models.spec import ModelSpec
 from ldm.pipeline.request import GenerationRequest
 from ldm.serve.api import Limits, check_limits
-from ldm.serve.comfy.execute import make_job, safe_prefix
+from ldm.serve.comfy.execute import exception_type, make_job, safe_prefix
 from ldm.serve.comfy.graph import Checked, validate
 from ldm.serve.comfy.nodes import Catalog, node_types, object_info
 from ldm.serve.comfy.plan import GraphError, plan
-from ldm.serve.comfy.state import FOLDERS, Item, State
+from ldm.serve.comfy.state import FOLDERS, Item, State, now_ms
 from ldm.serve.comfy.uploads import save_upload
 from ldm.serve.controlnet import check_unit_names
 from ldm.serve.models import VAEFile, check_vae_fits
-from ldm.serve.worker import Job, Worker
+from ldm.serve.worker import Job, ServerStopping, Worker, first_line
 from ldm.text.embedding_files import EmbeddingLibrary
 from ldm.text.embeddings import check_references
 
@@ -233,15 +233,19 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
 
 def _never_ran(state: State, item: Item, error: BaseException | None) -> None:
     """A prompt whose job failed before it started (its model failed to load, the server is stopping): its client
-    is told as ComfyUI tells of a failed node, and its history says so. One deleted from the queue just goes."""
+    is told as ComfyUI tells of a failed node (a model that fails to load fails in ComfyUI's CheckpointLoaderSimple
+    node: that node is named), and its history says so. One deleted from the queue just goes."""
     if error is None:
         return
     state.drop(item.prompt_id)
     if item.cancel.is_set() or item.prompt_id in state.get_history(item.prompt_id):
         return
-    data = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
-            "exception_message": str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
-            "exception_type": type(error).__name__, "traceback": [], "current_inputs": {}, "current_outputs": {}}
+    loader = None if isinstance(error, ServerStopping) else next(
+        (n for n, node in item.graph.items() if node.get("class_type") == "CheckpointLoaderSimple"), None)
+    data = {"prompt_id": item.prompt_id, "node_id": loader, "node_type": loader and "CheckpointLoaderSimple",
+            "executed": [], "exception_message": first_line(error),
+            "exception_type": exception_type(error), "traceback": [],
+            "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()}
     state.finish(item, {}, "error", [["execution_error", data]], {})
     client = item.extra_data.get("client_id")
     if client is not None:
