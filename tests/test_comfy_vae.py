@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -31,7 +33,8 @@ TYPES = node_types(Catalog(checkpoints=[NAME], vaes=["bright", "bright.safetenso
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """bright/: the demo's VAE with +0.3 on the decoder's output bias (other images, same latent space);
-    wide/: its config claiming 8 latent channels (refused from the config alone, never loaded)."""
+    wide/: its config claiming 8 latent channels (refused from the config alone, never loaded); eight.safetensors: a
+    random VAE of the demo's shape with 8 latent channels, in one file (its latents known only once loaded)."""
     root = tmp_path_factory.mktemp("vae")
     shutil.copytree(DEMO_DIR / "vae", root / "bright")
     weights = root / "bright" / "diffusion_pytorch_model.safetensors"
@@ -42,6 +45,9 @@ def vae_dir(tmp_path_factory):
     config = json.loads((root / "wide" / "config.json").read_text())
     (root / "wide" / "config.json").write_text(json.dumps({**config, "latent_channels": 8}))
     (root / "notes.txt").write_text("not a VAE: not listed")
+    torch.manual_seed(0)
+    eight = AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")} | {"latent_channels": 8})
+    save_file({k: v.contiguous() for k, v in eight.state_dict().items()}, root / "eight.safetensors")
     return root
 
 
@@ -76,8 +82,8 @@ def test_vae_dir_lists_files_and_directories_by_name(vae_dir, tmp_path):
     from ldm.serve.models import list_vaes
 
     vaes = list_vaes(str(vae_dir))
-    assert list(vaes) == ["bright", "wide"] and vaes["bright"].path == str(vae_dir / "bright")
-    assert vaes["wide"].config["latent_channels"] == 8
+    assert list(vaes) == ["bright", "eight.safetensors", "wide"] and vaes["bright"].path == str(vae_dir / "bright")
+    assert vaes["wide"].config["latent_channels"] == 8 and vaes["eight.safetensors"].config is None
     with pytest.raises(UserError, match=r"^--vae-dir '.*' holds no VAE \(a diffusers VAE directory"):
         list_vaes(str(tmp_path))
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 3)  # a truncated file fails at start-up, named
@@ -115,12 +121,22 @@ def test_vae_loader_over_http_switches_the_vae_per_request(vae_dir):
         app = create_app({NAME: spec}, worker, Limits(), vaes=list_vaes(str(vae_dir)))
         with app_server_for(app) as port:
             status, info = call(port, "GET", "/object_info/VAELoader")
-            assert info["VAELoader"]["input"]["required"] == {"vae_name": [["bright", "wide"]]}
+            assert info["VAELoader"]["input"]["required"] == {"vae_name": [["bright", "eight.safetensors", "wide"]]}
             assert info["VAELoader"]["output"] == ["VAE"]
 
             graph = with_vae_loader(txt2img(NAME, PROMPT, **SETTINGS), "bright")
             np.testing.assert_array_equal(served(port, graph), bright_cli)
             assert pipe.vae_name == "bright"
+            # a file's latents are known once it is loaded: the job fails in the VAELoader, one line
+            status, answer = call(port, "POST", "/prompt", {
+                "prompt": with_vae_loader(txt2img(NAME, PROMPT, **SETTINGS), "eight.safetensors")})
+            assert status == 200, answer
+            entry = finished(port, answer["prompt_id"])
+            [[event, error]] = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+            assert error["node_id"] == "20" and error["node_type"] == "VAELoader"
+            assert error["exception_message"].startswith("VAE 'eight.safetensors' does not fit this model: its "
+                                                         "latents are 8 channels at 1/2 size")
+            assert pipe.vae_name == "bright"  # the VAE on the model is left as it was
             np.testing.assert_array_equal(served(port, txt2img(NAME, PROMPT, **SETTINGS)), own)
             assert pipe.vae_name == "" and pipe.vae is pipe.opened_vae[0]
 
@@ -151,18 +167,22 @@ def call(port: int, method: str, path: str, body=None) -> tuple[int, dict | byte
         conn.close()
 
 
+def finished(port: int, prompt_id: str) -> dict:
+    """The prompt's history entry, once it has one."""
+    deadline = time.monotonic() + 60
+    while True:
+        status, history = call(port, "GET", f"/history/{prompt_id}")
+        if prompt_id in history:
+            return history[prompt_id]
+        assert time.monotonic() < deadline, "the prompt did not finish"
+        time.sleep(0.05)
+
+
 def served(port: int, graph: dict) -> np.ndarray:
     """POST /prompt, wait for its history entry, and GET /view its one image."""
     status, answer = call(port, "POST", "/prompt", {"prompt": graph})
     assert status == 200, answer
-    prompt_id, deadline = answer["prompt_id"], time.monotonic() + 60
-    while True:
-        status, history = call(port, "GET", f"/history/{prompt_id}")
-        if prompt_id in history:
-            break
-        assert time.monotonic() < deadline, "the prompt did not finish"
-        time.sleep(0.05)
-    entry = history[prompt_id]
+    entry = finished(port, answer["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
     [image] = entry["outputs"]["9"]["images"]
     status, data = call(port, "GET", f"/view?filename={image['filename']}&subfolder={image['subfolder']}"
