@@ -153,6 +153,8 @@ def test_vae_loader_over_http_switches_the_vae_per_request(vae_dir):
             assert status == 400 and answer["node_errors"]["20"]["errors"][0]["type"] == "value_not_in_list"
     finally:
         worker.stop()
+    with pytest.raises(UserError, match=r"^the request names the VAE 'bright' but the pipeline has its own on: "):
+        pipe(PROMPT, vae="bright", **kw)  # a request runs only on the VAE it names
 
 
 def call(port: int, method: str, path: str, body=None) -> tuple[int, dict | bytes]:
