@@ -34,3 +34,10 @@ def img2img(ckpt: str, prompt: str, image: str, denoise: float = 0.6, mask: str 
                                                                    "mask": ["12", 0], "grow_mask_by": 0}}
     g["3"]["inputs"].update(latent_image=["11", 0], denoise=denoise)
     return g
+
+
+def with_vae_loader(g: dict, vae_name: str, node_id: str = "20") -> dict:
+    """`g` with a VAELoader (ComfyUI's models/vae file `vae_name`) decoding in place of the checkpoint's VAE."""
+    g[node_id] = {"class_type": "VAELoader", "inputs": {"vae_name": vae_name}}
+    g["8"]["inputs"]["vae"] = [node_id, 0]
+    return g

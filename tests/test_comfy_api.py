@@ -181,7 +181,8 @@ def test_limits_auth_queue_and_interrupt(server):
 
 def test_object_info_lists_exactly_our_nodes(server):
     info = server.get("/object_info").json()
-    assert "KSampler" in info and "UltimateSDUpscale" not in info and len(info) == 20
+    assert "KSampler" in info and "UltimateSDUpscale" not in info and len(info) == 21
+    assert info["VAELoader"]["input"]["required"] == {"vae_name": [[]]}  # no --vae-dir: nothing to choose
     assert NAME in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert server.get("/api/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
     assert server.get("/embeddings").json() == []

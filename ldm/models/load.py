@@ -4,6 +4,9 @@ for training (`model.pretrained`), with the same checks either way."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -12,6 +15,7 @@ from ldm.errors import UserError
 from ldm.models.components import Components
 from ldm.models.spec import ModelSpec
 from ldm.singlefile.load import load_single_file, load_unet_file, load_vae_override
+from ldm.vae.load_vae import vae_factor
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,36 @@ def load_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -
         components.vae = load_vae_override(spec.vae, scale, dtype).to(device).eval().requires_grad_(False)
     log.info("prediction type: %s (%s)", spec.prediction_type, spec.prediction_source)
     return components
+
+
+def load_vae_for(own, source: str | Path, name: str, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """The VAE `source` (as --vae: a VAE .safetensors file or a diffusers VAE directory, `load_vae_override`) for
+    the model whose VAE is `own`, on `device` in `dtype`, called `name` in messages; checked by `check_latent_space`
+    (a file that does not say its scale takes `own`'s, as with --vae)."""
+    vae = load_vae_override(source, own.config.scaling_factor, dtype)
+    check_latent_space(vae.config, own.config, name)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def check_latent_space(vae_config: Mapping[str, Any], model_vae_config: Mapping[str, Any], name: str) -> None:
+    """A VAE replacing a model's must share its latent space (channels, pixels per latent pixel, scaling and shift
+    factor: the U-Net's latents are in it), else a one-line `UserError` naming `name`. Configs as diffusers'
+    AutoencoderKL has them (a config.json's dict, or a loaded VAE's `config`)."""
+    theirs, mine = _latent_space(vae_config), _latent_space(model_vae_config)
+    if theirs != mine:
+        raise UserError(f"VAE '{name}' does not fit this model: its latents are {_describe(theirs)}, the model's "
+                        f"are {_describe(mine)}; pick a VAE made for this model's family")
+
+
+def _latent_space(config: Mapping[str, Any]) -> tuple[int, int, float, float]:
+    # diffusers' AutoencoderKL defaults for keys a config leaves out
+    scale, shift = float(config.get("scaling_factor") or 0.18215), float(config.get("shift_factor") or 0.0)
+    return int(config.get("latent_channels", 4)), vae_factor(config), round(scale, 6), round(shift, 6)
+
+
+def _describe(space: tuple[int, int, float, float]) -> str:
+    channels, factor, scale, shift = space
+    return f"{channels} channels at 1/{factor} size, scaling factor {scale:g}" + (f", shift {shift:g}" if shift else "")
 
 
 def load_unet(spec: ModelSpec) -> UNet2DConditionModel:

@@ -28,7 +28,7 @@ from ldm.lora.apply import AppliedLora, LoraStack
 from ldm.lora.prompt_tags import format_lora_hashes, parse_lora_hashes
 from ldm.models.components import Components
 from ldm.models.ip_adapter import IPAdapters, IPAdapterSpec, switch_ip_adapters
-from ldm.models.load import load_components
+from ldm.models.load import load_components, load_vae_for
 from ldm.models.spec import ModelSpec, inspect_model
 from ldm.pipeline import images as im
 from ldm.pipeline.denoise import denoise
@@ -87,6 +87,7 @@ class Pipeline:
         self.device, self.dtype = device, dtype
         self.lora_dir = lora_dir  # where a prompt's <lora:NAME:W> tags find NAME.safetensors
         self.codec = LatentCodec(self.vae, device, dtype)
+        self.vae_name, self.opened_vae = "", (self.vae, "")  # a request's `vae`; what `use_vae(None)` goes back to
         # the facts a request is resolved against (`ldm.pipeline.request.ModelFacts`), from the loaded parts
         self.vae_factor = vae_factor(self.vae.config)
         sample = self.unet.config.sample_size
@@ -142,6 +143,8 @@ class Pipeline:
         dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, dev)
         pipe = cls(load_components(spec, dev, dt), dev, dt, vae_tiling=vae_tiling, compile_unet=compile_unet or False,
                    lora_dir=lora_dir, controlnet_dir=controlnet_dir)
+        pipe.vae_name = spec.vae or ""  # --vae as the user named it
+        pipe.opened_vae = (pipe.vae, pipe.vae_name)
         for path, scale in loras:
             pipe.load_lora(path, scale)
         pipe.embeddings = open_database(embeddings_dir, embeddings, pipe.text_encoder)
@@ -191,6 +194,17 @@ class Pipeline:
     def use_ip_adapters(self, specs: Sequence[IPAdapterSpec]) -> None:
         """Put the IP-Adapters `specs` on the U-Net in place of those on it (kept when the same; none: taken off)."""
         self.ip_adapters = switch_ip_adapters(self.ip_adapters, specs, self.unet, self.device, self.dtype)
+
+    def use_vae(self, source: str | Path | None, name: str = "") -> None:
+        """Encode and decode with the VAE `source` (as --vae), which requests call `name`, in place of the one on
+        (kept when it has that name; None: the one the pipeline was opened with). `load_vae_for` refuses a VAE
+        whose latents are not this model's."""
+        vae, name = self.opened_vae if source is None else (None, name)
+        if name != self.vae_name:
+            vae = load_vae_for(self.opened_vae[0], source, name, self.device, self.dtype) if vae is None else vae
+            if self.vae.use_tiling:
+                vae.enable_tiling()
+            self.vae, self.codec.vae, self.vae_name = vae, vae, name
 
     def __call__(
         self,
@@ -254,9 +268,13 @@ class Pipeline:
                                                          parse_lora_hashes(request.lora_hashes))
         r = request.resolve(self)
         refiner = self._refiner_for(r)
+        if r.vae and r.vae != self.vae_name:
+            raise UserError(f"the request names the VAE '{r.vae}' but the pipeline has {self.vae_name or 'its own'} "
+                            "on: pass --vae (Pipeline.use_vae)")
         job, control = prepare_job(r), self.controlnets.use(r.controlnets)  # ControlNets opened and checked once
         # what each image's PNG records: the resolved request, its prompt with a tag per loaded LoRA
-        base = replace(r, prompt=prompt, model=self.model_name, lora_hashes=used_loras, init_image=None, mask=None)
+        base = replace(r, prompt=prompt, model=self.model_name, vae=self.vae_name, lora_hashes=used_loras,
+                       init_image=None, mask=None)
         base = replace(base, ip_adapters=self.ip_adapters.recorded(r.ip_adapters),  # hashes, not images
                        controlnets=control.recorded)
         hires = r.hires()

@@ -76,6 +76,9 @@ class GenerationRequest:
     width: int = 0  # 0: the init image's size rounded down to the VAE factor, else the model's native size
     height: int = 0
     model: str = ""  # the model as the user named it: what PNGs record
+    # the VAE replacing the model's, as the user named it (ldm-generate --vae; a ComfyUI VAELoader's name); "": the
+    # pipeline's own. A pipeline runs only a request naming the VAE it has on (`Pipeline.use_vae`)
+    vae: str = ""
     strength: float | None = None  # img2img/inpainting share of the schedule re-noised; None: 0.75 / 1.0
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023
     mask_blur: int | None = None  # inpainting paste-back feathering in px; None: 4. Recorded for inpainting only

@@ -282,6 +282,7 @@ def _generate(r: GenerationRequest, note_limit: Callable[[Any], None], lora_dir:
         if refiner is not None and (pipe.refiner is None or pipe.refiner.model_name != refiner.name):
             pipe.attach_refiner(refiner)
         pipe.use_ip_adapters(ip_adapters)
+        pipe.use_vae(None)  # the model's own VAE (a ComfyUI request may have put another on)
         done: list[tuple[Image.Image, GenerationRequest]] = []
         try:
             pipe.generate(r, lora_dir=lora_dir, show_progress=False, on_image=lambda image, p: done.append((image, p)), on_step=on_step)

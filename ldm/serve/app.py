@@ -25,6 +25,7 @@ from ldm.serve.auth import BasicAuth
 from ldm.serve.comfy.routes import build_comfy_routers
 from ldm.serve.comfy.state import State
 from ldm.serve.controlnet import build_controlnet_router
+from ldm.serve.models import VAEFile
 from ldm.serve.page import mount_page
 from ldm.serve.worker import ModelUnavailable, QueueFull, ServerStopping, Worker, first_line
 
@@ -34,8 +35,10 @@ log = logging.getLogger(__name__)
 def create_app(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
                credentials: dict[str, str] | None = None, lora_dir: str | None = None,
                embeddings_dir: str | None = None, controlnet_dir: str | None = None,
-               ip: IPAdapterDirs = IPAdapterDirs(), comfy_dir: str | None = None) -> FastAPI:
-    """`comfy_dir`: ComfyUI's input/output/temp folders (a temporary directory, removed with the app, if None)."""
+               ip: IPAdapterDirs = IPAdapterDirs(), comfy_dir: str | None = None,
+               vaes: dict[str, VAEFile] | None = None) -> FastAPI:
+    """`comfy_dir`: ComfyUI's input/output/temp folders (a temporary directory, removed with the app, if None);
+    `vaes`: --vae-dir's VAEs, for ComfyUI's VAELoader."""
     # no /docs or /redoc: their pages load scripts from a CDN, and this server works offline
     app = FastAPI(title="ldm-serve", docs_url=None, redoc_url=None)
     app.include_router(build_router(models, worker, limits, lora_dir, embeddings_dir, controlnet_dir, ip))
@@ -44,7 +47,7 @@ def create_app(models: dict[str, ModelSpec], worker: Worker, limits: Limits,
         app.state.comfy_tmp = tempfile.TemporaryDirectory(prefix="ldm-serve-comfy-")  # removed with the app
         comfy_dir = app.state.comfy_tmp.name
     for router in build_comfy_routers(models, worker, limits, State(Path(comfy_dir)), lora_dir, embeddings_dir,
-                                      controlnet_dir):
+                                      controlnet_dir, vaes):
         app.include_router(router)
     mount_page(app)
 

@@ -6,6 +6,7 @@
     ldm-serve --model DIR --controlnet-dir controlnets/   # + A1111 ControlNet units naming what is in it
     ldm-serve --model DIR --ip-adapter-dir ip-adapters/   # + the extension's IP-Adapter units, by name
     ldm-serve --models-dir models/ --comfy-dir comfy/     # ComfyUI clients' uploads and outputs kept there
+    ldm-serve --models-dir models/ --vae-dir vae/         # + ComfyUI's VAELoader naming the VAEs in it
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip-image-encoder", default=None, metavar="DIR",
                    help="the CLIP vision model directory for every IP-Adapter, in place of an image_encoder/ folder "
                    "next to each (as ldm-generate --ip-image-encoder)")
+    p.add_argument("--vae-dir", default=None,
+                   help="VAEs that ComfyUI graphs may name in a VAELoader node (ComfyUI's models/vae folder): each "
+                   "VAE .safetensors file (by its file name) and diffusers VAE directory (by its name) directly in "
+                   "it, as ldm-generate --vae takes them")
     p.add_argument("--comfy-dir", default=None,
                    help="ComfyUI API: the folder for its input/ (uploads), output/ (SaveImage) and temp/ "
                    "(PreviewImage) files. Default: a temporary folder, removed when the server stops")
@@ -115,10 +120,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from ldm.pipeline import Pipeline
     from ldm.serve.api import IPAdapterDirs, Limits
     from ldm.serve.app import create_app
-    from ldm.serve.models import list_models
+    from ldm.serve.models import list_models, list_vaes
     from ldm.serve.worker import Worker
 
     models = list_models(args.model, args.models_dir)
+    vaes = list_vaes(args.vae_dir) if args.vae_dir is not None else None
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
                     max_body_bytes=int(args.max_body_mb * 2**20))
 
@@ -132,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker.start()
     app = create_app(models, worker, limits, credentials, args.lora_dir, args.embeddings_dir, args.controlnet_dir,
                      IPAdapterDirs(args.ip_adapter_dir, args.ip_image_encoder),
-                     None if args.comfy_dir is None else str(Path(args.comfy_dir).expanduser()))
+                     None if args.comfy_dir is None else str(Path(args.comfy_dir).expanduser()), vaes)
     log.info("ldm-serve: http://%s:%d/ (APIs: A1111 /sdapi/v1/..., ComfyUI /prompt /ws; models: %s)", host,
              args.port, ", ".join(models))
     config = uvicorn.Config(app, host=host, port=args.port, log_level="warning" if args.quiet else "info",

@@ -26,13 +26,15 @@ from ldm.pipeline.metadata import comfy_chunks, png_bytes
 from ldm.pipeline.request import GenerationRequest
 from ldm.serve.comfy.plan import Run
 from ldm.serve.comfy.state import Item, State, now_ms
+from ldm.serve.models import VAEFile
 from ldm.serve.worker import Interrupted
 
 log = logging.getLogger(__name__)
 
 
-def make_job(state: State, item: Item, runs: list[tuple[Run, GenerationRequest]], lora_dir: str | None):
-    """The worker's `run(pipeline, on_step)` for a checked prompt."""
+def make_job(state: State, item: Item, runs: list[tuple[Run, GenerationRequest]], lora_dir: str | None,
+             vaes: dict[str, VAEFile] | None = None):
+    """The worker's `run(pipeline, on_step)` for a checked prompt; `vaes`: what its VAELoader nodes name."""
     client = item.extra_data.get("client_id")
 
     def send(event: str, data: dict[str, Any]) -> None:
@@ -68,6 +70,11 @@ def make_job(state: State, item: Item, runs: list[tuple[Run, GenerationRequest]]
                     on_step(done, total)  # raises Interrupted when asked to stop
                     send("progress", {"value": done, "max": total, "node": sampler})
 
+                # the request's VAE on the model (kept when it is on; none named: the model's own), as the A1111
+                # API's jobs put on their IP-Adapters; a VAE that does not fit fails in its VAELoader node
+                current = r.vae_node or current
+                pipe.use_vae(vaes[request.vae].path if request.vae else None, request.vae)
+                current = sampler
                 result = pipe.generate(request, lora_dir=lora_dir, show_progress=False, on_step=on_progress)
                 for node in r.nodes[r.nodes.index(r.sampler) + 1:]:
                     current = node
@@ -89,7 +96,7 @@ def make_job(state: State, item: Item, runs: list[tuple[Run, GenerationRequest]]
             note("execution_error", {
                 "node_id": current, "node_type": item.graph.get(current, {}).get("class_type", ""),
                 "executed": executed[:-1], "exception_message": str(e).strip().splitlines()[0] if str(e) else "",
-                "exception_type": f"{type(e).__module__}.{type(e).__qualname__}",
+                "exception_type": exception_type(e),
                 "traceback": traceback.format_tb(e.__traceback__), "current_inputs": {}, "current_outputs": {},
                 "timestamp": now_ms()})
             status = "error"
@@ -121,6 +128,12 @@ def _save(state: State, r: Run, image, params: GenerationRequest, item: Item) ->
         extra = comfy_chunks(item.graph, item.extra_data.get("extra_pnginfo"))
         (folder / name).write_bytes(png_bytes(image, params, extra))
     return {"filename": name, "subfolder": subfolder, "type": r.kind}
+
+
+def exception_type(e: BaseException) -> str:
+    """As ComfyUI's execution.py full_type_name names an exception's class: `module.Name`, a builtin's bare."""
+    kind = type(e)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def safe_prefix(prefix: str) -> str:

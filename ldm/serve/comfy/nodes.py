@@ -5,7 +5,7 @@ combo); its link inputs name the type of the output they take (MODEL, CLIP, VAE,
 CONTROL_NET). Names, defaults and limits follow ComfyUI's (comfyanonymous/ComfyUI nodes.py, INPUT_TYPES), so that
 `GET /object_info` describes exactly these nodes in ComfyUI's format and graphs made for ComfyUI validate here.
 
-The combos that name files (checkpoints, LoRAs, ControlNets, input images) list what this server was started with
+The combos that name files (checkpoints, VAEs, LoRAs, ControlNets, input images) list what this server was started with
 (`Catalog`), never paths: a value not in the list is ComfyUI's `value_not_in_list` error.
 """
 
@@ -33,6 +33,7 @@ class Catalog:
     checkpoints: list[str] = field(default_factory=list)
     loras: list[str] = field(default_factory=list)
     controlnets: list[str] = field(default_factory=list)
+    vaes: list[str] = field(default_factory=list)  # --vae-dir's VAE files and directories
     images: list[str] = field(default_factory=list)  # files in the input folder (POST /upload/image)
 
 
@@ -70,6 +71,7 @@ def node_types(c: Catalog) -> dict[str, NodeType]:
     return {
         "CheckpointLoaderSimple": NodeType({"ckpt_name": (c.checkpoints, {})}, ("MODEL", "CLIP", "VAE"),
                                            ("MODEL", "CLIP", "VAE"), category="loaders"),
+        "VAELoader": NodeType({"vae_name": (c.vaes, {})}, ("VAE",), ("VAE",), category="loaders"),
         "LoraLoader": NodeType({"model": ("MODEL", {}), "clip": ("CLIP", {}), "lora_name": (c.loras, {}),
                                 "strength_model": _float(1.0, -100.0, 100.0), "strength_clip": _float(1.0, -100.0, 100.0)},
                                ("MODEL", "CLIP"), ("MODEL", "CLIP"), category="loaders"),

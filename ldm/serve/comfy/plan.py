@@ -6,6 +6,7 @@ node shapes this server runs, and those become the fields of the one request the
         [-> ControlNetApplyAdvanced(ControlNetLoader, LoadImage) ...])
     EmptyLatentImage | LoadImage [-> ImageScale] -> VAEEncode | VAEEncodeForInpaint(mask) | + SetLatentNoiseMask
         -> KSampler | KSamplerAdvanced -> VAEDecode [-> ImageScale] -> SaveImage | PreviewImage
+    the VAE inputs: the checkpoint's, or one VAELoader's (the request's `vae`, by its name in --vae-dir)
 
 ComfyUI's conventions, mapped:
 - seed: the request's `noise="comfy"`: the batch's initial noise is one CPU draw from torch.manual_seed(seed)
@@ -89,6 +90,7 @@ class Run:
     layer: dict[str, Any]
     nodes: list[str]  # the graph's nodes this run stands for, in the order ComfyUI would execute them
     sampler: str = ""  # the KSampler node: its progress is the run's
+    vae_node: str = ""  # the VAELoader node, when the images are decoded with one
     after: list[Resize] = field(default_factory=list)  # ImageScale nodes after VAEDecode, in order
 
 
@@ -193,8 +195,10 @@ def _run(graph: dict, out: str, input_dir: Path, max_pixels: int) -> Run:
     if hires is not None:
         k_id, k = hires.pop("first")
     ckpt, tags = t.model(k["model"], k_id, "model")
-    vae_ckpt, _ = _vae(t, inputs["vae"], decode)
+    vae_ckpt, vae_name, vae_node = _vae(t, inputs["vae"], decode)
     layer: dict[str, Any] = {"noise": "comfy", "cfg": float(k["cfg"]), "model": ckpt}
+    if vae_name:
+        layer["vae"] = vae_name
     prompt, p_ckpt, p_tags, clip_skip, units = t.text(k["positive"], k_id, "positive")
     negative, n_ckpt, n_tags, n_skip, n_units = t.text(k["negative"], k_id, "negative")
     if [n for n, _ in units] != [n for n, _ in n_units]:
@@ -202,9 +206,9 @@ def _run(graph: dict, out: str, input_dir: Path, max_pixels: int) -> Run:
                          "(a ControlNet steers both branches here)")
     if units:
         layer["controlnets"] = tuple(u for _, u in units)
-    if {p_ckpt, n_ckpt, vae_ckpt} != {ckpt} or p_tags != n_tags or clip_skip != n_skip:
-        raise GraphError(k_id, "positive", "the model, both prompts' CLIP and the VAE must come from one checkpoint "
-                         "through the same LoRAs and CLIPSetLastLayer on this server")
+    if {p_ckpt, n_ckpt, vae_ckpt or ckpt} != {ckpt} or p_tags != n_tags or clip_skip != n_skip:
+        raise GraphError(k_id, "positive", "the model, both prompts' CLIP and the VAE (unless a VAELoader's) must "
+                         "come from one checkpoint through the same LoRAs and CLIPSetLastLayer on this server")
     if sorted(p_tags) != sorted(tags):
         raise GraphError(k_id, "model", "the model and CLIP must pass through the same LoraLoader nodes")
     layer.update(prompt=" ".join([prompt, *tags]) if tags else prompt, negative_prompt=negative, clip_skip=clip_skip)
@@ -245,7 +249,7 @@ def _run(graph: dict, out: str, input_dir: Path, max_pixels: int) -> Run:
         layer.update(hires)
     return Run(out, "output" if node["class_type"] == "SaveImage" else "temp",
                str(node["inputs"].get("filename_prefix", "ComfyUI")), ckpt, layer, execution_order(graph, out),
-               last, after)
+               last, vae_node if vae_name else "", after)
 
 
 def _hires(t: _Trace, k_id: str, k: dict) -> dict[str, Any] | None:
@@ -302,9 +306,12 @@ def execution_order(graph: dict, out: str) -> list[str]:
     return order
 
 
-def _vae(t: _Trace, link: list, node_id: str) -> tuple[str, list[str]]:
-    source, inputs, _ = t.node(link, {"CheckpointLoaderSimple"}, node_id, "vae")
-    return inputs["ckpt_name"], []
+def _vae(t: _Trace, link: list, node_id: str) -> tuple[str, str, str]:
+    """(the checkpoint whose VAE it is, or "" for a VAELoader's; the VAELoader's vae_name, or ""; the node)."""
+    source, inputs, _ = t.node(link, {"CheckpointLoaderSimple", "VAELoader"}, node_id, "vae")
+    if t.graph[source]["class_type"] == "VAELoader":
+        return "", inputs["vae_name"], source
+    return inputs["ckpt_name"], "", source
 
 
 def _latent(t: _Trace, link: list, k_id: str, layer: dict, run: int, total: int, ckpt: str) -> None:
@@ -325,8 +332,10 @@ def _latent(t: _Trace, link: list, k_id: str, layer: dict, run: int, total: int,
         source, inputs, _ = t.node(inputs["samples"], {"VAEEncode"}, source, "samples")
     elif kind == "VAEEncodeForInpaint":
         mask = _grow(t.mask(inputs["mask"], source, "mask"), int(inputs["grow_mask_by"]))
-    if _vae(t, inputs["vae"], source)[0] != ckpt:
-        raise GraphError(source, "vae", "the VAE must come from the sampler's checkpoint on this server")
+    vae_ckpt, vae_name, _ = _vae(t, inputs["vae"], source)
+    if (vae_ckpt or ckpt, vae_name) != (ckpt, layer.get("vae", "")):
+        raise GraphError(source, "vae", "the VAE must be the sampler's checkpoint's, or the VAELoader that VAEDecode "
+                         "uses, on this server (one VAE per image)")
     layer["init_image"] = t.image(inputs["pixels"], source, "pixels")
     if mask is not None:
         layer["mask"] = mask

@@ -29,26 +29,30 @@ from ldm.lora.prompt_tags import check_lora_inputs
 from ldm.models.spec import ModelSpec
 from ldm.pipeline.request import GenerationRequest
 from ldm.serve.api import Limits, check_limits
-from ldm.serve.comfy.execute import make_job, safe_prefix
+from ldm.serve.comfy.execute import exception_type, make_job, safe_prefix
 from ldm.serve.comfy.graph import Checked, validate
 from ldm.serve.comfy.nodes import Catalog, node_types, object_info
 from ldm.serve.comfy.plan import GraphError, plan
-from ldm.serve.comfy.state import FOLDERS, Item, State
+from ldm.serve.comfy.state import FOLDERS, Item, State, now_ms
 from ldm.serve.comfy.uploads import save_upload
 from ldm.serve.controlnet import check_unit_names
-from ldm.serve.worker import Job, Worker
+from ldm.serve.models import VAEFile, check_vae_fits
+from ldm.serve.worker import Job, ServerStopping, Worker, first_line
 from ldm.text.embedding_files import EmbeddingLibrary
 from ldm.text.embeddings import check_references
 
 
 def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Limits, state: State,
                         lora_dir: str | None = None, embeddings_dir: str | None = None,
-                        controlnet_dir: str | None = None) -> list[APIRouter]:
-    """The same routes twice: at the root, as ComfyUI serves them, and under /api/ (its newer clients' prefix)."""
+                        controlnet_dir: str | None = None, vaes: dict[str, VAEFile] | None = None
+                        ) -> list[APIRouter]:
+    """The same routes twice: at the root, as ComfyUI serves them, and under /api/ (its newer clients' prefix).
+    `vaes`: what VAELoader may name (`ldm.serve.models.list_vaes`)."""
+    vaes = vaes or {}
     embeddings = EmbeddingLibrary.read(embeddings_dir) if embeddings_dir is not None else None
 
     def catalog() -> Catalog:
-        return Catalog(checkpoints=list(models), loras=_files(lora_dir, "*.safetensors"),
+        return Catalog(checkpoints=list(models), vaes=sorted(vaes), loras=_files(lora_dir, "*.safetensors"),
                        controlnets=sorted(list_controlnets(controlnet_dir)) if controlnet_dir else [],
                        images=_files(str(state.folder("input")), "*"))
 
@@ -78,6 +82,11 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
                                         embeddings, controlnet_dir)))
             except UserError as e:
                 return 422, _refusal(r.sampler, graph, "", str(e).splitlines()[0], checked), []
+            if out[-1][1].vae:  # a VAELoader's: a directory's latent space checked now, a file's when loaded
+                try:
+                    check_vae_fits(vaes[out[-1][1].vae], out[-1][1].vae, models[r.model])
+                except UserError as e:
+                    return 422, _refusal(r.vae_node, graph, "vae_name", str(e).splitlines()[0], checked), []
         return 200, {"node_errors": checked.node_errors}, out
 
     router = APIRouter()
@@ -99,7 +108,7 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
             extra["client_id"] = str(body["client_id"])
         item = Item(state.next_number(), str(body.get("prompt_id") or uuid.uuid4()), body["prompt"], extra,
                     [r.output for r, _ in runs])
-        job = Job(runs[0][0].model, make_job(state, item, runs, lora_dir), description="comfyui")
+        job = Job(runs[0][0].model, make_job(state, item, runs, lora_dir, vaes), description="comfyui")
         job.cancel = item.cancel
         state.add(item)
         try:
@@ -224,15 +233,19 @@ def build_comfy_routers(models: dict[str, ModelSpec], worker: Worker, limits: Li
 
 def _never_ran(state: State, item: Item, error: BaseException | None) -> None:
     """A prompt whose job failed before it started (its model failed to load, the server is stopping): its client
-    is told as ComfyUI tells of a failed node, and its history says so. One deleted from the queue just goes."""
+    is told as ComfyUI tells of a failed node (a model that fails to load fails in ComfyUI's CheckpointLoaderSimple
+    node: that node is named), and its history says so. One deleted from the queue just goes."""
     if error is None:
         return
     state.drop(item.prompt_id)
     if item.cancel.is_set() or item.prompt_id in state.get_history(item.prompt_id):
         return
-    data = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
-            "exception_message": str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
-            "exception_type": type(error).__name__, "traceback": [], "current_inputs": {}, "current_outputs": {}}
+    loader = None if isinstance(error, ServerStopping) else next(
+        (n for n, node in item.graph.items() if node.get("class_type") == "CheckpointLoaderSimple"), None)
+    data = {"prompt_id": item.prompt_id, "node_id": loader, "node_type": loader and "CheckpointLoaderSimple",
+            "executed": [], "exception_message": first_line(error),
+            "exception_type": exception_type(error), "traceback": [],
+            "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()}
     state.finish(item, {}, "error", [["execution_error", data]], {})
     client = item.extra_data.get("client_id")
     if client is not None:

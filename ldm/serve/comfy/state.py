@@ -58,7 +58,7 @@ class Hub:
 
     def send(self, event: str, data: dict[str, Any], client_id: str | None) -> None:
         """To `client_id`'s sockets; to all with None (ComfyUI's broadcast, used for `status`)."""
-        if self.loop is None:
+        if self.loop is None or self.loop.is_closed():  # no client yet, or the server has stopped
             return
         message = {"type": event, "data": data}
         self.loop.call_soon_threadsafe(self._put, message, client_id)
