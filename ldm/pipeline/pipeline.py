@@ -38,12 +38,7 @@ from ldm.pipeline.hires import HiresFix
 from ldm.pipeline.latent_codec import LatentCodec
 from ldm.pipeline.job import Job, finish, inpaint_state, prepare_job
 from ldm.pipeline.micro_conditioning import arch_of, time_id_count, time_ids
-from ldm.pipeline.refiner import (
-    base_timesteps,
-    check_refiner_pair,
-    refiner_timesteps,
-    switch_cutoff,
-)
+from ldm.pipeline.refiner import base_timesteps, check_refiner_pair, refiner_schedule, switch_cutoff
 from ldm.pipeline.request import GenerationRequest
 from ldm.pipeline.samplers import make_scheduler
 from ldm.pipeline.seeds import batch_noise, generators, per_image_noise
@@ -384,13 +379,8 @@ class Pipeline:
         """(On the refiner) the schedule from `r.refiner_switch` on, from the base's latents (b, C, h, w), as
         diffusers' img2img pipeline runs it with `denoising_start`; the base's generators go on drawing."""
         b = latents.shape[0]
-        scheduler = make_scheduler(r.sampler, self.scheduler_config, r.schedule, r.eta)
-        scheduler.set_timesteps(r.steps, device=self.device)
-        run = len(scheduler.timesteps) if r.strength is None else \
-            len(scheduler.timesteps) - (r.steps - steps_to_run(r.steps, r.strength)) * scheduler.order
-        timesteps = refiner_timesteps(scheduler, switch_cutoff(r.refiner_switch, self.train_timesteps), run)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
+        scheduler, timesteps = refiner_schedule(r.sampler, self.scheduler_config, r.schedule, r.eta, r.steps,
+                                                r.strength, r.refiner_switch, self.train_timesteps, self.device)
         cond, uncond = self._with_time_ids(cond, uncond, r, job.height, job.width, img2img=True)
         return denoise(self._unet_fn, scheduler, latents, timesteps, cond.expand(b),
                        None if uncond is None else uncond.expand(b), r.cfg, r.guidance_rescale, generators=gens,

@@ -9,6 +9,8 @@ import torch
 
 from ldm.errors import UserError
 from ldm.models.spec import ModelSpec
+from ldm.pipeline.samplers import make_scheduler
+from ldm.pipeline.validation import steps_to_run
 
 
 def switch_cutoff(switch: float, train_timesteps: int) -> int:
@@ -33,6 +35,21 @@ def refiner_timesteps(scheduler, cutoff: int, run: int | None = None) -> torch.T
     if run is not None:
         n = min(n, run)
     return scheduler.timesteps[len(scheduler.timesteps) - n:]
+
+
+def refiner_schedule(sampler: str, scheduler_config: dict, schedule: str, eta: float, steps: int,
+                     strength: float | None, switch: float, train_timesteps: int,
+                     device: torch.device) -> tuple[object, torch.Tensor]:
+    """(the refiner's scheduler, its timesteps): the `steps`-step schedule from `switch` on, as diffusers' img2img
+    pipeline runs it with `denoising_start` (`strength`: an img2img run's, which cuts the schedule's start)."""
+    scheduler = make_scheduler(sampler, scheduler_config, schedule, eta)
+    scheduler.set_timesteps(steps, device=device)
+    run = len(scheduler.timesteps) if strength is None else \
+        len(scheduler.timesteps) - (steps - steps_to_run(steps, strength)) * scheduler.order
+    timesteps = refiner_timesteps(scheduler, switch_cutoff(switch, train_timesteps), run)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
+    return scheduler, timesteps
 
 
 def check_refiner_pair(spec: ModelSpec, refiner: ModelSpec | None) -> None:
