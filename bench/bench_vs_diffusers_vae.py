@@ -44,7 +44,7 @@ autoencoder steps, outside the timing. The snapshots are then evaluated here on 
 crops (posterior mode): PSNR and SSIM (torchmetrics, images in [0, 1], mean over crops), LPIPS with a random VGG16
 backbone (seed 0, the same module for every row: a feature distance, NOT the calibrated LPIPS), and an rFID-style
 Frechet distance between the held-out crops and their reconstructions in the 64-d space of the shapes demo's image
-tower (ldm.eval.features.DemoFeatures; the only image network with weights offline; it was trained on shapes, not
+tower (ldm.quality.features.DemoFeatures; the only image network with weights offline; it was trained on shapes, not
 photos: NOT published rFID, comparable only within this table). "Equal steps" compares snapshots at the same step;
 "equal wall time" takes the time T the faster trainer needed for all its steps (from the end of its first step,
 snapshot writing excluded) and each trainer's last snapshot at or before T. A bicubic row (down by the VAE's factor
@@ -181,8 +181,8 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, perceptual, fea
     sets in the space of `features` (an ldm.eval ImageFeatures). x, x_hat: (N, 3, H, W) in [-1, 1]; means over N."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from ldm.eval.features import extract, to_uint8
-    from ldm.eval.metrics import fid
+    from ldm.quality.features import extract, to_uint8
+    from ldm.quality.metrics import fid
 
     a, b = (x + 1) / 2, (x_hat + 1) / 2
     psnr = peak_signal_noise_ratio(b, a, data_range=1.0, dim=(1, 2, 3), reduction="elementwise_mean")
@@ -280,7 +280,7 @@ def main() -> None:
         sys.exit(f"error: {NO_TRACKER} is installed, so diffusers' script would log to it: uninstall it for this bench")
     from bench_ldm_cache import cpu_model  # noqa: PLC0415  (bench/ is on sys.path when run as a script)
 
-    from ldm.eval.features import DemoFeatures
+    from ldm.quality.features import DemoFeatures
     from ldm.vae.perceptual import build_lpips
     from ldm.vae.presets import build_vae, downsampling_factor
 
