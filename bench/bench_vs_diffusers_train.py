@@ -36,7 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peer_runner import child_main, peer_script, run_child, speed
+from peer_runner import child_main, peer_script, print_speed_table, run_child, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_URL = "https://raw.githubusercontent.com/huggingface/diffusers/v{version}/examples/text_to_image/train_text_to_image.py"
@@ -170,13 +170,7 @@ def main() -> None:
           f"encoder CLIP {args.text_hidden}x{args.text_layers} ({params['text_encoder'] / 1e6:.2f} M), "
           f"{args.resolution} px, batch {args.batch_size}, precision {args.precision}, {args.images} images, "
           f"median of {args.steps} steps after {args.warmup}, {args.rounds} round(s)")
-    print("| trainer | samples/s (median step) | median step ms | fastest step ms | peak memory MiB | "
-          "start -> first step s | machine load |")
-    print("|---|---|---|---|---|---|---|")
-    for arm in ARMS:
-        m = med[arm]
-        print(f"| {arm} | {m['samples_per_s']:.1f} | {m['step_ms']:.0f} | {m['min_step_ms']:.0f} | "
-              f"{m['peak_mib']:.0f} | {m['startup_s']:.1f} | {m['machine_load']:.2f} |")
+    print_speed_table(med, ARMS)
     # the two runs of one round ran back to back, so their ratio is the least disturbed by a changing machine load
     per_round = [o["samples_per_s"] / d["samples_per_s"] for o, d in zip(results["ours"], results["diffusers"])]
     ratio = statistics.median(per_round)

@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peer_runner import child_main, peer_script, run_child, speed
+from peer_runner import child_main, peer_script, print_speed_table, run_child, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_URL = ("https://raw.githubusercontent.com/huggingface/diffusers/v{version}/examples/research_projects/"
@@ -359,13 +359,7 @@ def main() -> None:
               f"{r['lpips']:.3f} | {r['rfid']:.3f} |")
     print("PSNR dB by step: " + "; ".join(
         f"{arm} " + ", ".join(f"{s['step']}: {s['psnr']:.2f}" for s in curves[arm]) for arm in ARMS))
-    print("| trainer | samples/s (median step) | median step ms | fastest step ms | peak memory MiB | "
-          "start -> first step s | machine load |")
-    print("|---|---|---|---|---|---|---|")
-    for arm in ARMS:
-        m = med[arm]
-        print(f"| {arm} | {m['samples_per_s']:.1f} | {m['step_ms']:.0f} | {m['min_step_ms']:.0f} | "
-              f"{m['peak_mib']:.0f} | {m['startup_s']:.1f} | {m['machine_load']:.2f} |")
+    print_speed_table(med, ARMS)
     ratio = med["ours"]["samples_per_s"] / med["diffusers"]["samples_per_s"]
     memory = med["ours"]["peak_mib"] / med["diffusers"]["peak_mib"]
     print(f"ratio ours/diffusers: {ratio:.2f}x samples/s, {memory:.2f}x peak memory")

@@ -159,3 +159,14 @@ def speed(data: dict, warmup: int, count: int, batch_size: int, device: str) -> 
         "peak_mib": (data["cuda_bytes"] if device != "cpu" else data["rss_kib"] * 1024) / 2**20,
         "machine_load": data["machine_load"],
     }
+
+
+def print_speed_table(med: dict[str, dict[str, float]], arms: tuple[str, ...]) -> None:
+    """The throughput table both peer benches print: one row per trainer from `speed`'s numbers."""
+    print("| trainer | samples/s (median step) | median step ms | fastest step ms | peak memory MiB | "
+          "start -> first step s | machine load |")
+    print("|---|---|---|---|---|---|---|")
+    for arm in arms:
+        m = med[arm]
+        print(f"| {arm} | {m['samples_per_s']:.1f} | {m['step_ms']:.0f} | {m['min_step_ms']:.0f} | "
+              f"{m['peak_mib']:.0f} | {m['startup_s']:.1f} | {m['machine_load']:.2f} |")
