@@ -225,3 +225,15 @@ def test_a_missing_reference_directory_stops_before_training(tmp_path, parts, fr
     assert code == 2 and err.strip().splitlines()[-1] == (f"error: sample.reference '{tmp_path / 'none'}' is not a "
                                                           "directory: pass a directory of reference images")
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_an_unreadable_weights_file_is_named_by_its_config_key(tmp_path):
+    """The extractors' errors name ldm-eval's options; in training they name the sample.* key the user set."""
+    from ldm.training.sample_metrics import SampleMetrics
+
+    bad = tmp_path / "pt_inception.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError) as error:
+        SampleMetrics(one_process(), ["fid"], "standard", str(bad), "", [], ["a"], 2, 0, 3, False)
+    message = str(error.value)
+    assert message.startswith(f"sample.inception '{bad}' cannot be read as ") and "--" not in message, message

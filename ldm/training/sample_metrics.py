@@ -14,6 +14,7 @@ The main process also keeps the streaks of worse evaluations (`ldm.training.wors
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,9 @@ from ldm.quality.measure import features_of, gathered, list_reference, measure, 
 from ldm.training.worsening import Worsening
 
 log = logging.getLogger(__name__)
+# the extractors' errors name ldm-eval's options (ldm/quality): in a training run, the config keys that set them
+CONFIG_KEYS = {"--inception": "sample.inception", "--clip-model": "sample.clip_model", "--metrics": "sample.metrics",
+               "--features": "sample.features"}
 
 ImageLoader = Callable[[], torch.Tensor | None]  # -> uint8 (3, H, W), or None for an image that cannot be read
 
@@ -81,6 +85,8 @@ class SampleMetrics:
         rank, world = accelerator.process_index, accelerator.num_processes
         self.extractors, error = attempt(lambda: open_extractors(self.metrics, features, inception or None,
                                                                  clip_model or None, accelerator.device))
+        if isinstance(error, UserError):  # its message names ldm-eval's options; this run's user set sample.* keys
+            error = UserError(re.sub("|".join(map(re.escape, CONFIG_KEYS)), lambda m: CONFIG_KEYS[m[0]], str(error)))
         raise_if_any_failed(accelerator, error, what="loading the sample-metric feature extractors")
         mine = list(range(len(reference)))[rank::world]
         held: dict[str, Any] = {}
