@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from ldm.pipeline.job import Job, finish, inpaint_state, prepare_job
 from ldm.pipeline.micro_conditioning import arch_of, time_id_count, time_ids
 from ldm.pipeline.refiner import base_timesteps, check_refiner_pair, refiner_schedule, switch_cutoff
 from ldm.pipeline.request import GenerationRequest
+from ldm.pipeline.result import GenerationResult
 from ldm.pipeline.samplers import make_scheduler
 from ldm.pipeline.seeds import batch_noise, generators, per_image_noise
 from ldm.pipeline.unet_calls import unet_calls_per_batch
@@ -52,15 +53,6 @@ from ldm.text.prompt_encoding import encode_prompt_pair, prompt_embeddings
 from ldm.vae.load_vae import vae_factor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]  # final images (inpainting: pasted back onto the init image)
-    params: list[GenerationRequest]  # one per image: the resolved request with that image's seed
-    decoded: np.ndarray  # (N, H, W, 3) float32 in [0, 1]: the VAE's output before rounding and paste-back
-    steps_run: int  # denoising steps actually run (fewer than `steps` for img2img with strength < 1)
-    latents: torch.Tensor  # (N, C, h, w) float32 on the CPU: the final latents as the VAE decodes them (unscaled)
 
 
 class Pipeline:
