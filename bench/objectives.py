@@ -16,7 +16,10 @@ schedule leaks each latent's mean (its background) at the last timestep, which o
 matching remove; offset noise in every arm would hide what those two are for. Use the same options when rerunning.
 
 Resumable: rerunning skips arms whose `model/` exists, resumes the others from their latest checkpoint (every 250
-steps), and evaluates each finished arm once (`eval.json` in its directory).
+steps), and evaluates each finished arm once (`eval.json` in its directory). Each evaluated arm is also recorded in
+`--record` (bench/objectives-results/ARM.json, committed), with the settings it ran under: a later run with the same
+settings takes the arm from there, so a table whose arms take longer than one sitting can be finished in several
+(on other machines too) and `--table-only` prints it from the records alone.
 
 Reported per arm: the EMA weights' validation loss at the last step (`data.num_val` held-out images, fixed noise and
 timesteps; ldm/unet/val_loss.py) as the unweighted MSE of the arm's own target: eps for the eps arms, v for ZTSNR + v,
@@ -87,7 +90,7 @@ def train(arm: str, a: argparse.Namespace) -> float:
     start = time.monotonic()
     with open(out / "train.log", "a") as log:
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        result = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"[{arm}] train_ldm.py failed (exit {result.returncode}); see {out / 'train.log'}")
     return time.monotonic() - start
@@ -145,7 +148,8 @@ def table(results: dict[str, dict]) -> str:
 
     lines = ["| arm | val MSE (target) | all-five, cfg 7.5 | all-five, cfg 1.0 |", "|---|---|---|---|"]
     for arm, r in results.items():
-        cells = [f"{r['val']['mse']:.4f} ({r['target']}){noise_flag(arm, 'val', r['val']['mse'], None) if r['target'] == 'eps' else ''}"]
+        flag = noise_flag(arm, "val", r["val"]["mse"], None) if r["target"] == "eps" else ""
+        cells = [f"{r['val']['mse']:.4f} ({r['target']}){flag}"]
         for key in ("7.5", "1.0"):
             acc = r["adherence"][key]
             cells.append(f"{acc['all']:.3f}{noise_flag(arm, key, acc['all'], acc['images'])}")
@@ -160,6 +164,35 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+SETTINGS = ("steps", "batch_size", "images", "num_val", "val_every", "eval_prompts", "seeds", "offset_noise")
+
+
+def settings(a: argparse.Namespace) -> dict:
+    """What an arm's numbers depend on besides its overrides: records are reused only under equal settings."""
+    return {k: getattr(a, k) for k in SETTINGS}
+
+
+def recorded(arm: str, a: argparse.Namespace) -> dict | None:
+    path = Path(a.record) / f"{arm}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != settings(a) or record.get("overrides") != ARMS[arm][0]:
+        print(f"[{arm}] {path} was run with other settings or overrides; not used", flush=True)
+        return None
+    return record
+
+
+def record(arm: str, result: dict, a: argparse.Namespace) -> None:
+    path = Path(a.record) / f"{arm}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = {"date": time.strftime("%Y-%m-%d"), "threads": os.environ.get("OMP_NUM_THREADS", "")}
+    text = json.dumps({**result, "settings": settings(a), "overrides": ARMS[arm][0], **stamp}, indent=1)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/bench-objectives", help="one directory per arm, and the shared latents")
@@ -172,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--eval-prompts", type=int, default=63, help="held-out combinations scored (63 = all)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..)")
+    p.add_argument("--record", default=str(ROOT / "bench/objectives-results"),
+                   help="where each evaluated arm's result is recorded with its settings, and reused from")
+    p.add_argument("--table-only", action="store_true", help="print the table of the recorded arms; train nothing")
     p.add_argument("--offset-noise", type=float, default=0.0,
                    help="noise.offset_noise for every arm (default 0: today's objective, whose last timestep leaks the "
                         "background, which ZTSNR and flow matching address; the demo's one-stage recipe uses 0.1)")
@@ -182,16 +218,23 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
     results = {}
     for arm in arms:
+        if (known := recorded(arm, a)) is not None or a.table_only:
+            if known is not None:
+                results[arm] = known
+            continue
         seconds = train(arm, a)
         if seconds:
             print(f"[{arm}] trained in {seconds:.0f} s ({a.steps / seconds:.3f} steps/s if not resumed)", flush=True)
         start = time.monotonic()
         results[arm] = evaluate(arm, a)
+        record(arm, results[arm], a)
         print(f"[{arm}] evaluated in {time.monotonic() - start:.0f} s: {json.dumps(results[arm]['adherence'])}",
               flush=True)
-    text = table(results)
+    missing = [arm for arm in arms if arm not in results]
+    text = table(results) + (f"\n\nNot run yet: {', '.join(missing)}." if missing else "")
     command = "python bench/objectives.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    (Path(a.root) / "table.md").write_text(f"`{command.strip()}`\n\n{text}\n")
+    if not a.table_only:
+        (Path(a.root) / "table.md").write_text(f"`{command.strip()}`\n\n{text}\n")
     print(text)
 
 

@@ -36,7 +36,18 @@ def _deepspeed_init(self, *args, **kwargs) -> None:
     self.native_amp = False
 
 
+def _no_shared_memory_op():
+    """DeepSpeed's CPU communicator compiles a C++ shared-memory all-reduce (`deepspeed_shm_comm`, ~55 s of g++ on a
+    fresh machine's first ZeRO run) only to speed up the same collectives gloo performs: skip it, so the runs here
+    use gloo, as the DDP and FSDP2 runs they are compared with do. GPU runs never build it."""
+    import importlib
+
+    # by module name: the attribute deepspeed.comm.torch is the torch package (deepspeed.comm star-imports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 if __name__ == "__main__":
     accelerate.Accelerator.__init__ = _deepspeed_init
+    _no_shared_memory_op()
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name="__main__")
