@@ -119,13 +119,12 @@ def test_the_config_refuses_what_it_cannot_do(tmp_path):
         cfg.train.validate()
 
 
-# the shipped model: measured with bench/demo_negative.py (seeds 1-6, centre 8x8 mean RGB)
-MAX_SHIFT = 30.0  # RGB distance; before the fine-tune "blurry" moved the mean by ~50 (211,31,36 -> 185,30,75)
+# the shipped model, measured with bench/demo_negative.py (centre 8x8 mean RGB): "blurry" moves it by 6.6 over seeds
+# 1-6 and 5.6 over seeds 1-2 (bf16), where the U-Net before the neutral fine-tunes moved it by 64.3 (to magenta)
+MAX_SHIFT = 15.0  # RGB distance: room for fp32 vs bf16 and other CPUs' kernels, far below the old 64.3
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 28: the shipped U-Net predates configs/ldm/shapes-demo-neutral.yaml "
-                   "(seeds 1-2: 64 from the no-negative colour); remove this mark when the fine-tuned one is shipped")
 @pytest.mark.usefixtures("one_torch_thread")
 def test_an_unseen_word_as_negative_prompt_keeps_the_readme_colour():
     from ldm.pipeline import Pipeline
