@@ -25,8 +25,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OF
 # the one server the API and page tests share (tests/conftest.py, `serve_server`): two users, small limits
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"alice:pw:1").decode()}  # a colon in the password: only the first splits
 MAX_PIXELS = 64 * 64
-ARGS = ["--api-auth", "alice:pw:1,bob:pw2", "--queue-size", "1", "--max-steps", "1000", "--max-pixels",
-        str(MAX_PIXELS), "--max-images", "4", "--max-body-mb", "1"]
+# fp32: the API's images must equal fp32 CLI images on every CPU (auto is bf16 where the CPU has native bf16)
+ARGS = ["--dtype", "fp32", "--api-auth", "alice:pw:1,bob:pw2", "--queue-size", "1", "--max-steps", "1000",
+        "--max-pixels", str(MAX_PIXELS), "--max-images", "4", "--max-body-mb", "1"]
 
 
 def free_port() -> int:
