@@ -34,8 +34,11 @@ def parse(tmp_path: Path, *extra: str):
 
 
 def result(arm: str, mse: float, acc75: float, acc1: float, n: int = 252) -> dict:
+    """evaluate()'s result; each attribute's accuracy is the all-five one plus 0.1 times its index (mean: + 0.2)."""
+    def acc(all_five: float) -> dict:
+        return {"images": n, "all": all_five, **{a: all_five + 0.1 * i for i, a in enumerate(bench.ATTRIBUTES)}}
     return {"arm": arm, "target": bench.ARMS[arm][1], "val": {"step": 1500, "mse": mse, "loss": mse, "bands": {}},
-            "adherence": {"7.5": {"images": n, "all": acc75}, "1.0": {"images": n, "all": acc1}}}
+            "adherence": {"7.5": acc(acc75), "1.0": acc(acc1)}}
 
 
 def test_every_arm_trains_the_demo_config_from_the_same_start_with_its_own_overrides(tmp_path):
@@ -73,8 +76,11 @@ def test_table_only_prints_the_recorded_arms_and_names_the_missing_ones(tmp_path
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
     # seed noise: val 0.002, cfg 7.5 0.02 (but twice the binomial error of a difference at p 0.5, n 252: 0.089)
-    assert rows["huber"] == "| huber | 0.1100 (eps) * | 0.700 * | 0.310 |"
-    assert rows["baseline"] == "| baseline | 0.1000 (eps) | 0.500 | 0.300 |"
+    assert rows["arm"] == ("| arm | val MSE (target) | all five, cfg 7.5 | attribute mean, cfg 7.5 | all five, cfg 1.0 | "
+                           "attribute mean, cfg 1.0 |")
+    assert rows["huber"] == "| huber | 0.1100 (eps) * | 0.700 * | 0.900 * | 0.310 | 0.510 |"
+    assert rows["baseline"] == "| baseline | 0.1000 (eps) | 0.500 | 0.700 | 0.300 | 0.500 |"
+    assert "Seed noise (baseline seeds 0 and 1): val MSE 0.0020, all five, cfg 7.5 0.020, attribute mean" in out
     assert "Not run yet: logit-normal, debiased, ztsnr-v, immiscible, flow." in out
     assert not (tmp_path / "root").exists()  # nothing trained, nothing written
 
