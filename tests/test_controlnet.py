@@ -388,7 +388,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {p.stem: p for p in d.iterdir()}
 
 
-FAST = ["--steps", "3", "--height", str(SIZE), "--width", str(SIZE), "--seed", "7", "-q"]
+FAST = ["--dtype", "fp32", "--steps", "3", "--height", str(SIZE), "--width", str(SIZE), "--seed", "7", "-q"]
 
 
 def test_cli_writes_the_units_and_a_replay_needs_the_control_image(tiny_model, cn_dir, files, tmp_path, capsys):

@@ -254,7 +254,7 @@ def test_unapplied_kinds_are_one_warning_and_the_rest_applies(loras, clean_pipe,
 # ---------------------------------------------------------------------------------------------------------- the CLI
 
 generate = partial(run, main)  # (argv, capsys) -> (exit code, stdout lines, stderr)
-FAST = ["--steps", "2", "--seed", "5", "--sampler", "euler_a", "-q"]
+FAST = ["--dtype", "fp32", "--steps", "2", "--seed", "5", "--sampler", "euler_a", "-q"]  # fp32: as the Python API here
 
 
 @pytest.mark.slow

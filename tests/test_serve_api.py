@@ -73,7 +73,7 @@ def test_txt2img_equals_ldm_generate_and_carries_its_parameters(server, tmp_path
 
     # the CLI in this process, on one thread as the server (the same float maths)
     generate_main([README_PROMPT, "--negative", "blurry", "--cfg", "7.5", "--seed", "0", "--outdir", str(tmp_path),
-                   "--quiet"])
+                   "--dtype", "fp32", "--quiet"])  # fp32, as the shared server (tests/serve_server.py)
     [path] = capsys.readouterr().out.split()
     cli_image = Image.open(path)
     assert np.array_equal(np.asarray(images[0]), np.asarray(cli_image))  # pixel for pixel

@@ -104,6 +104,7 @@ def check_metrics_are_ldm_evals(rows: list[dict], model: Path, reference: Path, 
     (tmp / "prompts.txt").write_text("\n".join(lines) + "\n")
     code, _, err = run(main, ["--metrics", "fid,kid,clip,cmmd", "--features", "demo", "--model", str(model),
                               "--reference", str(reference), "--prompts", str(tmp / "prompts.txt"), "--device", "cpu",
+                              "--dtype", "fp32",
                               "--steps", str(settings["steps"]), "--cfg", str(settings["cfg"]), "--sampler", "ddim",
                               "--json", str(tmp / "eval.json")], capsys)
     assert code == 0, err

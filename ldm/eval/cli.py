@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per prompt, seeds 0..N-1 (default {DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick)")
     p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's default)")
     p.add_argument("--device", default="auto", help="auto (the default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="as ldm-generate: auto = fp16 on a GPU, on the CPU bf16 where it has native bf16, else fp32; "
+                   "fp32 gives the same numbers on every CPU (and equals training's fp32 sample metrics)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--vae", default=None, metavar="FILE|DIR",
                    help="a VAE replacing the model's (as ldm-generate --vae): a .safetensors file or a directory")
@@ -181,7 +184,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     spec = inspect_model(args.model, vae=args.vae)  # the same default as ldm-generate
     root = spec.root
     start = time.perf_counter()
-    pipe = Pipeline.open(spec, device, loras=[parse_lora_option(value) for value in args.lora])
+    pipe = Pipeline.open(spec, device, args.dtype, loras=[parse_lora_option(value) for value in args.lora])
     log.info("loaded %s on %s in %.1fs", root, device, time.perf_counter() - start)
 
     s = ad.Settings(

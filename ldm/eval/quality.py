@@ -102,7 +102,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any] | None:
     reference = gathered(accelerator, held["reference"], mine_ref)
     t_reference = time.perf_counter() - start
 
-    pipe, error = attempt(lambda: Pipeline.open(spec, device, loras=[parse_lora_option(v) for v in args.lora]))
+    loras = [parse_lora_option(v) for v in args.lora]
+    pipe, error = attempt(lambda: Pipeline.open(spec, device, args.dtype, loras=loras))
     raise_if_any_failed(accelerator, error, what="loading the model")
     offsets = np.cumsum([0] + [line.request.num_images for line in lines]).tolist()  # first global index per line
     units = [[i, first, n] for i, line in enumerate(lines)
