@@ -19,16 +19,17 @@ Resumable: rerunning skips arms whose `model/` exists, resumes the others from t
 steps), and evaluates each finished arm once (`eval.json` in its directory). Each evaluated arm is also recorded in
 `--record` (bench/objectives-results/ARM.json, committed), with the settings it ran under: a later run with the same
 settings takes the arm from there, so a table whose arms take longer than one sitting can be finished in several
-(on other machines too) and `--table-only` prints it from the records alone.
+(on other machines too) and `--table-only` prints it from the records alone. A `--root` holds one setting's runs:
+use a new one when changing `--steps`, `--batch-size` or the data.
 
 Reported per arm: the EMA weights' validation loss at the last step (`data.num_val` held-out images, fixed noise and
 timesteps; ldm/unet/val_loss.py) as the unweighted MSE of the arm's own target: eps for the eps arms, v for ZTSNR + v,
 the velocity eps - x0 for flow matching. Those three are different quantities: compare val MSE within the eps arms
 only. Then the all-five accuracy (shape, colour, size, position, background all read back right; ldm/demo/reader.py),
 and the mean of the five attributes' accuracies (which still separates arms early in training, when few images get
-all five right), of 4 seeds of each of the 63 held-out prompt combinations (never captions in training) at cfg 7.5 and cfg 1.0, 25
-Euler steps (flow matching: its flow-matching Euler; ZTSNR: trailing spacing from its scheduler config and guidance
-rescale 0.7, Lin et al.'s recipe, at cfg 7.5). A difference from the baseline is called larger than seed noise when it
+all five right), of 4 seeds of each of the 63 held-out prompt combinations (never captions in training) at cfg 7.5
+and cfg 1.0, 25 Euler steps (flow matching: its flow-matching Euler; ZTSNR: trailing spacing from its scheduler
+config and guidance rescale 0.7, Lin et al.'s recipe, at cfg 7.5). A difference from the baseline is called larger than seed noise when it
 exceeds both the two baseline seeds' difference and, for the accuracies, twice the binomial standard error of a
 difference (2 sqrt(2 p (1 - p) / n)).
 """
