@@ -29,9 +29,9 @@ only. Then the all-five accuracy (shape, colour, size, position, background all 
 and the mean of the five attributes' accuracies (which still separates arms early in training, when few images get
 all five right), of 4 seeds of each of the 63 held-out prompt combinations (never captions in training) at cfg 7.5
 and cfg 1.0, 25 Euler steps (flow matching: its flow-matching Euler; ZTSNR: trailing spacing from its scheduler
-config and guidance rescale 0.7, Lin et al.'s recipe, at cfg 7.5). A difference from the baseline is called larger than seed noise when it
-exceeds both the two baseline seeds' difference and, for the accuracies, twice the binomial standard error of a
-difference (2 sqrt(2 p (1 - p) / n)).
+config and guidance rescale 0.7, Lin et al.'s recipe, at cfg 7.5). A difference from the baseline is called larger
+than seed noise when it exceeds both the two baseline seeds' difference and, for the accuracies, twice the binomial
+standard error of a difference (2 sqrt(2 p (1 - p) / n)).
 """
 
 from __future__ import annotations
